@@ -1,0 +1,67 @@
+"""Choose an HTTP/1.1 codec pair by name: httptools (fast) or h11 (strict reference)."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from meshproxy.codec.events import Headers, ReceivedEvent, RequestHead, ResponseHead
+from meshproxy.codec.h1_limits import Limits
+
+
+class ServerCodec(Protocol):
+    failed: bool
+
+    @property
+    def head_pending(self) -> bool: ...
+    def receive(self, data: bytes) -> list[ReceivedEvent]: ...
+    def start_next(self) -> list[ReceivedEvent]: ...
+    def send_head(self, head: ResponseHead, request_method: bytes, keep_alive: bool) -> None: ...
+    def send_data(self, data: bytes) -> None: ...
+    def send_end(self, trailers: Headers) -> None: ...
+    def data_to_send(self) -> bytes: ...
+
+
+class ClientCodec(Protocol):
+    failed: bool
+
+    def receive(self, data: bytes) -> list[ReceivedEvent]: ...
+    def receive_eof(self) -> list[ReceivedEvent]: ...
+    def start_next(self) -> list[ReceivedEvent]: ...
+    def send_head(self, head: RequestHead) -> None: ...
+    def send_data(self, data: bytes) -> None: ...
+    def send_end(self, trailers: Headers) -> None: ...
+    def data_to_send(self) -> bytes: ...
+
+
+def httptools_available() -> bool:
+    try:
+        import httptools  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def resolve_codec_name(name: str) -> str:
+    if name == "auto":
+        return "httptools" if httptools_available() else "h11"
+    return name
+
+
+def server_codec(name: str, limits: Limits) -> ServerCodec:
+    if resolve_codec_name(name) == "httptools":
+        from meshproxy.codec.h1_httptools import HttptoolsServerCodec
+
+        return HttptoolsServerCodec(limits)
+    from meshproxy.codec.h1_h11 import H11ServerCodec
+
+    return H11ServerCodec(limits)
+
+
+def client_codec(name: str, limits: Limits) -> ClientCodec:
+    if resolve_codec_name(name) == "httptools":
+        from meshproxy.codec.h1_httptools import HttptoolsClientCodec
+
+        return HttptoolsClientCodec(limits)
+    from meshproxy.codec.h1_h11 import H11ClientCodec
+
+    return H11ClientCodec(limits)

@@ -1,0 +1,304 @@
+"""HTTP/1.1 codec on h11: the strict reference implementation, slower than httptools.
+
+h11 tolerates a few things a proxy must not pass on (bare LF, obs-fold, Content-Length with
+Transfer-Encoding, CTL bytes other than NUL/CR/LF), so the raw head is checked before h11 sees it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import h11
+
+from meshproxy.codec.events import (
+    Data,
+    EndOfMessage,
+    Headers,
+    ParseFailure,
+    ReceivedEvent,
+    RequestHead,
+    ResponseHead,
+)
+from meshproxy.codec.h1_limits import Limits, check_request_head
+from meshproxy.codec.h1_serialize import reason_phrase
+from meshproxy.codec.headers import check_field_syntax, check_head_bytes, framing
+from meshproxy.errors import ProtocolError, ProtocolSide
+
+_DOWN = ProtocolSide.DOWNSTREAM
+_UP = ProtocolSide.UPSTREAM
+
+
+def _head_end(buf: bytes) -> int:
+    """Index just past the blank line ending a head (CRLF or bare LF forms), or -1."""
+    i = buf.find(b"\r\n\r\n")
+    j = buf.find(b"\n\n")
+    ends = [x + 4 for x in (i,) if x >= 0] + [x + 2 for x in (j,) if x >= 0]
+    return min(ends) if ends else -1
+
+
+class _HeadScanner:
+    """Collects the bytes of a message head so they can be checked before h11 parses them."""
+
+    def __init__(self, side: ProtocolSide, limit: int) -> None:
+        self._buf = b""
+        self._side = side
+        self._limit = limit
+        self.active = True
+
+    def feed(self, data: bytes) -> None:
+        if not self.active:
+            return
+        self._buf += data
+        end = _head_end(self._buf)
+        if end < 0:
+            if len(self._buf) > self._limit:
+                raise ProtocolError(
+                    "headers too large", self._side, 431 if self._side is _DOWN else 502
+                )
+            return
+        if end > self._limit:
+            raise ProtocolError("headers too large", self._side,
+                                431 if self._side is _DOWN else 502)
+        check_head_bytes(self._buf[: end - 2], self._side)
+        self._buf = b""
+        self.active = False
+
+    def restart(self, pending: bytes) -> None:
+        self._buf = b""
+        self.active = True
+        if pending:
+            self.feed(pending)
+
+
+def _headers(h: Any) -> Headers:
+    return [(k, v) for k, v in h]
+
+
+class H11ServerCodec:
+    def __init__(self, limits: Limits) -> None:
+        self._limits = limits
+        self._conn = h11.Connection(h11.SERVER, max_incomplete_event_size=limits.max_header_bytes)
+        self._scan = _HeadScanner(_DOWN, limits.max_header_bytes)
+        self._out: list[bytes] = []
+        self._head: RequestHead | None = None
+        self.failed = False
+
+    @property
+    def head_pending(self) -> bool:
+        return self._conn.their_state is h11.IDLE and bool(self._conn.trailing_data[0])
+
+    def receive(self, data: bytes) -> list[ReceivedEvent]:
+        if self.failed:
+            return []
+        events: list[ReceivedEvent] = []
+        try:
+            if self._conn.their_state is h11.IDLE:
+                self._scan.feed(data)
+            self._conn.receive_data(data)
+            self._drain(events)
+        except h11.RemoteProtocolError as exc:
+            status = exc.error_status_hint
+            events.append(ParseFailure(ProtocolError(f"malformed request: {exc}", _DOWN, status)))
+            self.failed = True
+        except ProtocolError as exc:
+            events.append(ParseFailure(exc))
+            self.failed = True
+        return events
+
+    def _drain(self, events: list[ReceivedEvent]) -> None:
+        while True:
+            ev = self._conn.next_event()
+            if ev is h11.NEED_DATA or ev is h11.PAUSED:
+                return
+            if isinstance(ev, h11.Request):
+                headers = _headers(ev.headers)
+                if len(headers) > self._limits.max_headers:
+                    raise ProtocolError("too many request headers", _DOWN, 431)
+                check_field_syntax(headers, _DOWN)
+                chunked, length = framing(headers, _DOWN)
+                head = RequestHead(
+                    method=ev.method,
+                    target=ev.target,
+                    headers=headers,
+                    http_version=ev.http_version,
+                    keep_alive=not any(
+                        k == b"connection" and b"close" in v.lower() for k, v in headers
+                    ),
+                    has_body=chunked or bool(length),
+                    content_length=length,
+                )
+                check_request_head(head)
+                self._head = head
+                events.append(head)
+            elif isinstance(ev, h11.Data):
+                events.append(Data(bytes(ev.data)))
+            elif isinstance(ev, h11.EndOfMessage):
+                events.append(EndOfMessage())  # h1 request trailers are dropped (Envoy default)
+            elif isinstance(ev, h11.ConnectionClosed):
+                return
+
+    def start_next(self) -> list[ReceivedEvent]:
+        """Start the next request cycle and return the events of any pipelined request."""
+        conn = self._conn
+        events: list[ReceivedEvent] = []
+        if conn.our_state is h11.DONE and conn.their_state is h11.DONE:
+            conn.start_next_cycle()
+            try:
+                self._scan.restart(conn.trailing_data[0])
+                self._drain(events)
+            except h11.RemoteProtocolError as exc:
+                events.append(
+                    ParseFailure(
+                        ProtocolError(f"malformed request: {exc}", _DOWN, exc.error_status_hint)
+                    )
+                )
+                self.failed = True
+            except ProtocolError as exc:
+                events.append(ParseFailure(exc))
+                self.failed = True
+        return events
+
+    def send_head(self, head: ResponseHead, request_method: bytes, keep_alive: bool) -> None:
+        headers = list(head.headers)
+        bodyless = request_method == b"HEAD" or head.status in (204, 304) or head.status < 200
+        if head.has_body and head.content_length is None and not bodyless:
+            headers.append((b"transfer-encoding", b"chunked"))
+        if not keep_alive:
+            headers.append((b"connection", b"close"))
+        if head.status < 200:
+            self._out.append(
+                self._conn.send(h11.InformationalResponse(status_code=head.status, headers=headers))
+                or b""
+            )
+            return
+        self._out.append(
+            self._conn.send(
+                h11.Response(
+                    status_code=head.status,
+                    headers=headers,
+                    reason=head.reason or reason_phrase(head.status),
+                )
+            )
+            or b""
+        )
+
+    def send_data(self, data: bytes) -> None:
+        if data:
+            self._out.append(self._conn.send(h11.Data(data=data)) or b"")
+
+    def send_end(self, trailers: Headers) -> None:
+        self._out.append(self._conn.send(h11.EndOfMessage(headers=trailers)) or b"")
+
+    def data_to_send(self) -> bytes:
+        out = b"".join(self._out)
+        self._out = []
+        return out
+
+
+class H11ClientCodec:
+    def __init__(self, limits: Limits) -> None:
+        self._limits = limits
+        self._conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=limits.max_header_bytes)
+        self._scan = _HeadScanner(_UP, limits.max_header_bytes)
+        self._out: list[bytes] = []
+        self.failed = False
+
+    def receive(self, data: bytes) -> list[ReceivedEvent]:
+        if self.failed:
+            return []
+        events: list[ReceivedEvent] = []
+        try:
+            if self._scan.active:
+                self._scan.feed(data)
+            self._conn.receive_data(data)
+            self._drain(events)
+        except h11.RemoteProtocolError as exc:
+            events.append(ParseFailure(ProtocolError(f"malformed response: {exc}", _UP, 502)))
+            self.failed = True
+        except ProtocolError as exc:
+            events.append(ParseFailure(exc))
+            self.failed = True
+        return events
+
+    def receive_eof(self) -> list[ReceivedEvent]:
+        if self.failed:
+            return []
+        events: list[ReceivedEvent] = []
+        try:
+            self._conn.receive_data(b"")
+            self._drain(events)
+        except h11.RemoteProtocolError:
+            return []
+        return [e for e in events if isinstance(e, EndOfMessage)]
+
+    def _drain(self, events: list[ReceivedEvent]) -> None:
+        while True:
+            ev = self._conn.next_event()
+            if ev is h11.NEED_DATA or ev is h11.PAUSED:
+                return
+            if isinstance(ev, h11.InformationalResponse | h11.Response):
+                headers = _headers(ev.headers)
+                if len(headers) > self._limits.max_response_headers:
+                    raise ProtocolError("too many response headers", _UP, 502)
+                check_field_syntax(headers, _UP)
+                chunked, length = framing(headers, _UP)
+                status = ev.status_code
+                informational = status < 200
+                has_body = (
+                    not informational
+                    and status not in (204, 304)
+                    and self._method != b"HEAD"
+                    and (chunked or length is None or length > 0)
+                )
+                keep = not any(k == b"connection" and b"close" in v.lower() for k, v in headers)
+                events.append(
+                    ResponseHead(
+                        status=status,
+                        headers=headers,
+                        reason=ev.reason,
+                        http_version=ev.http_version,
+                        keep_alive=keep and (chunked or length is not None or not has_body),
+                        has_body=has_body,
+                        content_length=length,
+                    )
+                )
+                if informational:
+                    self._scan.restart(b"")
+                    events.append(EndOfMessage())
+            elif isinstance(ev, h11.Data):
+                events.append(Data(bytes(ev.data)))
+            elif isinstance(ev, h11.EndOfMessage):
+                events.append(EndOfMessage(_headers(ev.headers)))
+            elif isinstance(ev, h11.ConnectionClosed):
+                return
+
+    _method = b"GET"
+
+    def start_next(self) -> list[ReceivedEvent]:
+        conn = self._conn
+        if conn.our_state is h11.DONE and conn.their_state is h11.DONE:
+            conn.start_next_cycle()
+            self._scan.restart(conn.trailing_data[0])
+        return []
+
+    def send_head(self, head: RequestHead) -> None:
+        self._method = head.method
+        headers = list(head.headers)
+        if head.has_body and head.content_length is None:
+            headers.append((b"transfer-encoding", b"chunked"))
+        self._out.append(
+            self._conn.send(h11.Request(method=head.method, target=head.target, headers=headers))
+            or b""
+        )
+
+    def send_data(self, data: bytes) -> None:
+        if data:
+            self._out.append(self._conn.send(h11.Data(data=data)) or b"")
+
+    def send_end(self, trailers: Headers) -> None:
+        self._out.append(self._conn.send(h11.EndOfMessage(headers=trailers)) or b"")
+
+    def data_to_send(self) -> bytes:
+        out = b"".join(self._out)
+        self._out = []
+        return out

@@ -1,0 +1,99 @@
+"""Header rules shared by the codecs: hop-by-hop removal, syntax checks, framing checks."""
+
+from __future__ import annotations
+
+import re
+
+from meshproxy.codec.events import Headers
+from meshproxy.errors import ProtocolError, ProtocolSide
+
+# RFC 9110 §7.6.1 plus the legacy names every proxy strips; framing is re-done per hop.
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+    }
+)
+_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_FIELD_VALUE = re.compile(rb"[\t\x20-\x7e\x80-\xff]*")
+_DIGITS = re.compile(rb"[0-9]{1,18}")
+IDEMPOTENT_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
+
+
+def strip_hop_by_hop(headers: Headers) -> Headers:
+    """Drop hop-by-hop headers and any header the Connection header names (RFC 9110 §7.6.1)."""
+    named: set[bytes] = set()
+    for k, v in headers:
+        if k == b"connection":
+            named.update(t.strip().lower() for t in v.split(b","))
+    drop = HOP_BY_HOP | named if named else HOP_BY_HOP
+    return [(k, v) for k, v in headers if k not in drop]
+
+
+def connection_tokens(headers: Headers) -> set[bytes]:
+    out: set[bytes] = set()
+    for k, v in headers:
+        if k == b"connection":
+            out.update(t.strip().lower() for t in v.split(b","))
+    return out
+
+
+def check_field_syntax(headers: Headers, side: ProtocolSide) -> None:
+    """Reject names that are not tokens and values with CTLs (NUL, CR, LF and friends)."""
+    for k, v in headers:
+        if not _TOKEN.fullmatch(k):
+            raise ProtocolError(f"invalid header name {k[:40]!r}", side)
+        if not _FIELD_VALUE.fullmatch(v):
+            raise ProtocolError(f"invalid character in header {k.decode()!r}", side)
+
+
+def framing(headers: Headers, side: ProtocolSide) -> tuple[bool, int | None]:
+    """(chunked, content_length) with every ambiguity rejected, as request smuggling needs.
+
+    Content-Length with Transfer-Encoding, several Content-Length values, a Content-Length that
+    is not plain digits, or a Transfer-Encoding other than a single "chunked" is an error.
+    """
+    cl: bytes | None = None
+    te: bytes | None = None
+    for k, v in headers:
+        if k == b"content-length":
+            if cl is not None:
+                raise ProtocolError("duplicate Content-Length", side)
+            cl = v
+        elif k == b"transfer-encoding":
+            if te is not None:
+                raise ProtocolError("duplicate Transfer-Encoding", side)
+            te = v
+    if te is not None:
+        if cl is not None:
+            raise ProtocolError("both Content-Length and Transfer-Encoding", side)
+        if te.strip(b" \t").lower() != b"chunked":
+            raise ProtocolError(f"unsupported Transfer-Encoding {te[:40]!r}", side, status=501)
+        return True, None
+    if cl is not None:
+        cl = cl.strip(b" \t")
+        if not _DIGITS.fullmatch(cl):
+            raise ProtocolError(f"invalid Content-Length {cl[:40]!r}", side)
+        return False, int(cl)
+    return False, None
+
+
+def check_head_bytes(head: bytes, side: ProtocolSide) -> None:
+    """Raw checks for parsers that are lenient: bare LF/CR and obs-fold line folding."""
+    lines = head.split(b"\r\n")
+    for i, line in enumerate(lines):
+        if b"\n" in line or b"\r" in line:
+            raise ProtocolError("bare CR or LF in message head", side)
+        if i > 0 and line[:1] in (b" ", b"\t"):
+            raise ProtocolError("obsolete line folding in message head", side)
+        if i > 0 and line:
+            colon = line.find(b":")
+            if colon > 0 and line[colon - 1 : colon] in (b" ", b"\t"):
+                raise ProtocolError("whitespace before the colon of a header", side)

@@ -1,0 +1,95 @@
+"""Path → validated resources → compiled Snapshot, or a ConfigError listing every problem."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+from typing import Any
+
+from meshproxy.config.compile import compile_snapshot
+from meshproxy.config.resources import ProxyConfigResource, ProxySettings, Resource, Sidecar
+from meshproxy.config.schema import parse_resource
+from meshproxy.config.snapshot import Snapshot
+from meshproxy.config.source import Document, read_sources
+from meshproxy.errors import ConfigError, ConfigIssue
+
+_versions = itertools.count(1)
+
+
+def load_snapshot(path: Path | str) -> Snapshot:
+    """Load, validate and compile the config at `path`; raise ConfigError with every issue."""
+    docs, issues = read_sources(Path(path))
+    return build_snapshot(docs, issues)
+
+
+def build_snapshot(docs: list[Document], issues: list[ConfigIssue]) -> Snapshot:
+    resources: list[Resource] = []
+    source: dict[str, list[Any]] = {}
+    seen: dict[tuple[str, str, str], Document] = {}
+    for doc in docs:
+        res = parse_resource(doc, issues)
+        if res is None:
+            continue
+        o = res.origin
+        key = (o.kind, o.namespace, o.name)
+        if key in seen:
+            first = seen[key]
+            issues.append(
+                ConfigIssue(
+                    doc.file,
+                    doc.line_of(()),
+                    doc.index,
+                    o.label,
+                    None,
+                    f"duplicate {o.kind} {o.namespace}/{o.name} (first in "
+                    f"{first.file}, document {first.index})",
+                )
+            )
+            continue
+        seen[key] = doc
+        resources.append(res)
+        source.setdefault(o.kind, []).append(doc.value)
+    settings = ProxySettings()
+    proxy_configs = [r for r in resources if isinstance(r, ProxyConfigResource)]
+    for extra_pc in proxy_configs[1:]:
+        o = extra_pc.origin
+        issues.append(
+            ConfigIssue(
+                o.doc.file,
+                o.doc.line_of(()),
+                o.doc.index,
+                o.label,
+                None,
+                "only one ProxyConfig is allowed",
+            )
+        )
+    if proxy_configs:
+        settings = proxy_configs[0].settings
+    sidecars = [r for r in resources if isinstance(r, Sidecar)]
+    for extra in sidecars[1:]:
+        o = extra.origin
+        issues.append(
+            ConfigIssue(
+                o.doc.file,
+                o.doc.line_of(()),
+                o.doc.index,
+                o.label,
+                None,
+                "only one Sidecar is allowed (this proxy is one workload)",
+            )
+        )
+    snapshot = compile_snapshot(resources, settings, 0, source, issues)
+    if issues or snapshot is None:
+        unique = list(dict.fromkeys(issues))
+        raise ConfigError(
+            unique or [ConfigIssue("<config>", None, None, None, None, "invalid configuration")]
+        )
+    return _with_version(snapshot)
+
+
+def _with_version(snapshot: Snapshot) -> Snapshot:
+    from dataclasses import replace
+
+    return replace(
+        snapshot, version=next(_versions), warnings=tuple(dict.fromkeys(snapshot.warnings))
+    )

@@ -1,0 +1,259 @@
+"""Typed, validated Istio resources (and our ProxyConfig), as read from YAML, not yet compiled."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from meshproxy.config.source import Document, Path_
+
+
+@dataclass(frozen=True, slots=True)
+class Origin:
+    """Where a resource came from, for error messages after parsing."""
+
+    doc: Document
+    kind: str
+    name: str
+    namespace: str
+
+    @property
+    def label(self) -> str:
+        return f"{self.kind} {self.name}"
+
+
+# ---- ServiceEntry -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ServicePort:
+    number: int
+    protocol: str  # upper-case Istio protocol: HTTP, HTTP2, GRPC, TCP, TLS, HTTPS, MONGO, ...
+    name: str
+    target_port: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class WorkloadEndpoint:
+    address: str
+    ports: dict[str, int]
+    labels: dict[str, str]
+    weight: int
+    service_account: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceEntry:
+    origin: Origin
+    hosts: tuple[str, ...]
+    addresses: tuple[str, ...]
+    ports: tuple[ServicePort, ...]
+    endpoints: tuple[WorkloadEndpoint, ...]
+    resolution: str
+    location: str
+
+
+# ---- VirtualService -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class StringMatch:
+    kind: str  # exact | prefix | regex | present
+    value: str
+
+
+@dataclass(frozen=True, slots=True)
+class HTTPMatch:
+    path: Path_
+    uri: StringMatch | None
+    method: StringMatch | None
+    authority: StringMatch | None
+    scheme: StringMatch | None
+    headers: tuple[tuple[str, StringMatch], ...]
+    without_headers: tuple[tuple[str, StringMatch], ...]
+    query_params: tuple[tuple[str, StringMatch], ...]
+    port: int | None
+    ignore_uri_case: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Destination:
+    path: Path_
+    host: str
+    subset: str | None
+    port: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class HeaderOperations:
+    set: tuple[tuple[str, str], ...] = ()
+    add: tuple[tuple[str, str], ...] = ()
+    remove: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Headers:
+    request: HeaderOperations = HeaderOperations()
+    response: HeaderOperations = HeaderOperations()
+
+
+@dataclass(frozen=True, slots=True)
+class WeightedDestination:
+    destination: Destination
+    weight: int | None
+    headers: Headers
+
+
+@dataclass(frozen=True, slots=True)
+class HTTPRoute:
+    path: Path_
+    name: str
+    matches: tuple[HTTPMatch, ...]
+    route: tuple[WeightedDestination, ...]
+    timeout: float | None
+    rewrite_uri: str | None
+    rewrite_authority: str | None
+    headers: Headers
+    # Parsed and validated now, enforced by the resilience work (later issue).
+    deferred: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class TCPRoute:
+    path: Path_
+    ports: tuple[int, ...]
+    route: tuple[WeightedDestination, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class VirtualService:
+    origin: Origin
+    hosts: tuple[str, ...]
+    http: tuple[HTTPRoute, ...]
+    tcp: tuple[TCPRoute, ...]
+
+
+# ---- DestinationRule ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionPool:
+    max_connections: int | None = None
+    connect_timeout: float | None = None
+    tcp_idle_timeout: float | None = None
+    http1_max_pending_requests: int | None = None
+    http2_max_requests: int | None = None
+    max_requests_per_connection: int | None = None
+    max_retries: int | None = None
+    idle_timeout: float | None = None
+    h2_upgrade_policy: str | None = None
+    use_client_protocol: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class OutlierDetection:
+    consecutive_5xx_errors: int | None = None
+    consecutive_gateway_errors: int | None = None
+    interval: float | None = None
+    base_ejection_time: float | None = None
+    max_ejection_percent: int | None = None
+    min_health_percent: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TrafficPolicy:
+    lb_simple: str | None = None
+    connection_pool: ConnectionPool | None = None
+    outlier_detection: OutlierDetection | None = None
+    tls: dict[str, Any] | None = None  # enforced by the mTLS issue
+    port_level: tuple[tuple[int, TrafficPolicy], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Subset:
+    path: Path_
+    name: str
+    labels: dict[str, str]
+    traffic_policy: TrafficPolicy | None
+
+
+@dataclass(frozen=True, slots=True)
+class DestinationRule:
+    origin: Origin
+    host: str
+    traffic_policy: TrafficPolicy | None
+    subsets: tuple[Subset, ...]
+
+
+# ---- Sidecar ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class SidecarPort:
+    number: int
+    protocol: str
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
+class IngressListener:
+    path: Path_
+    port: SidecarPort
+    bind: str | None
+    capture_mode: str
+    default_endpoint: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class EgressListener:
+    path: Path_
+    port: SidecarPort | None
+    bind: str | None
+    capture_mode: str
+    hosts: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Sidecar:
+    origin: Origin
+    ingress: tuple[IngressListener, ...]
+    egress: tuple[EgressListener, ...]
+    outbound_mode: str | None
+
+
+# ---- ProxyConfig (meshproxy.io/v1alpha1) --------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ProxySettings:
+    """Process settings; names follow Istio's ProxyConfig/MeshConfig where one exists."""
+
+    proxy_admin_port: int = 15000
+    admin_bind: str = "127.0.0.1"
+    status_port: int = 15021
+    proxy_listen_port: int = 15001
+    proxy_inbound_listen_port: int = 15006
+    interception_mode: str = "REDIRECT"  # REDIRECT | NONE (no capture listeners)
+    drain_duration: float = 5.0
+    concurrency: int = 1
+    http1_codec: str = "auto"  # auto | httptools | h11
+    connect_timeout: float = 10.0
+    upstream_idle_timeout: float = 4.0
+    request_headers_timeout: float = 10.0
+    idle_timeout: float = 3600.0
+    max_request_headers_kb: int = 60
+    max_headers_count: int = 100
+    max_connections: int = 10_000
+    access_log_file: str = ""
+    namespace: str = "default"
+    outbound_traffic_policy: str = "ALLOW_ANY"
+
+
+@dataclass(frozen=True, slots=True)
+class ProxyConfigResource:
+    origin: Origin
+    settings: ProxySettings
+    explicit: frozenset[str]
+
+
+Resource = ServiceEntry | VirtualService | DestinationRule | Sidecar | ProxyConfigResource

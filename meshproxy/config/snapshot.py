@@ -1,0 +1,106 @@
+"""The compiled, immutable configuration the data plane reads: one object, swapped whole."""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from meshproxy.config.resources import ProxySettings
+from meshproxy.routing.table import RouteTable
+
+
+class LbPolicy(enum.Enum):
+    ROUND_ROBIN = "ROUND_ROBIN"
+    LEAST_REQUEST = "LEAST_REQUEST"
+    RANDOM = "RANDOM"
+
+
+class Resolution(enum.Enum):
+    STATIC = "STATIC"
+    DNS = "DNS"
+    ORIGINAL_DST = "ORIGINAL_DST"  # connect where the intercepted connection was going
+
+
+class L7(enum.Enum):
+    HTTP = "http"
+    TCP = "tcp"
+    SNIFF = "sniff"  # decide from the first bytes
+
+
+class ListenerKind(enum.Enum):
+    OUTBOUND_CAPTURE = "outbound-capture"
+    INBOUND_CAPTURE = "inbound-capture"
+    EGRESS = "egress"
+    INGRESS = "ingress"
+
+    @property
+    def inbound(self) -> bool:
+        return self in (ListenerKind.INBOUND_CAPTURE, ListenerKind.INGRESS)
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    address: str  # IP (STATIC) or host name (DNS)
+    port: int
+    weight: int = 1
+    labels: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterSpec:
+    """An upstream cluster. Hashable: an unchanged spec keeps its pools across reloads."""
+
+    name: str  # Istio's form: outbound|9080|v1|reviews.default.svc.cluster.local
+    service: str  # destination_service label
+    port: int
+    protocol: L7
+    resolution: Resolution
+    endpoints: tuple[Endpoint, ...]
+    lb: LbPolicy = LbPolicy.LEAST_REQUEST
+    connect_timeout: float = 10.0
+    idle_timeout: float = 4.0
+    max_requests_per_connection: int = 0  # 0: unlimited
+    bind_source: str | None = None  # inbound clusters bind 127.0.0.6 (Istio's loop guard)
+    subset: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class PortBinding:
+    """What a captured or explicit destination port leads to."""
+
+    protocol: L7
+    route_table: RouteTable | None  # HTTP
+    tcp_cluster: str | None  # TCP: the single service on this port, if there is one
+    service: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class ListenerSpec:
+    name: str
+    kind: ListenerKind
+    address: str
+    port: int
+    binding: PortBinding | None  # None for the capture listeners (looked up per connection)
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return (self.address, self.port)
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    version: int
+    settings: ProxySettings
+    listeners: tuple[ListenerSpec, ...]
+    clusters: Mapping[str, ClusterSpec]
+    outbound_by_vip: Mapping[tuple[str, int], PortBinding]
+    outbound_by_port: Mapping[int, PortBinding]
+    inbound_by_port: Mapping[int, PortBinding]
+    registry_only: bool
+    source: Mapping[str, Any]  # the validated resources as plain data, for /config_dump
+    warnings: tuple[str, ...] = ()
+
+    def outbound_binding(self, ip: str, port: int) -> PortBinding | None:
+        return self.outbound_by_vip.get((ip, port)) or self.outbound_by_port.get(port)

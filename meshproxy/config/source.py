@@ -1,0 +1,165 @@
+"""Read YAML documents with the line of every value, safely (no tags, bounded size and aliases)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from meshproxy.errors import ConfigIssue
+
+MAX_FILE_BYTES = 8 * 1024 * 1024
+MAX_NODES = 500_000  # bounds alias expansion ("billion laughs")
+
+Path_ = tuple[str | int, ...]
+
+
+@dataclass(slots=True)
+class Document:
+    """One YAML document: its plain value and the line of each path inside it."""
+
+    file: str
+    index: int  # 1-based position in the file
+    value: Any
+    lines: dict[Path_, int] = field(default_factory=dict)
+
+    def line_of(self, path: Path_) -> int | None:
+        """The line of `path`, or of its nearest located ancestor."""
+        while True:
+            if path in self.lines:
+                return self.lines[path]
+            if not path:
+                return None
+            path = path[:-1]
+
+
+class _Budget:
+    def __init__(self) -> None:
+        self.nodes = 0
+
+
+def _convert(node: yaml.Node, path: Path_, lines: dict[Path_, int], budget: _Budget) -> Any:
+    budget.nodes += 1
+    if budget.nodes > MAX_NODES:
+        raise ValueError(f"document expands to more than {MAX_NODES} values (alias bomb?)")
+    lines.setdefault(path, node.start_mark.line + 1)
+    if isinstance(node, yaml.MappingNode | yaml.SequenceNode) and node.tag not in _PLAIN_TAGS:
+        raise ValueError(f"line {node.start_mark.line + 1}: tag {node.tag} is not allowed")
+    if isinstance(node, yaml.MappingNode):
+        out: dict[str, Any] = {}
+        for key_node, value_node in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                raise ValueError("YAML merge keys (<<) are not supported")
+            key = _scalar(key_node)
+            if not isinstance(key, str):
+                key = str(key)
+            if key in out:
+                raise ValueError(f"line {key_node.start_mark.line + 1}: duplicate key {key!r}")
+            lines[(*path, key)] = key_node.start_mark.line + 1
+            out[key] = _convert(value_node, (*path, key), lines, budget)
+        return out
+    if isinstance(node, yaml.SequenceNode):
+        return [_convert(item, (*path, i), lines, budget) for i, item in enumerate(node.value)]
+    return _scalar(node)
+
+
+_PLAIN_TAGS = frozenset({"tag:yaml.org,2002:map", "tag:yaml.org,2002:seq"})
+_constructor = yaml.SafeLoader("")  # used only for its scalar constructors
+
+
+def _scalar(node: yaml.Node) -> Any:
+    if not isinstance(node, yaml.ScalarNode):
+        raise ValueError(f"line {node.start_mark.line + 1}: expected a scalar")
+    return _constructor.construct_object(node, deep=True)
+
+
+def parse_documents(text: str, file: str) -> tuple[list[Document], list[ConfigIssue]]:
+    """Parse every document of a YAML stream; syntax errors become issues, never exceptions."""
+    docs: list[Document] = []
+    try:
+        nodes = list(yaml.compose_all(text, Loader=yaml.SafeLoader))
+    except yaml.MarkedYAMLError as exc:
+        line = exc.problem_mark.line + 1 if exc.problem_mark else None
+        return [], [ConfigIssue(file, line, None, None, None, f"invalid YAML: {exc.problem}")]
+    except yaml.YAMLError as exc:
+        return [], [ConfigIssue(file, None, None, None, None, f"invalid YAML: {exc}")]
+    issues: list[ConfigIssue] = []
+    for index, node in enumerate(nodes, start=1):
+        if node is None:
+            continue
+        lines: dict[Path_, int] = {}
+        try:
+            value = _convert(node, (), lines, _Budget())
+        except (ValueError, yaml.YAMLError) as exc:
+            line = node.start_mark.line + 1
+            issues.append(ConfigIssue(file, line, index, None, None, f"invalid YAML: {exc}"))
+            continue
+        if value is None:
+            continue
+        docs.append(Document(file, index, value, lines))
+    return docs, issues
+
+
+def config_files(path: Path) -> list[Path]:
+    """The YAML files a config path names: the file itself, or a directory's *.yaml/*.yml.
+
+    Hidden entries are skipped, so a Kubernetes ConfigMap mount (`..data`, `..2025_…`) is read
+    through its visible symlinks only, exactly once.
+    """
+    if path.is_dir():
+        return sorted(
+            p
+            for p in path.iterdir()
+            if not p.name.startswith(".") and p.suffix in (".yaml", ".yml") and p.is_file()
+        )
+    return [path]
+
+
+def fingerprint(path: Path) -> bytes:
+    """A digest of every config file's name and content, to skip reloads that change nothing."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    try:
+        for file in config_files(path) if path.exists() else []:
+            digest.update(str(file).encode() + b"\0")
+            with contextlib.suppress(OSError):
+                digest.update(file.read_bytes())
+            digest.update(b"\0")
+    except OSError:
+        pass
+    return digest.digest()
+
+
+def read_sources(path: Path) -> tuple[list[Document], list[ConfigIssue]]:
+    """Read and parse every config file under `path`."""
+    docs: list[Document] = []
+    issues: list[ConfigIssue] = []
+    if not path.exists():
+        return [], [ConfigIssue(str(path), None, None, None, None, "no such file or directory")]
+    files = config_files(path)
+    if not files:
+        return [], [ConfigIssue(str(path), None, None, None, None, "no *.yaml files found")]
+    for file in files:
+        name = str(file)
+        try:
+            size = os.stat(file).st_size
+            if size > MAX_FILE_BYTES:
+                issues.append(
+                    ConfigIssue(
+                        name, None, None, None, None, f"file is larger than {MAX_FILE_BYTES} bytes"
+                    )
+                )
+                continue
+            text = file.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            issues.append(ConfigIssue(name, None, None, None, None, f"cannot read: {exc}"))
+            continue
+        file_docs, file_issues = parse_documents(text, name)
+        docs.extend(file_docs)
+        issues.extend(file_issues)
+    return docs, issues

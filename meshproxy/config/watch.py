@@ -1,0 +1,39 @@
+"""Watch a config path with inotify (watchfiles) and call back after changes settle.
+
+A file is watched through its directory, so editors that replace files and Kubernetes
+ConfigMap updates (an atomic rename of the `..data` symlink) are both seen. Nothing runs while
+nothing changes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+from watchfiles import awatch
+
+logger = logging.getLogger(__name__)
+
+
+async def watch_config(
+    path: Path,
+    on_change: Callable[[], Awaitable[object]],
+    debounce_ms: int = 200,
+    stop: asyncio.Event | None = None,
+) -> None:
+    target = path if await asyncio.to_thread(path.is_dir) else path.parent
+    async for _changes in awatch(
+        target,
+        debounce=debounce_ms,
+        step=50,
+        stop_event=stop,
+        recursive=True,
+        rust_timeout=0,
+        yield_on_timeout=False,
+    ):
+        try:
+            await on_change()
+        except Exception:
+            logger.exception("config reload failed unexpectedly")

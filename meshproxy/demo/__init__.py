@@ -1,0 +1,1 @@
+"""`meshproxy demo`: two backends, the proxy and some traffic, all on loopback."""

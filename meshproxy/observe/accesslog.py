@@ -1,0 +1,47 @@
+"""Access log lines in Envoy's default text format, one per stream."""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable
+from typing import TextIO
+
+from meshproxy.observe.recorder import StreamRecord
+
+
+def _q(value: str) -> str:
+    # Control bytes are escaped so one request is always one line (CVE-2024-45808 class).
+    if not value:
+        return "-"
+    return value.encode("unicode_escape").decode("ascii").replace('"', '\\"')
+
+
+def format_line(rec: StreamRecord) -> str:
+    start = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(rec.start_time))
+    ms = int((rec.start_time % 1) * 1000)
+    return (
+        f'[{start}.{ms:03d}Z] "{_q(rec.method)} {_q(rec.path)} HTTP/1.1" '
+        f"{rec.response_code} {rec.response_flags} {rec.request_bytes} {rec.response_bytes} "
+        f'{int(rec.duration_ms)} "{_q(rec.x_forwarded_for)}" "{_q(rec.user_agent)}" '
+        f'"{_q(rec.request_id)}" "{_q(rec.authority)}" "{_q(rec.upstream_host)}" '
+        f"{_q(rec.cluster)} {_q(rec.route_name)}\n"
+    )
+
+
+def open_access_log(path: str) -> Callable[[StreamRecord], None] | None:
+    """A writer for ProxyConfig accessLogFile ("" = off, "/dev/stdout" = stdout)."""
+    if not path:
+        return None
+    stream: TextIO
+    if path in ("/dev/stdout", "-"):
+        stream = sys.stdout
+    elif path == "/dev/stderr":
+        stream = sys.stderr
+    else:
+        stream = open(path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115
+
+    def write(rec: StreamRecord) -> None:
+        stream.write(format_line(rec))
+
+    return write

@@ -1,0 +1,157 @@
+"""The admin endpoint (Envoy's paths): /ready, /stats/prometheus, /config_dump, /clusters."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Callable
+from typing import Any, Protocol, cast
+
+import h11
+
+logger = logging.getLogger(__name__)
+MAX_ADMIN_REQUEST = 16 * 1024
+
+
+class AdminSource(Protocol):
+    def is_ready(self) -> bool: ...
+    def config_dump(self) -> dict[str, Any]: ...
+    def cluster_statuses(self) -> list[dict[str, Any]]: ...
+    def prometheus(self) -> bytes: ...
+    def request_quit(self) -> None: ...
+    def request_drain(self) -> None: ...
+
+
+Handler = Callable[[AdminSource, str], tuple[int, str, bytes]]
+
+
+def _ready(src: AdminSource, query: str) -> tuple[int, str, bytes]:
+    ok = src.is_ready()
+    return (200, "text/plain", b"LIVE\n") if ok else (503, "text/plain", b"NOT READY\n")
+
+
+def _prom(src: AdminSource, query: str) -> tuple[int, str, bytes]:
+    return 200, "text/plain; version=0.0.4; charset=utf-8", src.prometheus()
+
+
+def _dump(src: AdminSource, query: str) -> tuple[int, str, bytes]:
+    return 200, "application/json", json.dumps(src.config_dump(), indent=2, default=str).encode()
+
+
+def _clusters(src: AdminSource, query: str) -> tuple[int, str, bytes]:
+    clusters = src.cluster_statuses()
+    if "format=json" in query:
+        return (
+            200,
+            "application/json",
+            json.dumps({"cluster_statuses": clusters}, indent=2).encode(),
+        )
+    lines = []
+    for c in clusters:
+        for h in c["host_statuses"]:
+            for k, v in h.items():
+                if k != "address":
+                    lines.append(f"{c['name']}::{h['address']}::{k}::{v}")
+    return 200, "text/plain", ("\n".join(lines) + "\n").encode()
+
+
+GET_ROUTES: dict[str, Handler] = {
+    "/ready": _ready,
+    "/healthz/ready": _ready,
+    "/stats/prometheus": _prom,
+    "/metrics": _prom,
+    "/config_dump": _dump,
+    "/clusters": _clusters,
+}
+POST_ROUTES = ("/quitquitquit", "/drain_listeners")
+
+
+class AdminProtocol(asyncio.Protocol):
+    def __init__(self, source: AdminSource, only: frozenset[str] | None = None) -> None:
+        self.source = source
+        self.only = only
+        self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_ADMIN_REQUEST)
+        self.transport: asyncio.Transport | None = None
+        self._timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport = cast(asyncio.Transport, transport)
+        self._timer = asyncio.get_running_loop().call_later(30, transport.close)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self.conn.receive_data(data)
+            while True:
+                ev = self.conn.next_event()
+                if ev is h11.NEED_DATA or ev is h11.PAUSED:
+                    return
+                if isinstance(ev, h11.Request):
+                    self._handle(ev)
+                    return
+        except h11.RemoteProtocolError:
+            self._respond(400, "text/plain", b"bad request\n")
+
+    def _handle(self, req: h11.Request) -> None:
+        target = req.target.decode("latin-1")
+        path, _, query = target.partition("?")
+        method = req.method.decode()
+        if self.only is not None and path not in self.only:
+            self._respond(404, "text/plain", b"not found\n")
+            return
+        if path in POST_ROUTES:
+            if method != "POST":
+                self._respond(405, "text/plain", b"use POST\n")
+                return
+            if path == "/quitquitquit":
+                self._respond(200, "text/plain", b"OK\n")
+                self.source.request_quit()
+            else:
+                self.source.request_drain()
+                self._respond(200, "text/plain", b"OK\n")
+            return
+        handler = GET_ROUTES.get(path)
+        if handler is None:
+            self._respond(404, "text/plain", b"not found\n")
+            return
+        if method not in ("GET", "HEAD"):
+            self._respond(405, "text/plain", b"use GET\n")
+            return
+        try:
+            status, ctype, body = handler(self.source, query)
+        except Exception:
+            logger.exception("admin handler %s failed", path)
+            status, ctype, body = 500, "text/plain", b"internal error\n"
+        self._respond(status, ctype, body)
+
+    def _respond(self, status: int, ctype: str, body: bytes) -> None:
+        if self.transport is None or self.transport.is_closing():
+            return
+        headers = [
+            ("content-type", ctype),
+            ("content-length", str(len(body))),
+            ("connection", "close"),
+        ]
+        try:
+            out = self.conn.send(h11.Response(status_code=status, headers=headers)) or b""
+            out += self.conn.send(h11.Data(data=body)) or b""
+            out += self.conn.send(h11.EndOfMessage()) or b""
+        except h11.LocalProtocolError:
+            out = (
+                f"HTTP/1.1 {status} \r\ncontent-length: {len(body)}\r\nconnection: close\r\n\r\n"
+            ).encode() + body
+        self.transport.write(out)
+        self.transport.close()
+
+
+async def start_admin(
+    source: AdminSource, host: str, port: int, only: frozenset[str] | None = None
+) -> asyncio.Server:
+    loop = asyncio.get_running_loop()
+    return await loop.create_server(
+        lambda: AdminProtocol(source, only), host, port, reuse_address=True
+    )

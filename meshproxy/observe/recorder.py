@@ -1,0 +1,66 @@
+"""What the data plane reports: one StreamRecord per HTTP stream, ConnRecords for TCP."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+
+@dataclass(slots=True)
+class StreamRecord:
+    reporter: str  # "source" (outbound, client side) or "destination" (inbound)
+    destination_service: str
+    response_code: int  # 0: no response was sent (the client went away)
+    response_flags: str  # Envoy flags ("UF", "NR", ...) or "-"
+    duration_ms: float
+    request_bytes: int
+    response_bytes: int
+    method: str = ""
+    path: str = ""
+    authority: str = ""
+    route_name: str = ""
+    cluster: str = ""
+    upstream_host: str = ""
+    request_id: str = ""
+    user_agent: str = ""
+    x_forwarded_for: str = ""
+    downstream_remote: str = ""
+    start_time: float = 0.0
+    request_protocol: str = "http"
+
+
+@dataclass(slots=True)
+class ConnRecord:
+    reporter: str
+    destination_service: str
+    cluster: str
+    upstream_host: str
+    downstream_remote: str
+    sent_bytes: int = 0  # to the downstream
+    received_bytes: int = 0  # from the downstream
+    response_flags: str = "-"
+
+
+class Recorder(Protocol):
+    def record_stream(self, rec: StreamRecord) -> None: ...
+    def tcp_opened(self, rec: ConnRecord) -> None: ...
+    def tcp_bytes(self, rec: ConnRecord, sent: int, received: int) -> None: ...
+    def tcp_closed(self, rec: ConnRecord) -> None: ...
+    def downstream_rejected(self, reason: str) -> None: ...
+
+
+class NullRecorder:
+    def record_stream(self, rec: StreamRecord) -> None:
+        pass
+
+    def tcp_opened(self, rec: ConnRecord) -> None:
+        pass
+
+    def tcp_bytes(self, rec: ConnRecord, sent: int, received: int) -> None:
+        pass
+
+    def tcp_closed(self, rec: ConnRecord) -> None:
+        pass
+
+    def downstream_rejected(self, reason: str) -> None:
+        pass

@@ -1,0 +1,1 @@
+"""The data plane: listeners, downstream connections, HTTP streams and the TCP relay."""

@@ -1,0 +1,23 @@
+"""What every connection needs from the running process, without importing the runtime."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from meshproxy.codec.h1_limits import Limits
+from meshproxy.config.snapshot import Snapshot
+from meshproxy.observe.metrics import MeshMetrics
+from meshproxy.upstream.cluster import ClusterManager
+
+
+@dataclass(slots=True)
+class ProxyContext:
+    """Mutable holder: the runtime swaps `snapshot` (one assignment) on a good reload."""
+
+    snapshot: Snapshot
+    clusters: ClusterManager
+    metrics: MeshMetrics
+    limits: Limits
+    codec: str
+    draining: bool = False
+    connections: set[object] = field(default_factory=set)

@@ -1,0 +1,272 @@
+"""Downstream HTTP/1.1 connection: bytes ↔ server codec, one HttpStream at a time."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import Callable
+from typing import cast
+
+from meshproxy._tasks import spawn
+from meshproxy.codec.events import (
+    Data,
+    EndOfMessage,
+    Headers,
+    ParseFailure,
+    ReceivedEvent,
+    RequestHead,
+    ResponseHead,
+)
+from meshproxy.codec.h1 import server_codec
+from meshproxy.config.snapshot import ListenerKind, PortBinding
+from meshproxy.errors import ProtocolError
+from meshproxy.observe.recorder import StreamRecord
+from meshproxy.proxy.context import ProxyContext
+from meshproxy.proxy.stream import HttpStream
+
+logger = logging.getLogger(__name__)
+
+HIGH_WATER = 64 * 1024
+MAX_QUEUED_EVENTS = 64  # pipelined requests waiting for the current response
+
+
+class DownstreamHttp1(asyncio.Protocol):
+    def __init__(
+        self,
+        ctx: ProxyContext,
+        kind: ListenerKind,
+        binding: PortBinding | None,
+        local_port: int,
+        original_dst: tuple[str, int] | None = None,
+        access_log: Callable[[StreamRecord], None] | None = None,
+    ) -> None:
+        self.ctx = ctx
+        self.kind = kind
+        self.inbound = kind.inbound
+        self.binding = binding
+        self.local_port = local_port
+        self.original_dst = original_dst
+        self.passthrough_allowed = not ctx.snapshot.registry_only
+        self.access_log = access_log
+        self.codec = server_codec(ctx.codec, ctx.limits)
+        self.transport: asyncio.Transport | None = None
+        self.peer_ip = ""
+        self.stream: HttpStream | None = None
+        self._queue: deque[ReceivedEvent] = deque()
+        self._reading_paused = False
+        self._closing = False
+        self._header_timer: asyncio.TimerHandle | None = None
+        self._idle_timer: asyncio.TimerHandle | None = None
+        self._write_paused = False
+
+    # -- asyncio.Protocol ------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport = cast(asyncio.Transport, transport)
+        transport.set_write_buffer_limits(high=HIGH_WATER)
+        peer = transport.get_extra_info("peername")
+        self.peer_ip = str(peer[0]) if peer else ""
+        ctx = self.ctx
+        ctx.connections.add(self)
+        ctx.metrics.downstream_cx_active += 1
+        ctx.metrics.downstream_cx_total += 1
+        self._arm_idle()
+
+    def data_received(self, data: bytes) -> None:
+        if self._closing:
+            return
+        if self.stream is None and self._header_timer is None:
+            self._arm_header_timer()
+        events = self.codec.receive(data)
+        if self._queue or (self.stream is not None and self.stream.request_done):
+            self._queue.extend(events)
+            if len(self._queue) > MAX_QUEUED_EVENTS:
+                self.pause_reading()
+            return
+        for i, ev in enumerate(events):
+            if self.stream is not None and self.stream.request_done:
+                self._queue.extend(events[i:])
+                return
+            self._dispatch(ev)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._closing = True
+        self._cancel_timers()
+        ctx = self.ctx
+        ctx.connections.discard(self)
+        ctx.metrics.downstream_cx_active -= 1
+        stream = self.stream
+        if stream is not None and stream.task is not None and not stream.task.done():
+            stream.task.cancel()
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+        if self.stream is not None:
+            self.stream.downstream_writable(False)
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        if self.stream is not None:
+            self.stream.downstream_writable(True)
+
+    # -- events ----------------------------------------------------------------------------
+    def _dispatch(self, ev: ReceivedEvent) -> None:
+        stream = self.stream
+        if isinstance(ev, Data):
+            if stream is not None:
+                stream.request_data(ev.data)
+        elif isinstance(ev, RequestHead):
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+                self._header_timer = None
+            if self._idle_timer is not None:
+                self._idle_timer.cancel()
+                self._idle_timer = None
+            stream = HttpStream(self, ev)
+            if self.ctx.draining:
+                stream.keep_alive = False
+            self.stream = stream
+            stream.task = spawn(stream.run(), name="http-stream")
+        elif isinstance(ev, EndOfMessage):
+            if stream is not None:
+                stream.request_end(ev.trailers)
+        elif isinstance(ev, ParseFailure):
+            self._protocol_failure(ev.error)
+
+    def _protocol_failure(self, error: Exception) -> None:
+        status = error.status if isinstance(error, ProtocolError) else 400
+        self.ctx.metrics.downstream_rejected(str(status))
+        stream = self.stream
+        if stream is None:
+            self._reply_and_close(status, str(error).encode())
+            return
+        # Broken framing mid-request: nothing more of it may reach the upstream.
+        stream.keep_alive = False
+        if stream.task is not None:
+            stream.task.cancel()
+        if not stream.response_head_sent:
+            self._reply_and_close(status, str(error).encode())
+        else:
+            self.abort()
+
+    def _reply_and_close(self, status: int, body: bytes) -> None:
+        self._write_local(status, body, b"GET", keep_alive=False)
+        self._closing = True
+        if self.transport is not None:
+            self.transport.close()
+
+    # -- used by HttpStream ----------------------------------------------------------------
+    def send_interim(self, status: int) -> None:
+        self.codec.send_head(ResponseHead(status, [], has_body=False), b"GET", True)
+        self._flush()
+
+    def send_response_head(self, head: ResponseHead, stream: HttpStream) -> None:
+        keep = stream.keep_alive and not self.ctx.draining
+        stream.keep_alive = keep
+        self.codec.send_head(head, stream.head.method, keep)
+        self._flush()
+
+    def send_data(self, data: bytes) -> None:
+        self.codec.send_data(data)
+        self._flush()
+
+    def send_end(self, trailers: Headers) -> None:
+        self.codec.send_end(trailers)
+        self._flush()
+
+    def send_local_reply(self, status: int, body: bytes, stream: HttpStream) -> None:
+        self._write_local(status, body, stream.head.method, stream.keep_alive)
+
+    def _write_local(self, status: int, body: bytes, method: bytes, keep_alive: bool) -> None:
+        headers = [(b"content-length", b"%d" % len(body))]
+        if body:
+            headers.append((b"content-type", b"text/plain"))
+        self.codec.send_head(
+            ResponseHead(status, headers, has_body=bool(body), content_length=len(body)),
+            method,
+            keep_alive,
+        )
+        if body and method != b"HEAD":
+            self.codec.send_data(body)
+        self.codec.send_end([])
+        self._flush()
+
+    def _flush(self) -> None:
+        data = self.codec.data_to_send()
+        if data and self.transport is not None:
+            self.transport.write(data)
+
+    def pause_reading(self) -> None:
+        if not self._reading_paused and self.transport is not None:
+            self._reading_paused = True
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self._reading_paused and self.transport is not None and not self._queue:
+            self._reading_paused = False
+            self.transport.resume_reading()
+
+    def abort(self) -> None:
+        self._closing = True
+        if self.transport is not None:
+            self.transport.abort()
+
+    def stream_finished(self, stream: HttpStream) -> None:
+        if self.stream is not stream:
+            return
+        self.stream = None
+        transport = self.transport
+        if transport is None or self._closing or transport.is_closing():
+            return
+        if not stream.keep_alive or not stream.request_done or self.ctx.draining:
+            self._closing = True
+            transport.close()
+            return
+        events = self.codec.start_next()
+        if events:
+            self._queue.extend(events)
+        queue = self._queue
+        while queue and not self._closing:
+            if self.stream is not None and self.stream.request_done:
+                break
+            self._dispatch(queue.popleft())
+        if self.stream is None and not self._closing:
+            self._arm_idle()
+            if self.codec.head_pending:
+                self._arm_header_timer()
+        self.resume_reading()
+
+    # -- timers ----------------------------------------------------------------------------
+    def _arm_header_timer(self) -> None:
+        timeout = self.ctx.snapshot.settings.request_headers_timeout
+        self._header_timer = asyncio.get_running_loop().call_later(timeout, self._headers_late)
+
+    def _headers_late(self) -> None:
+        self._header_timer = None
+        if self.stream is None and not self._closing:
+            self.ctx.metrics.downstream_rejected("408")
+            self._reply_and_close(408, b"request headers timeout")
+
+    def _arm_idle(self) -> None:
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+        timeout = self.ctx.snapshot.settings.idle_timeout
+        self._idle_timer = asyncio.get_running_loop().call_later(timeout, self._idle)
+
+    def _idle(self) -> None:
+        self._idle_timer = None
+        if self.stream is None and self.transport is not None:
+            self._closing = True
+            self.transport.close()
+
+    def _cancel_timers(self) -> None:
+        for t in (self._header_timer, self._idle_timer):
+            if t is not None:
+                t.cancel()
+        self._header_timer = self._idle_timer = None
+
+    def close_idle(self) -> None:
+        """Draining: close now if no request is in flight, else after the current one."""
+        if self.stream is None and self.transport is not None:
+            self._closing = True
+            self.transport.close()

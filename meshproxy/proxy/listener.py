@@ -1,0 +1,240 @@
+"""Listeners: bind sockets, and per connection decide HTTP or TCP and where it goes."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from collections.abc import Callable
+from typing import cast
+
+from meshproxy.config.compile import INBOUND_PASSTHROUGH, PASSTHROUGH
+from meshproxy.config.snapshot import L7, ListenerKind, ListenerSpec, PortBinding
+from meshproxy.observe.recorder import ConnRecord, StreamRecord
+from meshproxy.proxy.context import ProxyContext
+from meshproxy.proxy.http1 import DownstreamHttp1
+from meshproxy.proxy.origdst import original_destination
+from meshproxy.proxy.tcp import TcpRelay
+
+logger = logging.getLogger(__name__)
+
+HTTP_METHODS = (
+    b"GET ",
+    b"POST ",
+    b"PUT ",
+    b"HEAD ",
+    b"DELETE ",
+    b"OPTIONS ",
+    b"PATCH ",
+    b"TRACE ",
+    b"CONNECT ",
+)
+SNIFF_BYTES = 8
+SERVER_FIRST_PORTS = frozenset({25, 53, 3306, 27017})  # Istio assumes TCP for these
+
+
+def looks_like_http1(data: bytes) -> bool | None:
+    """True/False once decidable from the first bytes, None while more are needed."""
+    for m in HTTP_METHODS:
+        if data.startswith(m):
+            return True
+        if m.startswith(data):
+            return None
+    return False
+
+
+def _tcp(
+    ctx: ProxyContext,
+    kind: ListenerKind,
+    cluster_name: str,
+    service: str,
+    original_dst: tuple[str, int] | None,
+    peer: str,
+) -> TcpRelay:
+    record = ConnRecord(
+        "destination" if kind.inbound else "source", service or cluster_name, cluster_name, "", peer
+    )
+    return TcpRelay(ctx, ctx.clusters.get(cluster_name), record, original_dst)
+
+
+class CaptureEntry(asyncio.Protocol):
+    """First protocol of an intercepted connection: reads SO_ORIGINAL_DST, sniffs, hands over."""
+
+    def __init__(
+        self,
+        ctx: ProxyContext,
+        spec: ListenerSpec,
+        access_log: Callable[[StreamRecord], None] | None,
+        own_ports: frozenset[int],
+    ) -> None:
+        self.ctx = ctx
+        self.spec = spec
+        self.access_log = access_log
+        self.own_ports = own_ports
+        self.transport: asyncio.Transport | None = None
+        self.original_dst: tuple[str, int] | None = None
+        self.binding: PortBinding | None = None
+        self._buffer = b""
+        self._peer = ""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport = cast(asyncio.Transport, transport)
+        peer = transport.get_extra_info("peername")
+        self._peer = str(peer[0]) if peer else ""
+        sock = transport.get_extra_info("socket")
+        dst = original_destination(sock) if sock is not None else None
+        local = transport.get_extra_info("sockname")
+        if (
+            dst is None
+            or (local is not None and dst == (local[0], local[1]))
+            or (dst[1] in self.own_ports and dst[0] in ("127.0.0.1", "::1"))
+        ):
+            # Not redirected, or redirected to ourselves: proxying would loop (Istio #14242).
+            self.ctx.metrics.downstream_rejected("no_original_dst")
+            transport.close()
+            return
+        self.original_dst = dst
+        snap = self.ctx.snapshot
+        if self.spec.kind is ListenerKind.OUTBOUND_CAPTURE:
+            self.binding = snap.outbound_binding(dst[0], dst[1])
+        else:
+            self.binding = snap.inbound_by_port.get(dst[1])
+        if self.binding is not None and self.binding.protocol is L7.TCP:
+            self._hand_over_tcp(self.binding.tcp_cluster or "", self.binding.service)
+        elif self.binding is None and dst[1] in SERVER_FIRST_PORTS:
+            self._passthrough_tcp()
+
+    def data_received(self, data: bytes) -> None:
+        self._buffer += data
+        verdict = looks_like_http1(self._buffer[:SNIFF_BYTES])
+        if verdict is None:
+            return
+        if verdict:
+            self._hand_over_http()
+        elif (
+            self.binding is not None
+            and self.binding.protocol is L7.HTTP
+            and self.binding.tcp_cluster
+        ):
+            self._hand_over_tcp(self.binding.tcp_cluster, self.binding.service)
+        else:
+            self._passthrough_tcp()
+
+    def eof_received(self) -> bool:
+        if self._buffer:
+            self._passthrough_tcp()
+            return True
+        return False
+
+    def _passthrough_tcp(self) -> None:
+        if self.spec.kind is ListenerKind.OUTBOUND_CAPTURE and self.ctx.snapshot.registry_only:
+            self.ctx.metrics.downstream_rejected("registry_only")
+            if self.transport is not None:
+                self.transport.close()
+            return
+        name = (
+            PASSTHROUGH if self.spec.kind is ListenerKind.OUTBOUND_CAPTURE else INBOUND_PASSTHROUGH
+        )
+        self._hand_over_tcp(name, name)
+
+    def _hand_over_tcp(self, cluster: str, service: str) -> None:
+        relay = _tcp(self.ctx, self.spec.kind, cluster, service, self.original_dst, self._peer)
+        self._switch(relay)
+
+    def _hand_over_http(self) -> None:
+        assert self.original_dst is not None
+        conn = DownstreamHttp1(
+            self.ctx,
+            self.spec.kind,
+            self.binding,
+            self.original_dst[1],
+            self.original_dst,
+            self.access_log,
+        )
+        self._switch(conn)
+
+    def _switch(self, proto: asyncio.Protocol) -> None:
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        transport.set_protocol(proto)
+        proto.connection_made(transport)
+        if self._buffer:
+            data, self._buffer = self._buffer, b""
+            proto.data_received(data)
+
+
+class Listener:
+    """One bound socket; its protocol factory reads the current snapshot per connection."""
+
+    def __init__(
+        self,
+        ctx: ProxyContext,
+        spec: ListenerSpec,
+        access_log: Callable[[StreamRecord], None] | None,
+    ) -> None:
+        self.ctx = ctx
+        self.spec = spec
+        self.access_log = access_log
+        self.server: asyncio.Server | None = None
+
+    def update(self, spec: ListenerSpec) -> None:
+        self.spec = spec
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        family = socket.AF_INET6 if ":" in self.spec.address else socket.AF_INET
+        self.server = await loop.create_server(
+            self._factory,
+            self.spec.address,
+            self.spec.port,
+            family=family,
+            reuse_address=True,
+            backlog=4096,
+        )
+
+    def _factory(self) -> asyncio.Protocol:
+        ctx = self.ctx
+        spec = self.spec
+        if len(ctx.connections) >= ctx.snapshot.settings.max_connections:
+            ctx.metrics.downstream_rejected("overflow")
+            return _Refuse()
+        if spec.kind in (ListenerKind.OUTBOUND_CAPTURE, ListenerKind.INBOUND_CAPTURE):
+            s = ctx.snapshot.settings
+            own = frozenset({s.proxy_listen_port, s.proxy_inbound_listen_port, s.proxy_admin_port})
+            return CaptureEntry(ctx, spec, self.access_log, own)
+        binding = spec.binding
+        assert binding is not None
+        if binding.protocol is L7.HTTP:
+            return DownstreamHttp1(ctx, spec.kind, binding, spec.port, None, self.access_log)
+        return _LazyTcp(ctx, spec, binding)
+
+    async def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            self.server = None
+
+
+class _LazyTcp(asyncio.Protocol):
+    """Explicit TCP listener: builds the relay with the peer address once connected."""
+
+    def __init__(self, ctx: ProxyContext, spec: ListenerSpec, binding: PortBinding) -> None:
+        self.ctx, self.spec, self.binding = ctx, spec, binding
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        peer = transport.get_extra_info("peername")
+        relay = _tcp(
+            self.ctx,
+            self.spec.kind,
+            self.binding.tcp_cluster or "",
+            self.binding.service,
+            None,
+            str(peer[0]) if peer else "",
+        )
+        transport.set_protocol(relay)
+        relay.connection_made(transport)
+
+
+class _Refuse(asyncio.Protocol):
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport.abort()  # type: ignore[attr-defined]

@@ -1,0 +1,393 @@
+"""One HTTP request/response through the proxy: route, pick, attempt, stream the response."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from typing import TYPE_CHECKING
+
+from meshproxy.codec.events import Headers, RequestHead, ResponseHead
+from meshproxy.codec.headers import IDEMPOTENT_METHODS, strip_hop_by_hop
+from meshproxy.config.compile import PASSTHROUGH
+from meshproxy.errors import FailureKind, UpstreamError
+from meshproxy.observe.recorder import StreamRecord
+from meshproxy.routing.match import RequestView
+from meshproxy.routing.table import NO_HEADER_OPS, HeaderOps, RouteMatch
+from meshproxy.upstream.cluster import EndpointState
+from meshproxy.upstream.connection import UpstreamHttp1Connection
+
+if TYPE_CHECKING:
+    from meshproxy.proxy.http1 import DownstreamHttp1
+
+logger = logging.getLogger(__name__)
+
+REPLAY_LIMIT = 64 * 1024  # request bytes kept to retry on a fresh connection
+BUFFER_HIGH_WATER = 64 * 1024
+
+
+class LocalReply(Exception):
+    """Answer the downstream ourselves (a value-like exception used only inside this module)."""
+
+    def __init__(self, status: int, body: str, flag: str) -> None:
+        super().__init__(body)
+        self.status = status
+        self.body = body
+        self.flag = flag
+
+
+def _view(head: RequestHead, port: int, scheme: str) -> RequestView:
+    target = head.target.decode("latin-1")
+    path, _, query = target.partition("?")
+    headers: dict[str, str] = {}
+    for k, v in head.headers:
+        name = k.decode("latin-1")
+        value = v.decode("latin-1")
+        headers[name] = f"{headers[name]},{value}" if name in headers else value
+    return RequestView(
+        head.method.decode("latin-1"), path, query, headers.get("host", ""), scheme, headers, port
+    )
+
+
+class HttpStream:
+    """Implements ResponseSink for the upstream connection it uses."""
+
+    def __init__(self, conn: DownstreamHttp1, head: RequestHead) -> None:
+        self.conn = conn
+        self.head = head
+        self.request_done = not head.has_body
+        self.request_trailers: Headers = []
+        self._pending: list[bytes] = []  # request body not yet sent upstream
+        self._pending_bytes = 0
+        self._replay: list[bytes] | None = []
+        self._replay_bytes = 0
+        self.request_bytes = 0
+        self.response_bytes = 0
+        self.upstream: UpstreamHttp1Connection | None = None
+        self.response_head_sent = False
+        self.response_complete = False
+        self.status = 0
+        self.flag = "-"
+        self._head_waiter: asyncio.Future[ResponseHead] | None = None
+        self._done_waiter: asyncio.Future[None] | None = None
+        self._response_ops: HeaderOps = NO_HEADER_OPS
+        self._target_ops: HeaderOps = NO_HEADER_OPS
+        self.task: asyncio.Task[None] | None = None
+        self.keep_alive = head.keep_alive
+        self._sent_at = 0.0
+
+    # -- request body from the downstream ----------------------------------------------------
+    def request_data(self, data: bytes) -> None:
+        self.request_bytes += len(data)
+        if self._replay is not None:
+            self._replay_bytes += len(data)
+            if self._replay_bytes > REPLAY_LIMIT:
+                self._replay = None
+            else:
+                self._replay.append(data)
+        up = self.upstream
+        if up is not None:
+            up.send_data(data)
+            return
+        self._pending.append(data)
+        self._pending_bytes += len(data)
+        if self._pending_bytes > BUFFER_HIGH_WATER:
+            self.conn.pause_reading()
+
+    def request_end(self, trailers: Headers) -> None:
+        self.request_done = True
+        self.request_trailers = trailers
+        up = self.upstream
+        if up is not None:
+            up.end_request(trailers)
+
+    # -- ResponseSink ----------------------------------------------------------------------
+    def on_response_head(self, head: ResponseHead) -> None:
+        # Sent at once: body bytes of the same read follow synchronously and must come after it.
+        self._send_response_head(head, self._sent_at)
+        waiter = self._head_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(head)
+
+    def on_response_data(self, data: bytes) -> None:
+        self.response_bytes += len(data)
+        self.conn.send_data(data)
+
+    def on_response_end(self, trailers: Headers) -> None:
+        self.response_complete = True
+        self.conn.send_end(trailers)
+        waiter = self._done_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def on_upstream_failure(self, error: UpstreamError) -> None:
+        for waiter in (self._head_waiter, self._done_waiter):
+            if waiter is not None and not waiter.done():
+                waiter.set_exception(error)
+                return
+
+    def on_upstream_writable(self, writable: bool) -> None:
+        if writable:
+            self.conn.resume_reading()
+        else:
+            self.conn.pause_reading()
+
+    def downstream_writable(self, writable: bool) -> None:
+        up = self.upstream
+        if up is not None:
+            if writable:
+                up.resume_reading()
+            else:
+                up.pause_reading()
+
+    # -- the stream's one coroutine --------------------------------------------------------
+    async def run(self) -> None:
+        conn = self.conn
+        ctx = conn.ctx
+        start = time.monotonic()
+        wall = time.time()
+        match: RouteMatch | None = None
+        cluster_name = ""
+        host: EndpointState | None = None
+        try:
+            if self.head.expect_continue:
+                conn.send_interim(100)
+            match, cluster_name, upstream_head = self._route()
+            cluster = ctx.clusters.get(cluster_name)
+            if cluster is None:
+                raise LocalReply(503, "no healthy upstream", "NC")
+            timeout = match.route.timeout if match is not None else None
+            async with asyncio.timeout(timeout):
+                host = await self._attempts(cluster, upstream_head)
+                self._done_waiter = asyncio.get_running_loop().create_future()
+                if not self.response_complete:
+                    await self._done_waiter
+        except LocalReply as reply:
+            self._local_reply(reply.status, reply.body, reply.flag)
+        except TimeoutError:
+            self._abort_upstream()
+            self._fail(504, "upstream request timeout", "UT")
+        except UpstreamError as err:
+            self._abort_upstream()
+            if err.kind is FailureKind.NO_HEALTHY:
+                self._fail(503, "no healthy upstream", err.flag)
+            elif err.kind is FailureKind.PROTOCOL:
+                self._fail(
+                    502,
+                    "upstream connect error or disconnect/reset before headers. "
+                    "reset reason: protocol error",
+                    err.flag,
+                )
+            else:
+                reason = "connection failure" if err.flag == "UF" else "connection termination"
+                self._fail(
+                    503,
+                    "upstream connect error or disconnect/reset before headers. "
+                    f"reset reason: {reason}",
+                    err.flag,
+                )
+        except asyncio.CancelledError:
+            self._abort_upstream()
+            self.flag = "DC"
+            if not self.response_head_sent:
+                self.status = 0
+            raise
+        except Exception:
+            logger.exception("stream failed unexpectedly")
+            self._abort_upstream()
+            self._fail(500, "internal error", "-")
+        finally:
+            if host is not None:
+                host.active_requests -= 1
+            up = self.upstream
+            if up is not None and not (up.request_done or self.request_done):
+                up.abort()  # the response ended before the request body: never reuse
+            duration = (time.monotonic() - start) * 1000.0
+            self._record(match, cluster_name, host, duration, wall)
+            conn.stream_finished(self)
+
+    def _route(self) -> tuple[RouteMatch | None, str, RequestHead]:
+        conn = self.conn
+        head = self.head
+        binding = conn.binding
+        view = _view(head, conn.local_port, "http")
+        match = None
+        if binding is not None and binding.route_table is not None:
+            match = binding.route_table.route(view)
+        if match is None:
+            if conn.original_dst is not None and conn.passthrough_allowed:
+                cluster = PASSTHROUGH
+            elif conn.original_dst is not None:
+                raise LocalReply(502, "", "NR")  # REGISTRY_ONLY: Istio's BlackHoleCluster
+            else:
+                raise LocalReply(404, "", "NR")
+            return None, cluster, self._upstream_head(head, None, NO_HEADER_OPS)
+        target = match.route.pick()
+        if target is None:
+            raise LocalReply(503, "no healthy upstream", "UH")
+        self._response_ops = match.route.response_headers
+        self._target_ops = target.response_headers
+        return match, target.cluster, self._upstream_head(head, match, target.request_headers)
+
+    def _upstream_head(
+        self, head: RequestHead, match: RouteMatch | None, target_ops: HeaderOps
+    ) -> RequestHead:
+        conn = self.conn
+        headers = strip_hop_by_hop(head.headers)
+        has_proto = has_id = False
+        xff: bytes | None = None
+        out: Headers = []
+        for k, v in headers:
+            if k == b"expect":
+                continue
+            if k.startswith(b"x-envoy-") and conn.inbound:
+                continue  # internal control headers are never trusted from outside the mesh
+            if k == b"x-forwarded-proto":
+                has_proto = True
+            elif k == b"x-request-id":
+                has_id = True
+            elif k == b"x-forwarded-for" and conn.inbound:
+                xff = v
+                continue
+            out.append((k, v))
+        if not has_proto:
+            out.append((b"x-forwarded-proto", b"http"))
+        if not has_id:
+            out.append((b"x-request-id", str(uuid.uuid4()).encode()))
+        if conn.inbound:
+            # The edge of the mesh appends the peer, as Envoy does with use_remote_address.
+            peer = conn.peer_ip.encode()
+            out.append((b"x-forwarded-for", xff + b"," + peer if xff else peer))
+        target = head.target
+        if match is not None:
+            route = match.route
+            if route.rewrite_uri is not None:
+                path, sep, query = target.decode("latin-1").partition("?")
+                new_path = route.rewrite_path(match.matcher, path)
+                out.append((b"x-envoy-original-path", target))
+                target = (new_path + sep + query).encode("latin-1")
+            if route.rewrite_authority is not None:
+                out = [(k, route.rewrite_authority.encode() if k == b"host" else v) for k, v in out]
+            out = route.request_headers.apply(out)
+        out = target_ops.apply(out)
+        return RequestHead(
+            method=head.method,
+            target=target,
+            headers=out,
+            has_body=head.has_body,
+            content_length=head.content_length,
+        )
+
+    async def _attempts(self, cluster: object, upstream_head: RequestHead) -> EndpointState:
+        from meshproxy.upstream.cluster import Cluster
+
+        assert isinstance(cluster, Cluster)
+        loop = asyncio.get_running_loop()
+        fresh = False
+        while True:
+            host = await cluster.pick(self.conn.original_dst)
+            host.active_requests += 1
+            host.requests += 1
+            try:
+                if fresh:
+                    up, reused = await host.pool._connect(), False
+                else:
+                    up, reused = await host.pool.acquire()
+            except UpstreamError:
+                host.active_requests -= 1
+                host.errors += 1
+                raise
+            self.upstream = up
+            self._head_waiter = loop.create_future()
+            self._sent_at = time.monotonic()
+            up.start(upstream_head, self)
+            for chunk in self._replay if self._replay is not None else self._pending:
+                up.send_data(chunk)
+            self._pending = []
+            self._pending_bytes = 0
+            self.conn.resume_reading()
+            if self.request_done:
+                up.end_request(self.request_trailers)
+            try:
+                await self._head_waiter
+            except UpstreamError as err:
+                host.active_requests -= 1
+                host.errors += 1
+                self.upstream = None
+                if reused and not fresh and not err.response_started and self._replayable():
+                    fresh = True  # the keep-alive race: the upstream closed an idle connection
+                    continue
+                raise
+            return host
+
+    def _replayable(self) -> bool:
+        if self.head.method in IDEMPOTENT_METHODS or not self.head.has_body:
+            return self._replay is not None
+        return self._replay is not None and self.request_done and self.request_bytes == 0
+
+    def _send_response_head(self, head: ResponseHead, sent_at: float) -> None:
+        self.status = head.status
+        headers = strip_hop_by_hop(head.headers)
+        headers.append(
+            (b"x-envoy-upstream-service-time", b"%d" % int((time.monotonic() - sent_at) * 1000))
+        )
+        headers = self._target_ops.apply(self._response_ops.apply(headers))
+        head.headers = headers
+        self.response_head_sent = True
+        self.conn.send_response_head(head, self)
+
+    def _abort_upstream(self) -> None:
+        up = self.upstream
+        if up is not None and not up.response_done:
+            up.abort()
+
+    def _fail(self, status: int, body: str, flag: str) -> None:
+        if self.response_head_sent:
+            self.flag = flag
+            self.conn.abort()  # the response started: truncation must be visible
+            return
+        self._local_reply(status, body, flag)
+
+    def _local_reply(self, status: int, body: str, flag: str) -> None:
+        self.status = status
+        self.flag = flag
+        self.response_head_sent = True
+        self.response_complete = True
+        self.conn.send_local_reply(status, body.encode(), self)
+
+    def _record(
+        self,
+        match: RouteMatch | None,
+        cluster: str,
+        host: EndpointState | None,
+        duration: float,
+        wall: float,
+    ) -> None:
+        conn = self.conn
+        head = self.head
+        service = match.virtual_host.service if match is not None else cluster
+        rec = StreamRecord(
+            reporter="destination" if conn.inbound else "source",
+            destination_service=service,
+            response_code=self.status,
+            response_flags=self.flag,
+            duration_ms=duration,
+            request_bytes=self.request_bytes,
+            response_bytes=self.response_bytes,
+        )
+        metrics = conn.ctx.metrics
+        metrics.record_stream(rec)
+        log = conn.access_log
+        if log is not None:
+            rec.method = head.method.decode("latin-1")
+            rec.path = head.target.decode("latin-1")
+            rec.authority = (head.header(b"host") or b"").decode("latin-1")
+            rec.route_name = match.route.name if match is not None else ""
+            rec.cluster = cluster
+            rec.upstream_host = f"{host.address}:{host.port}" if host is not None else ""
+            rec.request_id = (head.header(b"x-request-id") or b"").decode("latin-1")
+            rec.user_agent = (head.header(b"user-agent") or b"").decode("latin-1")
+            rec.downstream_remote = conn.peer_ip
+            rec.start_time = wall
+            log(rec)

@@ -1,0 +1,198 @@
+"""Opaque L4 relay between two transports: backpressure both ways and half-close."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import cast
+
+from meshproxy.errors import UpstreamError
+from meshproxy.observe.recorder import ConnRecord
+from meshproxy.proxy.context import ProxyContext
+from meshproxy.upstream.cluster import Cluster
+
+logger = logging.getLogger(__name__)
+HIGH_WATER = 64 * 1024
+
+
+class _UpstreamSide(asyncio.Protocol):
+    def __init__(self, relay: TcpRelay) -> None:
+        self.relay = relay
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport = cast(asyncio.Transport, transport)
+        transport.set_write_buffer_limits(high=HIGH_WATER)
+
+    def data_received(self, data: bytes) -> None:
+        self.relay.from_upstream(data)
+
+    def eof_received(self) -> bool:
+        self.relay.upstream_eof()
+        return True  # keep our write side open: half-close
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.relay.upstream_lost(exc)
+
+    def pause_writing(self) -> None:
+        self.relay.downstream_pause(True)
+
+    def resume_writing(self) -> None:
+        self.relay.downstream_pause(False)
+
+
+class TcpRelay(asyncio.Protocol):
+    """The downstream protocol of an L4 connection; owns its upstream side."""
+
+    def __init__(
+        self,
+        ctx: ProxyContext,
+        cluster: Cluster | None,
+        record: ConnRecord,
+        original_dst: tuple[str, int] | None,
+    ) -> None:
+        self.ctx = ctx
+        self.cluster = cluster
+        self.record = record
+        self.original_dst = original_dst
+        self.transport: asyncio.Transport | None = None
+        self.upstream: _UpstreamSide | None = None
+        self._pending: list[bytes] = []
+        self._pending_eof = False
+        self._closed = False
+        self._unreported_sent = 0
+        self._unreported_received = 0
+        self._connect_task: asyncio.Task[None] | None = None
+        self._down_eof = False
+        self._up_eof = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport = cast(asyncio.Transport, transport)
+        transport.set_write_buffer_limits(high=HIGH_WATER)
+        self.ctx.metrics.tcp_opened(self.record)
+        transport.pause_reading()
+        self._connect_task = asyncio.get_running_loop().create_task(self._connect())
+
+    async def _connect(self) -> None:
+        cluster = self.cluster
+        try:
+            if cluster is None:
+                raise OSError("no cluster")
+            host = await cluster.pick(self.original_dst)
+            loop = asyncio.get_running_loop()
+            local = (cluster.spec.bind_source, 0) if cluster.spec.bind_source else None
+            async with asyncio.timeout(cluster.spec.connect_timeout):
+                _, side = await loop.create_connection(
+                    lambda: _UpstreamSide(self), host.address, host.port, local_addr=local
+                )
+            self.record.upstream_host = f"{host.address}:{host.port}"
+        except (OSError, TimeoutError, UpstreamError) as exc:
+            logger.info("tcp %s: upstream connect failed: %s", self.record.cluster, exc)
+            self.record.response_flags = "UF" if not isinstance(exc, UpstreamError) else exc.flag
+            self._close_downstream()
+            return
+        if self._closed:
+            side.transport.close() if side.transport else None
+            return
+        self.upstream = side
+        assert side.transport is not None
+        if self._pending:
+            data = b"".join(self._pending)
+            self._pending = []
+            side.transport.write(data)
+        if self._pending_eof and side.transport.can_write_eof():
+            side.transport.write_eof()
+        if self.transport is not None:
+            self.transport.resume_reading()
+
+    # -- downstream events -----------------------------------------------------------------
+    def data_received(self, data: bytes) -> None:
+        self._unreported_received += len(data)
+        up = self.upstream
+        if up is None or up.transport is None:
+            # uvloop may deliver data even though reading was paused in connection_made.
+            self._pending.append(data)
+            return
+        up.transport.write(data)
+
+    def eof_received(self) -> bool:
+        self._down_eof = True
+        if self._up_eof:
+            self._close_both()
+            return True
+        up = self.upstream
+        if up is None or up.transport is None:
+            self._pending_eof = True
+        elif up.transport.can_write_eof():
+            up.transport.write_eof()
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._closed = True
+        if self._connect_task is not None and not self._connect_task.done():
+            self._connect_task.cancel()
+        up = self.upstream
+        if up is not None and up.transport is not None:
+            if exc is not None:
+                up.transport.abort()
+            else:
+                up.transport.close()
+        self._report()
+        self.ctx.metrics.tcp_closed(self.record)
+
+    def pause_writing(self) -> None:
+        up = self.upstream
+        if up is not None and up.transport is not None:
+            up.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        up = self.upstream
+        if up is not None and up.transport is not None:
+            up.transport.resume_reading()
+
+    # -- upstream events -------------------------------------------------------------------
+    def from_upstream(self, data: bytes) -> None:
+        self._unreported_sent += len(data)
+        if self.transport is not None:
+            self.transport.write(data)
+
+    def upstream_eof(self) -> None:
+        self._up_eof = True
+        if self._down_eof:
+            self._close_both()
+            return
+        if self.transport is not None and self.transport.can_write_eof():
+            self.transport.write_eof()
+
+    def upstream_lost(self, exc: Exception | None) -> None:
+        if exc is not None and self.transport is not None:
+            self.transport.abort()  # an upstream RST must not look like a clean end
+        else:
+            self._close_downstream()
+
+    def downstream_pause(self, paused: bool) -> None:
+        if self.transport is None or self._closed:
+            return
+        if paused:
+            self.transport.pause_reading()
+        else:
+            self.transport.resume_reading()
+
+    def _close_both(self) -> None:
+        up = self.upstream
+        if up is not None and up.transport is not None:
+            up.transport.close()
+        self._close_downstream()
+
+    def _close_downstream(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+    def _report(self) -> None:
+        if self._unreported_sent or self._unreported_received:
+            self.record.sent_bytes += self._unreported_sent
+            self.record.received_bytes += self._unreported_received
+            self.ctx.metrics.tcp_bytes(
+                self.record, self._unreported_sent, self._unreported_received
+            )
+            self._unreported_sent = self._unreported_received = 0

@@ -1,0 +1,143 @@
+"""Route table: authority → virtual host → first matching route → weighted cluster pick."""
+
+from __future__ import annotations
+
+import bisect
+import random
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from meshproxy.routing.match import RequestMatcher, RequestView
+
+
+@dataclass(frozen=True, slots=True)
+class HeaderOps:
+    """Istio `headers.request|response`: set replaces, add appends, remove deletes (lower-case)."""
+
+    set: tuple[tuple[bytes, bytes], ...] = ()
+    add: tuple[tuple[bytes, bytes], ...] = ()
+    remove: frozenset[bytes] = frozenset()
+
+    @property
+    def empty(self) -> bool:
+        return not (self.set or self.add or self.remove)
+
+    def apply(self, headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+        if self.empty:
+            return headers
+        drop = self.remove | {name for name, _ in self.set}
+        out = [h for h in headers if h[0] not in drop] if drop else list(headers)
+        out.extend(self.set)
+        out.extend(self.add)
+        return out
+
+
+NO_HEADER_OPS = HeaderOps()
+
+
+@dataclass(frozen=True, slots=True)
+class RouteTarget:
+    cluster: str
+    weight: int
+    request_headers: HeaderOps = NO_HEADER_OPS
+    response_headers: HeaderOps = NO_HEADER_OPS
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    name: str
+    matchers: tuple[RequestMatcher, ...]  # empty: matches every request
+    targets: tuple[RouteTarget, ...]
+    timeout: float | None = None
+    rewrite_uri: str | None = None
+    rewrite_authority: str | None = None
+    request_headers: HeaderOps = NO_HEADER_OPS
+    response_headers: HeaderOps = NO_HEADER_OPS
+    _cumulative: tuple[int, ...] = field(default=(), compare=False)
+
+    def __post_init__(self) -> None:
+        total = 0
+        cumulative = []
+        for t in self.targets:
+            total += t.weight
+            cumulative.append(total)
+        object.__setattr__(self, "_cumulative", tuple(cumulative))
+
+    def match(self, req: RequestView) -> RequestMatcher | bool | None:
+        """The matcher that matched (None when the route matches all), or False."""
+        if not self.matchers:
+            return None
+        for m in self.matchers:
+            if m.matches(req):
+                return m
+        return False
+
+    def pick(self, rand: float | None = None) -> RouteTarget | None:
+        """A target chosen by weight (share = weight / sum of weights); None if all weigh 0."""
+        targets = self.targets
+        if len(targets) == 1:
+            return targets[0] if targets[0].weight > 0 else None
+        total = self._cumulative[-1] if self._cumulative else 0
+        if total <= 0:
+            return None
+        point = (random.random() if rand is None else rand) * total
+        return targets[bisect.bisect_right(self._cumulative, point)]
+
+    def rewrite_path(self, matcher: RequestMatcher | None, path: str) -> str:
+        """Istio rewrite.uri: replaces only the matched prefix on a prefix match, else all."""
+        if self.rewrite_uri is None:
+            return path
+        prefix = matcher.matched_prefix(path) if matcher is not None else None
+        if prefix is not None:
+            return self.rewrite_uri + path[len(prefix) :]
+        return self.rewrite_uri
+
+
+@dataclass(frozen=True, slots=True)
+class RouteMatch:
+    route: Route
+    matcher: RequestMatcher | None
+    virtual_host: VirtualHost
+
+
+@dataclass(frozen=True, slots=True)
+class VirtualHost:
+    name: str
+    domains: tuple[str, ...]
+    routes: tuple[Route, ...]
+    service: str  # the destination_service the host names
+
+
+@dataclass(frozen=True, slots=True)
+class RouteTable:
+    name: str
+    exact: Mapping[str, VirtualHost]
+    wildcard: tuple[tuple[str, VirtualHost], ...]  # ('.example.com', vh), longest first
+    catch_all: VirtualHost | None = None
+
+    def find_host(self, authority: str) -> VirtualHost | None:
+        host = authority.lower()
+        vh = self.exact.get(host)
+        if vh is not None:
+            return vh
+        if host.endswith("]") or ":" not in host:
+            bare = host
+        else:
+            bare = host.rsplit(":", 1)[0]
+            vh = self.exact.get(bare)
+            if vh is not None:
+                return vh
+        for suffix, vh in self.wildcard:
+            if bare.endswith(suffix):
+                return vh
+        return self.catch_all
+
+    def route(self, req: RequestView) -> RouteMatch | None:
+        vh = self.find_host(req.authority)
+        if vh is None:
+            return None
+        for route in vh.routes:
+            m = route.match(req)
+            if m is not False:
+                return RouteMatch(route, m if isinstance(m, RequestMatcher) else None, vh)
+        return None

@@ -1,0 +1,260 @@
+"""The process: load config, run listeners and admin, swap snapshots live, drain on SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from meshproxy import __version__
+from meshproxy._tasks import spawn
+from meshproxy.codec.h1 import resolve_codec_name
+from meshproxy.codec.h1_limits import Limits
+from meshproxy.config.loader import load_snapshot
+from meshproxy.config.snapshot import ListenerSpec, Snapshot
+from meshproxy.config.source import fingerprint
+from meshproxy.config.watch import watch_config
+from meshproxy.errors import ConfigError
+from meshproxy.observe.accesslog import open_access_log
+from meshproxy.observe.admin import start_admin
+from meshproxy.observe.metrics import MeshMetrics
+from meshproxy.observe.recorder import StreamRecord
+from meshproxy.proxy.context import ProxyContext
+from meshproxy.proxy.listener import Listener
+from meshproxy.upstream.cluster import ClusterManager, PoolSettings
+
+logger = logging.getLogger(__name__)
+
+
+def _limits(snapshot: Snapshot) -> Limits:
+    s = snapshot.settings
+    return Limits(max_header_bytes=s.max_request_headers_kb * 1024, max_headers=s.max_headers_count)
+
+
+class Runtime:
+    def __init__(self, config_path: Path, snapshot: Snapshot) -> None:
+        self.config_path = config_path
+        s = snapshot.settings
+        self.metrics = MeshMetrics(namespace=s.namespace)
+        codec = resolve_codec_name(s.http1_codec)
+        limits = _limits(snapshot)
+        self.clusters = ClusterManager(PoolSettings(codec, limits))
+        self.clusters.reconcile(snapshot.clusters, PoolSettings(codec, limits))
+        self.ctx = ProxyContext(snapshot, self.clusters, self.metrics, limits, codec)
+        self.listeners: dict[tuple[str, int], Listener] = {}
+        self.access_log: Callable[[StreamRecord], None] | None = open_access_log(s.access_log_file)
+        self.ready = False
+        self.started_at = time.time()
+        self.last_good = {"version": snapshot.version, "time": time.time()}
+        self.last_failed: dict[str, Any] | None = None
+        self._stop = asyncio.Event()
+        self._quit_now = False
+        self._servers: list[asyncio.Server] = []
+        self._reload_lock = asyncio.Lock()
+        self._fingerprint = fingerprint(config_path)
+        self.metrics.config_reloaded(True, snapshot.version)
+
+    # -- lifecycle -------------------------------------------------------------------------
+    async def start(self) -> None:
+        snap = self.ctx.snapshot
+        await self._start_listeners(snap.listeners)
+        s = snap.settings
+        self._servers.append(await start_admin(self, s.admin_bind, s.proxy_admin_port))
+        if s.status_port and s.status_port != s.proxy_admin_port:
+            self._servers.append(
+                await start_admin(
+                    self, "0.0.0.0", s.status_port, only=frozenset({"/healthz/ready"})
+                )
+            )
+        self.ready = True
+        for w in snap.warnings:
+            logger.warning("%s", w)
+        logger.info(
+            "meshproxy %s ready: config version %d, %d listeners, %d clusters, codec %s",
+            __version__,
+            snap.version,
+            len(self.listeners),
+            len(snap.clusters),
+            self.ctx.codec,
+        )
+
+    async def _start_listeners(self, specs: tuple[ListenerSpec, ...]) -> None:
+        started: list[Listener] = []
+        try:
+            for spec in specs:
+                if spec.key in self.listeners:
+                    continue
+                listener = Listener(self.ctx, spec, self._log)
+                await listener.start()
+                started.append(listener)
+        except OSError:
+            for listener in started:
+                await listener.close()
+            raise
+        for listener in started:
+            self.listeners[listener.spec.key] = listener
+            logger.info(
+                "listening on %s:%d (%s, %s)",
+                listener.spec.address,
+                listener.spec.port,
+                listener.spec.name,
+                listener.spec.kind.value,
+            )
+
+    def _log(self, rec: StreamRecord) -> None:
+        if self.access_log is not None:
+            self.access_log(rec)
+
+    async def run(self) -> int:
+        """Run until SIGTERM/SIGINT or /quitquitquit, then drain; returns the exit code."""
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, self._signal)
+        await self.start()
+        watcher = spawn(
+            watch_config(self.config_path, self.reload, stop=self._stop), name="config-watch"
+        )
+        await self._stop.wait()
+        watcher.cancel()
+        await self.drain()
+        return 0
+
+    def _signal(self) -> None:
+        if self._stop.is_set():
+            self._quit_now = True  # a second signal: exit without waiting
+            return
+        logger.info(
+            "signal received: draining for up to %.1fs", self.ctx.snapshot.settings.drain_duration
+        )
+        self._stop.set()
+
+    async def drain(self) -> None:
+        self.ready = False
+        self.ctx.draining = True
+        for listener in self.listeners.values():
+            await listener.close()
+        for conn in list(self.ctx.connections):
+            close_idle = getattr(conn, "close_idle", None)
+            if close_idle is not None:
+                close_idle()
+        deadline = time.monotonic() + self.ctx.snapshot.settings.drain_duration
+        while self.ctx.connections and time.monotonic() < deadline and not self._quit_now:
+            await asyncio.sleep(0.05)
+        for server in self._servers:
+            server.close()
+        self.clusters.close()
+        logger.info("drained; %d connections left open", len(self.ctx.connections))
+
+    # -- live reload -----------------------------------------------------------------------
+    async def reload(self) -> bool:
+        """Load the config again; apply it if valid, else keep the last good one."""
+        async with self._reload_lock:
+            digest = await asyncio.to_thread(fingerprint, self.config_path)
+            if digest == self._fingerprint:
+                return True  # an event elsewhere in the directory: nothing of ours changed
+            self._fingerprint = digest
+            try:
+                snapshot = await asyncio.to_thread(load_snapshot, self.config_path)
+            except ConfigError as exc:
+                self._reject([str(i) for i in exc.issues])
+                return False
+            except Exception as exc:  # never let a reload take the proxy down
+                self._reject([f"{type(exc).__name__}: {exc}"])
+                return False
+            try:
+                await self.apply(snapshot)
+            except OSError as exc:
+                self._reject([f"cannot bind a listener: {exc}"])
+                return False
+            return True
+
+    def _reject(self, errors: list[str]) -> None:
+        self.last_failed = {"time": time.time(), "errors": errors}
+        self.metrics.config_reloaded(False, self.ctx.snapshot.version)
+        logger.error(
+            "config rejected, keeping version %d:\n  %s",
+            self.ctx.snapshot.version,
+            "\n  ".join(errors),
+        )
+
+    async def apply(self, snapshot: Snapshot) -> None:
+        old = self.ctx.snapshot
+        await self._start_listeners(snapshot.listeners)  # may raise: nothing swapped yet
+        codec = resolve_codec_name(snapshot.settings.http1_codec)
+        limits = _limits(snapshot)
+        self.clusters.reconcile(snapshot.clusters, PoolSettings(codec, limits))
+        self.ctx.codec = codec
+        self.ctx.limits = limits
+        self.ctx.snapshot = snapshot  # the swap: new streams see the new config from here on
+        wanted = {spec.key: spec for spec in snapshot.listeners}
+        for key, listener in list(self.listeners.items()):
+            if key in wanted:
+                listener.update(wanted[key])
+            else:
+                await listener.close()
+                del self.listeners[key]
+        self.last_good = {"version": snapshot.version, "time": time.time()}
+        self.metrics.config_reloaded(True, snapshot.version)
+        for w in snapshot.warnings:
+            logger.warning("%s", w)
+        logger.info("config version %d applied (was %d)", snapshot.version, old.version)
+
+    # -- AdminSource -----------------------------------------------------------------------
+    def is_ready(self) -> bool:
+        return self.ready
+
+    def prometheus(self) -> bytes:
+        return self.metrics.render()
+
+    def request_quit(self) -> None:
+        self._quit_now = True
+        self._stop.set()
+
+    def request_drain(self) -> None:
+        self._stop.set()
+
+    def config_dump(self) -> dict[str, Any]:
+        snap = self.ctx.snapshot
+        return {
+            "version": snap.version,
+            "meshproxy_version": __version__,
+            "config_path": str(self.config_path),
+            "last_good_reload": self.last_good,
+            "last_failed_reload": self.last_failed,
+            "settings": {k: getattr(snap.settings, k) for k in snap.settings.__slots__},
+            "listeners": [
+                {
+                    "name": spec.name,
+                    "kind": spec.kind.value,
+                    "address": f"{spec.address}:{spec.port}",
+                }
+                for spec in snap.listeners
+            ],
+            "clusters": sorted(snap.clusters),
+            "resources": {k: list(v) for k, v in snap.source.items()},
+            "warnings": list(snap.warnings),
+        }
+
+    def cluster_statuses(self) -> list[dict[str, Any]]:
+        out = []
+        for name, cluster in sorted(self.clusters.clusters.items()):
+            out.append(
+                {
+                    "name": name,
+                    "lb_policy": cluster.spec.lb.value,
+                    "host_statuses": [h.as_dict() for h in cluster.all_hosts()],
+                }
+            )
+        return out
+
+
+async def run_proxy(config_path: Path) -> int:
+    snapshot = load_snapshot(config_path)
+    runtime = Runtime(config_path, snapshot)
+    return await runtime.run()

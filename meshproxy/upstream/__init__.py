@@ -1,0 +1,1 @@
+"""Upstream side: clusters, endpoints, load balancing and connection pools."""

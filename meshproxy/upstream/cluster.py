@@ -1,0 +1,197 @@
+"""Clusters and the ClusterManager: state that survives config reloads (pools, counters)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+from meshproxy.codec.h1_limits import Limits
+from meshproxy.config.snapshot import ClusterSpec, Resolution
+from meshproxy.errors import FailureKind, UpstreamError
+from meshproxy.upstream.lb import make_balancer
+from meshproxy.upstream.pool import Pool
+
+logger = logging.getLogger(__name__)
+
+DNS_REFRESH_SECONDS = 5.0  # Envoy's dns_refresh_rate default
+MAX_ORIGINAL_DST_HOSTS = 1024
+
+
+class EndpointState:
+    """One upstream host: its pool and the live counters LB and /clusters read."""
+
+    __slots__ = ("active_requests", "address", "errors", "pool", "port", "requests", "weight")
+
+    def __init__(self, address: str, port: int, weight: int, pool: Pool) -> None:
+        self.address = address
+        self.port = port
+        self.weight = weight
+        self.pool = pool
+        self.active_requests = 0
+        self.requests = 0
+        self.errors = 0
+
+    @property
+    def available(self) -> bool:
+        return True  # outlier ejection lands with the resilience work
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "address": f"{self.address}:{self.port}",
+            "weight": self.weight,
+            "health": "healthy",
+            "rq_active": self.active_requests,
+            "rq_total": self.requests,
+            "rq_error": self.errors,
+            "cx_active": len(self.pool.connections),
+            "cx_idle": len(self.pool.idle),
+            "cx_total": self.pool.connects,
+            "cx_connect_fail": self.pool.connect_failures,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class PoolSettings:
+    codec: str
+    limits: Limits
+
+
+class Cluster:
+    def __init__(self, spec: ClusterSpec, settings: PoolSettings) -> None:
+        self.spec = spec
+        self._settings = settings
+        self.hosts: list[EndpointState] = []
+        self._lb = make_balancer(spec.lb)
+        self._resolved_at = 0.0
+        self._resolving: asyncio.Task[None] | None = None
+        self._by_address: dict[tuple[str, int], EndpointState] = {}
+        self.upstream_cx_active = 0
+        if spec.resolution is Resolution.STATIC:
+            self.hosts = [self._host(e.address, e.port, e.weight) for e in spec.endpoints]
+
+    def _host(self, address: str, port: int, weight: int) -> EndpointState:
+        existing = self._by_address.get((address, port))
+        if existing is not None:
+            existing.weight = weight
+            return existing
+        spec, s = self.spec, self._settings
+        pool = Pool(
+            address,
+            port,
+            codec=s.codec,
+            limits=s.limits,
+            connect_timeout=spec.connect_timeout,
+            idle_timeout=spec.idle_timeout,
+            max_requests=spec.max_requests_per_connection,
+            bind_source=spec.bind_source,
+            on_change=self._cx_change,
+        )
+        host = EndpointState(address, port, weight, pool)
+        self._by_address[(address, port)] = host
+        return host
+
+    def _cx_change(self, delta: int) -> None:
+        self.upstream_cx_active += delta
+
+    async def pick(self, original_dst: tuple[str, int] | None = None) -> EndpointState:
+        """Choose an endpoint, resolving DNS when due; UH when none is left."""
+        spec = self.spec
+        if spec.resolution is Resolution.ORIGINAL_DST:
+            if original_dst is None:
+                raise UpstreamError(
+                    FailureKind.NO_HEALTHY,
+                    "no healthy upstream",
+                    flag="UH",
+                    request_bytes_sent=False,
+                )
+            host = self._by_address.get(original_dst)
+            if host is None:
+                if len(self._by_address) >= MAX_ORIGINAL_DST_HOSTS:
+                    self._drop_idle_hosts()
+                host = self._host(original_dst[0], original_dst[1], 1)
+            return host
+        if spec.resolution is Resolution.DNS:
+            await self._refresh_dns()
+        picked = self._lb.pick(self.hosts)
+        if picked is None:
+            raise UpstreamError(
+                FailureKind.NO_HEALTHY, "no healthy upstream", flag="UH", request_bytes_sent=False
+            )
+        assert isinstance(picked, EndpointState)
+        return picked
+
+    def _drop_idle_hosts(self) -> None:
+        for key, host in list(self._by_address.items()):
+            if host.active_requests == 0 and not host.pool.connections:
+                host.pool.close()
+                del self._by_address[key]
+
+    async def _refresh_dns(self) -> None:
+        now = time.monotonic()
+        if self.hosts and now - self._resolved_at < DNS_REFRESH_SECONDS:
+            return
+        if self._resolving is None or self._resolving.done():
+            self._resolving = asyncio.get_running_loop().create_task(self._resolve())
+        if not self.hosts:  # first resolution: the request has to wait for it
+            await asyncio.shield(self._resolving)
+
+    async def _resolve(self) -> None:
+        loop = asyncio.get_running_loop()
+        hosts: list[EndpointState] = []
+        for ep in self.spec.endpoints:
+            try:
+                infos = await loop.getaddrinfo(ep.address, ep.port, type=socket.SOCK_STREAM)
+            except OSError as exc:
+                logger.warning("cluster %s: cannot resolve %s: %s", self.spec.name, ep.address, exc)
+                continue
+            seen = set()
+            for family, _, _, _, sockaddr in infos:
+                ip = str(sockaddr[0])
+                if ip in seen or family not in (socket.AF_INET, socket.AF_INET6):
+                    continue
+                seen.add(ip)
+                hosts.append(self._host(ip, ep.port, ep.weight))
+        self._resolved_at = time.monotonic()
+        if hosts or not self.hosts:
+            self.hosts = hosts
+
+    def all_hosts(self) -> Iterable[EndpointState]:
+        return list(self._by_address.values())
+
+    def close(self) -> None:
+        for host in self._by_address.values():
+            host.pool.close()
+        if self._resolving is not None:
+            self._resolving.cancel()
+
+
+class ClusterManager:
+    """Owns every Cluster; `reconcile` keeps clusters whose spec did not change."""
+
+    def __init__(self, settings: PoolSettings) -> None:
+        self.settings = settings
+        self.clusters: dict[str, Cluster] = {}
+
+    def reconcile(self, specs: Mapping[str, ClusterSpec], settings: PoolSettings) -> None:
+        if settings != self.settings:
+            self.settings = settings
+            kept: dict[str, Cluster] = {}
+        else:
+            kept = {name: c for name, c in self.clusters.items() if specs.get(name) == c.spec}
+        for name, cluster in self.clusters.items():
+            if kept.get(name) is not cluster:
+                cluster.close()
+        self.clusters = {
+            name: kept.get(name) or Cluster(spec, settings) for name, spec in specs.items()
+        }
+
+    def get(self, name: str) -> Cluster | None:
+        return self.clusters.get(name)
+
+    def close(self) -> None:
+        for c in self.clusters.values():
+            c.close()

@@ -1,0 +1,198 @@
+"""One upstream HTTP/1.1 connection: an asyncio.Protocol driving a client codec."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING, Protocol, cast
+
+from meshproxy.codec.events import (
+    Data,
+    EndOfMessage,
+    Headers,
+    ParseFailure,
+    RequestHead,
+    ResponseHead,
+)
+from meshproxy.codec.h1 import ClientCodec
+from meshproxy.errors import FailureKind, UpstreamError
+
+if TYPE_CHECKING:
+    from meshproxy.upstream.pool import Pool
+
+logger = logging.getLogger(__name__)
+
+
+class ResponseSink(Protocol):
+    """Where an upstream connection delivers the response of the request it carries."""
+
+    def on_response_head(self, head: ResponseHead) -> None: ...
+    def on_response_data(self, data: bytes) -> None: ...
+    def on_response_end(self, trailers: Headers) -> None: ...
+    def on_upstream_failure(self, error: UpstreamError) -> None: ...
+    def on_upstream_writable(self, writable: bool) -> None: ...
+
+
+class UpstreamHttp1Connection(asyncio.Protocol):
+    """Carries one request at a time; reusable once both directions finished cleanly."""
+
+    def __init__(self, codec: ClientCodec, pool: Pool) -> None:
+        self.codec = codec
+        self.pool = pool
+        self.transport: asyncio.Transport | None = None
+        self.sink: ResponseSink | None = None
+        self.requests = 0
+        self.closed = False
+        self.response_started = False
+        self.request_done = False
+        self.response_done = False
+        self.keep_alive = True
+        self.idle_handle: asyncio.TimerHandle | None = None
+        self._paused_by_sink = False
+        self._interim = False
+
+    # -- asyncio.Protocol ------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport = cast(asyncio.Transport, transport)
+        transport.set_write_buffer_limits(high=64 * 1024)
+
+    def data_received(self, data: bytes) -> None:
+        sink = self.sink
+        if sink is None:
+            self._close()  # bytes with no request outstanding: the peer is broken
+            return
+        self.response_started = True
+        for ev in self.codec.receive(data):
+            if isinstance(ev, Data):
+                sink.on_response_data(ev.data)
+            elif isinstance(ev, ResponseHead):
+                if ev.status < 200:
+                    # 1xx are not forwarded (100-continue is answered downstream by us).
+                    self._interim = True
+                    continue
+                self.keep_alive = ev.keep_alive
+                sink.on_response_head(ev)
+            elif isinstance(ev, EndOfMessage):
+                if self._interim:
+                    self._interim = False
+                    continue
+                if self._final_end(ev):
+                    return
+            elif isinstance(ev, ParseFailure):
+                self._fail(FailureKind.PROTOCOL, str(ev.error), flag="UPE")
+                return
+
+    def _final_end(self, ev: EndOfMessage) -> bool:
+        sink = self.sink
+        if sink is None:
+            return True
+        self.response_done = True
+        self.sink = None
+        sink.on_response_end(ev.trailers)
+        self._maybe_release()
+        return True
+
+    def eof_received(self) -> bool | None:
+        for ev in self.codec.receive_eof():
+            if isinstance(ev, EndOfMessage):
+                self.keep_alive = False
+                self._final_end(ev)
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if self.idle_handle is not None:
+            self.idle_handle.cancel()
+        self.pool.forget(self)
+        if self.sink is not None:
+            for ev in self.codec.receive_eof():
+                if isinstance(ev, EndOfMessage):
+                    self._final_end(ev)
+        if self.sink is not None:
+            reason = "connection termination" if exc is None else f"connection failure: {exc}"
+            self._fail(FailureKind.RESET, reason, flag="UC")
+
+    def pause_writing(self) -> None:
+        if self.sink is not None:
+            self.sink.on_upstream_writable(False)
+
+    def resume_writing(self) -> None:
+        if self.sink is not None:
+            self.sink.on_upstream_writable(True)
+
+    # -- used by the stream ----------------------------------------------------------------
+    def start(self, head: RequestHead, sink: ResponseSink) -> None:
+        if self.idle_handle is not None:
+            self.idle_handle.cancel()
+            self.idle_handle = None
+        self.sink = sink
+        self.requests += 1
+        self.response_started = self.request_done = self.response_done = False
+        self.keep_alive = True
+        codec = self.codec
+        codec.send_head(head)
+        self._write(codec.data_to_send())
+
+    def send_data(self, data: bytes) -> None:
+        codec = self.codec
+        codec.send_data(data)
+        self._write(codec.data_to_send())
+
+    def end_request(self, trailers: Headers) -> None:
+        codec = self.codec
+        codec.send_end(trailers)
+        self._write(codec.data_to_send())
+        self.request_done = True
+        self._maybe_release()
+
+    def pause_reading(self) -> None:
+        if self.transport is not None and not self._paused_by_sink:
+            self._paused_by_sink = True
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self.transport is not None and self._paused_by_sink:
+            self._paused_by_sink = False
+            self.transport.resume_reading()
+
+    def abort(self) -> None:
+        """Drop the connection (the stream gave up on it); never reused."""
+        self.sink = None
+        self.keep_alive = False
+        self._close(abort=True)
+
+    # -- internals -------------------------------------------------------------------------
+    def _write(self, data: bytes) -> None:
+        if data and self.transport is not None and not self.closed:
+            self.transport.write(data)
+
+    def _maybe_release(self) -> None:
+        if not (self.request_done and self.response_done):
+            return
+        self.resume_reading()
+        codec_events = self.codec.start_next()
+        reusable = self.keep_alive and not codec_events and not self.codec.failed
+        self.pool.release(self, reusable)
+
+    def _fail(self, kind: FailureKind, message: str, flag: str) -> None:
+        sink = self.sink
+        self.sink = None
+        self.keep_alive = False
+        error = UpstreamError(
+            kind,
+            message,
+            flag=flag,
+            reused_connection=self.requests > 1,
+            response_started=self.response_started,
+        )
+        self._close(abort=True)
+        if sink is not None:
+            sink.on_upstream_failure(error)
+
+    def _close(self, abort: bool = False) -> None:
+        self.closed = True
+        if self.transport is not None:
+            if abort:
+                self.transport.abort()
+            else:
+                self.transport.close()

@@ -1,0 +1,130 @@
+"""Per-endpoint pool of upstream HTTP/1.1 connections: reuse idle ones, open new on demand."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import Callable
+
+from meshproxy.codec.h1 import client_codec
+from meshproxy.codec.h1_limits import Limits
+from meshproxy.errors import FailureKind, UpstreamError
+from meshproxy.upstream.connection import UpstreamHttp1Connection
+
+
+class Pool:
+    """Idle connections are kept LIFO (warm ones first) and closed after `idle_timeout`.
+
+    The idle timeout is meant to be shorter than the upstream application's keep-alive timeout,
+    so the proxy, not the app, closes idle connections and the 503-UC race stays rare.
+    """
+
+    def __init__(
+        self,
+        address: str,
+        port: int,
+        *,
+        codec: str,
+        limits: Limits,
+        connect_timeout: float,
+        idle_timeout: float,
+        max_requests: int,
+        bind_source: str | None,
+        on_change: Callable[[int], None] | None = None,
+    ) -> None:
+        self.address = address
+        self.port = port
+        self._codec = codec
+        self._limits = limits
+        self.connect_timeout = connect_timeout
+        self.idle_timeout = idle_timeout
+        self.max_requests = max_requests
+        self.bind_source = bind_source
+        self.idle: list[UpstreamHttp1Connection] = []
+        self.connections: set[UpstreamHttp1Connection] = set()
+        self.closed = False
+        self.connect_failures = 0
+        self.connects = 0
+        self._on_change = on_change
+
+    async def acquire(self) -> tuple[UpstreamHttp1Connection, bool]:
+        """A connection ready for one request, and whether it was reused."""
+        idle = self.idle
+        while idle:
+            conn = idle.pop()
+            if not conn.closed:
+                return conn, True
+        return await self._connect(), False
+
+    async def _connect(self) -> UpstreamHttp1Connection:
+        loop = asyncio.get_running_loop()
+        conn = UpstreamHttp1Connection(client_codec(self._codec, self._limits), self)
+        local = (self.bind_source, 0) if self.bind_source else None
+        self.connects += 1
+        try:
+            async with asyncio.timeout(self.connect_timeout):
+                await loop.create_connection(
+                    lambda: conn, self.address, self.port, local_addr=local
+                )
+        except TimeoutError:
+            self.connect_failures += 1
+            raise UpstreamError(
+                FailureKind.CONNECT_TIMEOUT,
+                "connection timeout",
+                flag="UF",
+                request_bytes_sent=False,
+            ) from None
+        except OSError as exc:
+            self.connect_failures += 1
+            raise UpstreamError(
+                FailureKind.CONNECT_REFUSED,
+                f"delayed connect error: {exc.errno or exc}",
+                flag="UF",
+                request_bytes_sent=False,
+            ) from None
+        if conn.transport is not None:
+            sock = conn.transport.get_extra_info("socket")
+            if sock is not None:
+                try:
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                except OSError:
+                    pass
+        self.connections.add(conn)
+        if self._on_change:
+            self._on_change(1)
+        return conn
+
+    def release(self, conn: UpstreamHttp1Connection, reusable: bool) -> None:
+        if (
+            not reusable
+            or self.closed
+            or conn.closed
+            or (self.max_requests and conn.requests >= self.max_requests)
+        ):
+            conn.abort() if not conn.closed else None
+            return
+        self.idle.append(conn)
+        conn.idle_handle = asyncio.get_running_loop().call_later(
+            self.idle_timeout, self._expire, conn
+        )
+
+    def _expire(self, conn: UpstreamHttp1Connection) -> None:
+        conn.idle_handle = None
+        if conn in self.idle:
+            self.idle.remove(conn)
+        conn.abort()
+
+    def forget(self, conn: UpstreamHttp1Connection) -> None:
+        if conn in self.connections:
+            self.connections.discard(conn)
+            if self._on_change:
+                self._on_change(-1)
+        if conn in self.idle:
+            self.idle.remove(conn)
+
+    def close(self) -> None:
+        """Close idle connections now; busy ones close when their request ends."""
+        self.closed = True
+        for conn in list(self.idle):
+            conn.abort()
+        self.idle.clear()

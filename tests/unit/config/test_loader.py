@@ -1,0 +1,246 @@
+"""Config loading: every error class names file, document, resource and field."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from meshproxy.config.loader import load_snapshot
+from meshproxy.config.snapshot import L7, ListenerKind, Resolution
+from meshproxy.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[3]
+
+SE = """
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: reviews, namespace: shop}
+spec:
+  hosts: [reviews.shop.svc.cluster.local]
+  addresses: [10.0.0.5]
+  ports: [{number: 9080, name: http, protocol: HTTP}, {number: 9090, name: tcp-db}]
+  resolution: STATIC
+  endpoints:
+  - {address: 10.1.0.1, labels: {version: v1}}
+  - {address: 10.1.0.2, labels: {version: v2}, ports: {http: 19080}}
+---
+apiVersion: networking.istio.io/v1beta1
+kind: DestinationRule
+metadata: {name: reviews, namespace: shop}
+spec:
+  host: reviews
+  subsets:
+  - {name: v1, labels: {version: v1}}
+  - {name: v2, labels: {version: v2}}
+"""
+
+
+def write(tmp_path: Path, text: str, name: str = "mesh.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def issues_of(path: Path) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        load_snapshot(path)
+    return [str(i) for i in info.value.issues]
+
+
+@pytest.mark.parametrize("example", sorted(p.name for p in (REPO / "config").iterdir()))
+def test_every_example_config_validates(example: str) -> None:
+    snapshot = load_snapshot(REPO / "config" / example)
+    assert snapshot.listeners
+
+
+def test_valid_config_compiles_clusters_and_routes(tmp_path: Path) -> None:
+    snap = load_snapshot(write(tmp_path, SE))
+    assert set(snap.clusters) >= {
+        "outbound|9080||reviews.shop.svc.cluster.local",
+        "outbound|9080|v1|reviews.shop.svc.cluster.local",
+        "outbound|9080|v2|reviews.shop.svc.cluster.local",
+        "outbound|9090||reviews.shop.svc.cluster.local",
+    }
+    v2 = snap.clusters["outbound|9080|v2|reviews.shop.svc.cluster.local"]
+    assert [(e.address, e.port) for e in v2.endpoints] == [("10.1.0.2", 19080)]
+    assert v2.resolution is Resolution.STATIC
+    http = snap.outbound_binding("10.0.0.5", 9080)
+    assert http is not None and http.protocol is L7.HTTP
+    tcp = snap.outbound_binding("10.0.0.5", 9090)
+    assert tcp is not None and tcp.protocol is L7.TCP
+    assert tcp.tcp_cluster == "outbound|9090||reviews.shop.svc.cluster.local"
+    kinds = {spec.kind for spec in snap.listeners}
+    assert kinds == {ListenerKind.OUTBOUND_CAPTURE, ListenerKind.INBOUND_CAPTURE}
+
+
+def test_dangling_subset_is_reported_like_istio_users_expect(tmp_path: Path) -> None:
+    path = write(tmp_path, SE + """
+---
+apiVersion: networking.istio.io/v1alpha3
+kind: VirtualService
+metadata: {name: reviews, namespace: shop}
+spec:
+  hosts: [reviews]
+  http:
+  - route:
+    - destination: {host: reviews, subset: v1}
+      weight: 50
+    - destination: {host: reviews, subset: v3}
+      weight: 50
+""")
+    [issue] = issues_of(path)
+    assert issue.startswith(f"{path}:")
+    assert "document 3" in issue
+    assert ('VirtualService reviews: spec.http[0].route[1].destination.subset: '
+            'no subset "v3" in DestinationRule reviews') in issue
+
+
+def test_unknown_field_suggests_the_right_one(tmp_path: Path) -> None:
+    path = write(tmp_path, SE + """
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: reviews, namespace: shop}
+spec:
+  hosts: [reviews]
+  http:
+  - route:
+    - destination: {host: reviews}
+    timout: 3s
+""")
+    [issue] = issues_of(path)
+    assert "spec.http[0].timout: unknown field (did you mean \"timeout\"?)" in issue
+    line = path.read_text().splitlines().index("    timout: 3s") + 1
+    assert issue.startswith(f"{path}:{line} document 3:")  # the line of the misspelt key
+
+
+@pytest.mark.parametrize(
+    ("snippet", "expected"),
+    [
+        ("kind: VirtualServic\n", 'unknown kind \'VirtualServic\' (did you mean "VirtualService"?)'),
+        ("kind: ServiceEntry\napiVersion: networking.istio.io/v2\n", "needs apiVersion"),
+        ("kind: ServiceEntry\napiVersion: networking.istio.io/v1\nspec: {hosts: [a.b]}\n",
+         "metadata.name: required field is missing"),
+    ],
+)
+def test_header_errors(tmp_path: Path, snippet: str, expected: str) -> None:
+    path = write(tmp_path, snippet + ("metadata: {name: x}\n" if "metadata" not in snippet
+                                      and "spec" not in snippet else ""))
+    assert any(expected in i for i in issues_of(path))
+
+
+def test_wrong_types_and_bad_values_are_all_reported_at_once(tmp_path: Path) -> None:
+    path = write(tmp_path, """
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: bad}
+spec:
+  hosts: "not-a-list"
+  ports: [{number: 70000, name: http}]
+  resolution: STATICK
+""")
+    issues = issues_of(path)
+    text = "\n".join(issues)
+    assert "spec.hosts: expected a list" in text
+    assert "spec.ports[0].number: must be at most 65535" in text
+    assert 'spec.resolution: must be one of' in text and 'did you mean "STATIC"' in text
+    assert len(issues) >= 3
+
+
+def test_dangling_host_and_duplicate_resources(tmp_path: Path) -> None:
+    path = write(tmp_path, SE + """
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: reviews, namespace: shop}
+spec:
+  host: reviews
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: ratings, namespace: shop}
+spec:
+  hosts: [ratings]
+  http:
+  - route:
+    - destination: {host: reveiws}
+""")
+    text = "\n".join(issues_of(path))
+    assert "duplicate DestinationRule shop/reviews" in text
+    assert "destination.host: no ServiceEntry declares host 'reveiws.shop.svc.cluster.local'" in text
+    assert 'did you mean "reviews.shop.svc.cluster.local"' in text
+
+
+def test_bad_durations_and_regexes(tmp_path: Path) -> None:
+    path = write(tmp_path, SE + """
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: reviews, namespace: shop}
+spec:
+  hosts: [reviews]
+  http:
+  - match: [{uri: {regex: "(unclosed"}}]
+    route: [{destination: {host: reviews}}]
+    timeout: 10 seconds
+""")
+    text = "\n".join(issues_of(path))
+    assert "spec.http[0].match[0].uri.regex: invalid regular expression" in text
+    assert "spec.http[0].timeout: expected a duration" in text
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("a: [1, 2\n", "invalid YAML"),
+        ("a: !!python/object/apply:os.system [id]\n", "is not allowed"),
+        ("a: &a [1,1,1,1,1,1,1,1,1,1]\nb: &b [*a,*a,*a,*a,*a,*a,*a,*a,*a,*a]\n"
+         "c: &c [*b,*b,*b,*b,*b,*b,*b,*b,*b,*b]\nd: &d [*c,*c,*c,*c,*c,*c,*c,*c,*c,*c]\n"
+         "e: &e [*d,*d,*d,*d,*d,*d,*d,*d,*d,*d]\nf: [*e,*e,*e,*e,*e,*e,*e,*e,*e,*e]\n",
+         "alias bomb"),
+        ("- just\n- a list\n", "a resource must be a mapping"),
+    ],
+)
+def test_unsafe_or_broken_yaml_is_rejected(tmp_path: Path, text: str, expected: str) -> None:
+    assert any(expected in i for i in issues_of(write(tmp_path, text)))
+
+
+def test_security_kinds_fail_closed(tmp_path: Path) -> None:
+    path = write(tmp_path, """
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: deny-all}
+spec: {}
+""")
+    assert any("not supported by this version" in i for i in issues_of(path))
+
+
+def test_directory_reads_visible_yaml_only(tmp_path: Path) -> None:
+    (tmp_path / "..2025_01_01").mkdir()
+    write(tmp_path / "..2025_01_01", "kind: Broken\n", "x.yaml")
+    write(tmp_path, SE, "mesh.yaml")
+    (tmp_path / "notes.txt").write_text("not yaml: [")
+    snap = load_snapshot(tmp_path)
+    assert "outbound|9080|v1|reviews.shop.svc.cluster.local" in snap.clusters
+
+
+def test_proxy_config_defaults_follow_istio(tmp_path: Path) -> None:
+    snap = load_snapshot(write(tmp_path, SE))
+    s = snap.settings
+    assert (s.proxy_admin_port, s.proxy_listen_port, s.proxy_inbound_listen_port) == (
+        15000, 15001, 15006)
+    assert s.connect_timeout == 10.0 and not snap.registry_only
+    assert snap.clusters["outbound|9080||reviews.shop.svc.cluster.local"].lb.value == (
+        "LEAST_REQUEST")
+
+
+def test_port_clash_between_listener_and_admin(tmp_path: Path) -> None:
+    path = write(tmp_path, """
+apiVersion: meshproxy.io/v1alpha1
+kind: ProxyConfig
+metadata: {name: p}
+spec: {proxyAdminPort: 15001}
+""")
+    assert any("already used by proxyAdminPort" in i for i in issues_of(path))
