@@ -1,0 +1,229 @@
+"""HTTP/1.1 through a real `meshproxy run` process, with real clients (curl, http.client)."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import shutil
+import socket
+import subprocess
+import time
+
+import pytest
+
+from tests.integration.conftest import MeshFactory
+from tests.support.proxy import env_without_proxy
+
+CURL = shutil.which("curl")
+needs_curl = pytest.mark.skipif(CURL is None, reason="curl is not installed (.ci/run installs it)")
+
+
+def curl(*args: str) -> subprocess.CompletedProcess[str]:
+    assert CURL is not None
+    return subprocess.run([CURL, "-sS", "--max-time", "20", *args], capture_output=True,
+                          text=True, env=env_without_proxy(), timeout=30, check=False)
+
+
+def request(port: int, method: str, path: str, headers: dict[str, str] | None = None,
+            body: bytes | None = None) -> tuple[int, dict[str, str], bytes]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    conn.request(method, path, body=body, headers={"Host": "hello.test", **(headers or {})})
+    resp = conn.getresponse()
+    data = resp.read()
+    conn.close()
+    return resp.status, {k.lower(): v for k, v in resp.getheaders()}, data
+
+
+@needs_curl
+def test_curl_get_is_routed_with_envoy_headers(make_mesh: MeshFactory, codec: str) -> None:
+    mesh = make_mesh(codec)
+    out = curl("-H", "Host: hello.test", "-H", "Connection: keep-alive, x-hop",
+               "-H", "x-hop: secret", "-D", "-", mesh.url + "/hello?q=1")
+    assert out.returncode == 0, out.stderr
+    head, _, body = out.stdout.replace("\r\n", "\n").partition("\n\n")
+    assert head.startswith("HTTP/1.1 200")
+    seen = json.loads(body)
+    assert seen["name"] == "v1" and seen["path"] == "/hello?q=1"
+    h = seen["headers"]
+    assert h["host"] == "hello.test"
+    assert h["x-forwarded-proto"] == "http"
+    assert len(h["x-request-id"]) == 36
+    assert "x-hop" not in h and "connection" not in h  # hop-by-hop, incl. Connection-named
+    assert "x-envoy-upstream-service-time" in head.lower()
+
+
+def test_keep_alive_reuses_one_upstream_connection(make_mesh: MeshFactory, codec: str) -> None:
+    mesh = make_mesh(codec)
+    conn = http.client.HTTPConnection("127.0.0.1", mesh.http_port, timeout=10)
+    for i in range(20):
+        conn.request("GET", f"/r{i}", headers={"Host": "hello.test"})
+        resp = conn.getresponse()
+        assert resp.status == 200
+        resp.read()
+    conn.close()
+    assert len(mesh.v1.state.requests) == 20
+    assert mesh.v1.state.connections == 1
+
+
+def test_route_features_rewrite_headers_canary(make_mesh: MeshFactory) -> None:
+    mesh = make_mesh()
+    status, headers, body = request(mesh.http_port, "GET", "/old/x?y=1",
+                                    {"x-drop-me": "1", "x-keep": "2"})
+    seen = json.loads(body)
+    assert status == 200 and seen["path"] == "/new/x?y=1"
+    assert seen["headers"]["x-added"] == "yes" and "x-drop-me" not in seen["headers"]
+    assert seen["headers"]["x-envoy-original-path"] == "/old/x?y=1"
+    assert headers["x-route"] == "rewrite"
+    _, _, body = request(mesh.http_port, "GET", "/", {"x-canary": "1"})
+    assert json.loads(body)["name"] == "v2"
+
+
+def test_weighted_split_is_statistically_right(make_mesh: MeshFactory) -> None:
+    mesh = make_mesh(split=(90, 10))
+    conn = http.client.HTTPConnection("127.0.0.1", mesh.http_port, timeout=10)
+    names = []
+    for _ in range(1000):
+        conn.request("GET", "/", headers={"Host": "hello.test"})
+        resp = conn.getresponse()
+        names.append(resp.getheader("x-upstream"))
+        resp.read()
+    share = names.count("v2") / len(names)
+    assert 0.06 < share < 0.14  # 10% ± 4 sigma-ish for n=1000
+
+
+@pytest.mark.parametrize(
+    ("path", "status", "flag"),
+    [("/dead", 503, "UF"), ("/empty", 503, "UH"), ("/malformed", 502, "UPE"),
+     ("/hang", 504, "UT"), ("/reset", 503, "UC")],
+)
+def test_upstream_failures_map_to_envoy_codes(make_mesh: MeshFactory, codec: str, path: str,
+                                               status: int, flag: str) -> None:
+    mesh = make_mesh(codec, vs_timeout="500ms")
+    conn = http.client.HTTPConnection("127.0.0.1", mesh.http_port, timeout=10)
+    # /malformed and /reset live on the default split route (v1); /hang has a 500ms timeout.
+    conn.request("GET", path, headers={"Host": "hello.test"})
+    started = time.monotonic()
+    resp = conn.getresponse()
+    body = resp.read()
+    assert resp.status == status, body
+    if flag == "UT":
+        assert time.monotonic() - started < 3 and body == b"upstream request timeout"
+    # The downstream connection stays usable after an upstream failure.
+    conn.request("GET", "/ok", headers={"Host": "hello.test"})
+    resp = conn.getresponse()
+    assert resp.status == 200
+    resp.read()
+    assert f'response_code="{status}"' in mesh.proxy.metrics()
+    assert f'response_flags="{flag}"' in mesh.proxy.metrics()
+
+
+def test_no_route_is_404_nr(make_mesh: MeshFactory) -> None:
+    mesh = make_mesh()
+    status, _, _ = request(mesh.http_port, "GET", "/", {"Host": "unknown.test"})
+    assert status == 404
+    assert 'response_flags="NR"' in mesh.proxy.metrics()
+
+
+def raw(port: int, payload: bytes, wait: float = 2.0) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=wait) as s:
+        s.sendall(payload)
+        out = b""
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            try:
+                data = s.recv(65536)
+            except (TimeoutError, ConnectionResetError):
+                break
+            if not data:
+                break
+            out += data
+        return out
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b"POST /content HTTP/1.1\r\nHost: hello.test\r\nContent-Length: 6\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\nG",
+        b"POST /content HTTP/1.1\r\nHost: hello.test\r\nContent-Length: 5\r\n"
+        b"Content-Length: 10\r\n\r\nhelloworld",
+        b"GET /content HTTP/1.1\r\nHost: hello.test\r\nX-A: a\r\n b\r\n\r\n",
+        b"GET /content HTTP/1.1\nHost: hello.test\n\n",
+        b"POST /content HTTP/1.1\r\nHost: hello.test\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"0x5\r\nhello\r\n0\r\n\r\nGET /blockedz HTTP/1.1\r\nHost: hello.test\r\n\r\n",
+    ],
+    ids=["cl-te", "dup-cl", "obs-fold", "bare-lf", "bad-chunk"],
+)
+def test_smuggling_attempts_get_400_and_never_reach_upstream(
+        make_mesh: MeshFactory, codec: str, payload: bytes) -> None:
+    mesh = make_mesh(codec)
+    out = raw(mesh.http_port, payload)
+    assert out.startswith(b"HTTP/1.1 400"), out
+    assert b"connection: close" in out.lower()
+    seen = [r.path for r in mesh.v1.state.requests + mesh.v2.state.requests]
+    assert "/blockedz" not in seen
+    assert not mesh.v1.state.completed and not mesh.v2.state.completed
+
+
+def test_pipelined_requests_after_a_bad_one_are_dropped(make_mesh: MeshFactory) -> None:
+    mesh = make_mesh()
+    out = raw(mesh.http_port, b"GET /first HTTP/1.1\r\nHost: hello.test\r\n\r\n"
+                              b"INVALID\r\n\r\nGET /blockedz HTTP/1.1\r\nHost: hello.test\r\n\r\n")
+    assert out.startswith(b"HTTP/1.1 200") and b"HTTP/1.1 400" in out
+    assert [r.path for r in mesh.v1.state.requests] == ["/first"]
+
+
+@needs_curl
+def test_oversized_headers_get_431(make_mesh: MeshFactory, codec: str) -> None:
+    mesh = make_mesh(codec)
+    out = curl("-o", "/dev/null", "-w", "%{http_code}", "-H", "Host: hello.test",
+               "-H", "x-big: " + "a" * (61 * 1024), mesh.url + "/")
+    assert out.stdout == "431"
+    many = [arg for i in range(101) for arg in ("-H", f"x-h{i}: v")]
+    out = curl("-o", "/dev/null", "-w", "%{http_code}", "-H", "Host: hello.test", *many,
+               mesh.url + "/")
+    assert out.stdout == "431"
+    assert not mesh.v1.state.requests
+
+
+def test_slow_request_headers_get_408(make_mesh: MeshFactory) -> None:
+    mesh = make_mesh(extra_spec="  requestHeadersTimeout: 500ms")
+    with socket.create_connection(("127.0.0.1", mesh.http_port), timeout=5) as s:
+        s.sendall(b"GET / HTTP/1.1\r\nHost: hel")
+        started = time.monotonic()
+        data = s.recv(4096)
+        assert data.startswith(b"HTTP/1.1 408")
+        assert 0.3 < time.monotonic() - started < 3
+
+
+@needs_curl
+def test_expect_100_continue_with_curl(make_mesh: MeshFactory, codec: str, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    mesh = make_mesh(codec)
+    body = tmp_path / "body.bin"
+    body.write_bytes(b"z" * 200_000)
+    out = curl("-H", "Host: hello.test", "-H", "Expect: 100-continue", "--data-binary",
+               f"@{body}", mesh.url + "/upload")
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["size"] == 200_000
+    assert "expect" not in {k.lower() for k in mesh.v1.state.requests[-1].headers}
+
+
+def test_http10_gets_426(make_mesh: MeshFactory) -> None:
+    mesh = make_mesh()
+    assert raw(mesh.http_port, b"GET / HTTP/1.0\r\nHost: hello.test\r\n\r\n").startswith(
+        b"HTTP/1.1 426")
+
+
+def test_keep_alive_race_is_retried_on_a_fresh_connection(make_mesh: MeshFactory,
+                                                          codec: str) -> None:
+    """The upstream closes idle connections after 100 ms; the proxy keeps them for 10 s."""
+    mesh = make_mesh(codec, extra_spec="  upstreamIdleTimeout: 10s")
+    mesh.v1.state.idle_close_after = 0.1
+    conn = http.client.HTTPConnection("127.0.0.1", mesh.http_port, timeout=10)
+    for i in range(10):
+        conn.request("GET", f"/r{i}", headers={"Host": "hello.test"})
+        resp = conn.getresponse()
+        assert resp.status == 200, resp.read()
+        resp.read()
+        time.sleep(0.15)  # let the upstream close the pooled connection
+    assert len(mesh.v1.state.requests) == 10
