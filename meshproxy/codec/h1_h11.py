@@ -57,8 +57,9 @@ class _HeadScanner:
                 )
             return
         if end > self._limit:
-            raise ProtocolError("headers too large", self._side,
-                                431 if self._side is _DOWN else 502)
+            raise ProtocolError(
+                "headers too large", self._side, 431 if self._side is _DOWN else 502
+            )
         check_head_bytes(self._buf[: end - 2], self._side)
         self._buf = b""
         self.active = False

@@ -187,6 +187,9 @@ def compile_snapshot(
         registry_only=registry_only,
         source=MappingProxyType(source),
         warnings=tuple(ctx.warnings),
+        explicit_bindings=MappingProxyType(
+            {spec.key: spec.binding for spec in listeners if spec.binding is not None}
+        ),
     )
 
 

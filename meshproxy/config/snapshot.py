@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any
 
 from meshproxy.config.resources import ProxySettings
@@ -101,6 +102,19 @@ class Snapshot:
     registry_only: bool
     source: Mapping[str, Any]  # the validated resources as plain data, for /config_dump
     warnings: tuple[str, ...] = ()
+    explicit_bindings: Mapping[tuple[str, int], PortBinding] = field(
+        default_factory=lambda: MappingProxyType({})
+    )
+
+    def binding_for(
+        self, kind: ListenerKind, key: tuple[str, int], original_dst: tuple[str, int] | None
+    ) -> PortBinding | None:
+        """What a connection on listener `key` leads to under this snapshot."""
+        if kind is ListenerKind.OUTBOUND_CAPTURE:
+            return self.outbound_binding(*original_dst) if original_dst else None
+        if kind is ListenerKind.INBOUND_CAPTURE:
+            return self.inbound_by_port.get(original_dst[1]) if original_dst else None
+        return self.explicit_bindings.get(key)
 
     def outbound_binding(self, ip: str, port: int) -> PortBinding | None:
         return self.outbound_by_vip.get((ip, port)) or self.outbound_by_port.get(port)

@@ -19,11 +19,14 @@ BACKENDS = (("hello-v1", 18181), ("hello-v2", 18182))
 LISTENER = ("127.0.0.1", 15080)
 
 
-async def _request(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, path: str,
-                   headers: list[tuple[str, str]]) -> tuple[int, dict[str, str], bytes]:
+async def _request(
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    path: str,
+    headers: list[tuple[str, str]],
+) -> tuple[int, dict[str, str], bytes]:
     conn = h11.Connection(h11.CLIENT)
-    req = h11.Request(method="GET", target=path,
-                      headers=[("host", "hello.demo.local"), *headers])
+    req = h11.Request(method="GET", target=path, headers=[("host", "hello.demo.local"), *headers])
     writer.write((conn.send(req) or b"") + (conn.send(h11.EndOfMessage()) or b""))
     status, resp_headers, body = 0, {}, b""
     while True:
@@ -62,12 +65,16 @@ async def run_demo(requests: int = 200, linger: float = 20.0) -> int:
             s.close()
         return 3
     admin = f"http://127.0.0.1:{snapshot.settings.proxy_admin_port}"
-    print(f"meshproxy demo: proxy listening on http://{LISTENER[0]}:{LISTENER[1]} "
-          "(Host: hello.demo.local)")
+    print(
+        f"meshproxy demo: proxy listening on http://{LISTENER[0]}:{LISTENER[1]} "
+        "(Host: hello.demo.local)"
+    )
     by_dest: collections.Counter[str] = collections.Counter()
     by_status: collections.Counter[int] = collections.Counter()
     reader, writer = await asyncio.open_connection(*LISTENER)
-    plan = [("/", [])] * requests + [("/", [("x-canary", "yes")])] * 10 + [("/broken", [])] * 5
+    plan: list[tuple[str, list[tuple[str, str]]]] = (
+        [("/", [])] * requests + [("/", [("x-canary", "yes")])] * 10 + [("/broken", [])] * 5
+    )
     for path, headers in plan:
         status, resp, body = await _request(reader, writer, path, headers)
         by_status[status] += 1
@@ -76,8 +83,10 @@ async def run_demo(requests: int = 200, linger: float = 20.0) -> int:
             writer.close()
             reader, writer = await asyncio.open_connection(*LISTENER)
     writer.close()
-    print(f"\nsent {len(plan)} requests: {requests} split 80/20 between v1 and v2, "
-          "10 with x-canary: yes (all to v2), 5 to /broken (a subset with no server)")
+    print(
+        f"\nsent {len(plan)} requests: {requests} split 80/20 between v1 and v2, "
+        "10 with x-canary: yes (all to v2), 5 to /broken (a subset with no server)"
+    )
     print("\nresponses by destination:")
     for dest, n in by_dest.most_common():
         print(f"  {dest:<60} {n}")

@@ -19,7 +19,7 @@ from meshproxy.codec.events import (
     ResponseHead,
 )
 from meshproxy.codec.h1 import server_codec
-from meshproxy.config.snapshot import ListenerKind, PortBinding
+from meshproxy.config.snapshot import ListenerKind, PortBinding, Snapshot
 from meshproxy.errors import ProtocolError
 from meshproxy.observe.recorder import StreamRecord
 from meshproxy.proxy.context import ProxyContext
@@ -37,6 +37,7 @@ class DownstreamHttp1(asyncio.Protocol):
         ctx: ProxyContext,
         kind: ListenerKind,
         binding: PortBinding | None,
+        listener_key: tuple[str, int],
         local_port: int,
         original_dst: tuple[str, int] | None = None,
         access_log: Callable[[StreamRecord], None] | None = None,
@@ -44,10 +45,10 @@ class DownstreamHttp1(asyncio.Protocol):
         self.ctx = ctx
         self.kind = kind
         self.inbound = kind.inbound
-        self.binding = binding
+        self.binding = binding  # as of accept; a stream asks for the current one
+        self.listener_key = listener_key
         self.local_port = local_port
         self.original_dst = original_dst
-        self.passthrough_allowed = not ctx.snapshot.registry_only
         self.access_log = access_log
         self.codec = server_codec(ctx.codec, ctx.limits)
         self.transport: asyncio.Transport | None = None
@@ -156,6 +157,13 @@ class DownstreamHttp1(asyncio.Protocol):
             self.transport.close()
 
     # -- used by HttpStream ----------------------------------------------------------------
+    def current_binding(self, snapshot: Snapshot) -> PortBinding | None:
+        """The binding under `snapshot`; a listener removed by a reload keeps its last one."""
+        binding = snapshot.binding_for(self.kind, self.listener_key, self.original_dst)
+        if binding is None and self.original_dst is None:
+            return self.binding
+        return binding
+
     def send_interim(self, status: int) -> None:
         self.codec.send_head(ResponseHead(status, [], has_body=False), b"GET", True)
         self._flush()

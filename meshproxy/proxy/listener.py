@@ -147,6 +147,7 @@ class CaptureEntry(asyncio.Protocol):
             self.ctx,
             self.spec.kind,
             self.binding,
+            self.spec.key,
             self.original_dst[1],
             self.original_dst,
             self.access_log,
@@ -194,6 +195,13 @@ class Listener:
         )
 
     def _factory(self) -> asyncio.Protocol:
+        try:
+            return self._protocol_for_connection()
+        except Exception:  # a bug here must cost one connection, never the listener
+            logger.exception("listener %s: cannot set up a connection", self.spec.name)
+            return _Refuse()
+
+    def _protocol_for_connection(self) -> asyncio.Protocol:
         ctx = self.ctx
         spec = self.spec
         if len(ctx.connections) >= ctx.snapshot.settings.max_connections:
@@ -206,7 +214,9 @@ class Listener:
         binding = spec.binding
         assert binding is not None
         if binding.protocol is L7.HTTP:
-            return DownstreamHttp1(ctx, spec.kind, binding, spec.port, None, self.access_log)
+            return DownstreamHttp1(
+                ctx, spec.kind, binding, spec.key, spec.port, None, self.access_log
+            )
         return _LazyTcp(ctx, spec, binding)
 
     async def close(self) -> None:

@@ -210,13 +210,14 @@ class HttpStream:
     def _route(self) -> tuple[RouteMatch | None, str, RequestHead]:
         conn = self.conn
         head = self.head
-        binding = conn.binding
+        snapshot = conn.ctx.snapshot  # read once: this stream lives by this config
+        binding = conn.current_binding(snapshot)
         view = _view(head, conn.local_port, "http")
         match = None
         if binding is not None and binding.route_table is not None:
             match = binding.route_table.route(view)
         if match is None:
-            if conn.original_dst is not None and conn.passthrough_allowed:
+            if conn.original_dst is not None and not snapshot.registry_only:
                 cluster = PASSTHROUGH
             elif conn.original_dst is not None:
                 raise LocalReply(502, "", "NR")  # REGISTRY_ONLY: Istio's BlackHoleCluster

@@ -26,9 +26,20 @@ class Mesh:
         return f"http://127.0.0.1:{self.http_port}"
 
 
-def mesh_yaml(*, admin: int, http_port: int, tcp_port: int, v1: int, v2: int, dead: int,
-              echo: int, codec: str, extra_spec: str = "", vs_timeout: str = "1s",
-              split: tuple[int, int] = (100, 0)) -> str:
+def mesh_yaml(
+    *,
+    admin: int,
+    http_port: int,
+    tcp_port: int,
+    v1: int,
+    v2: int,
+    dead: int,
+    echo: int,
+    codec: str,
+    extra_spec: str = "",
+    vs_timeout: str = "1s",
+    split: tuple[int, int] = (100, 0),
+) -> str:
     return f"""
 apiVersion: meshproxy.io/v1alpha1
 kind: ProxyConfig
@@ -118,22 +129,54 @@ spec:
 """
 
 
+def write_configmap(config_dir: Path, text: str, version: str) -> None:
+    """Kubernetes' AtomicWriter layout and update: new dir, ..data_tmp, rename over ..data."""
+    import os
+    import shutil
+
+    target = config_dir / version
+    target.mkdir()
+    (target / "mesh.yaml").write_text(text)
+    data = config_dir / "..data"
+    old = os.readlink(data) if data.is_symlink() else None
+    tmp = config_dir / "..data_tmp"
+    os.symlink(version, tmp)
+    os.rename(tmp, data)
+    link = config_dir / "mesh.yaml"
+    if not link.is_symlink():
+        os.symlink("..data/mesh.yaml", link)
+    if old:
+        shutil.rmtree(config_dir / old)
+
+
 class MeshFactory:
     def __init__(self, tmp_path: Path, echo_port: int) -> None:
         self.tmp_path = tmp_path
         self.echo_port = echo_port
         self.started: list[tuple[ProxyProcess, list[UpstreamServer]]] = []
 
-    def __call__(self, codec: str = "auto", **opts: object) -> Mesh:
+    def __call__(self, codec: str = "auto", configmap: bool = False, **opts: object) -> Mesh:
         v1 = UpstreamServer("v1").start()
         v2 = UpstreamServer("v2").start()
         admin, http_port, tcp_port, dead = free_port(), free_port(), free_port(), free_port()
-        params = dict(admin=admin, http_port=http_port, tcp_port=tcp_port, v1=v1.port,
-                      v2=v2.port, dead=dead, echo=self.echo_port, codec=codec)
+        params = dict(
+            admin=admin,
+            http_port=http_port,
+            tcp_port=tcp_port,
+            v1=v1.port,
+            v2=v2.port,
+            dead=dead,
+            echo=self.echo_port,
+            codec=codec,
+        )
         params.update(opts)
         config_dir = self.tmp_path / "config"
         config_dir.mkdir(exist_ok=True)
-        (config_dir / "mesh.yaml").write_text(mesh_yaml(**params))  # type: ignore[arg-type]
+        text = mesh_yaml(**params)  # type: ignore[arg-type]
+        if configmap:
+            write_configmap(config_dir, text, "..2026_01_01_00_00_00.1")
+        else:
+            (config_dir / "mesh.yaml").write_text(text)
         proxy = ProxyProcess(config_dir, admin, self.tmp_path / "proxy.log")
         self.started.append((proxy, [v1, v2]))
         proxy.wait_ready()

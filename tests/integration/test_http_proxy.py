@@ -20,12 +20,23 @@ needs_curl = pytest.mark.skipif(CURL is None, reason="curl is not installed (.ci
 
 def curl(*args: str) -> subprocess.CompletedProcess[str]:
     assert CURL is not None
-    return subprocess.run([CURL, "-sS", "--max-time", "20", *args], capture_output=True,
-                          text=True, env=env_without_proxy(), timeout=30, check=False)
+    return subprocess.run(
+        [CURL, "-sS", "--max-time", "20", *args],
+        capture_output=True,
+        text=True,
+        env=env_without_proxy(),
+        timeout=30,
+        check=False,
+    )
 
 
-def request(port: int, method: str, path: str, headers: dict[str, str] | None = None,
-            body: bytes | None = None) -> tuple[int, dict[str, str], bytes]:
+def request(
+    port: int,
+    method: str,
+    path: str,
+    headers: dict[str, str] | None = None,
+    body: bytes | None = None,
+) -> tuple[int, dict[str, str], bytes]:
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
     conn.request(method, path, body=body, headers={"Host": "hello.test", **(headers or {})})
     resp = conn.getresponse()
@@ -37,8 +48,17 @@ def request(port: int, method: str, path: str, headers: dict[str, str] | None = 
 @needs_curl
 def test_curl_get_is_routed_with_envoy_headers(make_mesh: MeshFactory, codec: str) -> None:
     mesh = make_mesh(codec)
-    out = curl("-H", "Host: hello.test", "-H", "Connection: keep-alive, x-hop",
-               "-H", "x-hop: secret", "-D", "-", mesh.url + "/hello?q=1")
+    out = curl(
+        "-H",
+        "Host: hello.test",
+        "-H",
+        "Connection: keep-alive, x-hop",
+        "-H",
+        "x-hop: secret",
+        "-D",
+        "-",
+        mesh.url + "/hello?q=1",
+    )
     assert out.returncode == 0, out.stderr
     head, _, body = out.stdout.replace("\r\n", "\n").partition("\n\n")
     assert head.startswith("HTTP/1.1 200")
@@ -67,8 +87,9 @@ def test_keep_alive_reuses_one_upstream_connection(make_mesh: MeshFactory, codec
 
 def test_route_features_rewrite_headers_canary(make_mesh: MeshFactory) -> None:
     mesh = make_mesh()
-    status, headers, body = request(mesh.http_port, "GET", "/old/x?y=1",
-                                    {"x-drop-me": "1", "x-keep": "2"})
+    status, headers, body = request(
+        mesh.http_port, "GET", "/old/x?y=1", {"x-drop-me": "1", "x-keep": "2"}
+    )
     seen = json.loads(body)
     assert status == 200 and seen["path"] == "/new/x?y=1"
     assert seen["headers"]["x-added"] == "yes" and "x-drop-me" not in seen["headers"]
@@ -93,11 +114,17 @@ def test_weighted_split_is_statistically_right(make_mesh: MeshFactory) -> None:
 
 @pytest.mark.parametrize(
     ("path", "status", "flag"),
-    [("/dead", 503, "UF"), ("/empty", 503, "UH"), ("/malformed", 502, "UPE"),
-     ("/hang", 504, "UT"), ("/reset", 503, "UC")],
+    [
+        ("/dead", 503, "UF"),
+        ("/empty", 503, "UH"),
+        ("/malformed", 502, "UPE"),
+        ("/hang", 504, "UT"),
+        ("/reset", 503, "UC"),
+    ],
 )
-def test_upstream_failures_map_to_envoy_codes(make_mesh: MeshFactory, codec: str, path: str,
-                                               status: int, flag: str) -> None:
+def test_upstream_failures_map_to_envoy_codes(
+    make_mesh: MeshFactory, codec: str, path: str, status: int, flag: str
+) -> None:
     mesh = make_mesh(codec, vs_timeout="500ms")
     conn = http.client.HTTPConnection("127.0.0.1", mesh.http_port, timeout=10)
     # /malformed and /reset live on the default split route (v1); /hang has a 500ms timeout.
@@ -155,7 +182,8 @@ def raw(port: int, payload: bytes, wait: float = 2.0) -> bytes:
     ids=["cl-te", "dup-cl", "obs-fold", "bare-lf", "bad-chunk"],
 )
 def test_smuggling_attempts_get_400_and_never_reach_upstream(
-        make_mesh: MeshFactory, codec: str, payload: bytes) -> None:
+    make_mesh: MeshFactory, codec: str, payload: bytes
+) -> None:
     mesh = make_mesh(codec)
     out = raw(mesh.http_port, payload)
     assert out.startswith(b"HTTP/1.1 400"), out
@@ -167,8 +195,11 @@ def test_smuggling_attempts_get_400_and_never_reach_upstream(
 
 def test_pipelined_requests_after_a_bad_one_are_dropped(make_mesh: MeshFactory) -> None:
     mesh = make_mesh()
-    out = raw(mesh.http_port, b"GET /first HTTP/1.1\r\nHost: hello.test\r\n\r\n"
-                              b"INVALID\r\n\r\nGET /blockedz HTTP/1.1\r\nHost: hello.test\r\n\r\n")
+    out = raw(
+        mesh.http_port,
+        b"GET /first HTTP/1.1\r\nHost: hello.test\r\n\r\n"
+        b"INVALID\r\n\r\nGET /blockedz HTTP/1.1\r\nHost: hello.test\r\n\r\n",
+    )
     assert out.startswith(b"HTTP/1.1 200") and b"HTTP/1.1 400" in out
     assert [r.path for r in mesh.v1.state.requests] == ["/first"]
 
@@ -176,12 +207,22 @@ def test_pipelined_requests_after_a_bad_one_are_dropped(make_mesh: MeshFactory) 
 @needs_curl
 def test_oversized_headers_get_431(make_mesh: MeshFactory, codec: str) -> None:
     mesh = make_mesh(codec)
-    out = curl("-o", "/dev/null", "-w", "%{http_code}", "-H", "Host: hello.test",
-               "-H", "x-big: " + "a" * (61 * 1024), mesh.url + "/")
+    out = curl(
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+        "-H",
+        "Host: hello.test",
+        "-H",
+        "x-big: " + "a" * (61 * 1024),
+        mesh.url + "/",
+    )
     assert out.stdout == "431"
     many = [arg for i in range(101) for arg in ("-H", f"x-h{i}: v")]
-    out = curl("-o", "/dev/null", "-w", "%{http_code}", "-H", "Host: hello.test", *many,
-               mesh.url + "/")
+    out = curl(
+        "-o", "/dev/null", "-w", "%{http_code}", "-H", "Host: hello.test", *many, mesh.url + "/"
+    )
     assert out.stdout == "431"
     assert not mesh.v1.state.requests
 
@@ -201,8 +242,15 @@ def test_expect_100_continue_with_curl(make_mesh: MeshFactory, codec: str, tmp_p
     mesh = make_mesh(codec)
     body = tmp_path / "body.bin"
     body.write_bytes(b"z" * 200_000)
-    out = curl("-H", "Host: hello.test", "-H", "Expect: 100-continue", "--data-binary",
-               f"@{body}", mesh.url + "/upload")
+    out = curl(
+        "-H",
+        "Host: hello.test",
+        "-H",
+        "Expect: 100-continue",
+        "--data-binary",
+        f"@{body}",
+        mesh.url + "/upload",
+    )
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["size"] == 200_000
     assert "expect" not in {k.lower() for k in mesh.v1.state.requests[-1].headers}
@@ -211,11 +259,13 @@ def test_expect_100_continue_with_curl(make_mesh: MeshFactory, codec: str, tmp_p
 def test_http10_gets_426(make_mesh: MeshFactory) -> None:
     mesh = make_mesh()
     assert raw(mesh.http_port, b"GET / HTTP/1.0\r\nHost: hello.test\r\n\r\n").startswith(
-        b"HTTP/1.1 426")
+        b"HTTP/1.1 426"
+    )
 
 
-def test_keep_alive_race_is_retried_on_a_fresh_connection(make_mesh: MeshFactory,
-                                                          codec: str) -> None:
+def test_keep_alive_race_is_retried_on_a_fresh_connection(
+    make_mesh: MeshFactory, codec: str
+) -> None:
     """The upstream closes idle connections after 100 ms; the proxy keeps them for 10 s."""
     mesh = make_mesh(codec, extra_spec="  upstreamIdleTimeout: 10s")
     mesh.v1.state.idle_close_after = 0.1

@@ -73,8 +73,9 @@ class _Conn(asyncio.Protocol):
                 self.hasher = hashlib.sha256()
                 self.size = 0
                 headers = {k.decode(): v.decode() for k, v in ev.headers}
-                self.state.requests.append(Seen(ev.method.decode(), ev.target.decode(), headers,
-                                                self.id))
+                self.state.requests.append(
+                    Seen(ev.method.decode(), ev.target.decode(), headers, self.id)
+                )
             elif isinstance(ev, h11.Data):
                 self.hasher.update(ev.data)
                 self.size += len(ev.data)
@@ -108,17 +109,24 @@ class _Conn(asyncio.Protocol):
         if req.method == b"POST" and path == "/upload":
             body = json.dumps({"size": self.size, "sha256": self.hasher.hexdigest()}).encode()
         else:
-            body = json.dumps({
-                "name": self.state.name, "method": req.method.decode(),
-                "path": req.target.decode(), "connection": self.id,
-                "headers": {k.decode(): v.decode() for k, v in req.headers},
-            }).encode()
+            body = json.dumps(
+                {
+                    "name": self.state.name,
+                    "method": req.method.decode(),
+                    "path": req.target.decode(),
+                    "connection": self.id,
+                    "headers": {k.decode(): v.decode() for k, v in req.headers},
+                }
+            ).encode()
         self._send(200, body, close)
 
     def _send(self, status: int, body: bytes, close: bool) -> None:
         assert self.transport is not None
-        headers = [("content-type", "application/json"), ("content-length", str(len(body))),
-                   ("x-upstream", self.state.name)]
+        headers = [
+            ("content-type", "application/json"),
+            ("content-length", str(len(body))),
+            ("x-upstream", self.state.name),
+        ]
         if close:
             headers.append(("connection", "close"))
         out = self.h11.send(h11.Response(status_code=status, headers=headers)) or b""
@@ -130,8 +138,15 @@ class _Conn(asyncio.Protocol):
     async def _stream(self, n: int) -> None:
         assert self.transport is not None
         t = self.transport
-        t.write(self.h11.send(h11.Response(status_code=200, headers=[
-            ("content-length", str(n)), ("x-upstream", self.state.name)])) or b"")
+        t.write(
+            self.h11.send(
+                h11.Response(
+                    status_code=200,
+                    headers=[("content-length", str(n)), ("x-upstream", self.state.name)],
+                )
+            )
+            or b""
+        )
         block = b"x" * 65536
         sent = 0
         while sent < n and not t.is_closing():
@@ -179,8 +194,7 @@ class UpstreamServer:
         return self
 
     async def _start(self) -> None:
-        self._server = await self._loop.create_server(lambda: _Conn(self), "127.0.0.1",
-                                                      self._port)
+        self._server = await self._loop.create_server(lambda: _Conn(self), "127.0.0.1", self._port)
         self.port = self._server.sockets[0].getsockname()[1]
 
     def stop(self) -> None:

@@ -9,8 +9,13 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[2] / "meshproxy"
 PURE = ("codec", "routing", "config")
-HIGHER = ("meshproxy.proxy", "meshproxy.observe", "meshproxy.runtime", "meshproxy.cli",
-          "meshproxy.upstream")
+HIGHER = (
+    "meshproxy.proxy",
+    "meshproxy.observe",
+    "meshproxy.runtime",
+    "meshproxy.cli",
+    "meshproxy.upstream",
+)
 IO_MODULES = ("asyncio", "socket", "ssl")
 
 
@@ -41,5 +46,4 @@ def test_only_observe_imports_metrics_libraries() -> None:
         if "observe" in path.parts:
             continue
         found = imports(path)
-        assert not {m for m in found if m.startswith(("prometheus_client", "opentelemetry"))}, (
-            path)
+        assert not {m for m in found if m.startswith(("prometheus_client", "opentelemetry"))}, path

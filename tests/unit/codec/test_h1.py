@@ -26,11 +26,11 @@ def failure_status(events: list[object]) -> int | None:
 
 SMUGGLING = {
     "cl-te": b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 6\r\nTransfer-Encoding: chunked"
-             b"\r\n\r\n0\r\n\r\nG",
+    b"\r\n\r\n0\r\n\r\nG",
     "te-cl": b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nContent-Length: 3"
-             b"\r\n\r\n8\r\nSMUGGLED\r\n0\r\n\r\n",
+    b"\r\n\r\n8\r\nSMUGGLED\r\n0\r\n\r\n",
     "dup-cl": b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nContent-Length: 10\r\n\r\n"
-              b"helloworld",
+    b"helloworld",
     "cl-plus": b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: +5\r\n\r\nhello",
     "cl-underscore": b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 1_0\r\n\r\n0123456789",
     "te-xchunked": b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: xchunked\r\n\r\n",
@@ -101,17 +101,22 @@ def test_unterminated_huge_header_is_cut_off(codec: str) -> None:
 @pytest.mark.parametrize("codec", CODECS)
 def test_chunked_body_and_pipelining(codec: str) -> None:
     c = server_codec(codec, Limits())
-    data = (b"POST /up HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
-            b"5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n"
-            b"GET /next HTTP/1.1\r\nHost: a\r\n\r\n")
+    data = (
+        b"POST /up HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n"
+        b"GET /next HTTP/1.1\r\nHost: a\r\n\r\n"
+    )
     events = c.receive(data)
     head = events[0]
     assert isinstance(head, RequestHead)
     assert head.has_body and head.content_length is None and head.target == b"/up"
     body = b"".join(e.data for e in events if isinstance(e, Data))
     assert body == b"hello world"
-    c.send_head(ResponseHead(200, [(b"content-length", b"0")], content_length=0, has_body=False),
-                b"POST", True)
+    c.send_head(
+        ResponseHead(200, [(b"content-length", b"0")], content_length=0, has_body=False),
+        b"POST",
+        True,
+    )
     c.send_end([])
     assert c.data_to_send().startswith(b"HTTP/1.1 200 OK\r\n")
     events += c.start_next()
@@ -121,8 +126,9 @@ def test_chunked_body_and_pipelining(codec: str) -> None:
 
 @pytest.mark.parametrize("codec", CODECS)
 def test_expect_continue_is_flagged(codec: str) -> None:
-    events = parse(codec, b"POST / HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\n"
-                          b"Content-Length: 2\r\n\r\n")
+    events = parse(
+        codec, b"POST / HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\nContent-Length: 2\r\n\r\n"
+    )
     head = events[0]
     assert isinstance(head, RequestHead) and head.expect_continue
 
@@ -164,9 +170,11 @@ def test_client_parses_responses_head_and_close_delimited(codec: str) -> None:
 @pytest.mark.parametrize("codec", CODECS)
 @pytest.mark.parametrize(
     "response",
-    [b"HTTP/1.1 200 OK\r\nContent-Length: abc\r\n\r\n",
-     b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n",
-     b"\x00\x01garbage\r\n\r\n"],
+    [
+        b"HTTP/1.1 200 OK\r\nContent-Length: abc\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n",
+        b"\x00\x01garbage\r\n\r\n",
+    ],
 )
 def test_client_rejects_malformed_responses(codec: str, response: bytes) -> None:
     c = client_codec(codec, Limits())

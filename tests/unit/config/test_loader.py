@@ -76,7 +76,10 @@ def test_valid_config_compiles_clusters_and_routes(tmp_path: Path) -> None:
 
 
 def test_dangling_subset_is_reported_like_istio_users_expect(tmp_path: Path) -> None:
-    path = write(tmp_path, SE + """
+    path = write(
+        tmp_path,
+        SE
+        + """
 ---
 apiVersion: networking.istio.io/v1alpha3
 kind: VirtualService
@@ -89,16 +92,22 @@ spec:
       weight: 50
     - destination: {host: reviews, subset: v3}
       weight: 50
-""")
+""",
+    )
     [issue] = issues_of(path)
     assert issue.startswith(f"{path}:")
     assert "document 3" in issue
-    assert ('VirtualService reviews: spec.http[0].route[1].destination.subset: '
-            'no subset "v3" in DestinationRule reviews') in issue
+    assert (
+        "VirtualService reviews: spec.http[0].route[1].destination.subset: "
+        'no subset "v3" in DestinationRule reviews'
+    ) in issue
 
 
 def test_unknown_field_suggests_the_right_one(tmp_path: Path) -> None:
-    path = write(tmp_path, SE + """
+    path = write(
+        tmp_path,
+        SE
+        + """
 ---
 apiVersion: networking.istio.io/v1
 kind: VirtualService
@@ -109,9 +118,10 @@ spec:
   - route:
     - destination: {host: reviews}
     timout: 3s
-""")
+""",
+    )
     [issue] = issues_of(path)
-    assert "spec.http[0].timout: unknown field (did you mean \"timeout\"?)" in issue
+    assert 'spec.http[0].timout: unknown field (did you mean "timeout"?)' in issue
     line = path.read_text().splitlines().index("    timout: 3s") + 1
     assert issue.startswith(f"{path}:{line} document 3:")  # the line of the misspelt key
 
@@ -119,20 +129,30 @@ spec:
 @pytest.mark.parametrize(
     ("snippet", "expected"),
     [
-        ("kind: VirtualServic\n", 'unknown kind \'VirtualServic\' (did you mean "VirtualService"?)'),
+        (
+            "kind: VirtualServic\n",
+            "unknown kind 'VirtualServic' (did you mean \"VirtualService\"?)",
+        ),
         ("kind: ServiceEntry\napiVersion: networking.istio.io/v2\n", "needs apiVersion"),
-        ("kind: ServiceEntry\napiVersion: networking.istio.io/v1\nspec: {hosts: [a.b]}\n",
-         "metadata.name: required field is missing"),
+        (
+            "kind: ServiceEntry\napiVersion: networking.istio.io/v1\nspec: {hosts: [a.b]}\n",
+            "metadata.name: required field is missing",
+        ),
     ],
 )
 def test_header_errors(tmp_path: Path, snippet: str, expected: str) -> None:
-    path = write(tmp_path, snippet + ("metadata: {name: x}\n" if "metadata" not in snippet
-                                      and "spec" not in snippet else ""))
+    path = write(
+        tmp_path,
+        snippet
+        + ("metadata: {name: x}\n" if "metadata" not in snippet and "spec" not in snippet else ""),
+    )
     assert any(expected in i for i in issues_of(path))
 
 
 def test_wrong_types_and_bad_values_are_all_reported_at_once(tmp_path: Path) -> None:
-    path = write(tmp_path, """
+    path = write(
+        tmp_path,
+        """
 apiVersion: networking.istio.io/v1
 kind: ServiceEntry
 metadata: {name: bad}
@@ -140,17 +160,21 @@ spec:
   hosts: "not-a-list"
   ports: [{number: 70000, name: http}]
   resolution: STATICK
-""")
+""",
+    )
     issues = issues_of(path)
     text = "\n".join(issues)
     assert "spec.hosts: expected a list" in text
     assert "spec.ports[0].number: must be at most 65535" in text
-    assert 'spec.resolution: must be one of' in text and 'did you mean "STATIC"' in text
+    assert "spec.resolution: must be one of" in text and 'did you mean "STATIC"' in text
     assert len(issues) >= 3
 
 
 def test_dangling_host_and_duplicate_resources(tmp_path: Path) -> None:
-    path = write(tmp_path, SE + """
+    path = write(
+        tmp_path,
+        SE
+        + """
 ---
 apiVersion: networking.istio.io/v1
 kind: DestinationRule
@@ -166,15 +190,21 @@ spec:
   http:
   - route:
     - destination: {host: reveiws}
-""")
+""",
+    )
     text = "\n".join(issues_of(path))
     assert "duplicate DestinationRule shop/reviews" in text
-    assert "destination.host: no ServiceEntry declares host 'reveiws.shop.svc.cluster.local'" in text
+    assert (
+        "destination.host: no ServiceEntry declares host 'reveiws.shop.svc.cluster.local'"
+    ) in text
     assert 'did you mean "reviews.shop.svc.cluster.local"' in text
 
 
 def test_bad_durations_and_regexes(tmp_path: Path) -> None:
-    path = write(tmp_path, SE + """
+    path = write(
+        tmp_path,
+        SE
+        + """
 ---
 apiVersion: networking.istio.io/v1
 kind: VirtualService
@@ -185,7 +215,8 @@ spec:
   - match: [{uri: {regex: "(unclosed"}}]
     route: [{destination: {host: reviews}}]
     timeout: 10 seconds
-""")
+""",
+    )
     text = "\n".join(issues_of(path))
     assert "spec.http[0].match[0].uri.regex: invalid regular expression" in text
     assert "spec.http[0].timeout: expected a duration" in text
@@ -196,10 +227,12 @@ spec:
     [
         ("a: [1, 2\n", "invalid YAML"),
         ("a: !!python/object/apply:os.system [id]\n", "is not allowed"),
-        ("a: &a [1,1,1,1,1,1,1,1,1,1]\nb: &b [*a,*a,*a,*a,*a,*a,*a,*a,*a,*a]\n"
-         "c: &c [*b,*b,*b,*b,*b,*b,*b,*b,*b,*b]\nd: &d [*c,*c,*c,*c,*c,*c,*c,*c,*c,*c]\n"
-         "e: &e [*d,*d,*d,*d,*d,*d,*d,*d,*d,*d]\nf: [*e,*e,*e,*e,*e,*e,*e,*e,*e,*e]\n",
-         "alias bomb"),
+        (
+            "a: &a [1,1,1,1,1,1,1,1,1,1]\nb: &b [*a,*a,*a,*a,*a,*a,*a,*a,*a,*a]\n"
+            "c: &c [*b,*b,*b,*b,*b,*b,*b,*b,*b,*b]\nd: &d [*c,*c,*c,*c,*c,*c,*c,*c,*c,*c]\n"
+            "e: &e [*d,*d,*d,*d,*d,*d,*d,*d,*d,*d]\nf: [*e,*e,*e,*e,*e,*e,*e,*e,*e,*e]\n",
+            "alias bomb",
+        ),
         ("- just\n- a list\n", "a resource must be a mapping"),
     ],
 )
@@ -208,12 +241,15 @@ def test_unsafe_or_broken_yaml_is_rejected(tmp_path: Path, text: str, expected: 
 
 
 def test_security_kinds_fail_closed(tmp_path: Path) -> None:
-    path = write(tmp_path, """
+    path = write(
+        tmp_path,
+        """
 apiVersion: security.istio.io/v1
 kind: AuthorizationPolicy
 metadata: {name: deny-all}
 spec: {}
-""")
+""",
+    )
     assert any("not supported by this version" in i for i in issues_of(path))
 
 
@@ -230,17 +266,24 @@ def test_proxy_config_defaults_follow_istio(tmp_path: Path) -> None:
     snap = load_snapshot(write(tmp_path, SE))
     s = snap.settings
     assert (s.proxy_admin_port, s.proxy_listen_port, s.proxy_inbound_listen_port) == (
-        15000, 15001, 15006)
+        15000,
+        15001,
+        15006,
+    )
     assert s.connect_timeout == 10.0 and not snap.registry_only
     assert snap.clusters["outbound|9080||reviews.shop.svc.cluster.local"].lb.value == (
-        "LEAST_REQUEST")
+        "LEAST_REQUEST"
+    )
 
 
 def test_port_clash_between_listener_and_admin(tmp_path: Path) -> None:
-    path = write(tmp_path, """
+    path = write(
+        tmp_path,
+        """
 apiVersion: meshproxy.io/v1alpha1
 kind: ProxyConfig
 metadata: {name: p}
 spec: {proxyAdminPort: 15001}
-""")
+""",
+    )
     assert any("already used by proxyAdminPort" in i for i in issues_of(path))

@@ -11,8 +11,14 @@ from meshproxy.routing.match import RequestMatcher, RequestView, StringMatcher
 from meshproxy.routing.table import HeaderOps, Route, RouteTable, RouteTarget, VirtualHost
 
 
-def view(path: str = "/", method: str = "GET", headers: dict[str, str] | None = None,
-         authority: str = "svc", query: str = "", port: int = 80) -> RequestView:
+def view(
+    path: str = "/",
+    method: str = "GET",
+    headers: dict[str, str] | None = None,
+    authority: str = "svc",
+    query: str = "",
+    port: int = 80,
+) -> RequestView:
     return RequestView(method, path, query, authority, "http", headers or {}, port)
 
 
@@ -28,9 +34,12 @@ def table(*routes: Route, domains: tuple[str, ...] = ("svc", "svc:80")) -> Route
 @pytest.mark.parametrize(
     ("kind", "value", "text", "ok"),
     [
-        ("exact", "/a", "/a", True), ("exact", "/a", "/a/", False),
-        ("prefix", "/api", "/api/v1", True), ("prefix", "/api", "/ap", False),
-        ("regex", "/v[0-9]+/.*", "/v12/x", True), ("regex", "/v[0-9]+", "/v1/x", False),
+        ("exact", "/a", "/a", True),
+        ("exact", "/a", "/a/", False),
+        ("prefix", "/api", "/api/v1", True),
+        ("prefix", "/api", "/ap", False),
+        ("regex", "/v[0-9]+/.*", "/v12/x", True),
+        ("regex", "/v[0-9]+", "/v1/x", False),
         ("present", "", "anything", True),
     ],
 )
@@ -49,8 +58,12 @@ def test_ignore_uri_case_applies_to_prefix() -> None:
 
 def test_first_match_wins_and_fields_are_anded() -> None:
     t = table(
-        route("both", RequestMatcher(uri=StringMatcher.build("prefix", "/a"),
-                                     method=StringMatcher.build("exact", "POST"))),
+        route(
+            "both",
+            RequestMatcher(
+                uri=StringMatcher.build("prefix", "/a"), method=StringMatcher.build("exact", "POST")
+            ),
+        ),
         route("header", RequestMatcher(headers=(("x-user", StringMatcher.build("exact", "j")),))),
         route("query", RequestMatcher(query_params=(("v", StringMatcher.build("exact", "2")),))),
         route("all"),
@@ -62,16 +75,25 @@ def test_first_match_wins_and_fields_are_anded() -> None:
 
 
 def test_match_entries_are_ored() -> None:
-    r = route("r", RequestMatcher(uri=StringMatcher.build("exact", "/x")),
-              RequestMatcher(uri=StringMatcher.build("exact", "/y")))
+    r = route(
+        "r",
+        RequestMatcher(uri=StringMatcher.build("exact", "/x")),
+        RequestMatcher(uri=StringMatcher.build("exact", "/y")),
+    )
     t = table(r)
     assert t.route(view("/x")) is not None and t.route(view("/y")) is not None
     assert t.route(view("/z")) is None
 
 
 def test_without_headers_and_port() -> None:
-    t = table(route("r", RequestMatcher(
-        without_headers=(("x-debug", StringMatcher.build("present", "")),), port=80)))
+    t = table(
+        route(
+            "r",
+            RequestMatcher(
+                without_headers=(("x-debug", StringMatcher.build("present", "")),), port=80
+            ),
+        )
+    )
     assert t.route(view()) is not None
     assert t.route(view(headers={"x-debug": "1"})) is None
     assert t.route(view(port=81)) is None
