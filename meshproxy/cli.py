@@ -81,6 +81,43 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return _run_loop(lambda: run_demo(requests=args.requests, linger=args.linger))
 
 
+def cmd_iptables(args: argparse.Namespace) -> int:
+    from meshproxy.intercept.iptables import CaptureSpec, apply_rules, render_rules
+
+    spec = CaptureSpec(
+        proxy_uid=args.proxy_uid,
+        proxy_gid=args.proxy_gid,
+        outbound_port=args.outbound_port,
+        inbound_port=args.inbound_port,
+        exclude_inbound_ports=tuple(args.exclude_inbound_ports),
+        exclude_outbound_ports=tuple(args.exclude_outbound_ports),
+        include_outbound_cidrs=tuple(args.include_outbound_cidrs),
+        capture_inbound=not args.no_inbound,
+    )
+    if not args.apply:
+        print(render_rules(spec), end="")
+        return 0
+    try:
+        apply_rules(spec, args.netns)
+    except (RuntimeError, OSError) as exc:
+        print(f"meshproxy iptables: {exc}", file=sys.stderr)
+        return 1
+    except Exception as exc:  # CalledProcessError: iptables printed why
+        print(f"meshproxy iptables: iptables-restore failed: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _ports(text: str) -> list[int]:
+    try:
+        ports = [int(p) for p in text.split(",") if p.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated ports, got {text!r}") from None
+    if any(not 0 < p < 65536 for p in ports):
+        raise argparse.ArgumentTypeError(f"ports must be 1-65535, got {text!r}")
+    return ports
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="meshproxy", description=__doc__)
     parser.add_argument(
@@ -97,6 +134,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--requests", type=int, default=200)
     p.add_argument("--linger", type=float, default=20.0, help="seconds to keep serving")
     p.set_defaults(func=cmd_demo)
+    p = sub.add_parser("iptables", help="print (or --apply) Istio's REDIRECT capture rules")
+    p.add_argument("--apply", action="store_true", help="load them with iptables-restore")
+    p.add_argument("--netns", help="with --apply: inside this network namespace")
+    p.add_argument("--proxy-uid", type=int, default=1337)
+    p.add_argument("--proxy-gid", type=int, default=1337)
+    p.add_argument("--outbound-port", type=int, default=15001)
+    p.add_argument("--inbound-port", type=int, default=15006)
+    p.add_argument("--exclude-inbound-ports", type=_ports, default=[15000, 15020, 15021, 15090])
+    p.add_argument("--exclude-outbound-ports", type=_ports, default=[])
+    p.add_argument("--include-outbound-cidrs", type=lambda s: s.split(","), default=["0.0.0.0/0"])
+    p.add_argument("--no-inbound", action="store_true", help="capture outbound traffic only")
+    p.set_defaults(func=cmd_iptables)
     p = sub.add_parser("version", help="print the version")
     p.set_defaults(func=lambda a: print(f"meshproxy {__version__}") or 0)
     args = parser.parse_args(argv)

@@ -537,7 +537,15 @@ def _route_tables(
                 routes = [Route("default", (), (RouteTarget(default, 100),))]
             vh = VirtualHost(
                 f"{svc.host}:{port}",
-                tuple(_domains(svc.host, port, ctx.settings.namespace)),
+                tuple(
+                    _domains(svc.host, port, ctx.settings.namespace)
+                    + [
+                        d
+                        for a in svc.entry.addresses
+                        for ip in _vip_ips(a)
+                        for d in (ip, f"{ip}:{port}")
+                    ]
+                ),
                 tuple(routes),
                 svc.host,
             )

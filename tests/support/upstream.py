@@ -179,8 +179,9 @@ class _Conn(asyncio.Protocol):
 class UpstreamServer:
     """Runs the server loop in a daemon thread; `port` is bound before start() returns."""
 
-    def __init__(self, name: str, port: int = 0) -> None:
+    def __init__(self, name: str, port: int = 0, host: str = "127.0.0.1") -> None:
         self.state = UpstreamState(name)
+        self._host = host
         self._port = port
         self.port = 0
         self._loop = asyncio.new_event_loop()
@@ -194,7 +195,7 @@ class UpstreamServer:
         return self
 
     async def _start(self) -> None:
-        self._server = await self._loop.create_server(lambda: _Conn(self), "127.0.0.1", self._port)
+        self._server = await self._loop.create_server(lambda: _Conn(self), self._host, self._port)
         self.port = self._server.sockets[0].getsockname()[1]
 
     def stop(self) -> None:

@@ -1,0 +1,1 @@
+"""Traffic interception: the iptables rules that send a pod's traffic through the proxy."""
