@@ -60,6 +60,8 @@ class DownstreamHttp1(asyncio.Protocol):
         self._header_timer: asyncio.TimerHandle | None = None
         self._idle_timer: asyncio.TimerHandle | None = None
         self._write_paused = False
+        self._cork = 0
+        self._last_active = 0.0
 
     # -- asyncio.Protocol ------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -76,8 +78,6 @@ class DownstreamHttp1(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self._closing:
             return
-        if self.stream is None and self._header_timer is None:
-            self._arm_header_timer()
         events = self.codec.receive(data)
         if self._queue or (self.stream is not None and self.stream.request_done):
             self._queue.extend(events)
@@ -89,6 +89,9 @@ class DownstreamHttp1(asyncio.Protocol):
                 self._queue.extend(events[i:])
                 return
             self._dispatch(ev)
+        if self.stream is None and self._header_timer is None and self.codec.head_pending:
+            # Part of a head arrived and no request started: the slow-client clock runs.
+            self._arm_header_timer()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closing = True
@@ -120,9 +123,6 @@ class DownstreamHttp1(asyncio.Protocol):
             if self._header_timer is not None:
                 self._header_timer.cancel()
                 self._header_timer = None
-            if self._idle_timer is not None:
-                self._idle_timer.cancel()
-                self._idle_timer = None
             stream = HttpStream(self, ev)
             if self.ctx.draining:
                 stream.keep_alive = False
@@ -199,10 +199,21 @@ class DownstreamHttp1(asyncio.Protocol):
         self.codec.send_end([])
         self._flush()
 
+    def cork(self) -> None:
+        self._cork += 1
+
+    def uncork(self) -> None:
+        self._cork -= 1
+        if self._cork == 0:
+            self._flush()
+
     def _flush(self) -> None:
+        if self._cork:
+            return
         data = self.codec.data_to_send()
-        if data and self.transport is not None:
-            self.transport.write(data)
+        transport = self.transport
+        if data and transport is not None and not transport.is_closing():
+            transport.write(data)
 
     def pause_reading(self) -> None:
         if not self._reading_paused and self.transport is not None:
@@ -256,16 +267,27 @@ class DownstreamHttp1(asyncio.Protocol):
             self._reply_and_close(408, b"request headers timeout")
 
     def _arm_idle(self) -> None:
-        if self._idle_timer is not None:
-            self._idle_timer.cancel()
-        timeout = self.ctx.snapshot.settings.idle_timeout
-        self._idle_timer = asyncio.get_running_loop().call_later(timeout, self._idle)
+        """Note activity; the one idle timer re-arms itself lazily instead of per request."""
+        loop = asyncio.get_running_loop()
+        self._last_active = loop.time()
+        if self._idle_timer is None:
+            timeout = self.ctx.snapshot.settings.idle_timeout
+            self._idle_timer = loop.call_later(timeout, self._idle)
 
     def _idle(self) -> None:
         self._idle_timer = None
-        if self.stream is None and self.transport is not None:
-            self._closing = True
-            self.transport.close()
+        if self.transport is None or self._closing:
+            return
+        loop = asyncio.get_running_loop()
+        timeout = self.ctx.snapshot.settings.idle_timeout
+        left = self._last_active + timeout - loop.time()
+        if self.stream is not None or left > 0:
+            self._idle_timer = loop.call_later(
+                max(left, 0.05) if self.stream is None else timeout, self._idle
+            )
+            return
+        self._closing = True
+        self.transport.close()
 
     def _cancel_timers(self) -> None:
         for t in (self._header_timer, self._idle_timer):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import uuid
+from random import getrandbits
 from typing import TYPE_CHECKING
 
 from meshproxy.codec.events import Headers, RequestHead, ResponseHead
@@ -35,6 +35,16 @@ class LocalReply(Exception):
         self.status = status
         self.body = body
         self.flag = flag
+
+
+def new_request_id() -> bytes:
+    """A random UUIDv4 as Envoy generates, without uuid.UUID's object overhead."""
+    h = "%032x" % ((getrandbits(128) & _UUID4_CLEAR) | _UUID4_SET)
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}".encode()
+
+
+_UUID4_CLEAR = ~((0xF000 << 64) | (0xC000 << 48)) & ((1 << 128) - 1)
+_UUID4_SET = (0x4000 << 64) | (0x8000 << 48)
 
 
 def _view(head: RequestHead, port: int, scheme: str) -> RequestView:
@@ -76,6 +86,7 @@ class HttpStream:
         self.task: asyncio.Task[None] | None = None
         self.keep_alive = head.keep_alive
         self._sent_at = 0.0
+        self._host: EndpointState | None = None
 
     # -- request body from the downstream ----------------------------------------------------
     def request_data(self, data: bytes) -> None:
@@ -127,6 +138,12 @@ class HttpStream:
                 waiter.set_exception(error)
                 return
 
+    def hold_writes(self) -> None:
+        self.conn.cork()
+
+    def release_writes(self) -> None:
+        self.conn.uncork()
+
     def on_upstream_writable(self, writable: bool) -> None:
         if writable:
             self.conn.resume_reading()
@@ -149,7 +166,6 @@ class HttpStream:
         wall = time.time()
         match: RouteMatch | None = None
         cluster_name = ""
-        host: EndpointState | None = None
         try:
             if self.head.expect_continue:
                 conn.send_interim(100)
@@ -158,11 +174,11 @@ class HttpStream:
             if cluster is None:
                 raise LocalReply(503, "no healthy upstream", "NC")
             timeout = match.route.timeout if match is not None else None
-            async with asyncio.timeout(timeout):
-                host = await self._attempts(cluster, upstream_head)
-                self._done_waiter = asyncio.get_running_loop().create_future()
-                if not self.response_complete:
-                    await self._done_waiter
+            if timeout is None:
+                await self._exchange(cluster, upstream_head)
+            else:
+                async with asyncio.timeout(timeout):
+                    await self._exchange(cluster, upstream_head)
         except LocalReply as reply:
             self._local_reply(reply.status, reply.body, reply.flag)
         except TimeoutError:
@@ -198,6 +214,7 @@ class HttpStream:
             self._abort_upstream()
             self._fail(500, "internal error", "-")
         finally:
+            host = self._host
             if host is not None:
                 host.active_requests -= 1
             up = self.upstream
@@ -206,6 +223,13 @@ class HttpStream:
             duration = (time.monotonic() - start) * 1000.0
             self._record(match, cluster_name, host, duration, wall)
             conn.stream_finished(self)
+
+    async def _exchange(self, cluster: object, upstream_head: RequestHead) -> EndpointState:
+        host = await self._attempts(cluster, upstream_head)
+        if not self.response_complete:
+            self._done_waiter = asyncio.get_running_loop().create_future()
+            await self._done_waiter
+        return host
 
     def _route(self) -> tuple[RouteMatch | None, str, RequestHead]:
         conn = self.conn
@@ -255,7 +279,7 @@ class HttpStream:
         if not has_proto:
             out.append((b"x-forwarded-proto", b"http"))
         if not has_id:
-            out.append((b"x-request-id", str(uuid.uuid4()).encode()))
+            out.append((b"x-request-id", new_request_id()))
         if conn.inbound:
             # The edge of the mesh appends the peer, as Envoy does with use_remote_address.
             peer = conn.peer_ip.encode()
@@ -310,11 +334,13 @@ class HttpStream:
             self.conn.resume_reading()
             if self.request_done:
                 up.end_request(self.request_trailers)
+            self._host = host
             try:
                 await self._head_waiter
             except UpstreamError as err:
                 host.active_requests -= 1
                 host.errors += 1
+                self._host = None
                 self.upstream = None
                 if reused and not fresh and not err.response_started and self._replayable():
                     fresh = True  # the keep-alive race: the upstream closed an idle connection

@@ -31,6 +31,8 @@ class ResponseSink(Protocol):
     def on_response_end(self, trailers: Headers) -> None: ...
     def on_upstream_failure(self, error: UpstreamError) -> None: ...
     def on_upstream_writable(self, writable: bool) -> None: ...
+    def hold_writes(self) -> None: ...
+    def release_writes(self) -> None: ...
 
 
 class UpstreamHttp1Connection(asyncio.Protocol):
@@ -62,6 +64,14 @@ class UpstreamHttp1Connection(asyncio.Protocol):
             self._close()  # bytes with no request outstanding: the peer is broken
             return
         self.response_started = True
+        # Everything this read produces goes downstream in one write (one syscall).
+        sink.hold_writes()
+        try:
+            self._deliver(sink, data)
+        finally:
+            sink.release_writes()
+
+    def _deliver(self, sink: ResponseSink, data: bytes) -> None:
         for ev in self.codec.receive(data):
             if isinstance(ev, Data):
                 sink.on_response_data(ev.data)
@@ -163,8 +173,9 @@ class UpstreamHttp1Connection(asyncio.Protocol):
 
     # -- internals -------------------------------------------------------------------------
     def _write(self, data: bytes) -> None:
-        if data and self.transport is not None and not self.closed:
-            self.transport.write(data)
+        transport = self.transport
+        if data and transport is not None and not self.closed and not transport.is_closing():
+            transport.write(data)
 
     def _maybe_release(self) -> None:
         if not (self.request_done and self.response_done):

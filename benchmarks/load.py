@@ -1,0 +1,269 @@
+"""Load harness: direct vs nginx vs meshproxy (each codec), same upstream, same run.
+
+    python -m benchmarks.load [--duration 10] [--connections 50] [--runs 1]
+
+Starts an nginx upstream (`return 200 "hello"`), nginx as a reverse proxy (one worker,
+keep-alive upstream: the C reference), and `meshproxy run` once per codec, then drives each with
+wrk. Prints req/s, p50/p99, proxy CPU per request, and ratios against direct and nginx measured
+in this run. Proxies are pinned to CPU 1, wrk and the upstream to CPU 0 (2-core box), as in
+../shared/reference/performance-anchors.md. Every process started here is stopped by its PID.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"port {port} not listening after {timeout}s")
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """utime+stime of a process and its children (nginx master + worker)."""
+    pids = [pid]
+    children = Path(f"/proc/{pid}/task/{pid}/children")
+    if children.exists():
+        pids += [int(p) for p in children.read_text().split()]
+    total = 0
+    for p in pids:
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])
+    return total / CLK_TCK
+
+
+@dataclass
+class Result:
+    name: str
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    cpu_us: float | None
+    errors: int
+
+
+def run_wrk(port: int, duration: int, connections: int, cpu: str) -> tuple[float, float, float,
+                                                                            int, int]:
+    cmd = ["taskset", "-c", cpu, "wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--latency",
+           "-H", "Host: bench.local", f"http://127.0.0.1:{port}/"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + 60,
+                         check=True).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    total = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
+
+    def pct(label: str) -> float:
+        m = re.search(rf"{label}%\s+([\d.]+)(us|ms|s)", out)
+        assert m, out
+        value, unit = float(m.group(1)), m.group(2)
+        return value / 1000 if unit == "us" else value * 1000 if unit == "s" else value
+
+    errors = 0
+    m = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    if m:
+        errors += int(m.group(1))
+    m = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    if m:
+        errors += sum(int(x) for x in m.groups())
+    return rps, pct("50"), pct("99"), total, errors
+
+
+def measure(name: str, port: int, pid: int | None, args: argparse.Namespace,
+            connections: int) -> Result:
+    run_wrk(port, 2, connections, "0")  # warm-up, not recorded
+    before = tree_cpu_seconds(pid) if pid else 0.0
+    rps, p50, p99, total, errors = run_wrk(port, args.duration, connections, "0")
+    cpu_us = (tree_cpu_seconds(pid) - before) / total * 1e6 if pid and total else None
+    return Result(name, rps, p50, p99, cpu_us, errors)
+
+
+NGINX_UPSTREAM = """
+worker_processes 1; daemon off; pid {dir}/up.pid; error_log {dir}/up.err;
+events {{ worker_connections 4096; }}
+http {{ access_log off; keepalive_requests 1000000;
+  server {{ listen 127.0.0.1:{port}; location / {{ return 200 "hello"; }} }} }}
+"""
+NGINX_PROXY = """
+worker_processes 1; daemon off; pid {dir}/px.pid; error_log {dir}/px.err;
+events {{ worker_connections 4096; }}
+http {{ access_log off; keepalive_requests 1000000;
+  upstream up {{ server 127.0.0.1:{upstream}; keepalive 256; keepalive_requests 1000000; }}
+  server {{ listen 127.0.0.1:{port};
+    location / {{ proxy_pass http://up; proxy_http_version 1.1;
+      proxy_set_header Connection ""; proxy_max_temp_file_size 0; }} }} }}
+"""
+MESH = """
+apiVersion: meshproxy.io/v1alpha1
+kind: ProxyConfig
+metadata: {{name: bench}}
+spec: {{interceptionMode: NONE, proxyAdminPort: {admin}, statusPort: 0, http1Codec: {codec},
+        upstreamIdleTimeout: 60s}}
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: bench}}
+spec:
+  hosts: [bench.local]
+  ports: [{{number: {port}, name: http, protocol: HTTP}}]
+  resolution: STATIC
+  endpoints: [{{address: 127.0.0.1, ports: {{http: {upstream}}}}}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: bench}}
+spec:
+  hosts: [bench.local]
+  http:
+  - match: [{{uri: {{prefix: /never}}}}]
+    route: [{{destination: {{host: bench.local}}}}]
+  - route: [{{destination: {{host: bench.local}}}}]
+    headers: {{response: {{set: {{x-mesh: bench}}}}}}
+---
+apiVersion: networking.istio.io/v1
+kind: Sidecar
+metadata: {{name: default}}
+spec:
+  egress:
+  - port: {{number: {port}, protocol: HTTP, name: http}}
+    bind: 127.0.0.1
+    hosts: ["*/bench.local"]
+"""
+
+
+class Processes:
+    def __init__(self) -> None:
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def start(self, cmd: list[str]) -> subprocess.Popen[bytes]:
+        p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             stdin=subprocess.DEVNULL)
+        self.procs.append(p)
+        return p
+
+    def stop(self, p: subprocess.Popen[bytes]) -> None:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+
+    def stop_all(self) -> None:
+        for p in self.procs:
+            self.stop(p)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--duration", type=int, default=10)
+    ap.add_argument("--connections", type=int, default=50)
+    ap.add_argument("--runs", type=int, default=1)
+    ap.add_argument("--codecs", default="httptools,h11")
+    ap.add_argument("--latency-c1", action="store_true", help="also measure p99 at -c1")
+    args = ap.parse_args(argv)
+    for tool in ("wrk", "nginx", "taskset"):
+        if shutil.which(tool) is None:
+            print(f"{tool} is required (apt-get install wrk nginx-light util-linux)",
+                  file=sys.stderr)
+            return 2
+    tmp = Path(tempfile.mkdtemp(prefix="meshproxy-bench-"))
+    procs = Processes()
+    results: list[list[Result]] = []
+    try:
+        up_port = free_port()
+        (tmp / "up.conf").write_text(NGINX_UPSTREAM.format(dir=tmp, port=up_port))
+        procs.start(["taskset", "-c", "0", "nginx", "-c", str(tmp / "up.conf"), "-p", str(tmp)])
+        wait_port(up_port)
+        targets: list[tuple[str, list[str] | None, int]] = [("direct", None, up_port)]
+        ng_port = free_port()
+        (tmp / "px.conf").write_text(NGINX_PROXY.format(dir=tmp, port=ng_port,
+                                                        upstream=up_port))
+        targets.append(("nginx", ["taskset", "-c", "1", "nginx", "-c", str(tmp / "px.conf"),
+                                  "-p", str(tmp)], ng_port))
+        for codec in args.codecs.split(","):
+            port, admin = free_port(), free_port()
+            cfg = tmp / f"mesh-{codec}"
+            cfg.mkdir()
+            (cfg / "mesh.yaml").write_text(MESH.format(admin=admin, codec=codec, port=port,
+                                                       upstream=up_port))
+            targets.append((f"meshproxy ({codec})",
+                            ["taskset", "-c", "1", sys.executable, "-m", "meshproxy",
+                             "--log-level", "warning", "run", "-c", str(cfg)], port))
+        for _ in range(args.runs):
+            run: list[Result] = []
+            for name, cmd, port in targets:
+                proc = procs.start(cmd) if cmd else None
+                wait_port(port)
+                pid = proc.pid if proc else None
+                run.append(measure(name, port, pid, args, args.connections))
+                if args.latency_c1:
+                    c1 = measure(name + " c1", port, pid, args, 1)
+                    run.append(c1)
+                if proc:
+                    procs.stop(proc)
+            results.append(run)
+    finally:
+        procs.stop_all()
+    report(results, args)
+    return 0
+
+
+def report(results: list[list[Result]], args: argparse.Namespace) -> None:
+    by_name: dict[str, list[Result]] = {}
+    for run in results:
+        for r in run:
+            by_name.setdefault(r.name, []).append(r)
+
+    def med(values: list[float]) -> float:
+        s = sorted(values)
+        return s[len(s) // 2]
+
+    direct = med([r.rps for r in by_name["direct"]])
+    nginx = med([r.rps for r in by_name["nginx"]])
+    print(f"\nwrk -t1 -c{args.connections} -d{args.duration}s, median of {args.runs} run(s); "
+          "proxies pinned to CPU 1, wrk and upstream nginx to CPU 0")
+    print(f"{'config':<28}{'req/s':>10}{'x direct':>10}{'x nginx':>9}{'p50 ms':>9}{'p99 ms':>9}"
+          f"{'CPU us/req':>12}{'CPU-s/10k':>11}{'errors':>8}")
+    for name, rs in by_name.items():
+        rps = med([r.rps for r in rs])
+        cpu = [r.cpu_us for r in rs if r.cpu_us is not None]
+        cpu_s = f"{med(cpu):.1f}" if cpu else "-"
+        cpu_10k = f"{med(cpu) / 100:.3f}" if cpu else "-"
+        print(f"{name:<28}{rps:>10.0f}{rps / direct:>10.2f}{rps / nginx:>9.2f}"
+              f"{med([r.p50_ms for r in rs]):>9.3f}{med([r.p99_ms for r in rs]):>9.3f}"
+              f"{cpu_s:>12}{cpu_10k:>11}{sum(r.errors for r in rs):>8}")
+    print(f"\nreproduce: python -m benchmarks.load --duration {args.duration} "
+          f"--connections {args.connections} --runs {args.runs}"
+          + (" --latency-c1" if args.latency_c1 else ""))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
