@@ -70,12 +70,25 @@ class Result:
     errors: int
 
 
-def run_wrk(port: int, duration: int, connections: int, cpu: str) -> tuple[float, float, float,
-                                                                            int, int]:
-    cmd = ["taskset", "-c", cpu, "wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--latency",
-           "-H", "Host: bench.local", f"http://127.0.0.1:{port}/"]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + 60,
-                         check=True).stdout
+def run_wrk(
+    port: int, duration: int, connections: int, cpu: str
+) -> tuple[float, float, float, int, int]:
+    cmd = [
+        "taskset",
+        "-c",
+        cpu,
+        "wrk",
+        "-t1",
+        f"-c{connections}",
+        f"-d{duration}s",
+        "--latency",
+        "-H",
+        "Host: bench.local",
+        f"http://127.0.0.1:{port}/",
+    ]
+    out = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=duration + 60, check=True
+    ).stdout
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
     total = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
 
@@ -95,8 +108,9 @@ def run_wrk(port: int, duration: int, connections: int, cpu: str) -> tuple[float
     return rps, pct("50"), pct("99"), total, errors
 
 
-def measure(name: str, port: int, pid: int | None, args: argparse.Namespace,
-            connections: int) -> Result:
+def measure(
+    name: str, port: int, pid: int | None, args: argparse.Namespace, connections: int
+) -> Result:
     run_wrk(port, 2, connections, "0")  # warm-up, not recorded
     before = tree_cpu_seconds(pid) if pid else 0.0
     rps, p50, p99, total, errors = run_wrk(port, args.duration, connections, "0")
@@ -162,8 +176,9 @@ class Processes:
         self.procs: list[subprocess.Popen[bytes]] = []
 
     def start(self, cmd: list[str]) -> subprocess.Popen[bytes]:
-        p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                             stdin=subprocess.DEVNULL)
+        p = subprocess.Popen(
+            cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL
+        )
         self.procs.append(p)
         return p
 
@@ -191,8 +206,9 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     for tool in ("wrk", "nginx", "taskset"):
         if shutil.which(tool) is None:
-            print(f"{tool} is required (apt-get install wrk nginx-light util-linux)",
-                  file=sys.stderr)
+            print(
+                f"{tool} is required (apt-get install wrk nginx-light util-linux)", file=sys.stderr
+            )
             return 2
     tmp = Path(tempfile.mkdtemp(prefix="meshproxy-bench-"))
     procs = Processes()
@@ -204,19 +220,40 @@ def main(argv: list[str] | None = None) -> int:
         wait_port(up_port)
         targets: list[tuple[str, list[str] | None, int]] = [("direct", None, up_port)]
         ng_port = free_port()
-        (tmp / "px.conf").write_text(NGINX_PROXY.format(dir=tmp, port=ng_port,
-                                                        upstream=up_port))
-        targets.append(("nginx", ["taskset", "-c", "1", "nginx", "-c", str(tmp / "px.conf"),
-                                  "-p", str(tmp)], ng_port))
+        (tmp / "px.conf").write_text(NGINX_PROXY.format(dir=tmp, port=ng_port, upstream=up_port))
+        targets.append(
+            (
+                "nginx",
+                ["taskset", "-c", "1", "nginx", "-c", str(tmp / "px.conf"), "-p", str(tmp)],
+                ng_port,
+            )
+        )
         for codec in args.codecs.split(","):
             port, admin = free_port(), free_port()
             cfg = tmp / f"mesh-{codec}"
             cfg.mkdir()
-            (cfg / "mesh.yaml").write_text(MESH.format(admin=admin, codec=codec, port=port,
-                                                       upstream=up_port))
-            targets.append((f"meshproxy ({codec})",
-                            ["taskset", "-c", "1", sys.executable, "-m", "meshproxy",
-                             "--log-level", "warning", "run", "-c", str(cfg)], port))
+            (cfg / "mesh.yaml").write_text(
+                MESH.format(admin=admin, codec=codec, port=port, upstream=up_port)
+            )
+            targets.append(
+                (
+                    f"meshproxy ({codec})",
+                    [
+                        "taskset",
+                        "-c",
+                        "1",
+                        sys.executable,
+                        "-m",
+                        "meshproxy",
+                        "--log-level",
+                        "warning",
+                        "run",
+                        "-c",
+                        str(cfg),
+                    ],
+                    port,
+                )
+            )
         for _ in range(args.runs):
             run: list[Result] = []
             for name, cmd, port in targets:
@@ -248,21 +285,29 @@ def report(results: list[list[Result]], args: argparse.Namespace) -> None:
 
     direct = med([r.rps for r in by_name["direct"]])
     nginx = med([r.rps for r in by_name["nginx"]])
-    print(f"\nwrk -t1 -c{args.connections} -d{args.duration}s, median of {args.runs} run(s); "
-          "proxies pinned to CPU 1, wrk and upstream nginx to CPU 0")
-    print(f"{'config':<28}{'req/s':>10}{'x direct':>10}{'x nginx':>9}{'p50 ms':>9}{'p99 ms':>9}"
-          f"{'CPU us/req':>12}{'CPU-s/10k':>11}{'errors':>8}")
+    print(
+        f"\nwrk -t1 -c{args.connections} -d{args.duration}s, median of {args.runs} run(s); "
+        "proxies pinned to CPU 1, wrk and upstream nginx to CPU 0"
+    )
+    print(
+        f"{'config':<28}{'req/s':>10}{'x direct':>10}{'x nginx':>9}{'p50 ms':>9}{'p99 ms':>9}"
+        f"{'CPU us/req':>12}{'CPU-s/10k':>11}{'errors':>8}"
+    )
     for name, rs in by_name.items():
         rps = med([r.rps for r in rs])
         cpu = [r.cpu_us for r in rs if r.cpu_us is not None]
         cpu_s = f"{med(cpu):.1f}" if cpu else "-"
         cpu_10k = f"{med(cpu) / 100:.3f}" if cpu else "-"
-        print(f"{name:<28}{rps:>10.0f}{rps / direct:>10.2f}{rps / nginx:>9.2f}"
-              f"{med([r.p50_ms for r in rs]):>9.3f}{med([r.p99_ms for r in rs]):>9.3f}"
-              f"{cpu_s:>12}{cpu_10k:>11}{sum(r.errors for r in rs):>8}")
-    print(f"\nreproduce: python -m benchmarks.load --duration {args.duration} "
-          f"--connections {args.connections} --runs {args.runs}"
-          + (" --latency-c1" if args.latency_c1 else ""))
+        print(
+            f"{name:<28}{rps:>10.0f}{rps / direct:>10.2f}{rps / nginx:>9.2f}"
+            f"{med([r.p50_ms for r in rs]):>9.3f}{med([r.p99_ms for r in rs]):>9.3f}"
+            f"{cpu_s:>12}{cpu_10k:>11}{sum(r.errors for r in rs):>8}"
+        )
+    print(
+        f"\nreproduce: python -m benchmarks.load --duration {args.duration} "
+        f"--connections {args.connections} --runs {args.runs}"
+        + (" --latency-c1" if args.latency_c1 else "")
+    )
 
 
 if __name__ == "__main__":

@@ -65,10 +65,16 @@ def test_h1_proxy_cycle(benchmark, codec: str) -> None:  # type: ignore[no-untyp
 
 def _table(n: int) -> RouteTable:
     routes = tuple(
-        Route(f"r{i}", (RequestMatcher(
-            uri=StringMatcher.build("prefix", f"/svc{i}/"),
-            headers=(("x-version", StringMatcher.build("exact", f"v{i % 3}")),)),),
-            (RouteTarget(f"c{i}", 100),))
+        Route(
+            f"r{i}",
+            (
+                RequestMatcher(
+                    uri=StringMatcher.build("prefix", f"/svc{i}/"),
+                    headers=(("x-version", StringMatcher.build("exact", f"v{i % 3}")),),
+                ),
+            ),
+            (RouteTarget(f"c{i}", 100),),
+        )
         for i in range(n)
     )
     vh = VirtualHost("svc", ("svc",), routes, "svc")

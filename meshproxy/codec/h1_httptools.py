@@ -93,6 +93,7 @@ class HttptoolsServerCodec:
         try:
             self._parser.feed_data(data)
             if self._in_head:
+                # A head still incomplete after this read: bound what llhttp buffers for it.
                 self._head_bytes += len(data)
                 if self._head_bytes > self._limits.max_header_bytes:
                     raise ProtocolError("request headers too large", _DOWN, 431)
@@ -101,11 +102,8 @@ class HttptoolsServerCodec:
             events.append(ParseFailure(ProtocolError("upgrade is not supported", _DOWN, 400)))
             self.failed = True
         except httptools.HttpParserError as exc:
-            events.append(
-                ParseFailure(
-                    _callback_error(exc) or ProtocolError(f"malformed request: {exc}", _DOWN, 400)
-                )
-            )
+            error = _callback_error(exc) or ProtocolError(f"malformed request: {exc}", _DOWN, 400)
+            events.append(ParseFailure(error))
             self.failed = True
         except ProtocolError as exc:
             events.append(ParseFailure(exc))
@@ -124,19 +122,20 @@ class HttptoolsServerCodec:
         self._head_bytes += len(url)
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._head_bytes += len(name) + len(value) + 4
-        headers = self._headers
-        if len(headers) >= self._limits.max_headers:
-            raise ProtocolError("too many request headers", _DOWN, 431)
-        if self._head_bytes > self._limits.max_header_bytes:
-            raise ProtocolError("request headers too large", _DOWN, 431)
-        headers.append((name.lower(), value))
+        # Kept minimal: llhttp already validated the bytes; sizes are checked in receive().
+        self._headers.append((name.lower(), value))
 
     def on_headers_complete(self) -> None:
         self._in_head = False
         p = self._parser
         version = p.get_http_version().encode()
         headers = self._headers
+        limits = self._limits
+        if len(headers) > limits.max_headers:
+            raise ProtocolError("too many request headers", _DOWN, 431)
+        size = len(self._url) + sum(len(k) + len(v) + 4 for k, v in headers)
+        if size > limits.max_header_bytes:
+            raise ProtocolError("request headers too large", _DOWN, 431)
         chunked, length = framing(headers, _DOWN)
         head = RequestHead(
             method=p.get_method(),

@@ -28,12 +28,19 @@ IDEMPOTENT_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b
 
 
 def strip_hop_by_hop(headers: Headers) -> Headers:
-    """Drop hop-by-hop headers and any header the Connection header names (RFC 9110 §7.6.1)."""
-    named: set[bytes] = set()
+    """Drop hop-by-hop headers and any header the Connection header names (RFC 9110 §7.6.1).
+
+    Returns `headers` itself when there is nothing to drop (the common case on a hot path).
+    """
+    drop: set[bytes] | None = None
     for k, v in headers:
-        if k == b"connection":
-            named.update(t.strip().lower() for t in v.split(b","))
-    drop = HOP_BY_HOP | named if named else HOP_BY_HOP
+        if k in HOP_BY_HOP:
+            if drop is None:
+                drop = set(HOP_BY_HOP)
+            if k == b"connection":
+                drop.update(t.strip().lower() for t in v.split(b","))
+    if drop is None:
+        return headers
     return [(k, v) for k, v in headers if k not in drop]
 
 

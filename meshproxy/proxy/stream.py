@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Iterator, Mapping
 from random import getrandbits
 from typing import TYPE_CHECKING
 
@@ -47,16 +48,48 @@ _UUID4_CLEAR = ~((0xF000 << 64) | (0xC000 << 48)) & ((1 << 128) - 1)
 _UUID4_SET = (0x4000 << 64) | (0x8000 << 48)
 
 
+class _LazyHeaders(Mapping[str, str]):
+    """Request headers as str, decoded only if a route actually matches on headers."""
+
+    __slots__ = ("_decoded", "_raw")
+
+    def __init__(self, raw: Headers) -> None:
+        self._raw = raw
+        self._decoded: dict[str, str] | None = None
+
+    def _get(self) -> dict[str, str]:
+        decoded = self._decoded
+        if decoded is None:
+            decoded = {}
+            for k, v in self._raw:
+                name = k.decode("latin-1")
+                value = v.decode("latin-1")
+                decoded[name] = f"{decoded[name]},{value}" if name in decoded else value
+            self._decoded = decoded
+        return decoded
+
+    def __getitem__(self, key: str) -> str:
+        return self._get()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._get())
+
+    def __len__(self) -> int:
+        return len(self._get())
+
+
 def _view(head: RequestHead, port: int, scheme: str) -> RequestView:
     target = head.target.decode("latin-1")
     path, _, query = target.partition("?")
-    headers: dict[str, str] = {}
-    for k, v in head.headers:
-        name = k.decode("latin-1")
-        value = v.decode("latin-1")
-        headers[name] = f"{headers[name]},{value}" if name in headers else value
+    host = head.header(b"host") or b""
     return RequestView(
-        head.method.decode("latin-1"), path, query, headers.get("host", ""), scheme, headers, port
+        head.method.decode("latin-1"),
+        path,
+        query,
+        host.decode("latin-1"),
+        scheme,
+        _LazyHeaders(head.headers),
+        port,
     )
 
 

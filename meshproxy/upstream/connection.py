@@ -49,7 +49,7 @@ class UpstreamHttp1Connection(asyncio.Protocol):
         self.request_done = False
         self.response_done = False
         self.keep_alive = True
-        self.idle_handle: asyncio.TimerHandle | None = None
+        self.idle_since = 0.0
         self._paused_by_sink = False
         self._interim = False
 
@@ -111,8 +111,6 @@ class UpstreamHttp1Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        if self.idle_handle is not None:
-            self.idle_handle.cancel()
         self.pool.forget(self)
         if self.sink is not None:
             for ev in self.codec.receive_eof():
@@ -132,9 +130,6 @@ class UpstreamHttp1Connection(asyncio.Protocol):
 
     # -- used by the stream ----------------------------------------------------------------
     def start(self, head: RequestHead, sink: ResponseSink) -> None:
-        if self.idle_handle is not None:
-            self.idle_handle.cancel()
-            self.idle_handle = None
         self.sink = sink
         self.requests += 1
         self.response_started = self.request_done = self.response_done = False

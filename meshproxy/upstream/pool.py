@@ -43,18 +43,30 @@ class Pool:
         self.idle: list[UpstreamHttp1Connection] = []
         self.connections: set[UpstreamHttp1Connection] = set()
         self.closed = False
+        self._sweeper: asyncio.TimerHandle | None = None
         self.connect_failures = 0
         self.connects = 0
         self._on_change = on_change
 
     async def acquire(self) -> tuple[UpstreamHttp1Connection, bool]:
         """A connection ready for one request, and whether it was reused."""
+        conn = self.take_idle()
+        if conn is not None:
+            return conn, True
+        return await self._connect(), False
+
+    def take_idle(self) -> UpstreamHttp1Connection | None:
+        """The most recently used live idle connection, if any (no waiting)."""
         idle = self.idle
+        if not idle:
+            return None
+        deadline = asyncio.get_running_loop().time() - self.idle_timeout
         while idle:
             conn = idle.pop()
-            if not conn.closed:
-                return conn, True
-        return await self._connect(), False
+            if not conn.closed and conn.idle_since > deadline:
+                return conn
+            conn.abort()
+        return None
 
     async def _connect(self) -> UpstreamHttp1Connection:
         loop = asyncio.get_running_loop()
@@ -101,18 +113,27 @@ class Pool:
             or conn.closed
             or (self.max_requests and conn.requests >= self.max_requests)
         ):
-            conn.abort() if not conn.closed else None
+            if not conn.closed:
+                conn.abort()
             return
+        loop = asyncio.get_running_loop()
+        conn.idle_since = loop.time()
         self.idle.append(conn)
-        conn.idle_handle = asyncio.get_running_loop().call_later(
-            self.idle_timeout, self._expire, conn
-        )
+        if self._sweeper is None:
+            self._sweeper = loop.call_later(self.idle_timeout, self._sweep)
 
-    def _expire(self, conn: UpstreamHttp1Connection) -> None:
-        conn.idle_handle = None
-        if conn in self.idle:
-            self.idle.remove(conn)
-        conn.abort()
+    def _sweep(self) -> None:
+        """Close connections idle for longer than idle_timeout; one timer per pool, not per
+        request (a timer per release costs more than the rest of the pool bookkeeping)."""
+        self._sweeper = None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() - self.idle_timeout
+        idle = self.idle
+        while idle and (idle[0].closed or idle[0].idle_since <= deadline):
+            idle.pop(0).abort()
+        if idle and not self.closed:
+            delay = idle[0].idle_since - deadline
+            self._sweeper = loop.call_later(max(delay, 0.01), self._sweep)
 
     def forget(self, conn: UpstreamHttp1Connection) -> None:
         if conn in self.connections:
@@ -125,6 +146,9 @@ class Pool:
     def close(self) -> None:
         """Close idle connections now; busy ones close when their request ends."""
         self.closed = True
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
         for conn in list(self.idle):
             conn.abort()
         self.idle.clear()
