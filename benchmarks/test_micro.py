@@ -21,7 +21,8 @@ from meshproxy.upstream.lb import LeastRequest, Random, RoundRobin
 
 REQUEST = (
     b"GET /api/v1/items?id=42 HTTP/1.1\r\nHost: reviews.default.svc.cluster.local\r\n"
-    b"User-Agent: bench/1.0\r\nAccept: */*\r\nX-Request-Id: 0f8e7d6c-1234-5678-9abc-def012345678\r\n"
+    b"User-Agent: bench/1.0\r\nAccept: */*\r\n"
+    b"X-Request-Id: 0f8e7d6c-1234-5678-9abc-def012345678\r\n"
     b"X-B3-TraceId: 80f198ee56343ba864fe8b2a57d3eff7\r\nX-B3-SpanId: e457b5a2e4d86bd1\r\n"
     b"X-B3-Sampled: 1\r\n\r\n"
 )
