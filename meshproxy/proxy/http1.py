@@ -8,7 +8,6 @@ from collections import deque
 from collections.abc import Callable
 from typing import cast
 
-from meshproxy._tasks import spawn
 from meshproxy.codec.events import (
     Data,
     EndOfMessage,
@@ -66,6 +65,7 @@ class DownstreamHttp1(asyncio.Protocol):
     # -- asyncio.Protocol ------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport = cast(asyncio.Transport, transport)
+        self.loop = asyncio.get_running_loop()
         transport.set_write_buffer_limits(high=HIGH_WATER)
         peer = transport.get_extra_info("peername")
         self.peer_ip = str(peer[0]) if peer else ""
@@ -100,8 +100,8 @@ class DownstreamHttp1(asyncio.Protocol):
         ctx.connections.discard(self)
         ctx.metrics.downstream_cx_active -= 1
         stream = self.stream
-        if stream is not None and stream.task is not None and not stream.task.done():
-            stream.task.cancel()
+        if stream is not None:
+            stream.downstream_gone()
 
     def pause_writing(self) -> None:
         self._write_paused = True
@@ -127,7 +127,7 @@ class DownstreamHttp1(asyncio.Protocol):
             if self.ctx.draining:
                 stream.keep_alive = False
             self.stream = stream
-            stream.task = spawn(stream.run(), name="http-stream")
+            stream.start()
         elif isinstance(ev, EndOfMessage):
             if stream is not None:
                 stream.request_end(ev.trailers)
@@ -207,8 +207,8 @@ class DownstreamHttp1(asyncio.Protocol):
         if self._cork == 0:
             self._flush()
 
-    def _flush(self) -> None:
-        if self._cork:
+    def _flush(self, force: bool = False) -> None:
+        if self._cork and not force:
             return
         data = self.codec.data_to_send()
         transport = self.transport
@@ -239,6 +239,7 @@ class DownstreamHttp1(asyncio.Protocol):
             return
         if not stream.keep_alive or not stream.request_done or self.ctx.draining:
             self._closing = True
+            self._flush(force=True)  # the response may still be corked
             transport.close()
             return
         events = self.codec.start_next()

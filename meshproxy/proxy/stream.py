@@ -9,14 +9,16 @@ from collections.abc import Iterator, Mapping
 from random import getrandbits
 from typing import TYPE_CHECKING
 
+from meshproxy._tasks import spawn
 from meshproxy.codec.events import Headers, RequestHead, ResponseHead
 from meshproxy.codec.headers import IDEMPOTENT_METHODS, strip_hop_by_hop
 from meshproxy.config.compile import PASSTHROUGH
+from meshproxy.config.snapshot import Resolution
 from meshproxy.errors import FailureKind, UpstreamError
 from meshproxy.observe.recorder import StreamRecord
 from meshproxy.routing.match import RequestView
 from meshproxy.routing.table import NO_HEADER_OPS, HeaderOps, RouteMatch
-from meshproxy.upstream.cluster import EndpointState
+from meshproxy.upstream.cluster import Cluster, EndpointState
 from meshproxy.upstream.connection import UpstreamHttp1Connection
 
 if TYPE_CHECKING:
@@ -94,7 +96,14 @@ def _view(head: RequestHead, port: int, scheme: str) -> RequestView:
 
 
 class HttpStream:
-    """Implements ResponseSink for the upstream connection it uses."""
+    """One request/response; implements ResponseSink for the upstream connection it uses.
+
+    The fast path runs without a task: when routing and the pool can answer at once (an idle
+    keep-alive connection to a static endpoint), the request goes upstream from the
+    downstream read callback and the stream ends in the upstream read callback. Anything
+    that must wait (a new connection, DNS, a retry) runs in one coroutine, `_slow_path`.
+    Both end in `_finish`, exactly once.
+    """
 
     def __init__(self, conn: DownstreamHttp1, head: RequestHead) -> None:
         self.conn = conn
@@ -112,14 +121,79 @@ class HttpStream:
         self.response_complete = False
         self.status = 0
         self.flag = "-"
-        self._head_waiter: asyncio.Future[ResponseHead] | None = None
+        self._head_waiter: asyncio.Future[None] | None = None
         self._done_waiter: asyncio.Future[None] | None = None
         self._response_ops: HeaderOps = NO_HEADER_OPS
         self._target_ops: HeaderOps = NO_HEADER_OPS
         self.task: asyncio.Task[None] | None = None
         self.keep_alive = head.keep_alive
+        self._start = time.monotonic()
         self._sent_at = 0.0
         self._host: EndpointState | None = None
+        self._reused = False
+        self._retried = False
+        self._match: RouteMatch | None = None
+        self._cluster_name = ""
+        self._cluster: Cluster | None = None
+        self._outgoing: RequestHead | None = None
+        self._deadline: float | None = None  # loop time by which the response must be done
+        self._timer: asyncio.TimerHandle | None = None
+        self._finished = False
+
+    # -- start -------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Begin the exchange: synchronously when possible, else in a task."""
+        conn = self.conn
+        try:
+            if self.head.expect_continue:
+                conn.send_interim(100)
+            self._match, self._cluster_name, self._outgoing = self._route()
+            cluster = conn.ctx.clusters.get(self._cluster_name)
+            if cluster is None:
+                raise LocalReply(503, "no healthy upstream", "NC")
+        except LocalReply as reply:
+            self._local_reply(reply.status, reply.body, reply.flag)
+            self._finish()
+            return
+        self._cluster = cluster
+        timeout = self._match.route.timeout if self._match is not None else None
+        loop = conn.loop
+        if timeout is not None:
+            self._deadline = loop.time() + timeout
+        if cluster.spec.resolution is not Resolution.DNS:
+            try:
+                host = cluster.pick_now(conn.original_dst)
+            except UpstreamError as err:
+                self._upstream_failed(err)
+                self._finish()
+                return
+            up = host.pool.take_idle()
+            if up is not None:
+                if timeout is not None:
+                    self._timer = loop.call_at(self._deadline, self._timed_out)  # type: ignore[arg-type]
+                self._begin(host, up, reused=True)
+                return
+        self.task = spawn(self._slow_path(), name="http-stream")
+
+    def _begin(self, host: EndpointState, up: UpstreamHttp1Connection, reused: bool) -> None:
+        """Send the request on `up`: head, the body so far, and its end if it has come."""
+        host.active_requests += 1
+        host.requests += 1
+        self._host = host
+        self._reused = reused
+        self.upstream = up
+        self._sent_at = time.monotonic()
+        assert self._outgoing is not None
+        up.start(self._outgoing, self)
+        body = self._replay if self._replay is not None else self._pending
+        for chunk in body:
+            up.send_data(chunk)
+        self._pending = []
+        if self._pending_bytes:
+            self._pending_bytes = 0
+            self.conn.resume_reading()
+        if self.request_done:
+            up.end_request(self.request_trailers)
 
     # -- request body from the downstream ----------------------------------------------------
     def request_data(self, data: bytes) -> None:
@@ -149,10 +223,10 @@ class HttpStream:
     # -- ResponseSink ----------------------------------------------------------------------
     def on_response_head(self, head: ResponseHead) -> None:
         # Sent at once: body bytes of the same read follow synchronously and must come after it.
-        self._send_response_head(head, self._sent_at)
+        self._send_response_head(head)
         waiter = self._head_waiter
         if waiter is not None and not waiter.done():
-            waiter.set_result(head)
+            waiter.set_result(None)
 
     def on_response_data(self, data: bytes) -> None:
         self.response_bytes += len(data)
@@ -161,15 +235,26 @@ class HttpStream:
     def on_response_end(self, trailers: Headers) -> None:
         self.response_complete = True
         self.conn.send_end(trailers)
+        if self.task is None:
+            self._finish()
+            return
         waiter = self._done_waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
     def on_upstream_failure(self, error: UpstreamError) -> None:
-        for waiter in (self._head_waiter, self._done_waiter):
-            if waiter is not None and not waiter.done():
-                waiter.set_exception(error)
-                return
+        if self.task is not None:
+            for waiter in (self._head_waiter, self._done_waiter):
+                if waiter is not None and not waiter.done():
+                    waiter.set_exception(error)
+                    return
+            return
+        self._attempt_failed(error)
+        if self._may_retry(error):
+            self.task = spawn(self._slow_path(fresh=True), name="http-stream-retry")
+            return
+        self._upstream_failed(error)
+        self._finish()
 
     def hold_writes(self) -> None:
         self.conn.cork()
@@ -191,27 +276,39 @@ class HttpStream:
             else:
                 up.pause_reading()
 
-    # -- the stream's one coroutine --------------------------------------------------------
-    async def run(self) -> None:
-        conn = self.conn
-        ctx = conn.ctx
-        start = time.monotonic()
-        wall = time.time()
-        match: RouteMatch | None = None
-        cluster_name = ""
+    def downstream_gone(self) -> None:
+        """The downstream connection closed: stop the exchange (response flag DC)."""
+        if self._finished:
+            return
+        if self.task is not None and not self.task.done():
+            self.task.cancel()
+            return
+        self.flag = "DC"
+        if not self.response_complete:
+            self._abort_upstream()
+            if not self.response_head_sent:
+                self.status = 0
+        self._finish()
+
+    def _timed_out(self) -> None:
+        self._timer = None
+        if self._finished:
+            return
+        self._abort_upstream()
+        self._fail(504, "upstream request timeout", "UT")
+        self._finish()
+
+    # -- the slow path ---------------------------------------------------------------------
+    async def _slow_path(self, fresh: bool = False) -> None:
         try:
-            if self.head.expect_continue:
-                conn.send_interim(100)
-            match, cluster_name, upstream_head = self._route()
-            cluster = ctx.clusters.get(cluster_name)
-            if cluster is None:
-                raise LocalReply(503, "no healthy upstream", "NC")
-            timeout = match.route.timeout if match is not None else None
-            if timeout is None:
-                await self._exchange(cluster, upstream_head)
+            if self._deadline is None:
+                await self._exchange(fresh)
             else:
-                async with asyncio.timeout(timeout):
-                    await self._exchange(cluster, upstream_head)
+                if self._timer is not None:
+                    self._timer.cancel()
+                    self._timer = None
+                async with asyncio.timeout_at(self._deadline):
+                    await self._exchange(fresh)
         except LocalReply as reply:
             self._local_reply(reply.status, reply.body, reply.flag)
         except TimeoutError:
@@ -219,23 +316,7 @@ class HttpStream:
             self._fail(504, "upstream request timeout", "UT")
         except UpstreamError as err:
             self._abort_upstream()
-            if err.kind is FailureKind.NO_HEALTHY:
-                self._fail(503, "no healthy upstream", err.flag)
-            elif err.kind is FailureKind.PROTOCOL:
-                self._fail(
-                    502,
-                    "upstream connect error or disconnect/reset before headers. "
-                    "reset reason: protocol error",
-                    err.flag,
-                )
-            else:
-                reason = "connection failure" if err.flag == "UF" else "connection termination"
-                self._fail(
-                    503,
-                    "upstream connect error or disconnect/reset before headers. "
-                    f"reset reason: {reason}",
-                    err.flag,
-                )
+            self._upstream_failed(err)
         except asyncio.CancelledError:
             self._abort_upstream()
             self.flag = "DC"
@@ -247,24 +328,91 @@ class HttpStream:
             self._abort_upstream()
             self._fail(500, "internal error", "-")
         finally:
-            host = self._host
-            if host is not None:
-                host.active_requests -= 1
-            up = self.upstream
-            if up is not None and not (up.request_done or self.request_done):
-                up.abort()  # the response ended before the request body: never reuse
-            duration = (time.monotonic() - start) * 1000.0
-            self._record(match, cluster_name, host, duration, wall)
-            conn.stream_finished(self)
+            self._finish()
 
-    async def _exchange(self, cluster: object, upstream_head: RequestHead) -> EndpointState:
-        host = await self._attempts(cluster, upstream_head)
+    async def _exchange(self, fresh: bool) -> None:
+        cluster = self._cluster
+        assert cluster is not None
+        loop = self.conn.loop
+        while True:
+            host = await cluster.pick(self.conn.original_dst)
+            try:
+                if fresh:
+                    up, reused = await host.pool.connect(), False
+                else:
+                    up, reused = await host.pool.acquire()
+            except UpstreamError:
+                host.errors += 1
+                raise
+            self._head_waiter = loop.create_future()
+            self._begin(host, up, reused)
+            try:
+                await self._head_waiter
+            except UpstreamError as err:
+                self._attempt_failed(err)
+                if self._may_retry(err):
+                    fresh = True
+                    continue
+                raise
+            break
         if not self.response_complete:
-            self._done_waiter = asyncio.get_running_loop().create_future()
+            self._done_waiter = loop.create_future()
             await self._done_waiter
-        return host
+
+    # -- outcomes ----------------------------------------------------------------------------
+    def _attempt_failed(self, err: UpstreamError) -> None:
+        host = self._host
+        if host is not None:
+            host.active_requests -= 1
+            host.errors += 1
+            self._host = None
+        self.upstream = None
+
+    def _may_retry(self, err: UpstreamError) -> bool:
+        """The keep-alive race: the upstream closed a pooled connection as we reused it."""
+        if self._retried or not self._reused or err.response_started or not self._replayable():
+            return False
+        self._retried = True
+        return True
+
+    def _upstream_failed(self, err: UpstreamError) -> None:
+        if err.kind is FailureKind.NO_HEALTHY:
+            self._fail(503, "no healthy upstream", err.flag)
+        elif err.kind is FailureKind.PROTOCOL:
+            self._fail(
+                502,
+                "upstream connect error or disconnect/reset before headers. "
+                "reset reason: protocol error",
+                err.flag,
+            )
+        else:
+            reason = "connection failure" if err.flag == "UF" else "connection termination"
+            self._fail(
+                503,
+                "upstream connect error or disconnect/reset before headers. "
+                f"reset reason: {reason}",
+                err.flag,
+            )
+
+    def _finish(self) -> None:
+        if self._finished:
+            return
+        self._finished = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        host = self._host
+        if host is not None:
+            host.active_requests -= 1
+            self._host = None
+        up = self.upstream
+        if up is not None and not (up.request_done or self.request_done):
+            up.abort()  # the response ended before the request body: never reuse
+        self._record(self._match, self._cluster_name, host, time.monotonic() - self._start)
+        self.conn.stream_finished(self)
 
     def _route(self) -> tuple[RouteMatch | None, str, RequestHead]:
+        """Pick route and cluster and build the upstream head; LocalReply if none fits."""
         conn = self.conn
         head = self.head
         snapshot = conn.ctx.snapshot  # read once: this stream lives by this config
@@ -337,61 +485,18 @@ class HttpStream:
             content_length=head.content_length,
         )
 
-    async def _attempts(self, cluster: object, upstream_head: RequestHead) -> EndpointState:
-        from meshproxy.upstream.cluster import Cluster
-
-        assert isinstance(cluster, Cluster)
-        loop = asyncio.get_running_loop()
-        fresh = False
-        while True:
-            host = await cluster.pick(self.conn.original_dst)
-            host.active_requests += 1
-            host.requests += 1
-            try:
-                if fresh:
-                    up, reused = await host.pool._connect(), False
-                else:
-                    up, reused = await host.pool.acquire()
-            except UpstreamError:
-                host.active_requests -= 1
-                host.errors += 1
-                raise
-            self.upstream = up
-            self._head_waiter = loop.create_future()
-            self._sent_at = time.monotonic()
-            up.start(upstream_head, self)
-            for chunk in self._replay if self._replay is not None else self._pending:
-                up.send_data(chunk)
-            self._pending = []
-            self._pending_bytes = 0
-            self.conn.resume_reading()
-            if self.request_done:
-                up.end_request(self.request_trailers)
-            self._host = host
-            try:
-                await self._head_waiter
-            except UpstreamError as err:
-                host.active_requests -= 1
-                host.errors += 1
-                self._host = None
-                self.upstream = None
-                if reused and not fresh and not err.response_started and self._replayable():
-                    fresh = True  # the keep-alive race: the upstream closed an idle connection
-                    continue
-                raise
-            return host
-
     def _replayable(self) -> bool:
         if self.head.method in IDEMPOTENT_METHODS or not self.head.has_body:
             return self._replay is not None
         return self._replay is not None and self.request_done and self.request_bytes == 0
 
-    def _send_response_head(self, head: ResponseHead, sent_at: float) -> None:
+    def _send_response_head(self, head: ResponseHead) -> None:
         self.status = head.status
         headers = strip_hop_by_hop(head.headers)
-        headers.append(
-            (b"x-envoy-upstream-service-time", b"%d" % int((time.monotonic() - sent_at) * 1000))
-        )
+        if headers is head.headers:
+            headers = list(headers)
+        elapsed = int((time.monotonic() - self._sent_at) * 1000)
+        headers.append((b"x-envoy-upstream-service-time", b"%d" % elapsed))
         headers = self._target_ops.apply(self._response_ops.apply(headers))
         head.headers = headers
         self.response_head_sent = True
@@ -422,7 +527,6 @@ class HttpStream:
         cluster: str,
         host: EndpointState | None,
         duration: float,
-        wall: float,
     ) -> None:
         conn = self.conn
         head = self.head
@@ -432,7 +536,7 @@ class HttpStream:
             destination_service=service,
             response_code=self.status,
             response_flags=self.flag,
-            duration_ms=duration,
+            duration_ms=duration * 1000.0,
             request_bytes=self.request_bytes,
             response_bytes=self.response_bytes,
         )
@@ -449,5 +553,5 @@ class HttpStream:
             rec.request_id = (head.header(b"x-request-id") or b"").decode("latin-1")
             rec.user_agent = (head.header(b"user-agent") or b"").decode("latin-1")
             rec.downstream_remote = conn.peer_ip
-            rec.start_time = wall
+            rec.start_time = time.time() - duration
             log(rec)

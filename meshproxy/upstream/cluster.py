@@ -99,8 +99,13 @@ class Cluster:
 
     async def pick(self, original_dst: tuple[str, int] | None = None) -> EndpointState:
         """Choose an endpoint, resolving DNS when due; UH when none is left."""
-        spec = self.spec
-        if spec.resolution is Resolution.ORIGINAL_DST:
+        if self.spec.resolution is Resolution.DNS:
+            await self._refresh_dns()
+        return self.pick_now(original_dst)
+
+    def pick_now(self, original_dst: tuple[str, int] | None = None) -> EndpointState:
+        """Choose an endpoint without waiting (DNS clusters use what was last resolved)."""
+        if self.spec.resolution is Resolution.ORIGINAL_DST:
             if original_dst is None:
                 raise UpstreamError(
                     FailureKind.NO_HEALTHY,
@@ -114,8 +119,6 @@ class Cluster:
                     self._drop_idle_hosts()
                 host = self._host(original_dst[0], original_dst[1], 1)
             return host
-        if spec.resolution is Resolution.DNS:
-            await self._refresh_dns()
         picked = self._lb.pick(self.hosts)
         if picked is None:
             raise UpstreamError(

@@ -98,8 +98,9 @@ class UpstreamHttp1Connection(asyncio.Protocol):
             return True
         self.response_done = True
         self.sink = None
-        sink.on_response_end(ev.trailers)
+        # Back in the pool first, so a pipelined request the stream's end starts can reuse it.
         self._maybe_release()
+        sink.on_response_end(ev.trailers)
         return True
 
     def eof_received(self) -> bool | None:

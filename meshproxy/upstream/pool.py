@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import time
 from collections.abc import Callable
 
 from meshproxy.codec.h1 import client_codec
@@ -53,14 +54,14 @@ class Pool:
         conn = self.take_idle()
         if conn is not None:
             return conn, True
-        return await self._connect(), False
+        return await self.connect(), False
 
     def take_idle(self) -> UpstreamHttp1Connection | None:
         """The most recently used live idle connection, if any (no waiting)."""
         idle = self.idle
         if not idle:
             return None
-        deadline = asyncio.get_running_loop().time() - self.idle_timeout
+        deadline = time.monotonic() - self.idle_timeout
         while idle:
             conn = idle.pop()
             if not conn.closed and conn.idle_since > deadline:
@@ -68,7 +69,7 @@ class Pool:
             conn.abort()
         return None
 
-    async def _connect(self) -> UpstreamHttp1Connection:
+    async def connect(self) -> UpstreamHttp1Connection:
         loop = asyncio.get_running_loop()
         conn = UpstreamHttp1Connection(client_codec(self._codec, self._limits), self)
         local = (self.bind_source, 0) if self.bind_source else None
@@ -116,24 +117,22 @@ class Pool:
             if not conn.closed:
                 conn.abort()
             return
-        loop = asyncio.get_running_loop()
-        conn.idle_since = loop.time()
+        conn.idle_since = time.monotonic()
         self.idle.append(conn)
         if self._sweeper is None:
-            self._sweeper = loop.call_later(self.idle_timeout, self._sweep)
+            self._sweeper = asyncio.get_running_loop().call_later(self.idle_timeout, self._sweep)
 
     def _sweep(self) -> None:
         """Close connections idle for longer than idle_timeout; one timer per pool, not per
         request (a timer per release costs more than the rest of the pool bookkeeping)."""
         self._sweeper = None
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() - self.idle_timeout
+        deadline = time.monotonic() - self.idle_timeout
         idle = self.idle
         while idle and (idle[0].closed or idle[0].idle_since <= deadline):
             idle.pop(0).abort()
         if idle and not self.closed:
             delay = idle[0].idle_since - deadline
-            self._sweeper = loop.call_later(max(delay, 0.01), self._sweep)
+            self._sweeper = asyncio.get_running_loop().call_later(max(delay, 0.01), self._sweep)
 
     def forget(self, conn: UpstreamHttp1Connection) -> None:
         if conn in self.connections:
