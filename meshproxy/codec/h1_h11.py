@@ -21,7 +21,12 @@ from meshproxy.codec.events import (
 )
 from meshproxy.codec.h1_limits import Limits, check_request_head
 from meshproxy.codec.h1_serialize import reason_phrase
-from meshproxy.codec.headers import check_field_syntax, check_head_bytes, framing
+from meshproxy.codec.headers import (
+    check_field_syntax,
+    check_head_bytes,
+    framing,
+    request_fields,
+)
 from meshproxy.errors import ProtocolError, ProtocolSide
 
 _DOWN = ProtocolSide.DOWNSTREAM
@@ -116,7 +121,7 @@ class H11ServerCodec:
                 if len(headers) > self._limits.max_headers:
                     raise ProtocolError("too many request headers", _DOWN, 431)
                 check_field_syntax(headers, _DOWN)
-                chunked, length = framing(headers, _DOWN)
+                chunked, length, host, expect = request_fields(headers)
                 head = RequestHead(
                     method=ev.method,
                     target=ev.target,
@@ -127,8 +132,9 @@ class H11ServerCodec:
                     ),
                     has_body=chunked or bool(length),
                     content_length=length,
+                    expect_continue=expect,
                 )
-                check_request_head(head)
+                check_request_head(head, host)
                 self._head = head
                 events.append(head)
             elif isinstance(ev, h11.Data):

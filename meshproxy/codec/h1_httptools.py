@@ -20,7 +20,7 @@ from meshproxy.codec.h1_serialize import (
     request_head_bytes,
     response_head_bytes,
 )
-from meshproxy.codec.headers import framing
+from meshproxy.codec.headers import framing, request_fields
 from meshproxy.errors import ProtocolError, ProtocolSide
 
 _DOWN = ProtocolSide.DOWNSTREAM
@@ -77,6 +77,7 @@ class HttptoolsServerCodec:
         self._url = b""
         self._head_bytes = 0
         self._in_head = False
+        self._chunk_len = 0
         self._writer = _Writer()
         self.failed = False
 
@@ -90,6 +91,7 @@ class HttptoolsServerCodec:
         if self.failed:
             return []
         events = self._events
+        self._chunk_len = len(data)
         try:
             self._parser.feed_data(data)
             if self._in_head:
@@ -128,25 +130,27 @@ class HttptoolsServerCodec:
     def on_headers_complete(self) -> None:
         self._in_head = False
         p = self._parser
-        version = p.get_http_version().encode()
         headers = self._headers
         limits = self._limits
         if len(headers) > limits.max_headers:
             raise ProtocolError("too many request headers", _DOWN, 431)
-        size = len(self._url) + sum(len(k) + len(v) + 4 for k, v in headers)
-        if size > limits.max_header_bytes:
-            raise ProtocolError("request headers too large", _DOWN, 431)
-        chunked, length = framing(headers, _DOWN)
+        if self._head_bytes + self._chunk_len > limits.max_header_bytes:
+            # Only a head this large can be over the limit: measure it exactly.
+            size = len(self._url) + sum(len(k) + len(v) + 4 for k, v in headers)
+            if size > limits.max_header_bytes:
+                raise ProtocolError("request headers too large", _DOWN, 431)
+        chunked, length, host, expect = request_fields(headers)
         head = RequestHead(
             method=p.get_method(),
             target=self._url,
             headers=headers,
-            http_version=version,
+            http_version=b"1.1" if p.get_http_version() == "1.1" else p.get_http_version().encode(),
             keep_alive=p.should_keep_alive(),
             has_body=chunked or bool(length),
             content_length=length,
+            expect_continue=expect,
         )
-        check_request_head(head)
+        check_request_head(head, host)
         self._events.append(head)
 
     def on_body(self, body: bytes) -> None:

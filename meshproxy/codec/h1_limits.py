@@ -15,26 +15,21 @@ class Limits:
     max_response_headers: int = 200
 
 
-def check_request_head(head: RequestHead) -> None:
+def check_request_head(head: RequestHead, host: bytes) -> None:
     """Request-line and Host rules a sidecar enforces (Envoy's defaults; 400 otherwise)."""
     side = ProtocolSide.DOWNSTREAM
     if head.http_version != b"1.1":
         # Envoy rejects HTTP/1.0 unless accept_http_10 is set; it answers 426.
         raise ProtocolError(f"HTTP/{head.http_version.decode()} is not supported", side, 426)
-    if not head.method.isupper() or not head.method.isalpha():
+    method = head.method
+    if not method.isupper() or not method.isalpha():
         # Methods are case-sensitive; `get` must not slip past a rule on GET (Istio rejects it).
         raise ProtocolError("invalid method", side)
     target = head.target
-    if head.method == b"CONNECT":
-        raise ProtocolError("CONNECT is not supported", side, 403)
-    if not target.startswith(b"/") and not (target == b"*" and head.method == b"OPTIONS"):
-        raise ProtocolError("request target must be origin-form (/path)", side)
-    hosts = [v for k, v in head.headers if k == b"host"]
-    if len(hosts) != 1:
-        raise ProtocolError("exactly one Host header is required", side)
-    host = hosts[0]
+    if target[:1] != b"/":
+        if method == b"CONNECT":
+            raise ProtocolError("CONNECT is not supported", side, 403)
+        if not (target == b"*" and method == b"OPTIONS"):
+            raise ProtocolError("request target must be origin-form (/path)", side)
     if not host or b" " in host or b"@" in host or b"/" in host:
         raise ProtocolError("invalid Host header", side)
-    for k, v in head.headers:
-        if k == b"expect" and v.lower() == b"100-continue":
-            head.expect_continue = True

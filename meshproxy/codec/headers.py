@@ -78,6 +78,13 @@ def framing(headers: Headers, side: ProtocolSide) -> tuple[bool, int | None]:
             if te is not None:
                 raise ProtocolError("duplicate Transfer-Encoding", side)
             te = v
+    return framing_values(cl, te, side)
+
+
+def framing_values(
+    cl: bytes | None, te: bytes | None, side: ProtocolSide
+) -> tuple[bool, int | None]:
+    """Resolve the Content-Length / Transfer-Encoding values, rejecting every ambiguity."""
     if te is not None:
         if cl is not None:
             raise ProtocolError("both Content-Length and Transfer-Encoding", side)
@@ -104,3 +111,40 @@ def check_head_bytes(head: bytes, side: ProtocolSide) -> None:
             colon = line.find(b":")
             if colon > 0 and line[colon - 1 : colon] in (b" ", b"\t"):
                 raise ProtocolError("whitespace before the colon of a header", side)
+
+
+_REQUEST_SPECIAL = frozenset({b"content-length", b"transfer-encoding", b"host", b"expect"})
+
+
+def request_fields(headers: Headers) -> tuple[bool, int | None, bytes, bool]:
+    """One pass over request headers: (chunked, content_length, host, expect_continue).
+
+    Framing is checked as `framing` does; exactly one Host is required.
+    """
+    cl: bytes | None = None
+    te: bytes | None = None
+    host: bytes | None = None
+    expect = False
+    side = ProtocolSide.DOWNSTREAM
+    for k, v in headers:
+        if k in _REQUEST_SPECIAL:
+            if k == b"host":
+                if host is not None:
+                    raise ProtocolError("exactly one Host header is required", side)
+                host = v
+            elif k == b"content-length":
+                if cl is not None:
+                    raise ProtocolError("duplicate Content-Length", side)
+                cl = v
+            elif k == b"transfer-encoding":
+                if te is not None:
+                    raise ProtocolError("duplicate Transfer-Encoding", side)
+                te = v
+            elif v.lower() == b"100-continue":
+                expect = True
+    if host is None:
+        raise ProtocolError("exactly one Host header is required", side)
+    if te is None and cl is None:
+        return False, None, host, expect
+    chunked, length = framing_values(cl, te, side)
+    return chunked, length, host, expect

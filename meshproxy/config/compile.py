@@ -43,7 +43,14 @@ from meshproxy.config.snapshot import (
 )
 from meshproxy.errors import ConfigIssue
 from meshproxy.routing.match import RequestMatcher, StringMatcher
-from meshproxy.routing.table import HeaderOps, Route, RouteTable, RouteTarget, VirtualHost
+from meshproxy.routing.table import (
+    NO_HEADER_OPS,
+    HeaderOps,
+    Route,
+    RouteTable,
+    RouteTarget,
+    VirtualHost,
+)
 
 CLUSTER_SUFFIX = ".svc.cluster.local"
 INBOUND_SOURCE_ADDRESS = "127.0.0.6"
@@ -385,7 +392,7 @@ def _request_matcher(m: HTTPMatch) -> RequestMatcher:
 
 def _ops(ops: HeaderOperations) -> HeaderOps:
     if not (ops.set or ops.add or ops.remove):
-        return HeaderOps()
+        return NO_HEADER_OPS
     return HeaderOps(
         tuple((k.encode(), v.encode()) for k, v in ops.set),
         tuple((k.encode(), v.encode()) for k, v in ops.add),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import bisect
 import time
+from bisect import bisect_left
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -129,6 +130,7 @@ class MeshMetrics(Collector):
         self._http: dict[tuple[str, ...], _HttpSeries] = {}
         self._tcp: dict[tuple[str, ...], _TcpSeries] = {}
         self._label_cache: dict[tuple[str, str, int, str, str], tuple[str, ...]] = {}
+        self._series_by_key: dict[tuple[str, str, int, str, str], _HttpSeries] = {}
         self.rejected: dict[str, int] = {}
         self.reloads_ok = 0
         self.reloads_failed = 0
@@ -181,20 +183,51 @@ class MeshMetrics(Collector):
         return labels
 
     def record_stream(self, rec: StreamRecord) -> None:
-        labels = self._labels(
+        self.record_http(
             rec.reporter,
             rec.destination_service,
             rec.response_code,
             rec.response_flags,
+            rec.duration_ms,
+            rec.request_bytes,
+            rec.response_bytes,
             rec.request_protocol,
         )
-        series = self._http.get(labels)
+
+    def record_http(
+        self,
+        reporter: str,
+        service: str,
+        code: int,
+        flags: str,
+        duration_ms: float,
+        request_bytes: int,
+        response_bytes: int,
+        protocol: str = "http",
+    ) -> None:
+        """The per-request hot path: a dict lookup and three bisects."""
+        key = (reporter, service, code, flags, protocol)
+        series = self._series_by_key.get(key)
         if series is None:
-            series = self._http[labels] = _HttpSeries()
+            labels = self._labels(reporter, service, code, flags, protocol)
+            series = self._http.get(labels)
+            if series is None:
+                series = self._http[labels] = _HttpSeries()
+            if len(self._series_by_key) < 10_000:
+                self._series_by_key[key] = series
         series.requests += 1
-        series.duration.observe(DURATION_BUCKETS, rec.duration_ms)
-        series.request_bytes.observe(BYTES_BUCKETS, rec.request_bytes)
-        series.response_bytes.observe(BYTES_BUCKETS, rec.response_bytes)
+        h = series.duration
+        h.buckets[bisect_left(DURATION_BUCKETS, duration_ms)] += 1
+        h.count += 1
+        h.total += duration_ms
+        h = series.request_bytes
+        h.buckets[bisect_left(BYTES_BUCKETS, request_bytes)] += 1
+        h.count += 1
+        h.total += request_bytes
+        h = series.response_bytes
+        h.buckets[bisect_left(BYTES_BUCKETS, response_bytes)] += 1
+        h.count += 1
+        h.total += response_bytes
 
     def _tcp_series(self, rec: ConnRecord) -> _TcpSeries:
         labels = self._labels(rec.reporter, rec.destination_service, 0, rec.response_flags, "tcp")

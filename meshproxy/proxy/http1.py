@@ -172,15 +172,18 @@ class DownstreamHttp1(asyncio.Protocol):
         keep = stream.keep_alive and not self.ctx.draining
         stream.keep_alive = keep
         self.codec.send_head(head, stream.head.method, keep)
-        self._flush()
+        if not self._cork:
+            self._flush()
 
     def send_data(self, data: bytes) -> None:
         self.codec.send_data(data)
-        self._flush()
+        if not self._cork:
+            self._flush()
 
     def send_end(self, trailers: Headers) -> None:
         self.codec.send_end(trailers)
-        self._flush()
+        if not self._cork:
+            self._flush()
 
     def send_local_reply(self, status: int, body: bytes, stream: HttpStream) -> None:
         self._write_local(status, body, stream.head.method, stream.keep_alive)
@@ -259,7 +262,7 @@ class DownstreamHttp1(asyncio.Protocol):
     # -- timers ----------------------------------------------------------------------------
     def _arm_header_timer(self) -> None:
         timeout = self.ctx.snapshot.settings.request_headers_timeout
-        self._header_timer = asyncio.get_running_loop().call_later(timeout, self._headers_late)
+        self._header_timer = self.loop.call_later(timeout, self._headers_late)
 
     def _headers_late(self) -> None:
         self._header_timer = None
@@ -269,7 +272,7 @@ class DownstreamHttp1(asyncio.Protocol):
 
     def _arm_idle(self) -> None:
         """Note activity; the one idle timer re-arms itself lazily instead of per request."""
-        loop = asyncio.get_running_loop()
+        loop = self.loop
         self._last_active = loop.time()
         if self._idle_timer is None:
             timeout = self.ctx.snapshot.settings.idle_timeout
@@ -279,7 +282,7 @@ class DownstreamHttp1(asyncio.Protocol):
         self._idle_timer = None
         if self.transport is None or self._closing:
             return
-        loop = asyncio.get_running_loop()
+        loop = self.loop
         timeout = self.ctx.snapshot.settings.idle_timeout
         left = self._last_active + timeout - loop.time()
         if self.stream is not None or left > 0:

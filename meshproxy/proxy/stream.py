@@ -475,8 +475,10 @@ class HttpStream:
                 target = (new_path + sep + query).encode("latin-1")
             if route.rewrite_authority is not None:
                 out = [(k, route.rewrite_authority.encode() if k == b"host" else v) for k, v in out]
-            out = route.request_headers.apply(out)
-        out = target_ops.apply(out)
+            if route.request_headers is not NO_HEADER_OPS:
+                out = route.request_headers.apply(out)
+        if target_ops is not NO_HEADER_OPS:
+            out = target_ops.apply(out)
         return RequestHead(
             method=head.method,
             target=target,
@@ -497,7 +499,10 @@ class HttpStream:
             headers = list(headers)
         elapsed = int((time.monotonic() - self._sent_at) * 1000)
         headers.append((b"x-envoy-upstream-service-time", b"%d" % elapsed))
-        headers = self._target_ops.apply(self._response_ops.apply(headers))
+        if self._response_ops is not NO_HEADER_OPS:
+            headers = self._response_ops.apply(headers)
+        if self._target_ops is not NO_HEADER_OPS:
+            headers = self._target_ops.apply(headers)
         head.headers = headers
         self.response_head_sent = True
         self.conn.send_response_head(head, self)
@@ -531,19 +536,27 @@ class HttpStream:
         conn = self.conn
         head = self.head
         service = match.virtual_host.service if match is not None else cluster
-        rec = StreamRecord(
-            reporter="destination" if conn.inbound else "source",
-            destination_service=service,
-            response_code=self.status,
-            response_flags=self.flag,
-            duration_ms=duration * 1000.0,
-            request_bytes=self.request_bytes,
-            response_bytes=self.response_bytes,
+        reporter = "destination" if conn.inbound else "source"
+        conn.ctx.metrics.record_http(
+            reporter,
+            service,
+            self.status,
+            self.flag,
+            duration * 1000.0,
+            self.request_bytes,
+            self.response_bytes,
         )
-        metrics = conn.ctx.metrics
-        metrics.record_stream(rec)
         log = conn.access_log
         if log is not None:
+            rec = StreamRecord(
+                reporter,
+                service,
+                self.status,
+                self.flag,
+                duration * 1000.0,
+                self.request_bytes,
+                self.response_bytes,
+            )
             rec.method = head.method.decode("latin-1")
             rec.path = head.target.decode("latin-1")
             rec.authority = (head.header(b"host") or b"").decode("latin-1")
