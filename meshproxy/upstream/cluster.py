@@ -152,7 +152,9 @@ class Cluster:
                 logger.warning("cluster %s: cannot resolve %s: %s", self.spec.name, ep.address, exc)
                 continue
             seen = set()
-            for family, _, _, _, sockaddr in infos:
+            # Istio's V4_PREFERRED lookup family: IPv4 answers when there are any.
+            v4 = [i for i in infos if i[0] == socket.AF_INET]
+            for family, _, _, _, sockaddr in v4 or infos:
                 ip = str(sockaddr[0])
                 if ip in seen or family not in (socket.AF_INET, socket.AF_INET6):
                     continue

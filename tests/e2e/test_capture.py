@@ -118,8 +118,11 @@ def curl(ns: str, *args: str) -> str:
 
 
 @pytest.fixture
-def pod(netns_pair: tuple[str, str]) -> Iterator[tuple[str, str, Procs]]:
+def pod(
+    netns_pair: tuple[str, str], request: pytest.FixtureRequest
+) -> Iterator[tuple[str, str, Procs]]:
     pod_ns, remote_ns = netns_pair
+    policy = getattr(request, "param", "ALLOW_ANY")
     procs = Procs()
     serve = [sys.executable, "-m", "tests.support.serve"]
     try:
@@ -129,7 +132,7 @@ def pod(netns_pair: tuple[str, str]) -> Iterator[tuple[str, str, Procs]]:
         procs.start(ns_exec(pod_ns, *serve, "tcp-db", "127.0.0.1", "18091"), ready="ready")
         procs.start(ns_exec(remote_ns, *serve, "outside", "10.78.0.2", "8080"), ready="ready")
         cfg = Path(tempfile.mkdtemp(prefix="meshproxy-e2e-"))
-        (cfg / "mesh.yaml").write_text(CONFIG)
+        (cfg / "mesh.yaml").write_text(CONFIG + f"  outboundTrafficPolicy:\n    mode: {policy}\n")
         apply_rules(CaptureSpec(), netns=pod_ns)
         # Run as GID 1337: Istio's rules exempt the proxy's own traffic by owner.
         proxy = procs.start(
@@ -211,3 +214,43 @@ def test_metrics_see_both_directions(pod: tuple[str, str, Procs]) -> None:
     metrics = curl(pod_ns, "http://127.0.0.1:15000/stats/prometheus")
     assert 'reporter="source"' in metrics and 'destination_service="hello.e2e"' in metrics
     assert 'reporter="destination"' in metrics
+
+
+@pytest.mark.parametrize("pod", ["REGISTRY_ONLY"], indirect=True)
+def test_registry_only_refuses_unknown_destinations(pod: tuple[str, str, Procs]) -> None:
+    pod_ns, _, _ = pod
+    assert '"name": "hello"' in curl(pod_ns, "http://10.96.7.7/x")  # known: still routed
+    out = subprocess.run(
+        ns_exec(
+            pod_ns,
+            "curl",
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "--max-time",
+            "5",
+            "http://10.78.0.2:8080/outside",
+        ),
+        capture_output=True,
+        text=True,
+        timeout=15,
+        check=False,
+    )
+    assert out.stdout == "502"  # Istio's BlackHoleCluster answer for HTTP
+    # Non-HTTP bytes to an unknown destination: the connection is closed, nothing relayed.
+    probe = subprocess.run(
+        ns_exec(
+            pod_ns,
+            sys.executable,
+            "-c",
+            "import socket; s=socket.create_connection(('10.78.0.2', 8080), timeout=5);"
+            "s.sendall(b'\\x00\\x01binary'); print(repr(s.recv(100)))",
+        ),
+        capture_output=True,
+        text=True,
+        timeout=15,
+        check=False,
+    )
+    assert probe.stdout.strip() == "b''", probe.stdout + probe.stderr
