@@ -537,7 +537,7 @@ class HttpStream:
         head = self.head
         service = match.virtual_host.service if match is not None else cluster
         reporter = "destination" if conn.inbound else "source"
-        conn.ctx.metrics.record_http(
+        values = (
             reporter,
             service,
             self.status,
@@ -546,17 +546,10 @@ class HttpStream:
             self.request_bytes,
             self.response_bytes,
         )
+        conn.ctx.metrics.record_http(*values)
         log = conn.access_log
         if log is not None:
-            rec = StreamRecord(
-                reporter,
-                service,
-                self.status,
-                self.flag,
-                duration * 1000.0,
-                self.request_bytes,
-                self.response_bytes,
-            )
+            rec = StreamRecord(*values)
             rec.method = head.method.decode("latin-1")
             rec.path = head.target.decode("latin-1")
             rec.authority = (head.header(b"host") or b"").decode("latin-1")

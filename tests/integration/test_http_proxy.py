@@ -285,11 +285,10 @@ def test_dns_resolution_cluster(tmp_path, make_mesh: MeshFactory) -> None:  # ty
     params = dict(mesh.params)  # type: ignore[attr-defined]
     from tests.integration.conftest import mesh_yaml
 
+    v1 = params["v1"]
     text = mesh_yaml(**params).replace(
-        "  resolution: STATIC\n  endpoints:\n  - {address: 127.0.0.1, ports: {http: %d}"
-        % params["v1"],
-        "  resolution: DNS\n  endpoints:\n  - {address: localhost, ports: {http: %d}"
-        % params["v1"],
+        f"  resolution: STATIC\n  endpoints:\n  - {{address: 127.0.0.1, ports: {{http: {v1}}}",
+        f"  resolution: DNS\n  endpoints:\n  - {{address: localhost, ports: {{http: {v1}}}",
     )
     assert "resolution: DNS" in text
     (mesh.config_dir / "mesh.yaml").write_text(text)
