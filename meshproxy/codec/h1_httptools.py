@@ -99,10 +99,14 @@ class HttptoolsServerCodec:
                 self._head_bytes += len(data)
                 if self._head_bytes > self._limits.max_header_bytes:
                     raise ProtocolError("request headers too large", _DOWN, 431)
-        except httptools.HttpParserUpgrade:
-            # Upgrade requests (WebSocket) are tunnelled by a later issue; refuse for now.
-            events.append(ParseFailure(ProtocolError("upgrade is not supported", _DOWN, 400)))
-            self.failed = True
+        except httptools.HttpParserUpgrade as exc:
+            # Upgrades are not tunnelled yet: the request goes on as plain HTTP with its
+            # Upgrade header stripped (hop-by-hop), as h11 does when no 101 comes back. What
+            # follows the head is parsed as the next request, by a fresh parser.
+            self._events = []
+            self._parser = httptools.HttpRequestParser(self)
+            rest = data[exc.args[0] :] if exc.args and isinstance(exc.args[0], int) else b""
+            return events + (self.receive(rest) if rest else [])
         except httptools.HttpParserError as exc:
             error = _callback_error(exc) or ProtocolError(f"malformed request: {exc}", _DOWN, 400)
             events.append(ParseFailure(error))

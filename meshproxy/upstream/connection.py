@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from meshproxy.upstream.pool import Pool
 
 logger = logging.getLogger(__name__)
+MAX_INTERIM_RESPONSES = 10
 
 
 class ResponseSink(Protocol):
@@ -52,6 +53,7 @@ class UpstreamHttp1Connection(asyncio.Protocol):
         self.idle_since = 0.0
         self._paused_by_sink = False
         self._interim = False
+        self._interim_count = 0
 
     # -- asyncio.Protocol ------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -77,8 +79,13 @@ class UpstreamHttp1Connection(asyncio.Protocol):
                 sink.on_response_data(ev.data)
             elif isinstance(ev, ResponseHead):
                 if ev.status < 200:
-                    # 1xx are not forwarded (100-continue is answered downstream by us).
+                    # 1xx are not forwarded (100-continue is answered downstream by us), and
+                    # a flood of them is a broken upstream, not a slow one.
                     self._interim = True
+                    self._interim_count += 1
+                    if self._interim_count > MAX_INTERIM_RESPONSES:
+                        self._fail(FailureKind.PROTOCOL, "too many 1xx responses", flag="UPE")
+                        return
                     continue
                 self.keep_alive = ev.keep_alive
                 sink.on_response_head(ev)
@@ -134,6 +141,7 @@ class UpstreamHttp1Connection(asyncio.Protocol):
         self.sink = sink
         self.requests += 1
         self.response_started = self.request_done = self.response_done = False
+        self._interim_count = 0
         self.keep_alive = True
         codec = self.codec
         codec.send_head(head)

@@ -323,3 +323,14 @@ def test_connection_limit(make_mesh: MeshFactory) -> None:
     finally:
         for s in held:
             s.close()
+
+
+@pytest.mark.parametrize(("n", "status"), [(2, 200), (50, 502)])
+def test_interim_responses_are_dropped_and_floods_cut(
+    make_mesh: MeshFactory, codec: str, n: int, status: int
+) -> None:
+    mesh = make_mesh(codec)
+    got, _, body = request(mesh.http_port, "GET", f"/interim?n={n}")
+    assert got == status
+    if status == 200:
+        assert body == b"ok"

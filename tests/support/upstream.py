@@ -100,6 +100,15 @@ class _Conn(asyncio.Protocol):
         if path == "/malformed":
             t.write(b"HTTP/1.1 200 OK\r\nContent-Length: nope\r\n\r\nxx")
             return
+        if path == "/interim":
+            # Raw 1xx responses before the final one (h11 would not send this many).
+            n = int(query.get("n", ["1"])[0])
+            t.write(
+                b"HTTP/1.1 100 Continue\r\n\r\n" * n
+                + b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok"
+            )
+            t.close()
+            return
         if path == "/slow":
             await asyncio.sleep(int(query.get("ms", ["500"])[0]) / 1000)
         if path == "/big":

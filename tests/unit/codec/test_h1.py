@@ -193,3 +193,23 @@ def test_client_request_framing(codec: str) -> None:
     c.send_end([])
     out = c.data_to_send().lower()
     assert b"transfer-encoding: chunked" in out and out.endswith(b"3\r\nabc\r\n0\r\n\r\n")
+
+
+@pytest.mark.parametrize("codec", CODECS)
+def test_upgrade_request_is_served_as_plain_http(codec: str) -> None:
+    """No tunnel yet: Upgrade is hop-by-hop, the request is ordinary, pipelining goes on."""
+    c = server_codec(codec, Limits())
+    events = c.receive(
+        b"GET /ws HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\n"
+        b"Upgrade: websocket\r\n\r\nGET /next HTTP/1.1\r\nHost: a\r\n\r\n"
+    )
+    assert not any(isinstance(e, ParseFailure) for e in events)
+    c.send_head(
+        ResponseHead(200, [(b"content-length", b"0")], content_length=0, has_body=False),
+        b"GET",
+        True,
+    )
+    c.send_end([])
+    assert c.data_to_send().startswith(b"HTTP/1.1 200")
+    events += c.start_next()
+    assert [e.target for e in events if isinstance(e, RequestHead)] == [b"/ws", b"/next"]
