@@ -18,6 +18,7 @@ class RequestHead:
     content_length: int | None = None  # None with has_body: chunked
     expect_continue: bool = False
     stream_id: int = 1
+    authority: bytes = b""  # the Host header (":authority" in HTTP/2)
 
     def header(self, name: bytes) -> bytes | None:
         for k, v in self.headers:

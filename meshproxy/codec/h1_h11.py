@@ -133,6 +133,7 @@ class H11ServerCodec:
                     has_body=chunked or bool(length),
                     content_length=length,
                     expect_continue=expect,
+                    authority=host,
                 )
                 check_request_head(head, host)
                 self._head = head

@@ -1,4 +1,8 @@
-"""HTTP/1.1 codec on httptools (llhttp): the fast path, strict by llhttp's defaults."""
+"""HTTP/1.1 codec on httptools (llhttp): the fast path, strict by llhttp's defaults.
+
+Kept deliberately flat: every callback and method here runs once or more per request, so
+state lives in slots and the output is a plain list joined once per write.
+"""
 
 from __future__ import annotations
 
@@ -14,17 +18,13 @@ from meshproxy.codec.events import (
     ResponseHead,
 )
 from meshproxy.codec.h1_limits import Limits, check_request_head
-from meshproxy.codec.h1_serialize import (
-    chunk,
-    last_chunk,
-    request_head_bytes,
-    response_head_bytes,
-)
+from meshproxy.codec.h1_serialize import last_chunk, reason_phrase
 from meshproxy.codec.headers import framing, request_fields
 from meshproxy.errors import ProtocolError, ProtocolSide
 
 _DOWN = ProtocolSide.DOWNSTREAM
 _UP = ProtocolSide.UPSTREAM
+_END = EndOfMessage()
 
 
 def _callback_error(exc: BaseException) -> ProtocolError | None:
@@ -35,30 +35,25 @@ def _callback_error(exc: BaseException) -> ProtocolError | None:
     return None
 
 
-class _Writer:
-    """Framing state for the message we are sending: chunked or not, and the output buffer."""
+class _Output:
+    """The bytes waiting to be written and the framing of the message being sent."""
 
-    __slots__ = ("_chunked", "_out", "close_after")
+    __slots__ = ("_chunked", "_out")
 
     def __init__(self) -> None:
         self._out: list[bytes] = []
         self._chunked = False
-        self.close_after = False
 
-    def head(self, data: bytes, chunked: bool) -> None:
-        self._chunked = chunked
-        self._out.append(data)
-
-    def body(self, data: bytes) -> None:
+    def send_data(self, data: bytes) -> None:
         if data:
-            self._out.append(chunk(data) if self._chunked else data)
+            self._out.append(b"%x\r\n%b\r\n" % (len(data), data) if self._chunked else data)
 
-    def end(self, trailers: Headers) -> None:
+    def send_end(self, trailers: Headers) -> None:
         if self._chunked:
             self._out.append(last_chunk(trailers))
             self._chunked = False
 
-    def take(self) -> bytes:
+    def data_to_send(self) -> bytes:
         out = self._out
         if not out:
             return b""
@@ -66,10 +61,23 @@ class _Writer:
         return out[0] if len(out) == 1 else b"".join(out)
 
 
-class HttptoolsServerCodec:
+class HttptoolsServerCodec(_Output):
     """Downstream side: parses requests, serializes responses."""
 
+    __slots__ = (
+        "_chunk_len",
+        "_events",
+        "_head_bytes",
+        "_headers",
+        "_in_head",
+        "_limits",
+        "_parser",
+        "_url",
+        "failed",
+    )
+
     def __init__(self, limits: Limits) -> None:
+        super().__init__()
         self._limits = limits
         self._parser = httptools.HttpRequestParser(self)
         self._events: list[ReceivedEvent] = []
@@ -78,7 +86,6 @@ class HttptoolsServerCodec:
         self._head_bytes = 0
         self._in_head = False
         self._chunk_len = 0
-        self._writer = _Writer()
         self.failed = False
 
     @property
@@ -144,15 +151,18 @@ class HttptoolsServerCodec:
             if size > limits.max_header_bytes:
                 raise ProtocolError("request headers too large", _DOWN, 431)
         chunked, length, host, expect = request_fields(headers)
+        version = p.get_http_version()
         head = RequestHead(
-            method=p.get_method(),
-            target=self._url,
-            headers=headers,
-            http_version=b"1.1" if p.get_http_version() == "1.1" else p.get_http_version().encode(),
-            keep_alive=p.should_keep_alive(),
-            has_body=chunked or bool(length),
-            content_length=length,
-            expect_continue=expect,
+            p.get_method(),
+            self._url,
+            headers,
+            b"1.1" if version == "1.1" else version.encode(),
+            p.should_keep_alive(),
+            chunked or bool(length),
+            length,
+            expect,
+            1,
+            host,
         )
         check_request_head(head, host)
         self._events.append(head)
@@ -161,7 +171,7 @@ class HttptoolsServerCodec:
         self._events.append(Data(body))
 
     def on_message_complete(self) -> None:
-        self._events.append(EndOfMessage())
+        self._events.append(_END)
 
     def start_next(self) -> list[ReceivedEvent]:
         """Ready for the next request; llhttp already parsed any pipelined one."""
@@ -169,39 +179,55 @@ class HttptoolsServerCodec:
 
     # -- sending ---------------------------------------------------------------------------
     def send_head(self, head: ResponseHead, request_method: bytes, keep_alive: bool) -> None:
-        bodyless = request_method == b"HEAD" or head.status in (204, 304) or head.status < 200
+        status = head.status
+        bodyless = status < 200 or status == 204 or status == 304 or request_method == b"HEAD"
         chunked = head.has_body and head.content_length is None and not bodyless
-        self._writer.head(response_head_bytes(head, chunked, not keep_alive), chunked)
-        self._writer.close_after = not keep_alive
+        parts = [b"HTTP/1.1 %d %b\r\n" % (status, head.reason or reason_phrase(status))]
+        for k, v in head.headers:
+            parts += (k, b": ", v, b"\r\n")
+        if chunked:
+            parts.append(b"transfer-encoding: chunked\r\n")
+        if not keep_alive:
+            parts.append(b"connection: close\r\n")
+        parts.append(b"\r\n")
+        self._out.append(b"".join(parts))
+        self._chunked = chunked
 
-    def send_data(self, data: bytes) -> None:
-        self._writer.body(data)
 
-    def send_end(self, trailers: Headers) -> None:
-        self._writer.end(trailers)
-
-    def data_to_send(self) -> bytes:
-        return self._writer.take()
-
-
-class HttptoolsClientCodec:
+class HttptoolsClientCodec(_Output):
     """Upstream side: serializes requests, parses responses."""
 
+    __slots__ = (
+        "_chunk_len",
+        "_eof_ends_message",
+        "_events",
+        "_head_bytes",
+        "_headers",
+        "_in_head",
+        "_limits",
+        "_parser",
+        "_request_method",
+        "failed",
+    )
+
     def __init__(self, limits: Limits) -> None:
+        super().__init__()
         self._limits = limits
         self._parser = httptools.HttpResponseParser(self)
         self._events: list[ReceivedEvent] = []
         self._headers: Headers = []
         self._head_bytes = 0
         self._in_head = False
-        self._writer = _Writer()
         self._request_method = b"GET"
         self._eof_ends_message = False
+        self._chunk_len = 0
         self.failed = False
 
     def receive(self, data: bytes) -> list[ReceivedEvent]:
         if self.failed:
             return []
+        events = self._events
+        self._chunk_len = len(data)
         try:
             self._parser.feed_data(data)
             if self._in_head:
@@ -209,16 +235,12 @@ class HttptoolsClientCodec:
                 if self._head_bytes > self._limits.max_header_bytes:
                     raise ProtocolError("response headers too large", _UP, 502)
         except httptools.HttpParserError as exc:
-            self._events.append(
-                ParseFailure(
-                    _callback_error(exc) or ProtocolError(f"malformed response: {exc}", _UP, 502)
-                )
-            )
+            error = _callback_error(exc) or ProtocolError(f"malformed response: {exc}", _UP, 502)
+            events.append(ParseFailure(error))
             self.failed = True
         except ProtocolError as exc:
-            self._events.append(ParseFailure(exc))
+            events.append(ParseFailure(exc))
             self.failed = True
-        events = self._events
         self._events = []
         return events
 
@@ -234,38 +256,42 @@ class HttptoolsClientCodec:
         self._head_bytes = 0
         self._headers = []
 
-    def on_status(self, status: bytes) -> None:
-        self._head_bytes += len(status)
-
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._head_bytes += len(name) + len(value) + 4
-        if len(self._headers) >= self._limits.max_response_headers:
-            raise ProtocolError("too many response headers", _UP, 502)
-        if self._head_bytes > self._limits.max_header_bytes:
-            raise ProtocolError("response headers too large", _UP, 502)
         self._headers.append((name.lower(), value))
 
     def on_headers_complete(self) -> None:
         self._in_head = False
         p = self._parser
+        headers = self._headers
+        limits = self._limits
+        if len(headers) > limits.max_response_headers:
+            raise ProtocolError("too many response headers", _UP, 502)
+        if self._head_bytes + self._chunk_len > limits.max_header_bytes:
+            size = sum(len(k) + len(v) + 4 for k, v in headers)
+            if size > limits.max_header_bytes:
+                raise ProtocolError("response headers too large", _UP, 502)
         status = p.get_status_code()
-        chunked, length = framing(self._headers, _UP)
-        bodyless = self._request_method == b"HEAD" or status in (204, 304) or status < 200
+        chunked, length = framing(headers, _UP)
+        head_request = self._request_method == b"HEAD"
+        bodyless = status < 200 or status == 204 or status == 304 or head_request
         has_body = not bodyless and (chunked or length is None or length > 0)
-        self._eof_ends_message = has_body and not chunked and length is None
+        eof_ends = has_body and not chunked and length is None
+        self._eof_ends_message = eof_ends
+        version = p.get_http_version()
         self._events.append(
             ResponseHead(
-                status=status,
-                headers=self._headers,
-                http_version=p.get_http_version().encode(),
-                keep_alive=p.should_keep_alive() and not self._eof_ends_message,
-                has_body=has_body,
-                content_length=length,
+                status,
+                headers,
+                b"",
+                b"1.1" if version == "1.1" else version.encode(),
+                p.should_keep_alive() and not eof_ends,
+                has_body,
+                length,
             )
         )
-        if self._request_method == b"HEAD" and status >= 200:
+        if head_request and status >= 200:
             # llhttp cannot be told the request was HEAD; the message ends with its head.
-            self._events.append(EndOfMessage())
+            self._events.append(_END)
             self._parser = httptools.HttpResponseParser(self)
 
     def on_body(self, body: bytes) -> None:
@@ -273,7 +299,7 @@ class HttptoolsClientCodec:
 
     def on_message_complete(self) -> None:
         self._eof_ends_message = False
-        self._events.append(EndOfMessage())
+        self._events.append(_END)
 
     def start_next(self) -> list[ReceivedEvent]:
         return []
@@ -281,13 +307,11 @@ class HttptoolsClientCodec:
     def send_head(self, head: RequestHead) -> None:
         self._request_method = head.method
         chunked = head.has_body and head.content_length is None
-        self._writer.head(request_head_bytes(head, chunked), chunked)
-
-    def send_data(self, data: bytes) -> None:
-        self._writer.body(data)
-
-    def send_end(self, trailers: Headers) -> None:
-        self._writer.end(trailers)
-
-    def data_to_send(self) -> bytes:
-        return self._writer.take()
+        parts = [head.method, b" ", head.target, b" HTTP/1.1\r\n"]
+        for k, v in head.headers:
+            parts += (k, b": ", v, b"\r\n")
+        if chunked:
+            parts.append(b"transfer-encoding: chunked\r\n")
+        parts.append(b"\r\n")
+        self._out.append(b"".join(parts))
+        self._chunked = chunked

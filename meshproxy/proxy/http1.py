@@ -46,6 +46,8 @@ class DownstreamHttp1(asyncio.Protocol):
         self.inbound = kind.inbound
         self.binding = binding  # as of accept; a stream asks for the current one
         self.listener_key = listener_key
+        self._binding_snapshot: Snapshot | None = None
+        self._binding_cached: PortBinding | None = None
         self.local_port = local_port
         self.original_dst = original_dst
         self.access_log = access_log
@@ -79,14 +81,21 @@ class DownstreamHttp1(asyncio.Protocol):
         if self._closing:
             return
         events = self.codec.receive(data)
-        if self._queue or (self.stream is not None and self.stream.request_done):
-            self._queue.extend(events)
-            if len(self._queue) > MAX_QUEUED_EVENTS:
+        queue = self._queue
+        if queue:
+            queue.extend(events)
+            if len(queue) > MAX_QUEUED_EVENTS:
                 self.pause_reading()
             return
         for i, ev in enumerate(events):
-            if self.stream is not None and self.stream.request_done:
-                self._queue.extend(events[i:])
+            stream = self.stream
+            if stream is not None and (
+                type(ev) is RequestHead or (stream.request_done and type(ev) is ParseFailure)
+            ):
+                # HTTP/1.1 pipelining: the next request waits for this response.
+                queue.extend(events[i:])
+                if len(queue) > MAX_QUEUED_EVENTS:
+                    self.pause_reading()
                 return
             self._dispatch(ev)
         if self.stream is None and self._header_timer is None and self.codec.head_pending:
@@ -159,9 +168,13 @@ class DownstreamHttp1(asyncio.Protocol):
     # -- used by HttpStream ----------------------------------------------------------------
     def current_binding(self, snapshot: Snapshot) -> PortBinding | None:
         """The binding under `snapshot`; a listener removed by a reload keeps its last one."""
+        if snapshot is self._binding_snapshot:
+            return self._binding_cached
         binding = snapshot.binding_for(self.kind, self.listener_key, self.original_dst)
         if binding is None and self.original_dst is None:
-            return self.binding
+            binding = self.binding
+        self._binding_snapshot = snapshot
+        self._binding_cached = binding
         return binding
 
     def send_interim(self, status: int) -> None:
@@ -250,7 +263,11 @@ class DownstreamHttp1(asyncio.Protocol):
             self._queue.extend(events)
         queue = self._queue
         while queue and not self._closing:
-            if self.stream is not None and self.stream.request_done:
+            current = self.stream
+            if current is not None and (
+                type(queue[0]) is RequestHead
+                or (current.request_done and type(queue[0]) is ParseFailure)
+            ):
                 break
             self._dispatch(queue.popleft())
         if self.stream is None and not self._closing:

@@ -26,6 +26,9 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+_WATCHED_REQUEST_HEADERS = frozenset(
+    {b"expect", b"x-forwarded-proto", b"x-request-id", b"x-forwarded-for"}
+)
 REPLAY_LIMIT = 64 * 1024  # request bytes kept to retry on a fresh connection
 BUFFER_HIGH_WATER = 64 * 1024
 
@@ -83,7 +86,7 @@ class _LazyHeaders(Mapping[str, str]):
 def _view(head: RequestHead, port: int, scheme: str) -> RequestView:
     target = head.target.decode("latin-1")
     path, _, query = target.partition("?")
-    host = head.header(b"host") or b""
+    host = head.authority or head.header(b"host") or b""
     return RequestView(
         head.method.decode("latin-1"),
         path,
@@ -214,6 +217,8 @@ class HttpStream:
             self.conn.pause_reading()
 
     def request_end(self, trailers: Headers) -> None:
+        if self.request_done:
+            return  # a request without a body was complete with its head
         self.request_done = True
         self.request_trailers = trailers
         up = self.upstream
@@ -440,38 +445,42 @@ class HttpStream:
         self, head: RequestHead, match: RouteMatch | None, target_ops: HeaderOps
     ) -> RequestHead:
         conn = self.conn
-        headers = strip_hop_by_hop(head.headers)
+        inbound = conn.inbound
         has_proto = has_id = False
         xff: bytes | None = None
         out: Headers = []
-        for k, v in headers:
-            if k == b"expect":
-                continue
-            if k.startswith(b"x-envoy-") and conn.inbound:
-                continue  # internal control headers are never trusted from outside the mesh
-            if k == b"x-forwarded-proto":
+        append = out.append
+        for item in strip_hop_by_hop(head.headers):
+            k = item[0]
+            if k not in _WATCHED_REQUEST_HEADERS and not (inbound and k[:8] == b"x-envoy-"):
+                append(item)
+            elif k == b"x-forwarded-proto":
                 has_proto = True
+                append(item)
             elif k == b"x-request-id":
                 has_id = True
-            elif k == b"x-forwarded-for" and conn.inbound:
-                xff = v
-                continue
-            out.append((k, v))
+                append(item)
+            elif k == b"x-forwarded-for":
+                if inbound:
+                    xff = item[1]
+                else:
+                    append(item)
+            # else: `expect` (answered here) or an x-envoy-* header from outside the mesh
         if not has_proto:
-            out.append((b"x-forwarded-proto", b"http"))
+            append((b"x-forwarded-proto", b"http"))
         if not has_id:
-            out.append((b"x-request-id", new_request_id()))
-        if conn.inbound:
+            append((b"x-request-id", new_request_id()))
+        if inbound:
             # The edge of the mesh appends the peer, as Envoy does with use_remote_address.
             peer = conn.peer_ip.encode()
-            out.append((b"x-forwarded-for", xff + b"," + peer if xff else peer))
+            append((b"x-forwarded-for", xff + b"," + peer if xff else peer))
         target = head.target
         if match is not None:
             route = match.route
             if route.rewrite_uri is not None:
                 path, sep, query = target.decode("latin-1").partition("?")
                 new_path = route.rewrite_path(match.matcher, path)
-                out.append((b"x-envoy-original-path", target))
+                append((b"x-envoy-original-path", target))
                 target = (new_path + sep + query).encode("latin-1")
             if route.rewrite_authority is not None:
                 out = [(k, route.rewrite_authority.encode() if k == b"host" else v) for k, v in out]
@@ -480,11 +489,7 @@ class HttpStream:
         if target_ops is not NO_HEADER_OPS:
             out = target_ops.apply(out)
         return RequestHead(
-            method=head.method,
-            target=target,
-            headers=out,
-            has_body=head.has_body,
-            content_length=head.content_length,
+            head.method, target, out, b"1.1", True, head.has_body, head.content_length
         )
 
     def _replayable(self) -> bool:
