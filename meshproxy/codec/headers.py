@@ -32,16 +32,19 @@ def strip_hop_by_hop(headers: Headers) -> Headers:
 
     Returns `headers` itself when there is nothing to drop (the common case on a hot path).
     """
-    drop: set[bytes] | None = None
+    drop: frozenset[bytes] | set[bytes] | None = None
     for k, v in headers:
         if k in HOP_BY_HOP:
             if drop is None:
-                drop = set(HOP_BY_HOP)
+                drop = HOP_BY_HOP
             if k == b"connection":
-                drop.update(t.strip().lower() for t in v.split(b","))
+                lowered = v.lower()
+                if lowered != b"keep-alive" and lowered != b"close":
+                    drop = set(drop)
+                    drop.update(t.strip() for t in lowered.split(b","))
     if drop is None:
         return headers
-    return [(k, v) for k, v in headers if k not in drop]
+    return [h for h in headers if h[0] not in drop]
 
 
 def connection_tokens(headers: Headers) -> set[bytes]:

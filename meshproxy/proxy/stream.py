@@ -422,10 +422,16 @@ class HttpStream:
         head = self.head
         snapshot = conn.ctx.snapshot  # read once: this stream lives by this config
         binding = conn.current_binding(snapshot)
-        view = _view(head, conn.local_port, "http")
         match = None
         if binding is not None and binding.route_table is not None:
-            match = binding.route_table.route(view)
+            table = binding.route_table
+            vh = table.find_host((head.authority or head.header(b"host") or b"").decode("latin-1"))
+            if vh is not None:
+                first = vh.routes[0] if vh.routes else None
+                if first is not None and not first.matchers:
+                    match = RouteMatch(first, None, vh)  # no VirtualService: nothing to match
+                else:
+                    match = table.route_in(vh, _view(head, conn.local_port, "http"))
         if match is None:
             if conn.original_dst is not None and not snapshot.registry_only:
                 cluster = PASSTHROUGH

@@ -136,6 +136,11 @@ class RouteTable:
         vh = self.find_host(req.authority)
         if vh is None:
             return None
+        return self.route_in(vh, req)
+
+    @staticmethod
+    def route_in(vh: VirtualHost, req: RequestView) -> RouteMatch | None:
+        """The first route of `vh` that matches `req` (Istio: first match wins)."""
         for route in vh.routes:
             m = route.match(req)
             if m is not False:
