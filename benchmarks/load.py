@@ -175,9 +175,13 @@ class Processes:
     def __init__(self) -> None:
         self.procs: list[subprocess.Popen[bytes]] = []
 
-    def start(self, cmd: list[str]) -> subprocess.Popen[bytes]:
+    def start(self, cmd: list[str], cwd: str | None = None) -> subprocess.Popen[bytes]:
         p = subprocess.Popen(
-            cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL
+            cmd,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            stdin=subprocess.DEVNULL,
+            cwd=cwd,
         )
         self.procs.append(p)
         return p
@@ -196,12 +200,32 @@ class Processes:
             self.stop(p)
 
 
+def compiled_copy(dest: Path) -> str | None:
+    """A copy of the package with its hot path compiled by mypyc, or None if unavailable."""
+    if dest.exists():
+        return str(dest)
+    script = Path(__file__).resolve().parents[1] / "scripts" / "compiled-copy.sh"
+    try:
+        import mypyc  # noqa: F401
+    except ImportError:
+        print("mypy/mypyc not installed: skipping the compiled variant", file=sys.stderr)
+        return None
+    print("compiling the hot path with mypyc (about 30 s)...", file=sys.stderr)
+    subprocess.run(["bash", str(script), str(dest), sys.executable], check=True, timeout=600)
+    return str(dest)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--duration", type=int, default=10)
     ap.add_argument("--connections", type=int, default=50)
     ap.add_argument("--runs", type=int, default=1)
-    ap.add_argument("--codecs", default="httptools,h11")
+    ap.add_argument(
+        "--codecs",
+        default="httptools,h11,httptools-mypyc",
+        help="meshproxy variants; a -mypyc suffix runs the hot path compiled with mypyc "
+        "(scripts/compiled-copy.sh), when mypy is installed",
+    )
     ap.add_argument("--latency-c1", action="store_true", help="also measure p99 at -c1")
     args = ap.parse_args(argv)
     for tool in ("wrk", "nginx", "taskset"):
@@ -218,7 +242,9 @@ def main(argv: list[str] | None = None) -> int:
         (tmp / "up.conf").write_text(NGINX_UPSTREAM.format(dir=tmp, port=up_port))
         procs.start(["taskset", "-c", "0", "nginx", "-c", str(tmp / "up.conf"), "-p", str(tmp)])
         wait_port(up_port)
-        targets: list[tuple[str, list[str] | None, int]] = [("direct", None, up_port)]
+        targets: list[tuple[str, list[str] | None, int, str | None]] = [
+            ("direct", None, up_port, None)
+        ]
         ng_port = free_port()
         (tmp / "px.conf").write_text(NGINX_PROXY.format(dir=tmp, port=ng_port, upstream=up_port))
         targets.append(
@@ -226,38 +252,41 @@ def main(argv: list[str] | None = None) -> int:
                 "nginx",
                 ["taskset", "-c", "1", "nginx", "-c", str(tmp / "px.conf"), "-p", str(tmp)],
                 ng_port,
+                None,
             )
         )
-        for codec in args.codecs.split(","):
+        for variant in args.codecs.split(","):
+            codec, _, build = variant.partition("-")
+            cwd = None
+            if build == "mypyc":
+                cwd = compiled_copy(tmp / "compiled")
+                if cwd is None:
+                    continue
             port, admin = free_port(), free_port()
-            cfg = tmp / f"mesh-{codec}"
+            cfg = tmp / f"mesh-{variant}"
             cfg.mkdir()
             (cfg / "mesh.yaml").write_text(
                 MESH.format(admin=admin, codec=codec, port=port, upstream=up_port)
             )
-            targets.append(
-                (
-                    f"meshproxy ({codec})",
-                    [
-                        "taskset",
-                        "-c",
-                        "1",
-                        sys.executable,
-                        "-m",
-                        "meshproxy",
-                        "--log-level",
-                        "warning",
-                        "run",
-                        "-c",
-                        str(cfg),
-                    ],
-                    port,
-                )
-            )
+            name = f"meshproxy ({codec}{', mypyc' if build else ''})"
+            cmd = [
+                "taskset",
+                "-c",
+                "1",
+                sys.executable,
+                "-m",
+                "meshproxy",
+                "--log-level",
+                "warning",
+                "run",
+                "-c",
+                str(cfg),
+            ]
+            targets.append((name, cmd, port, cwd))
         for _ in range(args.runs):
             run: list[Result] = []
-            for name, cmd, port in targets:
-                proc = procs.start(cmd) if cmd else None
+            for name, cmd, port, cwd in targets:
+                proc = procs.start(cmd, cwd) if cmd else None
                 wait_port(port)
                 pid = proc.pid if proc else None
                 run.append(measure(name, port, pid, args, args.connections))

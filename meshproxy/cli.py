@@ -118,6 +118,13 @@ def _ports(text: str) -> list[int]:
     return ports
 
 
+def cmd_version(args: argparse.Namespace) -> int:
+    from meshproxy.buildinfo import describe
+
+    print(f"meshproxy {__version__} (hot path {describe()})")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="meshproxy", description=__doc__)
     parser.add_argument(
@@ -147,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-inbound", action="store_true", help="capture outbound traffic only")
     p.set_defaults(func=cmd_iptables)
     p = sub.add_parser("version", help="print the version")
-    p.set_defaults(func=lambda a: print(f"meshproxy {__version__}") or 0)
+    p.set_defaults(func=cmd_version)
     args = parser.parse_args(argv)
     _configure_logging(args.log_level)
     return int(args.func(args))

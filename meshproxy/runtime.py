@@ -13,6 +13,7 @@ from typing import Any
 
 from meshproxy import __version__
 from meshproxy._tasks import spawn
+from meshproxy.buildinfo import describe
 from meshproxy.codec.h1 import resolve_codec_name
 from meshproxy.codec.h1_limits import Limits
 from meshproxy.config.loader import load_snapshot
@@ -75,12 +76,14 @@ class Runtime:
         for w in snap.warnings:
             logger.warning("%s", w)
         logger.info(
-            "meshproxy %s ready: config version %d, %d listeners, %d clusters, codec %s",
+            "meshproxy %s ready: config version %d, %d listeners, %d clusters, codec %s, "
+            "hot path %s",
             __version__,
             snap.version,
             len(self.listeners),
             len(snap.clusters),
             self.ctx.codec,
+            describe(),
         )
 
     async def _start_listeners(self, specs: tuple[ListenerSpec, ...]) -> None:

@@ -54,11 +54,15 @@ class EndOfMessage:
 Event = RequestHead | ResponseHead | Data | EndOfMessage
 
 
-@dataclass(frozen=True, slots=True)
 class ParseFailure:
     """The peer broke the protocol after the events before it; nothing after it is valid."""
 
-    error: Exception
+    # A plain slotted class, not a dataclass: mypyc cannot resolve `Exception` in a
+    # dataclass annotation under `from __future__ import annotations`.
+    __slots__ = ("error",)
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
 
 
 ReceivedEvent = Event | ParseFailure

@@ -263,7 +263,7 @@ class DownstreamHttp1(asyncio.Protocol):
             self._queue.extend(events)
         queue = self._queue
         while queue and not self._closing:
-            current = self.stream
+            current: HttpStream | None = self.stream
             if current is not None and (
                 type(queue[0]) is RequestHead
                 or (current.request_done and type(queue[0]) is ParseFailure)
