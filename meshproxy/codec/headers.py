@@ -74,14 +74,17 @@ def framing(headers: Headers, side: ProtocolSide) -> tuple[bool, int | None]:
     te: bytes | None = None
     for k, v in headers:
         if k == b"content-length":
-            if cl is not None:
-                raise ProtocolError("duplicate Content-Length", side)
-            cl = v
+            cl = _single(cl, v, "Content-Length", side)
         elif k == b"transfer-encoding":
-            if te is not None:
-                raise ProtocolError("duplicate Transfer-Encoding", side)
-            te = v
+            te = _single(te, v, "Transfer-Encoding", side)
     return framing_values(cl, te, side)
+
+
+def _single(previous: bytes | None, value: bytes, name: str, side: ProtocolSide) -> bytes:
+    """`value`, unless the header already appeared: a repeated framing header is ambiguous."""
+    if previous is not None:
+        raise ProtocolError(f"duplicate {name}", side)
+    return value
 
 
 def framing_values(
@@ -136,13 +139,9 @@ def request_fields(headers: Headers) -> tuple[bool, int | None, bytes, bool]:
                     raise ProtocolError("exactly one Host header is required", side)
                 host = v
             elif k == b"content-length":
-                if cl is not None:
-                    raise ProtocolError("duplicate Content-Length", side)
-                cl = v
+                cl = _single(cl, v, "Content-Length", side)
             elif k == b"transfer-encoding":
-                if te is not None:
-                    raise ProtocolError("duplicate Transfer-Encoding", side)
-                te = v
+                te = _single(te, v, "Transfer-Encoding", side)
             elif v.lower() == b"100-continue":
                 expect = True
     if host is None:
