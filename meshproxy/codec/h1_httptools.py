@@ -35,12 +35,30 @@ def _callback_error(exc: BaseException) -> ProtocolError | None:
     return None
 
 
-class _Output:
-    """The bytes waiting to be written and the framing of the message being sent."""
+class _Side:
+    """State both directions share: the parse in progress, and the bytes waiting to be written
+    with the framing of the message being sent."""
 
-    __slots__ = ("_chunked", "_out")
+    __slots__ = (
+        "_chunk_len",
+        "_chunked",
+        "_events",
+        "_head_bytes",
+        "_headers",
+        "_in_head",
+        "_limits",
+        "_out",
+        "failed",
+    )
 
-    def __init__(self) -> None:
+    def __init__(self, limits: Limits) -> None:
+        self._limits = limits
+        self._events: list[ReceivedEvent] = []
+        self._headers: Headers = []
+        self._head_bytes = 0
+        self._in_head = False
+        self._chunk_len = 0
+        self.failed = False
         self._out: list[bytes] = []
         self._chunked = False
 
@@ -61,32 +79,15 @@ class _Output:
         return out[0] if len(out) == 1 else b"".join(out)
 
 
-class HttptoolsServerCodec(_Output):
+class HttptoolsServerCodec(_Side):
     """Downstream side: parses requests, serializes responses."""
 
-    __slots__ = (
-        "_chunk_len",
-        "_events",
-        "_head_bytes",
-        "_headers",
-        "_in_head",
-        "_limits",
-        "_parser",
-        "_url",
-        "failed",
-    )
+    __slots__ = ("_parser", "_url")
 
     def __init__(self, limits: Limits) -> None:
-        super().__init__()
-        self._limits = limits
+        super().__init__(limits)
         self._parser = httptools.HttpRequestParser(self)
-        self._events: list[ReceivedEvent] = []
-        self._headers: Headers = []
         self._url = b""
-        self._head_bytes = 0
-        self._in_head = False
-        self._chunk_len = 0
-        self.failed = False
 
     @property
     def head_pending(self) -> bool:
@@ -194,34 +195,16 @@ class HttptoolsServerCodec(_Output):
         self._chunked = chunked
 
 
-class HttptoolsClientCodec(_Output):
+class HttptoolsClientCodec(_Side):
     """Upstream side: serializes requests, parses responses."""
 
-    __slots__ = (
-        "_chunk_len",
-        "_eof_ends_message",
-        "_events",
-        "_head_bytes",
-        "_headers",
-        "_in_head",
-        "_limits",
-        "_parser",
-        "_request_method",
-        "failed",
-    )
+    __slots__ = ("_eof_ends_message", "_parser", "_request_method")
 
     def __init__(self, limits: Limits) -> None:
-        super().__init__()
-        self._limits = limits
+        super().__init__(limits)
         self._parser = httptools.HttpResponseParser(self)
-        self._events: list[ReceivedEvent] = []
-        self._headers: Headers = []
-        self._head_bytes = 0
-        self._in_head = False
         self._request_method = b"GET"
         self._eof_ends_message = False
-        self._chunk_len = 0
-        self.failed = False
 
     def receive(self, data: bytes) -> list[ReceivedEvent]:
         if self.failed:

@@ -47,14 +47,6 @@ def strip_hop_by_hop(headers: Headers) -> Headers:
     return [h for h in headers if h[0] not in drop]
 
 
-def connection_tokens(headers: Headers) -> set[bytes]:
-    out: set[bytes] = set()
-    for k, v in headers:
-        if k == b"connection":
-            out.update(t.strip().lower() for t in v.split(b","))
-    return out
-
-
 def check_field_syntax(headers: Headers, side: ProtocolSide) -> None:
     """Reject names that are not tokens and values with CTLs (NUL, CR, LF and friends)."""
     for k, v in headers:

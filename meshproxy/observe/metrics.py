@@ -22,7 +22,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from meshproxy.observe.recorder import ConnRecord, StreamRecord
+from meshproxy.observe.recorder import ConnRecord
 
 # Envoy's default histogram buckets (ms), which Istio uses.
 DURATION_BUCKETS = (
@@ -122,7 +122,7 @@ def _service_parts(host: str) -> tuple[str, str]:
 
 
 class MeshMetrics(Collector):
-    """The Recorder that feeds /stats/prometheus."""
+    """Receives the data plane's reports and feeds /stats/prometheus."""
 
     def __init__(self, namespace: str = "default", workload: str = "unknown") -> None:
         self.namespace = namespace
@@ -142,7 +142,7 @@ class MeshMetrics(Collector):
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(self)
 
-    # -- Recorder --------------------------------------------------------------------------
+    # -- what the data plane reports ------------------------------------------------------
     def _labels(
         self, reporter: str, service: str, code: int, flags: str, protocol: str
     ) -> tuple[str, ...]:
@@ -181,18 +181,6 @@ class MeshMetrics(Collector):
             if len(self._label_cache) < 10_000:  # bounded: label values come from config
                 self._label_cache[key] = labels
         return labels
-
-    def record_stream(self, rec: StreamRecord) -> None:
-        self.record_http(
-            rec.reporter,
-            rec.destination_service,
-            rec.response_code,
-            rec.response_flags,
-            rec.duration_ms,
-            rec.request_bytes,
-            rec.response_bytes,
-            rec.request_protocol,
-        )
 
     def record_http(
         self,

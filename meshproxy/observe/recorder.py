@@ -1,9 +1,8 @@
-"""What the data plane reports: one StreamRecord per HTTP stream, ConnRecords for TCP."""
+"""What the data plane reports: a StreamRecord per logged HTTP stream, ConnRecords for TCP."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
 
 
 @dataclass(slots=True)
@@ -39,28 +38,3 @@ class ConnRecord:
     sent_bytes: int = 0  # to the downstream
     received_bytes: int = 0  # from the downstream
     response_flags: str = "-"
-
-
-class Recorder(Protocol):
-    def record_stream(self, rec: StreamRecord) -> None: ...
-    def tcp_opened(self, rec: ConnRecord) -> None: ...
-    def tcp_bytes(self, rec: ConnRecord, sent: int, received: int) -> None: ...
-    def tcp_closed(self, rec: ConnRecord) -> None: ...
-    def downstream_rejected(self, reason: str) -> None: ...
-
-
-class NullRecorder:
-    def record_stream(self, rec: StreamRecord) -> None:
-        pass
-
-    def tcp_opened(self, rec: ConnRecord) -> None:
-        pass
-
-    def tcp_bytes(self, rec: ConnRecord, sent: int, received: int) -> None:
-        pass
-
-    def tcp_closed(self, rec: ConnRecord) -> None:
-        pass
-
-    def downstream_rejected(self, reason: str) -> None:
-        pass
