@@ -569,6 +569,7 @@ class HttpStream:
             rec.upstream_host = f"{host.address}:{host.port}" if host is not None else ""
             rec.request_id = (head.header(b"x-request-id") or b"").decode("latin-1")
             rec.user_agent = (head.header(b"user-agent") or b"").decode("latin-1")
+            rec.x_forwarded_for = (head.header(b"x-forwarded-for") or b"").decode("latin-1")
             rec.downstream_remote = conn.peer_ip
             rec.start_time = time.time() - duration
             log(rec)

@@ -16,7 +16,11 @@ def test_access_log_line_per_request(make_mesh: MeshFactory, tmp_path: Path) -> 
     log = tmp_path / "access.log"
     mesh = make_mesh(extra_spec=f"  accessLogFile: {log}")
     conn = http.client.HTTPConnection("127.0.0.1", mesh.http_port, timeout=5)
-    conn.request("GET", "/logged?x=1", headers={"Host": "hello.test", "User-Agent": "probe/1"})
+    conn.request(
+        "GET",
+        "/logged?x=1",
+        headers={"Host": "hello.test", "User-Agent": "probe/1", "X-Forwarded-For": "10.1.2.3"},
+    )
     conn.getresponse().read()
     conn.request("GET", "/dead", headers={"Host": "hello.test"})
     conn.getresponse().read()
@@ -27,6 +31,7 @@ def test_access_log_line_per_request(make_mesh: MeshFactory, tmp_path: Path) -> 
         time.sleep(0.05)
     first, second = log.read_text().splitlines()[:2]
     assert '"GET /logged?x=1 HTTP/1.1" 200 - ' in first
+    assert '"10.1.2.3" "probe/1"' in first
     assert '"probe/1"' in first and '"hello.test"' in first and "outbound|" in first
     assert '"GET /dead HTTP/1.1" 503 UF ' in second
 
