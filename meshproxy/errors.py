@@ -83,8 +83,12 @@ class UpstreamError(MeshproxyError):
         reused_connection: bool = False,
         response_started: bool = False,
         request_bytes_sent: bool = True,
+        unprocessed: bool = False,
     ) -> None:
         super().__init__(message)
+        # The upstream says it did not act on the request (HTTP/2 REFUSED_STREAM, or GOAWAY
+        # below its stream id): safe to send again whatever the method.
+        self.unprocessed = unprocessed
         self.kind = kind
         self.flag = flag
         self.reused_connection = reused_connection

@@ -16,6 +16,7 @@ from typing import Any
 
 from meshproxy.config.reader import Reader, did_you_mean
 from meshproxy.config.resources import (
+    ConnectionPool,
     Destination,
     DestinationRule,
     HeaderOperations,
@@ -40,6 +41,7 @@ from meshproxy.config.snapshot import (
     PortBinding,
     Resolution,
     Snapshot,
+    UpstreamProtocol,
 )
 from meshproxy.errors import ConfigIssue
 from meshproxy.routing.match import RequestMatcher, StringMatcher
@@ -74,9 +76,22 @@ def host_matches(pattern: str, host: str) -> bool:
     return pattern == host
 
 
+HTTP2_PROTOCOLS = frozenset({"HTTP2", "GRPC", "GRPC-WEB"})  # Istio's Protocol.IsHTTP2()
+
+
 def l7_of(protocol: str) -> L7:
-    # HTTP/2 and gRPC are L4 until the HTTP/2 codec lands: bytes pass through untouched.
-    return L7.HTTP if protocol == "HTTP" else L7.TCP
+    return L7.HTTP if protocol == "HTTP" or protocol in HTTP2_PROTOCOLS else L7.TCP
+
+
+def upstream_protocol_of(protocol: str, pool: ConnectionPool | None) -> UpstreamProtocol:
+    """HTTP2/GRPC ports speak h2 upstream; HTTP ports h1 unless the DestinationRule says so."""
+    if pool is not None and pool.use_client_protocol:
+        return UpstreamProtocol.CLIENT
+    if protocol in HTTP2_PROTOCOLS:
+        return UpstreamProtocol.HTTP2
+    if pool is not None and pool.h2_upgrade_policy == "UPGRADE":
+        return UpstreamProtocol.HTTP2
+    return UpstreamProtocol.HTTP1
 
 
 def cluster_name(direction: str, port: int, subset: str, host: str) -> str:
@@ -303,6 +318,7 @@ def _make_cluster(
     connect_timeout = ctx.settings.connect_timeout
     idle_timeout = ctx.settings.upstream_idle_timeout
     max_per_conn = 0
+    upstream = upstream_protocol_of(sp.protocol, policy.connection_pool if policy else None)
     if policy is not None:
         if policy.lb_simple in ("ROUND_ROBIN", "RANDOM", "LEAST_REQUEST"):
             lb = LbPolicy(policy.lb_simple)
@@ -325,6 +341,7 @@ def _make_cluster(
         max_per_conn,
         None,
         subset,
+        upstream,
     )
 
 
@@ -738,6 +755,8 @@ def _inbound_binding(
         ctx.settings.upstream_idle_timeout,
         0,
         bind,
+        "",
+        upstream_protocol_of(protocol, None),
     )
     if l7 is L7.HTTP:
         vh = VirtualHost(

@@ -30,6 +30,14 @@ class L7(enum.Enum):
     SNIFF = "sniff"  # decide from the first bytes
 
 
+class UpstreamProtocol(enum.Enum):
+    """The HTTP version spoken to a cluster's endpoints (Istio: port protocol + h2UpgradePolicy)."""
+
+    HTTP1 = "HTTP/1.1"
+    HTTP2 = "HTTP/2"
+    CLIENT = "client"  # useClientProtocol: the downstream's version
+
+
 class ListenerKind(enum.Enum):
     OUTBOUND_CAPTURE = "outbound-capture"
     INBOUND_CAPTURE = "inbound-capture"
@@ -65,6 +73,7 @@ class ClusterSpec:
     max_requests_per_connection: int = 0  # 0: unlimited
     bind_source: str | None = None  # inbound clusters bind 127.0.0.6 (Istio's loop guard)
     subset: str = ""
+    upstream_protocol: UpstreamProtocol = UpstreamProtocol.HTTP1
 
 
 @dataclass(frozen=True, slots=True)

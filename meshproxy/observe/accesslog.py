@@ -21,7 +21,7 @@ def format_line(rec: StreamRecord) -> str:
     start = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(rec.start_time))
     ms = int((rec.start_time % 1) * 1000)
     return (
-        f'[{start}.{ms:03d}Z] "{_q(rec.method)} {_q(rec.path)} HTTP/1.1" '
+        f'[{start}.{ms:03d}Z] "{_q(rec.method)} {_q(rec.path)} {rec.request_protocol}" '
         f"{rec.response_code} {rec.response_flags} {rec.request_bytes} {rec.response_bytes} "
         f'{int(rec.duration_ms)} "{_q(rec.x_forwarded_for)}" "{_q(rec.user_agent)}" '
         f'"{_q(rec.request_id)}" "{_q(rec.authority)}" "{_q(rec.upstream_host)}" '

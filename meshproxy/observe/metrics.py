@@ -129,9 +129,10 @@ class MeshMetrics(Collector):
         self.workload = workload
         self._http: dict[tuple[str, ...], _HttpSeries] = {}
         self._tcp: dict[tuple[str, ...], _TcpSeries] = {}
-        self._label_cache: dict[tuple[str, str, int, str, str], tuple[str, ...]] = {}
-        self._series_by_key: dict[tuple[str, str, int, str, str], _HttpSeries] = {}
+        self._label_cache: dict[tuple[str, str, int, str, str, str], tuple[str, ...]] = {}
+        self._series_by_key: dict[tuple[str, str, int, str, str, str], _HttpSeries] = {}
         self.rejected: dict[str, int] = {}
+        self.h2_floods: dict[str, int] = {}
         self.reloads_ok = 0
         self.reloads_failed = 0
         self.config_version = 0
@@ -144,9 +145,15 @@ class MeshMetrics(Collector):
 
     # -- what the data plane reports ------------------------------------------------------
     def _labels(
-        self, reporter: str, service: str, code: int, flags: str, protocol: str
+        self,
+        reporter: str,
+        service: str,
+        code: int,
+        flags: str,
+        protocol: str,
+        grpc_status: str = "-",
     ) -> tuple[str, ...]:
-        key = (reporter, service, code, flags, protocol)
+        key = (reporter, service, code, flags, protocol, grpc_status)
         labels = self._label_cache.get(key)
         if labels is None:
             name, ns = _service_parts(service)
@@ -174,7 +181,7 @@ class MeshMetrics(Collector):
                 name or "unknown",
                 protocol,
                 str(code),
-                "-",
+                grpc_status,
                 flags,
                 "unknown",
             )
@@ -192,12 +199,13 @@ class MeshMetrics(Collector):
         request_bytes: int,
         response_bytes: int,
         protocol: str = "http",
+        grpc_status: str = "-",
     ) -> None:
         """The per-request hot path: a dict lookup and three bisects."""
-        key = (reporter, service, code, flags, protocol)
+        key = (reporter, service, code, flags, protocol, grpc_status)
         series = self._series_by_key.get(key)
         if series is None:
-            labels = self._labels(reporter, service, code, flags, protocol)
+            labels = self._labels(reporter, service, code, flags, protocol, grpc_status)
             series = self._http.get(labels)
             if series is None:
                 series = self._http[labels] = _HttpSeries()
@@ -238,6 +246,10 @@ class MeshMetrics(Collector):
 
     def downstream_rejected(self, reason: str) -> None:
         self.rejected[reason] = self.rejected.get(reason, 0) + 1
+
+    def h2_flood(self, kind: str) -> None:
+        """An HTTP/2 connection closed for abuse (Envoy's http2.*_flood counters)."""
+        self.h2_floods[kind] = self.h2_floods.get(kind, 0) + 1
 
     def config_reloaded(self, ok: bool, version: int) -> None:
         if ok:
@@ -305,6 +317,14 @@ class MeshMetrics(Collector):
         for reason, n in sorted(self.rejected.items()):
             rejected.add_metric([reason], n)
         yield rejected
+        floods = CounterMetricFamily(
+            "meshproxy_http2_flood",
+            "HTTP/2 connections closed for frame abuse (rapid reset, PING/SETTINGS/empty frames)",
+            labels=("kind",),
+        )
+        for kind, n in sorted(self.h2_floods.items()):
+            floods.add_metric([kind], n)
+        yield floods
         yield GaugeMetricFamily(
             "meshproxy_downstream_cx_active",
             "Open downstream connections",

@@ -25,7 +25,7 @@ class StreamRecord:
     x_forwarded_for: str = ""
     downstream_remote: str = ""
     start_time: float = 0.0
-    request_protocol: str = "http"
+    request_protocol: str = "HTTP/1.1"  # %PROTOCOL% in the access log
 
 
 @dataclass(slots=True)

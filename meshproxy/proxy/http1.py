@@ -22,6 +22,7 @@ from meshproxy.config.snapshot import ListenerKind, PortBinding, Snapshot
 from meshproxy.errors import ProtocolError
 from meshproxy.observe.recorder import StreamRecord
 from meshproxy.proxy.context import ProxyContext
+from meshproxy.proxy.downstream import BindingLookup
 from meshproxy.proxy.stream import HttpStream
 
 logger = logging.getLogger(__name__)
@@ -44,10 +45,8 @@ class DownstreamHttp1(asyncio.Protocol):
         self.ctx = ctx
         self.kind = kind
         self.inbound = kind.inbound
-        self.binding = binding  # as of accept; a stream asks for the current one
-        self.listener_key = listener_key
-        self._binding_snapshot: Snapshot | None = None
-        self._binding_cached: PortBinding | None = None
+        self._bindings = BindingLookup(kind, listener_key, original_dst, binding)
+        self.http2 = False
         self.local_port = local_port
         self.original_dst = original_dst
         self.access_log = access_log
@@ -167,15 +166,7 @@ class DownstreamHttp1(asyncio.Protocol):
 
     # -- used by HttpStream ----------------------------------------------------------------
     def current_binding(self, snapshot: Snapshot) -> PortBinding | None:
-        """The binding under `snapshot`; a listener removed by a reload keeps its last one."""
-        if snapshot is self._binding_snapshot:
-            return self._binding_cached
-        binding = snapshot.binding_for(self.kind, self.listener_key, self.original_dst)
-        if binding is None and self.original_dst is None:
-            binding = self.binding
-        self._binding_snapshot = snapshot
-        self._binding_cached = binding
-        return binding
+        return self._bindings.get(snapshot)
 
     def send_interim(self, status: int) -> None:
         self.codec.send_head(ResponseHead(status, [], has_body=False), b"GET", True)
@@ -198,12 +189,23 @@ class DownstreamHttp1(asyncio.Protocol):
         if not self._cork:
             self._flush()
 
-    def send_local_reply(self, status: int, body: bytes, stream: HttpStream) -> None:
-        self._write_local(status, body, stream.head.method, stream.keep_alive)
+    def send_local_reply(
+        self, status: int, body: bytes, stream: HttpStream, headers: Headers | None = None
+    ) -> None:
+        self._write_local(status, body, stream.head.method, stream.keep_alive, headers)
 
-    def _write_local(self, status: int, body: bytes, method: bytes, keep_alive: bool) -> None:
+    def _write_local(
+        self,
+        status: int,
+        body: bytes,
+        method: bytes,
+        keep_alive: bool,
+        extra: Headers | None = None,
+    ) -> None:
         headers = [(b"content-length", b"%d" % len(body))]
-        if body:
+        if extra:
+            headers.extend(extra)
+        elif body:
             headers.append((b"content-type", b"text/plain"))
         self.codec.send_head(
             ResponseHead(status, headers, has_body=bool(body), content_length=len(body)),

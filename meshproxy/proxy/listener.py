@@ -8,11 +8,13 @@ import socket
 from collections.abc import Callable
 from typing import cast
 
+from meshproxy.codec.h2 import PREFACE
 from meshproxy.config.compile import INBOUND_PASSTHROUGH, PASSTHROUGH
 from meshproxy.config.snapshot import L7, ListenerKind, ListenerSpec, PortBinding
 from meshproxy.observe.recorder import ConnRecord, StreamRecord
 from meshproxy.proxy.context import ProxyContext
 from meshproxy.proxy.http1 import DownstreamHttp1
+from meshproxy.proxy.http2 import DownstreamHttp2
 from meshproxy.proxy.origdst import original_destination
 from meshproxy.proxy.tcp import TcpRelay
 
@@ -31,6 +33,13 @@ HTTP_METHODS = (
 )
 SNIFF_BYTES = 8
 SERVER_FIRST_PORTS = frozenset({25, 53, 3306, 27017})  # Istio assumes TCP for these
+
+
+def is_h2_preface(data: bytes) -> bool | None:
+    """True once the HTTP/2 connection preface is seen, False once it cannot be, else None."""
+    if data[: len(PREFACE)] == PREFACE:
+        return True
+    return None if PREFACE.startswith(data) else False
 
 
 def looks_like_http1(data: bytes) -> bool | None:
@@ -106,11 +115,14 @@ class CaptureEntry(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self._buffer += data
-        verdict = looks_like_http1(self._buffer[:SNIFF_BYTES])
+        h2 = is_h2_preface(self._buffer)
+        if h2 is None:
+            return
+        verdict = True if h2 else looks_like_http1(self._buffer[:SNIFF_BYTES])
         if verdict is None:
             return
         if verdict:
-            self._hand_over_http()
+            self._hand_over_http(h2)
         elif (
             self.binding is not None
             and self.binding.protocol is L7.HTTP
@@ -141,9 +153,10 @@ class CaptureEntry(asyncio.Protocol):
         relay = _tcp(self.ctx, self.spec.kind, cluster, service, self.original_dst, self._peer)
         self._switch(relay)
 
-    def _hand_over_http(self) -> None:
+    def _hand_over_http(self, h2: bool) -> None:
         assert self.original_dst is not None
-        conn = DownstreamHttp1(
+        factory = DownstreamHttp2 if h2 else DownstreamHttp1
+        conn = factory(
             self.ctx,
             self.spec.kind,
             self.binding,
@@ -214,15 +227,76 @@ class Listener:
         binding = spec.binding
         assert binding is not None
         if binding.protocol is L7.HTTP:
-            return DownstreamHttp1(
-                ctx, spec.kind, binding, spec.key, spec.port, None, self.access_log
-            )
+            return _HttpAuto(ctx, spec, binding, self.access_log)
         return _LazyTcp(ctx, spec, binding)
 
     async def close(self) -> None:
         if self.server is not None:
             self.server.close()
             self.server = None
+
+
+class _HttpAuto(asyncio.Protocol):
+    """Envoy's codec AUTO: HTTP/2 if the client opens with the h2 preface, else HTTP/1.1."""
+
+    def __init__(
+        self,
+        ctx: ProxyContext,
+        spec: ListenerSpec,
+        binding: PortBinding,
+        access_log: Callable[[StreamRecord], None] | None,
+    ) -> None:
+        self.ctx, self.spec, self.binding, self.access_log = ctx, spec, binding, access_log
+        self.transport: asyncio.Transport | None = None
+        self._buffer = b""
+        self._timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        # A client that connects and says nothing is closed as a slow request head would be.
+        timeout = self.ctx.snapshot.settings.request_headers_timeout
+        self._timer = asyncio.get_running_loop().call_later(timeout, self.transport.close)
+        self.ctx.connections.add(self)  # counts against the connection limit from accept
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.ctx.connections.discard(self)
+        if self._timer is not None:
+            self._timer.cancel()
+
+    def close_idle(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+    def data_received(self, data: bytes) -> None:
+        if self._buffer:
+            data = self._buffer + data
+        h2 = is_h2_preface(data)
+        if h2 is None:
+            self._buffer = data
+            if len(data) > len(PREFACE):  # cannot happen: decided by then
+                h2 = False
+            else:
+                return
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self.ctx.connections.discard(self)
+        spec = self.spec
+        factory = DownstreamHttp2 if h2 else DownstreamHttp1
+        proto = factory(
+            self.ctx, spec.kind, self.binding, spec.key, spec.port, None, self.access_log
+        )
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        transport.set_protocol(proto)
+        proto.connection_made(transport)
+        proto.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        if self.transport is not None:
+            self.transport.close()
+        return None
 
 
 class _LazyTcp(asyncio.Protocol):

@@ -11,18 +11,26 @@ from typing import TYPE_CHECKING
 
 from meshproxy._tasks import spawn
 from meshproxy.codec.events import Headers, RequestHead, ResponseHead
+from meshproxy.codec.grpc import (
+    GRPC_DEADLINE_EXCEEDED,
+    grpc_deadline,
+    grpc_reply_headers,
+    grpc_status_for_http,
+    grpc_status_of,
+    is_grpc,
+)
 from meshproxy.codec.headers import IDEMPOTENT_METHODS, strip_hop_by_hop
 from meshproxy.config.compile import PASSTHROUGH
-from meshproxy.config.snapshot import Resolution
+from meshproxy.config.snapshot import Resolution, UpstreamProtocol
 from meshproxy.errors import FailureKind, UpstreamError
 from meshproxy.observe.recorder import StreamRecord
 from meshproxy.routing.match import RequestView
 from meshproxy.routing.table import NO_HEADER_OPS, HeaderOps, RouteMatch
-from meshproxy.upstream.cluster import Cluster, EndpointState
-from meshproxy.upstream.connection import UpstreamHttp1Connection
+from meshproxy.upstream.cluster import Cluster, EndpointState, UpstreamPool
+from meshproxy.upstream.connection import UpstreamExchange
 
 if TYPE_CHECKING:
-    from meshproxy.proxy.http1 import DownstreamHttp1
+    from meshproxy.proxy.downstream import Downstream
 
 logger = logging.getLogger(__name__)
 
@@ -108,7 +116,7 @@ class HttpStream:
     Both end in `_finish`, exactly once.
     """
 
-    def __init__(self, conn: DownstreamHttp1, head: RequestHead) -> None:
+    def __init__(self, conn: Downstream, head: RequestHead) -> None:
         self.conn = conn
         self.head = head
         self.request_done = not head.has_body
@@ -119,7 +127,7 @@ class HttpStream:
         self._replay_bytes = 0
         self.request_bytes = 0
         self.response_bytes = 0
-        self.upstream: UpstreamHttp1Connection | None = None
+        self.upstream: UpstreamExchange | None = None
         self.response_head_sent = False
         self.response_complete = False
         self.status = 0
@@ -142,6 +150,10 @@ class HttpStream:
         self._deadline: float | None = None  # loop time by which the response must be done
         self._timer: asyncio.TimerHandle | None = None
         self._finished = False
+        self._h2_upstream = False
+        # gRPC needs HTTP/2 end to end; only then is the content-type worth a look.
+        self.grpc = conn.http2 and is_grpc(head)
+        self.grpc_status = "-"
 
     # -- start -------------------------------------------------------------------------------
     def start(self) -> None:
@@ -159,7 +171,14 @@ class HttpStream:
             self._finish()
             return
         self._cluster = cluster
+        protocol = cluster.spec.upstream_protocol
+        if protocol is UpstreamProtocol.HTTP2 or (
+            protocol is UpstreamProtocol.CLIENT and conn.http2
+        ):
+            self._h2_upstream = True
         timeout = self._match.route.timeout if self._match is not None else None
+        if self.grpc:
+            timeout = grpc_deadline(self.head, timeout)
         loop = conn.loop
         if timeout is not None:
             self._deadline = loop.time() + timeout
@@ -170,7 +189,7 @@ class HttpStream:
                 self._upstream_failed(err)
                 self._finish()
                 return
-            up = host.pool.take_idle()
+            up = host.h2_pool().take_idle() if self._h2_upstream else host.pool.take_idle()
             if up is not None:
                 if timeout is not None:
                     self._timer = loop.call_at(self._deadline, self._timed_out)  # type: ignore[arg-type]
@@ -178,7 +197,7 @@ class HttpStream:
                 return
         self.task = spawn(self._slow_path(), name="http-stream")
 
-    def _begin(self, host: EndpointState, up: UpstreamHttp1Connection, reused: bool) -> None:
+    def _begin(self, host: EndpointState, up: UpstreamExchange, reused: bool) -> None:
         """Send the request on `up`: head, the body so far, and its end if it has come."""
         host.active_requests += 1
         host.requests += 1
@@ -187,7 +206,7 @@ class HttpStream:
         self.upstream = up
         self._sent_at = time.monotonic()
         assert self._outgoing is not None
-        up.start(self._outgoing, self)
+        up.start(self._outgoing, self, self.grpc)
         body = self._replay if self._replay is not None else self._pending
         for chunk in body:
             up.send_data(chunk)
@@ -227,6 +246,8 @@ class HttpStream:
 
     # -- ResponseSink ----------------------------------------------------------------------
     def on_response_head(self, head: ResponseHead) -> None:
+        if self.grpc:
+            self.grpc_status = grpc_status_of(head.headers, self.grpc_status)
         # Sent at once: body bytes of the same read follow synchronously and must come after it.
         self._send_response_head(head)
         waiter = self._head_waiter
@@ -238,6 +259,8 @@ class HttpStream:
         self.conn.send_data(data)
 
     def on_response_end(self, trailers: Headers) -> None:
+        if self.grpc and trailers:
+            self.grpc_status = grpc_status_of(trailers, self.grpc_status)
         self.response_complete = True
         self.conn.send_end(trailers)
         if self.task is None:
@@ -300,7 +323,7 @@ class HttpStream:
         if self._finished:
             return
         self._abort_upstream()
-        self._fail(504, "upstream request timeout", "UT")
+        self._fail(504, "upstream request timeout", "UT", GRPC_DEADLINE_EXCEEDED)
         self._finish()
 
     # -- the slow path ---------------------------------------------------------------------
@@ -318,7 +341,7 @@ class HttpStream:
             self._local_reply(reply.status, reply.body, reply.flag)
         except TimeoutError:
             self._abort_upstream()
-            self._fail(504, "upstream request timeout", "UT")
+            self._fail(504, "upstream request timeout", "UT", GRPC_DEADLINE_EXCEEDED)
         except UpstreamError as err:
             self._abort_upstream()
             self._upstream_failed(err)
@@ -341,11 +364,12 @@ class HttpStream:
         loop = self.conn.loop
         while True:
             host = await cluster.pick(self.conn.original_dst)
+            pool: UpstreamPool = host.h2_pool() if self._h2_upstream else host.pool
             try:
                 if fresh:
-                    up, reused = await host.pool.connect(), False
+                    up, reused = await pool.connect(), False
                 else:
-                    up, reused = await host.pool.acquire()
+                    up, reused = await pool.acquire()
             except UpstreamError:
                 host.errors += 1
                 raise
@@ -374,8 +398,14 @@ class HttpStream:
         self.upstream = None
 
     def _may_retry(self, err: UpstreamError) -> bool:
-        """The keep-alive race: the upstream closed a pooled connection as we reused it."""
-        if self._retried or not self._reused or err.response_started or not self._replayable():
+        """The keep-alive race (the upstream closed a pooled connection as we reused it), or
+        a request the upstream never processed (HTTP/2 GOAWAY above it or REFUSED_STREAM)."""
+        if self._retried or err.response_started:
+            return False
+        if err.unprocessed:
+            if self._replay is None:
+                return False
+        elif not self._reused or not self._replayable():
             return False
         self._retried = True
         return True
@@ -523,18 +553,27 @@ class HttpStream:
         if up is not None and not up.response_done:
             up.abort()
 
-    def _fail(self, status: int, body: str, flag: str) -> None:
+    def _fail(self, status: int, body: str, flag: str, grpc_status: int | None = None) -> None:
         if self.response_head_sent:
             self.flag = flag
             self.conn.abort()  # the response started: truncation must be visible
             return
-        self._local_reply(status, body, flag)
+        self._local_reply(status, body, flag, grpc_status)
 
-    def _local_reply(self, status: int, body: str, flag: str) -> None:
-        self.status = status
+    def _local_reply(
+        self, status: int, body: str, flag: str, grpc_status: int | None = None
+    ) -> None:
         self.flag = flag
         self.response_head_sent = True
         self.response_complete = True
+        if self.grpc:
+            # gRPC clients read trailers, not HTTP statuses: a trailers-only response.
+            code = grpc_status if grpc_status is not None else grpc_status_for_http(status)
+            self.status = 200
+            self.grpc_status = str(code)
+            self.conn.send_local_reply(200, b"", self, grpc_reply_headers(code, body))
+            return
+        self.status = status
         self.conn.send_local_reply(status, body.encode(), self)
 
     def _record(
@@ -557,7 +596,10 @@ class HttpStream:
             self.request_bytes,
             self.response_bytes,
         )
-        conn.ctx.metrics.record_http(*values)
+        if self.grpc:
+            conn.ctx.metrics.record_http(*values, "grpc", self.grpc_status)
+        else:
+            conn.ctx.metrics.record_http(*values)
         log = conn.access_log
         if log is not None:
             rec = StreamRecord(*values)
@@ -572,4 +614,5 @@ class HttpStream:
             rec.x_forwarded_for = (head.header(b"x-forwarded-for") or b"").decode("latin-1")
             rec.downstream_remote = conn.peer_ip
             rec.start_time = time.time() - duration
+            rec.request_protocol = "HTTP/2" if conn.http2 else "HTTP/1.1"
             log(rec)

@@ -6,12 +6,15 @@ import asyncio
 import logging
 import socket
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from typing import Protocol
 
 from meshproxy.codec.h1_limits import Limits
 from meshproxy.config.snapshot import ClusterSpec, Resolution
 from meshproxy.errors import FailureKind, UpstreamError
+from meshproxy.upstream.connection import UpstreamExchange
+from meshproxy.upstream.h2pool import Http2Pool
 from meshproxy.upstream.lb import make_balancer
 from meshproxy.upstream.pool import Pool
 
@@ -21,25 +24,70 @@ DNS_REFRESH_SECONDS = 5.0  # Envoy's dns_refresh_rate default
 MAX_ORIGINAL_DST_HOSTS = 1024
 
 
+class UpstreamPool(Protocol):
+    """What a stream asks of an endpoint's pool, whichever HTTP version it speaks."""
+
+    def take_idle(self) -> UpstreamExchange | None: ...
+    async def acquire(self) -> tuple[UpstreamExchange, bool]: ...
+    async def connect(self) -> UpstreamExchange: ...
+
+
 class EndpointState:
-    """One upstream host: its pool and the live counters LB and /clusters read."""
+    """One upstream host: its pools and the live counters LB and /clusters read."""
 
-    __slots__ = ("active_requests", "address", "errors", "pool", "port", "requests", "weight")
+    __slots__ = (
+        "_h2",
+        "_h2_factory",
+        "active_requests",
+        "address",
+        "errors",
+        "pool",
+        "port",
+        "requests",
+        "weight",
+    )
 
-    def __init__(self, address: str, port: int, weight: int, pool: Pool) -> None:
+    def __init__(
+        self,
+        address: str,
+        port: int,
+        weight: int,
+        pool: Pool,
+        h2_factory: Callable[[], Http2Pool] | None = None,
+    ) -> None:
         self.address = address
         self.port = port
         self.weight = weight
         self.pool = pool
+        self._h2: Http2Pool | None = None
+        self._h2_factory = h2_factory
         self.active_requests = 0
         self.requests = 0
         self.errors = 0
+
+    def h2_pool(self) -> Http2Pool:
+        """The HTTP/2 connections to this host, created on first use."""
+        h2 = self._h2
+        if h2 is None:
+            assert self._h2_factory is not None
+            h2 = self._h2 = self._h2_factory()
+        return h2
+
+    @property
+    def has_connections(self) -> bool:
+        return bool(self.pool.connections) or bool(self._h2 and self._h2.connections)
+
+    def close_pools(self) -> None:
+        self.pool.close()
+        if self._h2 is not None:
+            self._h2.close()
 
     @property
     def available(self) -> bool:
         return True  # outlier ejection lands with the resilience work
 
     def as_dict(self) -> dict[str, object]:
+        h2 = self._h2
         return {
             "address": f"{self.address}:{self.port}",
             "weight": self.weight,
@@ -47,10 +95,11 @@ class EndpointState:
             "rq_active": self.active_requests,
             "rq_total": self.requests,
             "rq_error": self.errors,
-            "cx_active": len(self.pool.connections),
-            "cx_idle": len(self.pool.idle),
-            "cx_total": self.pool.connects,
-            "cx_connect_fail": self.pool.connect_failures,
+            "cx_active": len(self.pool.connections) + (len(h2.connections) if h2 else 0),
+            "cx_idle": len(self.pool.idle) + (len(h2.idle) if h2 else 0),
+            "cx_total": self.pool.connects + (h2.connects if h2 else 0),
+            "cx_connect_fail": self.pool.connect_failures + (h2.connect_failures if h2 else 0),
+            "http2_cx_active": len(h2.connections) if h2 else 0,
         }
 
 
@@ -90,7 +139,20 @@ class Cluster:
             bind_source=spec.bind_source,
             on_change=self._cx_change,
         )
-        host = EndpointState(address, port, weight, pool)
+        host = EndpointState(
+            address,
+            port,
+            weight,
+            pool,
+            lambda: Http2Pool(
+                address,
+                port,
+                connect_timeout=spec.connect_timeout,
+                idle_timeout=spec.idle_timeout,
+                bind_source=spec.bind_source,
+                on_change=self._cx_change,
+            ),
+        )
         self._by_address[(address, port)] = host
         return host
 
@@ -129,8 +191,8 @@ class Cluster:
 
     def _drop_idle_hosts(self) -> None:
         for key, host in list(self._by_address.items()):
-            if host.active_requests == 0 and not host.pool.connections:
-                host.pool.close()
+            if host.active_requests == 0 and not host.has_connections:
+                host.close_pools()
                 del self._by_address[key]
 
     async def _refresh_dns(self) -> None:
@@ -169,7 +231,7 @@ class Cluster:
 
     def close(self) -> None:
         for host in self._by_address.values():
-            host.pool.close()
+            host.close_pools()
         if self._resolving is not None:
             self._resolving.cancel()
 

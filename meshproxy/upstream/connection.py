@@ -36,6 +36,20 @@ class ResponseSink(Protocol):
     def release_writes(self) -> None: ...
 
 
+class UpstreamExchange(Protocol):
+    """One request's use of an upstream connection (HTTP/1.1) or stream (HTTP/2)."""
+
+    request_done: bool
+    response_done: bool
+
+    def start(self, head: RequestHead, sink: ResponseSink, grpc: bool = False) -> None: ...
+    def send_data(self, data: bytes) -> None: ...
+    def end_request(self, trailers: Headers) -> None: ...
+    def pause_reading(self) -> None: ...
+    def resume_reading(self) -> None: ...
+    def abort(self) -> None: ...
+
+
 class UpstreamHttp1Connection(asyncio.Protocol):
     """Carries one request at a time; reusable once both directions finished cleanly."""
 
@@ -137,7 +151,7 @@ class UpstreamHttp1Connection(asyncio.Protocol):
             self.sink.on_upstream_writable(True)
 
     # -- used by the stream ----------------------------------------------------------------
-    def start(self, head: RequestHead, sink: ResponseSink) -> None:
+    def start(self, head: RequestHead, sink: ResponseSink, grpc: bool = False) -> None:
         self.sink = sink
         self.requests += 1
         self.response_started = self.request_done = self.response_done = False

@@ -13,6 +13,43 @@ from meshproxy.errors import FailureKind, UpstreamError
 from meshproxy.upstream.connection import UpstreamHttp1Connection
 
 
+async def open_connection(
+    protocol: asyncio.Protocol,
+    address: str,
+    port: int,
+    bind_source: str | None,
+    timeout: float,
+) -> None:
+    """Connect `protocol` to address:port (TCP_NODELAY), as an UpstreamError on failure."""
+    loop = asyncio.get_running_loop()
+    local = (bind_source, 0) if bind_source else None
+    try:
+        async with asyncio.timeout(timeout):
+            transport, _ = await loop.create_connection(
+                lambda: protocol, address, port, local_addr=local
+            )
+    except TimeoutError:
+        raise UpstreamError(
+            FailureKind.CONNECT_TIMEOUT,
+            "connection timeout",
+            flag="UF",
+            request_bytes_sent=False,
+        ) from None
+    except OSError as exc:
+        raise UpstreamError(
+            FailureKind.CONNECT_REFUSED,
+            f"delayed connect error: {exc.errno or exc}",
+            flag="UF",
+            request_bytes_sent=False,
+        ) from None
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass
+
+
 class Pool:
     """Idle connections are kept LIFO (warm ones first) and closed after `idle_timeout`.
 
@@ -70,38 +107,15 @@ class Pool:
         return None
 
     async def connect(self) -> UpstreamHttp1Connection:
-        loop = asyncio.get_running_loop()
         conn = UpstreamHttp1Connection(client_codec(self._codec, self._limits), self)
-        local = (self.bind_source, 0) if self.bind_source else None
         self.connects += 1
         try:
-            async with asyncio.timeout(self.connect_timeout):
-                await loop.create_connection(
-                    lambda: conn, self.address, self.port, local_addr=local
-                )
-        except TimeoutError:
+            await open_connection(
+                conn, self.address, self.port, self.bind_source, self.connect_timeout
+            )
+        except UpstreamError:
             self.connect_failures += 1
-            raise UpstreamError(
-                FailureKind.CONNECT_TIMEOUT,
-                "connection timeout",
-                flag="UF",
-                request_bytes_sent=False,
-            ) from None
-        except OSError as exc:
-            self.connect_failures += 1
-            raise UpstreamError(
-                FailureKind.CONNECT_REFUSED,
-                f"delayed connect error: {exc.errno or exc}",
-                flag="UF",
-                request_bytes_sent=False,
-            ) from None
-        if conn.transport is not None:
-            sock = conn.transport.get_extra_info("socket")
-            if sock is not None:
-                try:
-                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                except OSError:
-                    pass
+            raise
         self.connections.add(conn)
         if self._on_change:
             self._on_change(1)

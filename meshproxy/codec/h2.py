@@ -1,0 +1,244 @@
+"""HTTP/2 on the h2 library: connection settings, head mapping to our events, abuse accounting.
+
+The h2 state machine is already sans-IO; this module adds what it leaves to its user: the
+settings a proxy advertises, the mapping between HTTP/2 header blocks and our RequestHead /
+ResponseHead (the same events the HTTP/1 codecs produce, so one stream model serves both),
+and the per-connection budgets against frame floods that h2 does not enforce itself.
+"""
+
+from __future__ import annotations
+
+import time
+
+from h2.config import H2Configuration
+from h2.connection import H2Connection
+from h2.settings import SettingCodes, Settings
+
+from meshproxy.codec.events import Headers, RequestHead, ResponseHead
+from meshproxy.errors import ProtocolError, ProtocolSide
+
+PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+
+MAX_CONCURRENT_STREAMS = 100  # Envoy's and nginx's edge default
+STREAM_WINDOW = 256 * 1024  # per-stream receive window: what one paused stream may hold
+CONNECTION_WINDOW = 16 * 1024 * 1024  # larger than all stream windows: a paused stream
+# must never hold the connection window shut for its siblings
+MAX_HEADER_LIST_SIZE = 60 * 1024  # as the HTTP/1 limit
+MAX_HEADERS = 100
+
+# Connection-specific fields (RFC 9113 §8.2.2): never sent on an HTTP/2 hop.
+CONNECTION_SPECIFIC = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"transfer-encoding",
+        b"upgrade",
+        b"te",
+        b"http2-settings",
+    }
+)
+
+
+def new_connection(client_side: bool, *, enable_connect: bool = False) -> H2Connection:
+    """An h2 connection with a proxy's settings, its preface queued in data_to_send()."""
+    config = H2Configuration(
+        client_side=client_side,
+        header_encoding=None,
+        validate_inbound_headers=True,
+        normalize_inbound_headers=True,  # joins cookie crumbs (RFC 9113 §8.2.3)
+        validate_outbound_headers=False,  # what we send is built by us from checked input
+        normalize_outbound_headers=False,
+    )
+    conn = H2Connection(config=config)
+    settings = {
+        SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW,
+        SettingCodes.MAX_HEADER_LIST_SIZE: MAX_HEADER_LIST_SIZE,
+    }
+    if not client_side:
+        settings[SettingCodes.MAX_CONCURRENT_STREAMS] = MAX_CONCURRENT_STREAMS
+        if enable_connect:
+            settings[SettingCodes.ENABLE_CONNECT_PROTOCOL] = 1
+    else:
+        settings[SettingCodes.ENABLE_PUSH] = 0
+    # Replacing the Settings before the preface makes them current at once (hypercorn does
+    # the same); the peer learns them from the preface's SETTINGS frame.
+    conn.local_settings = Settings(client=client_side, initial_values=settings)
+    conn.decoder.max_header_list_size = MAX_HEADER_LIST_SIZE
+    conn.initiate_connection()
+    conn.increment_flow_control_window(CONNECTION_WINDOW - 65535)
+    return conn
+
+
+def request_head(headers: Headers, stream_id: int, end_stream: bool) -> RequestHead:
+    """Our RequestHead from a request header block h2 has already validated.
+
+    `:authority` becomes the `host` field, first, as an HTTP/1.1 hop needs it; a `host` that
+    disagrees with `:authority` is refused (RFC 9113 §8.3.1: they name the same thing).
+    """
+    method = path = authority = protocol = b""
+    host: bytes | None = None
+    out: Headers = []
+    content_length: int | None = None
+    for k, v in headers:
+        if k[:1] == b":":
+            if k == b":method":
+                method = v
+            elif k == b":path":
+                path = v
+            elif k == b":authority":
+                authority = v
+            elif k == b":protocol":
+                protocol = v
+            continue
+        if k == b"host":
+            if host is not None and host != v:
+                raise ProtocolError("conflicting host headers", ProtocolSide.DOWNSTREAM)
+            host = v
+            continue
+        if k == b"content-length":
+            if content_length is not None or not v.isdigit() or len(v) > 18:
+                raise ProtocolError("invalid content-length", ProtocolSide.DOWNSTREAM)
+            content_length = int(v)
+        out.append((k, v))
+    if len(out) > MAX_HEADERS:
+        raise ProtocolError("too many headers", ProtocolSide.DOWNSTREAM, status=431)
+    if authority and host is not None and host != authority:
+        raise ProtocolError(":authority and host disagree", ProtocolSide.DOWNSTREAM)
+    authority = authority or host or b""
+    if not authority:
+        raise ProtocolError("missing :authority", ProtocolSide.DOWNSTREAM)
+    if protocol:
+        # RFC 8441 extended CONNECT: carried to an HTTP/1.1 upstream as an Upgrade request.
+        method = b"GET"
+        out.append((b"connection", b"upgrade"))
+        out.append((b"upgrade", protocol))
+    elif method == b"CONNECT":
+        path = b""
+    if path[:1] != b"/" and not (path == b"*" and method == b"OPTIONS") and method != b"CONNECT":
+        raise ProtocolError("invalid :path", ProtocolSide.DOWNSTREAM)
+    if b"#" in path:
+        raise ProtocolError("fragment in :path", ProtocolSide.DOWNSTREAM)
+    out.insert(0, (b"host", authority))
+    return RequestHead(
+        method,
+        path,
+        out,
+        b"2",
+        True,
+        not end_stream,
+        content_length,
+        False,
+        stream_id,
+        authority,
+    )
+
+
+def request_block(head: RequestHead, scheme: bytes, grpc: bool) -> Headers:
+    """The HTTP/2 header block for `head` (whose `host` field becomes `:authority`).
+
+    `te: trailers` is the one TE value HTTP/2 allows and only gRPC needs (servers check it).
+    """
+    authority = head.authority
+    out: Headers = [(b":method", head.method), (b":scheme", scheme), (b":path", head.target)]
+    rest: Headers = []
+    for k, v in head.headers:
+        if k == b"host":
+            authority = v
+        elif k not in CONNECTION_SPECIFIC:
+            rest.append((k, v))
+    if grpc:
+        rest.append((b"te", b"trailers"))
+    out.insert(1, (b":authority", authority))
+    out.extend(rest)
+    return out
+
+
+def response_block(head: ResponseHead) -> Headers:
+    out: Headers = [(b":status", b"%d" % head.status)]
+    for item in head.headers:
+        if item[0] not in CONNECTION_SPECIFIC:
+            out.append(item)
+    return out
+
+
+def response_head(headers: Headers, stream_id: int, end_stream: bool) -> ResponseHead:
+    status = 0
+    out: Headers = []
+    content_length: int | None = None
+    for k, v in headers:
+        if k == b":status":
+            status = int(v)
+        elif k[:1] != b":":
+            if k == b"content-length" and v.isdigit() and len(v) <= 18:
+                content_length = int(v)
+            out.append((k, v))
+    if len(out) > MAX_HEADERS:
+        raise ProtocolError("too many response headers", ProtocolSide.UPSTREAM, status=502)
+    return ResponseHead(status, out, b"", b"2", True, not end_stream, content_length, stream_id)
+
+
+def trailer_fields(headers: Headers) -> Headers:
+    return [(k, v) for k, v in headers if k[:1] != b":"]
+
+
+class FloodGuard:
+    """Budgets for the frames a peer can make us answer or track at no cost to itself.
+
+    h2 answers PING and SETTINGS by itself and keeps no count of resets; these limits are the
+    CVE classes Envoy guards against: Rapid Reset (CVE-2023-44487), PING/SETTINGS floods
+    (CVE-2019-9512/9515), empty frames (CVE-2019-9518). `note_*` returns the name of the
+    exceeded budget (a metric label), or None.
+    """
+
+    __slots__ = ("_window_start", "empty_frames", "pings", "resets", "settings", "streams")
+
+    WINDOW = 1.0  # seconds per accounting window
+    MAX_PINGS = 100  # per window
+    MAX_SETTINGS = 100
+    MAX_CONSECUTIVE_EMPTY = 1  # as Envoy's max_consecutive_inbound_frames_with_empty_payload
+    MIN_STREAMS_FOR_RESET_CHECK = 100  # Envoy: premature resets judged after this many
+    MAX_RESET_FRACTION = 0.5
+
+    def __init__(self) -> None:
+        self._window_start = time.monotonic()
+        self.pings = 0
+        self.settings = 0
+        self.empty_frames = 0
+        self.resets = 0  # streams the peer reset before their response was complete
+        self.streams = 0  # streams the peer opened
+
+    def _roll(self) -> None:
+        now = time.monotonic()
+        if now - self._window_start > self.WINDOW:
+            self._window_start = now
+            self.pings = self.settings = 0
+
+    def note_ping(self) -> str | None:
+        self._roll()
+        self.pings += 1
+        return "ping_flood" if self.pings > self.MAX_PINGS else None
+
+    def note_settings(self) -> str | None:
+        self._roll()
+        self.settings += 1
+        return "settings_flood" if self.settings > self.MAX_SETTINGS else None
+
+    def note_data(self, length: int, end_stream: bool) -> str | None:
+        if length or end_stream:
+            self.empty_frames = 0
+            return None
+        self.empty_frames += 1
+        return "empty_frame_flood" if self.empty_frames > self.MAX_CONSECUTIVE_EMPTY else None
+
+    def note_stream(self) -> None:
+        self.streams += 1
+
+    def note_premature_reset(self) -> str | None:
+        self.resets += 1
+        if (
+            self.streams >= self.MIN_STREAMS_FOR_RESET_CHECK
+            and self.resets > self.streams * self.MAX_RESET_FRACTION
+        ):
+            return "premature_reset"
+        return None

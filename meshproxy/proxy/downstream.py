@@ -1,0 +1,73 @@
+"""What an HttpStream needs from the downstream side, whichever HTTP version carries it."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Protocol
+
+from meshproxy.codec.events import Headers, ResponseHead
+from meshproxy.config.snapshot import ListenerKind, PortBinding, Snapshot
+from meshproxy.observe.recorder import StreamRecord
+from meshproxy.proxy.context import ProxyContext
+
+if TYPE_CHECKING:
+    from meshproxy.proxy.stream import HttpStream
+
+
+class Downstream(Protocol):
+    """An HTTP/1.1 connection (one stream at a time) or one HTTP/2 stream's channel."""
+
+    ctx: ProxyContext
+    loop: asyncio.AbstractEventLoop
+    inbound: bool
+    local_port: int
+    original_dst: tuple[str, int] | None
+    peer_ip: str
+    access_log: Callable[[StreamRecord], None] | None
+    http2: bool
+
+    def current_binding(self, snapshot: Snapshot) -> PortBinding | None: ...
+    def send_interim(self, status: int) -> None: ...
+    def send_response_head(self, head: ResponseHead, stream: HttpStream) -> None: ...
+    def send_data(self, data: bytes) -> None: ...
+    def send_end(self, trailers: Headers) -> None: ...
+    def send_local_reply(
+        self, status: int, body: bytes, stream: HttpStream, headers: Headers | None = None
+    ) -> None: ...
+    def cork(self) -> None: ...
+    def uncork(self) -> None: ...
+    def pause_reading(self) -> None: ...
+    def resume_reading(self) -> None: ...
+    def abort(self) -> None: ...
+    def stream_finished(self, stream: HttpStream) -> None: ...
+
+
+class BindingLookup:
+    """A listener's binding under the current snapshot, computed once per snapshot."""
+
+    __slots__ = ("_cached", "_snapshot", "accepted", "kind", "listener_key", "original_dst")
+
+    def __init__(
+        self,
+        kind: ListenerKind,
+        listener_key: tuple[str, int],
+        original_dst: tuple[str, int] | None,
+        accepted: PortBinding | None,
+    ) -> None:
+        self.kind = kind
+        self.listener_key = listener_key
+        self.original_dst = original_dst
+        self.accepted = accepted  # as of accept: a listener removed by a reload keeps it
+        self._snapshot: Snapshot | None = None
+        self._cached: PortBinding | None = None
+
+    def get(self, snapshot: Snapshot) -> PortBinding | None:
+        if snapshot is self._snapshot:
+            return self._cached
+        binding = snapshot.binding_for(self.kind, self.listener_key, self.original_dst)
+        if binding is None and self.original_dst is None:
+            binding = self.accepted
+        self._snapshot = snapshot
+        self._cached = binding
+        return binding

@@ -1,0 +1,500 @@
+"""Downstream HTTP/2 connection: h2 frames ↔ many concurrent HttpStreams, with flow control.
+
+Each HTTP/2 stream gets an `H2Channel`, which is what its HttpStream sees as "the
+downstream" (the same interface an HTTP/1.1 connection offers), so routing, upstream
+attempts, timeouts and metrics are shared with HTTP/1.1.
+
+Backpressure per stream: request DATA is acknowledged (WINDOW_UPDATE) only once it went
+onward, so a stream whose upstream is slow stops only its own sender; the connection window
+is made larger than all stream windows together so a paused stream never stalls siblings.
+Response data waits for the client's window in the channel, and past a high-water mark the
+stream's upstream is paused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import cast
+
+import h2.errors
+import h2.events
+import h2.exceptions
+from h2.connection import H2Connection
+
+from meshproxy.codec.events import Headers, ResponseHead
+from meshproxy.codec.h2 import (
+    FloodGuard,
+    new_connection,
+    request_head,
+    response_block,
+    trailer_fields,
+)
+from meshproxy.config.snapshot import ListenerKind, PortBinding, Snapshot
+from meshproxy.errors import ProtocolError
+from meshproxy.observe.recorder import StreamRecord
+from meshproxy.proxy.context import ProxyContext
+from meshproxy.proxy.downstream import BindingLookup
+from meshproxy.proxy.stream import HttpStream
+
+logger = logging.getLogger(__name__)
+
+STREAM_HIGH_WATER = 256 * 1024  # response bytes waiting for the client's window, per stream
+STREAM_LOW_WATER = 64 * 1024
+MAX_WRITE_BUFFER = 4 * 1024 * 1024  # bytes the client has not read: past this it is flooding us
+SOCKET_HIGH_WATER = 256 * 1024
+
+
+class H2Channel:
+    """One HTTP/2 stream as the Downstream of its HttpStream."""
+
+    def __init__(self, conn: DownstreamHttp2, stream_id: int) -> None:
+        self.conn = conn
+        self.stream_id = stream_id
+        self.ctx = conn.ctx
+        self.loop = conn.loop
+        self.inbound = conn.inbound
+        self.local_port = conn.local_port
+        self.original_dst = conn.original_dst
+        self.peer_ip = conn.peer_ip
+        self.access_log = conn.access_log
+        self.http2 = True
+        self.stream: HttpStream | None = None
+        self.request_trailers: Headers = []
+        self._pending: list[bytes] = []
+        self._pending_bytes = 0
+        self._end: Headers | None = None  # trailers (or []) to send once pending data is out
+        self.reset = False  # RST_STREAM sent or received: nothing more may be sent
+        self.finished = False  # END_STREAM sent
+        self._reading_paused = False
+        self._unacked = 0
+        self._writes_blocked = False
+
+    # -- Downstream --------------------------------------------------------------------
+    def current_binding(self, snapshot: Snapshot) -> PortBinding | None:
+        return self.conn.bindings.get(snapshot)
+
+    def send_interim(self, status: int) -> None:
+        if not self.reset:
+            self.conn.h2.send_headers(self.stream_id, [(b":status", b"%d" % status)])
+            self.conn.flush()
+
+    def send_response_head(self, head: ResponseHead, stream: HttpStream) -> None:
+        if self.reset:
+            return
+        self.conn.h2.send_headers(self.stream_id, response_block(head))
+        self.conn.flush()
+
+    def send_data(self, data: bytes) -> None:
+        if self.reset or not data:
+            return
+        self._pending.append(data)
+        self._pending_bytes += len(data)
+        self.push()
+
+    def send_end(self, trailers: Headers) -> None:
+        if self.reset:
+            return
+        self._end = trailers
+        self.push()
+
+    def send_local_reply(
+        self, status: int, body: bytes, stream: HttpStream, headers: Headers | None = None
+    ) -> None:
+        if self.reset:
+            return
+        fields: Headers = [(b":status", b"%d" % status)]
+        if headers:
+            fields.extend(headers)
+        else:
+            fields.append((b"content-length", b"%d" % len(body)))
+            if body:
+                fields.append((b"content-type", b"text/plain"))
+        if body and stream.head.method != b"HEAD":
+            self.conn.h2.send_headers(self.stream_id, fields)
+            self.send_data(body)
+            self.send_end([])
+        else:
+            self.conn.h2.send_headers(self.stream_id, fields, end_stream=True)
+            self.finished = True
+            self.conn.flush()
+
+    def cork(self) -> None:
+        self.conn.cork()
+
+    def uncork(self) -> None:
+        self.conn.uncork()
+
+    def pause_reading(self) -> None:
+        self._reading_paused = True
+
+    def resume_reading(self) -> None:
+        self._reading_paused = False
+        if self._unacked:
+            unacked, self._unacked = self._unacked, 0
+            self.conn.acknowledge(unacked, self.stream_id)
+
+    def abort(self) -> None:
+        """The response cannot be completed: the client must see a reset, not an end."""
+        if not self.reset and not self.finished:
+            self.reset = True
+            self.conn.reset_stream(self.stream_id, h2.errors.ErrorCodes.INTERNAL_ERROR)
+        self._pending.clear()
+        self._pending_bytes = 0
+
+    def stream_finished(self, stream: HttpStream) -> None:
+        self.conn.stream_finished(self)
+
+    # -- used by the connection --------------------------------------------------------
+    def request_data(self, data: bytes, flow_controlled: int) -> None:
+        stream = self.stream
+        if stream is not None and not stream.request_done:
+            stream.request_data(data)
+        if not flow_controlled:
+            return
+        if self._reading_paused:
+            self._unacked += flow_controlled
+        else:
+            self.conn.acknowledge(flow_controlled, self.stream_id)
+
+    @property
+    def idle(self) -> bool:
+        """Nothing left to do for this stream: the exchange ended and all was sent."""
+        return self.stream is None and (self.reset or self.finished or not self._pending)
+
+    def push(self) -> None:
+        """Send what the client's flow-control window allows; end the stream when all is out."""
+        conn = self.conn
+        h2c = conn.h2
+        sid = self.stream_id
+        pending = self._pending
+        try:
+            while pending:
+                window = h2c.local_flow_control_window(sid)
+                if window <= 0:
+                    break
+                chunk = pending[0]
+                size = min(window, h2c.max_outbound_frame_size)
+                if len(chunk) <= size:
+                    pending.pop(0)
+                else:
+                    pending[0] = chunk[size:]
+                    chunk = chunk[:size]
+                self._pending_bytes -= len(chunk)
+                h2c.send_data(sid, chunk)
+            if not pending and self._end is not None and not self.finished:
+                if self._end:
+                    h2c.send_headers(sid, self._end, end_stream=True)
+                else:
+                    h2c.end_stream(sid)
+                self.finished = True
+        except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
+            # The client reset or closed the stream meanwhile; what is left has no reader.
+            self.reset = True
+            pending.clear()
+            self._pending_bytes = 0
+        stream = self.stream
+        if stream is not None:
+            if self._pending_bytes > STREAM_HIGH_WATER and not self._writes_blocked:
+                self._writes_blocked = True
+                stream.downstream_writable(False)
+            elif self._writes_blocked and self._pending_bytes < STREAM_LOW_WATER:
+                self._writes_blocked = False
+                if not conn.write_paused:
+                    stream.downstream_writable(True)
+        conn.flush()
+        if self.stream is None and self.idle:
+            conn.forget(self)
+
+
+class DownstreamHttp2(asyncio.Protocol):
+    """A client's HTTP/2 connection (prior knowledge h2c, or `h2` by ALPN)."""
+
+    def __init__(
+        self,
+        ctx: ProxyContext,
+        kind: ListenerKind,
+        binding: PortBinding | None,
+        listener_key: tuple[str, int],
+        local_port: int,
+        original_dst: tuple[str, int] | None = None,
+        access_log: Callable[[StreamRecord], None] | None = None,
+    ) -> None:
+        self.ctx = ctx
+        self.inbound = kind.inbound
+        self.bindings = BindingLookup(kind, listener_key, original_dst, binding)
+        self.local_port = local_port
+        self.original_dst = original_dst
+        self.access_log = access_log
+        self.h2: H2Connection = new_connection(client_side=False, enable_connect=True)
+        self.transport: asyncio.Transport | None = None
+        self.loop: asyncio.AbstractEventLoop = asyncio.get_event_loop()
+        self.peer_ip = ""
+        self.channels: dict[int, H2Channel] = {}
+        self.flood = FloodGuard()
+        self.write_paused = False
+        self._cork = 0
+        self._closing = False
+        self._goaway_sent = False
+        self._idle_timer: asyncio.TimerHandle | None = None
+        self._last_active = 0.0
+
+    # -- asyncio.Protocol ------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport = cast(asyncio.Transport, transport)
+        self.loop = asyncio.get_running_loop()
+        transport.set_write_buffer_limits(high=SOCKET_HIGH_WATER)
+        peer = transport.get_extra_info("peername")
+        self.peer_ip = str(peer[0]) if peer else ""
+        ctx = self.ctx
+        ctx.connections.add(self)
+        ctx.metrics.downstream_cx_active += 1
+        ctx.metrics.downstream_cx_total += 1
+        self.flush()
+        self._arm_idle()
+
+    def data_received(self, data: bytes) -> None:
+        if self._closing:
+            return
+        try:
+            events = self.h2.receive_data(data)
+        except h2.exceptions.ProtocolError as exc:
+            self._connection_error(exc)
+            return
+        self._cork += 1
+        try:
+            for ev in events:
+                self._handle(ev)
+                if self._closing:
+                    return
+        finally:
+            self._cork -= 1
+        self.flush()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._closing = True
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
+        ctx = self.ctx
+        ctx.connections.discard(self)
+        ctx.metrics.downstream_cx_active -= 1
+        channels = list(self.channels.values())
+        self.channels.clear()
+        for ch in channels:
+            ch.reset = True
+            if ch.stream is not None:
+                ch.stream.downstream_gone()
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        for ch in list(self.channels.values()):
+            if ch.stream is not None:
+                ch.stream.downstream_writable(False)
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        for ch in list(self.channels.values()):
+            if ch.stream is not None:
+                ch.stream.downstream_writable(True)
+
+    # -- frames ----------------------------------------------------------------------------
+    def _handle(self, ev: h2.events.Event) -> None:
+        t = type(ev)
+        if t is h2.events.DataReceived:
+            ev = cast(h2.events.DataReceived, ev)
+            sid = ev.stream_id
+            data = ev.data
+            flooded = self.flood.note_data(len(data), ev.stream_ended is not None)
+            if flooded:
+                self._flooded(flooded)
+                return
+            ch = self.channels.get(sid)
+            if ch is None:
+                if ev.flow_controlled_length:
+                    self.acknowledge(ev.flow_controlled_length, sid)
+                return
+            ch.request_data(data, ev.flow_controlled_length)
+        elif t is h2.events.RequestReceived:
+            self._new_stream(cast(h2.events.RequestReceived, ev))
+        elif t is h2.events.StreamEnded:
+            ch = self.channels.get(cast(int, ev.stream_id))  # type: ignore[attr-defined]
+            if ch is not None and ch.stream is not None:
+                ch.stream.request_end(ch.request_trailers)
+        elif t is h2.events.TrailersReceived:
+            ev = cast(h2.events.TrailersReceived, ev)
+            ch = self.channels.get(ev.stream_id)
+            if ch is not None:
+                ch.request_trailers = trailer_fields(ev.headers)
+        elif t is h2.events.WindowUpdated:
+            sid = cast(int, ev.stream_id)  # type: ignore[attr-defined]
+            if sid:
+                ch = self.channels.get(sid)
+                if ch is not None:
+                    ch.push()
+            else:
+                for ch in list(self.channels.values()):
+                    ch.push()
+        elif t is h2.events.StreamReset:
+            self._stream_reset(cast(int, ev.stream_id))  # type: ignore[attr-defined]
+        elif t is h2.events.PingReceived:
+            flooded = self.flood.note_ping()
+            if flooded:
+                self._flooded(flooded)
+        elif t is h2.events.RemoteSettingsChanged:
+            flooded = self.flood.note_settings()
+            if flooded:
+                self._flooded(flooded)
+                return
+            changed = cast(h2.events.RemoteSettingsChanged, ev).changed_settings
+            if h2.settings.SettingCodes.INITIAL_WINDOW_SIZE in changed:
+                for ch in list(self.channels.values()):
+                    ch.push()
+        elif t is h2.events.ConnectionTerminated:
+            self._goaway_sent = True  # the client is done: finish what is open, then close
+            if not self.channels:
+                self._close()
+
+    def _new_stream(self, ev: h2.events.RequestReceived) -> None:
+        sid = ev.stream_id
+        self.flood.note_stream()
+        self._last_active = self.loop.time()
+        if self._goaway_sent or self.ctx.draining:
+            self.reset_stream(sid, h2.errors.ErrorCodes.REFUSED_STREAM)
+            return
+        try:
+            head = request_head(ev.headers, sid, ev.stream_ended is not None)
+        except ProtocolError as exc:
+            self.ctx.metrics.downstream_rejected(str(exc.status))
+            if exc.status == 431:
+                self.h2.send_headers(sid, [(b":status", b"431")], end_stream=True)
+            else:
+                self.reset_stream(sid, h2.errors.ErrorCodes.PROTOCOL_ERROR)
+            return
+        ch = H2Channel(self, sid)
+        self.channels[sid] = ch
+        stream = HttpStream(ch, head)
+        ch.stream = stream
+        stream.start()
+
+    def _stream_reset(self, sid: int) -> None:
+        ch = self.channels.pop(sid, None)
+        if ch is None:
+            return
+        ch.reset = True
+        stream = ch.stream
+        if stream is not None:
+            flooded = self.flood.note_premature_reset()
+            stream.downstream_gone()
+            if flooded:
+                self._flooded(flooded)
+
+    # -- used by channels ------------------------------------------------------------------
+    def acknowledge(self, size: int, stream_id: int) -> None:
+        # h2 gives the connection window back even when the stream is already closed.
+        self.h2.acknowledge_received_data(size, stream_id)
+        self.flush()
+
+    def reset_stream(self, stream_id: int, code: h2.errors.ErrorCodes) -> None:
+        try:
+            self.h2.reset_stream(stream_id, code)
+        except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
+            pass
+        self.flush()
+
+    def stream_finished(self, ch: H2Channel) -> None:
+        ch.stream = None
+        self._last_active = self.loop.time()
+        if ch.idle:
+            self.forget(ch)
+
+    def forget(self, ch: H2Channel) -> None:
+        if self.channels.get(ch.stream_id) is ch:
+            del self.channels[ch.stream_id]
+        if self._goaway_sent and not self.channels:
+            self._close()
+
+    def cork(self) -> None:
+        self._cork += 1
+
+    def uncork(self) -> None:
+        self._cork -= 1
+        if self._cork == 0:
+            self.flush()
+
+    def flush(self) -> None:
+        if self._cork:
+            return
+        transport = self.transport
+        if transport is None:
+            return
+        data = self.h2.data_to_send()
+        if data and not transport.is_closing():
+            transport.write(data)
+            if self.write_paused and transport.get_write_buffer_size() > MAX_WRITE_BUFFER:
+                # The client makes us write (PING/SETTINGS acks, resets, 404s) and never reads.
+                self._flooded("outbound_flood")
+
+    # -- ending ----------------------------------------------------------------------------
+    def _connection_error(self, exc: h2.exceptions.ProtocolError) -> None:
+        self.ctx.metrics.downstream_rejected("h2_protocol_error")
+        code = getattr(exc, "error_code", None) or h2.errors.ErrorCodes.PROTOCOL_ERROR
+        if isinstance(exc, h2.exceptions.DenialOfServiceError):
+            self.ctx.metrics.h2_flood("header_flood")
+        try:
+            self.h2.close_connection(error_code=code)
+        except h2.exceptions.ProtocolError:
+            pass
+        self._cork = 0
+        self.flush()
+        self._close()
+
+    def _flooded(self, kind: str) -> None:
+        logger.warning("closing HTTP/2 connection from %s: %s", self.peer_ip, kind)
+        self.ctx.metrics.h2_flood(kind)
+        try:
+            self.h2.close_connection(error_code=h2.errors.ErrorCodes.ENHANCE_YOUR_CALM)
+            data = self.h2.data_to_send()
+            if self.transport is not None and data and not self.write_paused:
+                self.transport.write(data)
+        except h2.exceptions.ProtocolError:
+            pass
+        self._closing = True
+        if self.transport is not None:
+            self.transport.abort()
+
+    def _close(self) -> None:
+        if self.transport is not None and not self._closing:
+            self._closing = True
+            self.transport.close()
+
+    def close_idle(self) -> None:
+        """Draining: GOAWAY now (streams in flight finish), close once none is left."""
+        if self._closing or self.transport is None:
+            return
+        if not self._goaway_sent:
+            self._goaway_sent = True
+            try:
+                self.h2.close_connection(last_stream_id=self.h2.highest_inbound_stream_id)
+            except h2.exceptions.ProtocolError:
+                pass
+            self.flush()
+        if not self.channels:
+            self._close()
+
+    def _arm_idle(self) -> None:
+        self._last_active = self.loop.time()
+        timeout = self.ctx.snapshot.settings.idle_timeout
+        self._idle_timer = self.loop.call_later(timeout, self._idle)
+
+    def _idle(self) -> None:
+        self._idle_timer = None
+        if self._closing or self.transport is None:
+            return
+        timeout = self.ctx.snapshot.settings.idle_timeout
+        left = self._last_active + timeout - self.loop.time()
+        if self.channels or left > 0:
+            self._idle_timer = self.loop.call_later(max(left, 0.05), self._idle)
+            return
+        self.close_idle()
