@@ -106,3 +106,22 @@ def grpc_reply_headers(code: int, message: str) -> Headers:
     if message:
         headers.append((b"grpc-message", _percent_encode(message)))
     return headers
+
+
+def format_grpc_timeout(seconds: float) -> bytes:
+    """The finest TimeoutValue (≤ 8 digits) that does not shorten `seconds`."""
+    for unit, scale in ((b"m", 1e3), (b"S", 1.0), (b"M", 1 / 60), (b"H", 1 / 3600)):
+        value = -int(-seconds * scale // 1)  # ceiling
+        if value < 100_000_000:
+            return b"%d" % max(value, 0) + unit
+    return b"99999999H"
+
+
+def with_grpc_timeout(headers: Headers, timeout: float | None) -> Headers:
+    """Headers with grpc-timeout replaced by the deadline the proxy enforces (as Envoy
+    rewrites it), or removed when there is none: an invalid value must not reach a server
+    that would fail the call over it."""
+    out = [h for h in headers if h[0] != b"grpc-timeout"]
+    if timeout is not None:
+        out.append((b"grpc-timeout", format_grpc_timeout(timeout)))
+    return out

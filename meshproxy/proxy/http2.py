@@ -70,6 +70,7 @@ class H2Channel:
         self._reading_paused = False
         self._unacked = 0
         self._writes_blocked = False
+        self._held_head: Headers | None = None
 
     # -- Downstream --------------------------------------------------------------------
     def current_binding(self, snapshot: Snapshot) -> PortBinding | None:
@@ -83,12 +84,26 @@ class H2Channel:
     def send_response_head(self, head: ResponseHead, stream: HttpStream) -> None:
         if self.reset:
             return
+        if not head.has_body:
+            # Held for the end: a bodiless response must be one HEADERS frame with
+            # END_STREAM (gRPC's trailers-only form, which clients insist on).
+            self._held_head = response_block(head)
+            return
         self.conn.h2.send_headers(self.stream_id, response_block(head))
         self.conn.flush()
+
+    def _release_head(self, end_stream: bool) -> None:
+        block, self._held_head = self._held_head, None
+        if block is not None:
+            self.conn.h2.send_headers(self.stream_id, block, end_stream=end_stream)
+            if end_stream:
+                self.finished = True
 
     def send_data(self, data: bytes) -> None:
         if self.reset or not data:
             return
+        if self._held_head is not None:
+            self._release_head(False)
         self._pending.append(data)
         self._pending_bytes += len(data)
         self.push()
@@ -96,6 +111,8 @@ class H2Channel:
     def send_end(self, trailers: Headers) -> None:
         if self.reset:
             return
+        if self._held_head is not None:
+            self._release_head(not trailers and not self._pending)
         self._end = trailers
         self.push()
 

@@ -18,6 +18,7 @@ from meshproxy.codec.grpc import (
     grpc_status_for_http,
     grpc_status_of,
     is_grpc,
+    with_grpc_timeout,
 )
 from meshproxy.codec.headers import IDEMPOTENT_METHODS, strip_hop_by_hop
 from meshproxy.config.compile import PASSTHROUGH
@@ -179,6 +180,8 @@ class HttpStream:
         timeout = self._match.route.timeout if self._match is not None else None
         if self.grpc:
             timeout = grpc_deadline(self.head, timeout)
+            out = self._outgoing
+            out.headers = with_grpc_timeout(out.headers, timeout)
         loop = conn.loop
         if timeout is not None:
             self._deadline = loop.time() + timeout
