@@ -19,6 +19,9 @@ class RequestHead:
     expect_continue: bool = False
     stream_id: int = 1
     authority: bytes = b""  # the Host header (":authority" in HTTP/2)
+    # A WebSocket upgrade (HTTP/1.1 Upgrade, or HTTP/2 extended CONNECT): after a 101 the
+    # bytes both ways are a tunnel; the codec emits no EndOfMessage for such a request.
+    upgrade: bool = False
 
     def header(self, name: bytes) -> bytes | None:
         for k, v in self.headers:

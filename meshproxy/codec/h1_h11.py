@@ -25,6 +25,7 @@ from meshproxy.codec.headers import (
     check_field_syntax,
     check_head_bytes,
     framing,
+    is_websocket_upgrade,
     request_fields,
 )
 from meshproxy.errors import ProtocolError, ProtocolSide
@@ -114,7 +115,10 @@ class H11ServerCodec:
     def _drain(self, events: list[ReceivedEvent]) -> None:
         while True:
             ev = self._conn.next_event()
-            if ev is h11.NEED_DATA or ev is h11.PAUSED:
+            if ev is h11.PAUSED:
+                self._maybe_upgrade(events)
+                return
+            if ev is h11.NEED_DATA:
                 return
             if isinstance(ev, h11.Request):
                 headers = _headers(ev.headers)
@@ -144,6 +148,25 @@ class H11ServerCodec:
                 events.append(EndOfMessage())  # h1 request trailers are dropped (Envoy default)
             elif isinstance(ev, h11.ConnectionClosed):
                 return
+
+    def _maybe_upgrade(self, events: list[ReceivedEvent]) -> None:
+        """h11 pauses after a request that may switch protocols; a WebSocket one becomes a
+        tunnel (its EndOfMessage dropped: the request lasts as long as the tunnel)."""
+        head = self._head
+        if (
+            head is not None
+            and self._conn.their_state is h11.MIGHT_SWITCH_PROTOCOL  # type: ignore[attr-defined]
+            and head.method == b"GET"
+            and is_websocket_upgrade(head.headers)
+            and events
+            and isinstance(events[-1], EndOfMessage)
+        ):
+            head.upgrade = True
+            events.pop()
+            self.failed = True  # no more parsing on this connection
+
+    def take_upgrade_bytes(self) -> bytes:
+        return bytes(self._conn.trailing_data[0])
 
     def start_next(self) -> list[ReceivedEvent]:
         """Start the next request cycle and return the events of any pipelined request."""
@@ -281,6 +304,9 @@ class H11ClientCodec:
                 return
 
     _method = b"GET"
+
+    def take_upgrade_bytes(self) -> bytes:
+        return bytes(self._conn.trailing_data[0])
 
     def start_next(self) -> list[ReceivedEvent]:
         conn = self._conn

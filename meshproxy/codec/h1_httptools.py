@@ -19,7 +19,7 @@ from meshproxy.codec.events import (
 )
 from meshproxy.codec.h1_limits import Limits, check_request_head
 from meshproxy.codec.h1_serialize import last_chunk, reason_phrase
-from meshproxy.codec.headers import framing, request_fields
+from meshproxy.codec.headers import framing, is_websocket_upgrade, request_fields
 from meshproxy.errors import ProtocolError, ProtocolSide
 
 _DOWN = ProtocolSide.DOWNSTREAM
@@ -48,6 +48,7 @@ class _Side:
         "_in_head",
         "_limits",
         "_out",
+        "_upgrade_rest",
         "failed",
     )
 
@@ -57,6 +58,7 @@ class _Side:
         self._headers: Headers = []
         self._head_bytes = 0
         self._in_head = False
+        self._upgrade_rest = b""
         self._chunk_len = 0
         self.failed = False
         self._out: list[bytes] = []
@@ -108,12 +110,24 @@ class HttptoolsServerCodec(_Side):
                 if self._head_bytes > self._limits.max_header_bytes:
                     raise ProtocolError("request headers too large", _DOWN, 431)
         except httptools.HttpParserUpgrade as exc:
-            # Upgrades are not tunnelled yet: the request goes on as plain HTTP with its
-            # Upgrade header stripped (hop-by-hop), as h11 does when no 101 comes back. What
-            # follows the head is parsed as the next request, by a fresh parser.
-            self._events = []
-            self._parser = httptools.HttpRequestParser(self)
             rest = data[exc.args[0] :] if exc.args and isinstance(exc.args[0], int) else b""
+            self._events = []
+            head = events[-2] if len(events) >= 2 else None
+            if (
+                isinstance(head, RequestHead)
+                and head.method == b"GET"
+                and is_websocket_upgrade(head.headers)
+            ):
+                # A WebSocket upgrade: what follows the head is tunnel data, never a request.
+                head.upgrade = True
+                events.pop()  # its EndOfMessage: the request lasts as long as the tunnel
+                self._upgrade_rest = rest
+                self.failed = True  # no more parsing on this connection
+                return events
+            # Any other upgrade (h2c, ...) is served as plain HTTP with Upgrade stripped
+            # (hop-by-hop), as h11 does when no 101 comes back. What follows the head is
+            # parsed as the next request, by a fresh parser.
+            self._parser = httptools.HttpRequestParser(self)
             return events + (self.receive(rest) if rest else [])
         except httptools.HttpParserError as exc:
             error = _callback_error(exc) or ProtocolError(f"malformed request: {exc}", _DOWN, 400)
@@ -178,6 +192,10 @@ class HttptoolsServerCodec(_Side):
         """Ready for the next request; llhttp already parsed any pipelined one."""
         return []
 
+    def take_upgrade_bytes(self) -> bytes:
+        rest, self._upgrade_rest = self._upgrade_rest, b""
+        return rest
+
     # -- sending ---------------------------------------------------------------------------
     def send_head(self, head: ResponseHead, request_method: bytes, keep_alive: bool) -> None:
         status = head.status
@@ -217,6 +235,9 @@ class HttptoolsClientCodec(_Side):
                 self._head_bytes += len(data)
                 if self._head_bytes > self._limits.max_header_bytes:
                     raise ProtocolError("response headers too large", _UP, 502)
+        except httptools.HttpParserUpgrade as exc:
+            # A 101: what follows its head belongs to the tunnel (the connection decides).
+            self._upgrade_rest = data[exc.args[0] :] if exc.args else b""
         except httptools.HttpParserError as exc:
             error = _callback_error(exc) or ProtocolError(f"malformed response: {exc}", _UP, 502)
             events.append(ParseFailure(error))
@@ -286,6 +307,10 @@ class HttptoolsClientCodec(_Side):
 
     def start_next(self) -> list[ReceivedEvent]:
         return []
+
+    def take_upgrade_bytes(self) -> bytes:
+        rest, self._upgrade_rest = self._upgrade_rest, b""
+        return rest
 
     def send_head(self, head: RequestHead) -> None:
         self._request_method = head.method

@@ -108,11 +108,13 @@ def request_head(headers: Headers, stream_id: int, end_stream: bool) -> RequestH
     authority = authority or host or b""
     if not authority:
         raise ProtocolError("missing :authority", ProtocolSide.DOWNSTREAM)
+    upgrade = False
     if protocol:
         # RFC 8441 extended CONNECT: carried to an HTTP/1.1 upstream as an Upgrade request.
+        if protocol.lower() != b"websocket":
+            raise ProtocolError("unsupported :protocol", ProtocolSide.DOWNSTREAM, status=501)
         method = b"GET"
-        out.append((b"connection", b"upgrade"))
-        out.append((b"upgrade", protocol))
+        upgrade = True
     elif method == b"CONNECT":
         path = b""
     if path[:1] != b"/" and not (path == b"*" and method == b"OPTIONS") and method != b"CONNECT":
@@ -131,6 +133,7 @@ def request_head(headers: Headers, stream_id: int, end_stream: bool) -> RequestH
         False,
         stream_id,
         authority,
+        upgrade,
     )
 
 

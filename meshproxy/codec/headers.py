@@ -111,6 +111,18 @@ def check_head_bytes(head: bytes, side: ProtocolSide) -> None:
                 raise ProtocolError("whitespace before the colon of a header", side)
 
 
+def is_websocket_upgrade(headers: Headers) -> bool:
+    """`Connection: upgrade` with `Upgrade: websocket`: the one upgrade Istio tunnels."""
+    connection_upgrade = websocket = False
+    for k, v in headers:
+        if k == b"connection":
+            if b"upgrade" in (t.strip() for t in v.lower().split(b",")):
+                connection_upgrade = True
+        elif k == b"upgrade":
+            websocket = v.strip().lower() == b"websocket"
+    return connection_upgrade and websocket
+
+
 _REQUEST_SPECIAL = frozenset({b"content-length", b"transfer-encoding", b"host", b"expect"})
 
 

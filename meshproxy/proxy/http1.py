@@ -62,6 +62,8 @@ class DownstreamHttp1(asyncio.Protocol):
         self._write_paused = False
         self._cork = 0
         self._last_active = 0.0
+        self._tunnel: HttpStream | None = None  # a WebSocket upgrade: raw bytes go to it
+        self._raw_out = False  # a 101 was sent: responses bytes are written as they are
 
     # -- asyncio.Protocol ------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -78,6 +80,9 @@ class DownstreamHttp1(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self._closing:
+            return
+        if self._tunnel is not None:
+            self._tunnel.request_data(data)
             return
         events = self.codec.receive(data)
         queue = self._queue
@@ -100,6 +105,13 @@ class DownstreamHttp1(asyncio.Protocol):
         if self.stream is None and self._header_timer is None and self.codec.head_pending:
             # Part of a head arrived and no request started: the slow-client clock runs.
             self._arm_header_timer()
+
+    def eof_received(self) -> bool | None:
+        tunnel = self._tunnel
+        if tunnel is not None and not self._closing:
+            tunnel.request_end([])  # half-close passes through the tunnel
+            return True
+        return None
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closing = True
@@ -132,9 +144,16 @@ class DownstreamHttp1(asyncio.Protocol):
                 self._header_timer.cancel()
                 self._header_timer = None
             stream = HttpStream(self, ev)
-            if self.ctx.draining:
+            if self.ctx.draining or ev.upgrade:
                 stream.keep_alive = False
             self.stream = stream
+            if ev.upgrade:
+                self._tunnel = stream
+                rest = self.codec.take_upgrade_bytes()
+                stream.start()
+                if rest and not stream.response_complete:
+                    stream.request_data(rest)
+                return
             stream.start()
         elif isinstance(ev, EndOfMessage):
             if stream is not None:
@@ -173,6 +192,9 @@ class DownstreamHttp1(asyncio.Protocol):
         self._flush()
 
     def send_response_head(self, head: ResponseHead, stream: HttpStream) -> None:
+        if head.status == 101 and self._tunnel is stream:
+            self._switch_protocols(head)
+            return
         keep = stream.keep_alive and not self.ctx.draining
         stream.keep_alive = keep
         self.codec.send_head(head, stream.head.method, keep)
@@ -180,14 +202,31 @@ class DownstreamHttp1(asyncio.Protocol):
             self._flush()
 
     def send_data(self, data: bytes) -> None:
+        if self._raw_out:
+            if self.transport is not None and not self.transport.is_closing():
+                self.transport.write(data)
+            return
         self.codec.send_data(data)
         if not self._cork:
             self._flush()
 
     def send_end(self, trailers: Headers) -> None:
+        if self._raw_out:
+            return  # the tunnel's end: the connection closes when the stream finishes
         self.codec.send_end(trailers)
         if not self._cork:
             self._flush()
+
+    def _switch_protocols(self, head: ResponseHead) -> None:
+        """Write the 101 ourselves: after it the codec has no say over the bytes."""
+        self._flush(force=True)
+        parts = [b"HTTP/1.1 101 Switching Protocols\r\n"]
+        for k, v in head.headers:
+            parts += (k, b": ", v, b"\r\n")
+        parts.append(b"connection: upgrade\r\nupgrade: websocket\r\n\r\n")
+        self._raw_out = True
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(b"".join(parts))
 
     def send_local_reply(
         self, status: int, body: bytes, stream: HttpStream, headers: Headers | None = None

@@ -84,6 +84,14 @@ class H2Channel:
     def send_response_head(self, head: ResponseHead, stream: HttpStream) -> None:
         if self.reset:
             return
+        if head.status == 101:
+            # RFC 8441: an accepted extended CONNECT is a 200; the stream is the tunnel.
+            block = response_block(head)
+            block[0] = (b":status", b"200")
+            block = [h for h in block if h[0] != b"sec-websocket-accept"]
+            self.conn.h2.send_headers(self.stream_id, block)
+            self.conn.flush()
+            return
         if not head.has_body:
             # Held for the end: a bodiless response must be one HEADERS frame with
             # END_STREAM (gRPC's trailers-only form, which clients insist on).

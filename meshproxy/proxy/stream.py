@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
+import os
 import time
 from collections.abc import Iterator, Mapping
 from random import getrandbits
@@ -107,6 +109,18 @@ def _view(head: RequestHead, port: int, scheme: str) -> RequestView:
     )
 
 
+def _upgrade_head(head: RequestHead, target: bytes, out: Headers, from_h2: bool) -> RequestHead:
+    """The HTTP/1.1 upgrade request for a WebSocket, from an h1 upgrade or h2 extended CONNECT."""
+    out.append((b"connection", b"upgrade"))
+    out.append((b"upgrade", b"websocket"))
+    if from_h2 and not any(k == b"sec-websocket-key" for k, _ in out):
+        # RFC 8441 clients send no key; an HTTP/1.1 server requires one (RFC 6455 §4.1).
+        out.append((b"sec-websocket-key", base64.b64encode(os.urandom(16))))
+    return RequestHead(
+        b"GET", target, out, b"1.1", False, False, None, False, 1, head.authority, True
+    )
+
+
 class HttpStream:
     """One request/response; implements ResponseSink for the upstream connection it uses.
 
@@ -120,11 +134,11 @@ class HttpStream:
     def __init__(self, conn: Downstream, head: RequestHead) -> None:
         self.conn = conn
         self.head = head
-        self.request_done = not head.has_body
+        self.request_done = not head.has_body and not head.upgrade
         self.request_trailers: Headers = []
         self._pending: list[bytes] = []  # request body not yet sent upstream
         self._pending_bytes = 0
-        self._replay: list[bytes] | None = []
+        self._replay: list[bytes] | None = None if head.upgrade else []
         self._replay_bytes = 0
         self.request_bytes = 0
         self.response_bytes = 0
@@ -155,6 +169,8 @@ class HttpStream:
         # gRPC needs HTTP/2 end to end; only then is the content-type worth a look.
         self.grpc = conn.http2 and is_grpc(head)
         self.grpc_status = "-"
+        self.tunnel_open = False  # a WebSocket upgrade was accepted: bytes flow both ways
+        self._timeout_cm: asyncio.Timeout | None = None
 
     # -- start -------------------------------------------------------------------------------
     def start(self) -> None:
@@ -173,9 +189,12 @@ class HttpStream:
             return
         self._cluster = cluster
         protocol = cluster.spec.upstream_protocol
-        if protocol is UpstreamProtocol.HTTP2 or (
-            protocol is UpstreamProtocol.CLIENT and conn.http2
-        ):
+        if (
+            protocol is UpstreamProtocol.HTTP2
+            or (protocol is UpstreamProtocol.CLIENT and conn.http2)
+        ) and not self.head.upgrade:
+            # WebSocket goes over HTTP/1.1 upstream (an h2 hop would need extended CONNECT
+            # from the server: Istio #27078).
             self._h2_upstream = True
         timeout = self._match.route.timeout if self._match is not None else None
         if self.grpc:
@@ -210,6 +229,8 @@ class HttpStream:
         self._sent_at = time.monotonic()
         assert self._outgoing is not None
         up.start(self._outgoing, self, self.grpc)
+        if self.head.upgrade:
+            return  # tunnel bytes wait for the 101
         body = self._replay if self._replay is not None else self._pending
         for chunk in body:
             up.send_data(chunk)
@@ -230,7 +251,7 @@ class HttpStream:
             else:
                 self._replay.append(data)
         up = self.upstream
-        if up is not None:
+        if up is not None and (self.tunnel_open or not self.head.upgrade):
             up.send_data(data)
             return
         self._pending.append(data)
@@ -244,11 +265,14 @@ class HttpStream:
         self.request_done = True
         self.request_trailers = trailers
         up = self.upstream
-        if up is not None:
+        if up is not None and (self.tunnel_open or not self.head.upgrade):
             up.end_request(trailers)
 
     # -- ResponseSink ----------------------------------------------------------------------
     def on_response_head(self, head: ResponseHead) -> None:
+        if head.status == 101:
+            self._open_tunnel(head)
+            return
         if self.grpc:
             self.grpc_status = grpc_status_of(head.headers, self.grpc_status)
         # Sent at once: body bytes of the same read follow synchronously and must come after it.
@@ -256,6 +280,31 @@ class HttpStream:
         waiter = self._head_waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
+
+    def _open_tunnel(self, head: ResponseHead) -> None:
+        """The upstream switched protocols: no deadline now, and what the client sent
+        since its upgrade request goes up as it is."""
+        self.tunnel_open = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._timeout_cm is not None:
+            self._timeout_cm.reschedule(None)
+        self._send_response_head(head)
+        waiter = self._head_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+        up = self.upstream
+        if up is None:
+            return
+        pending, self._pending = self._pending, []
+        for chunk in pending:
+            up.send_data(chunk)
+        if self._pending_bytes:
+            self._pending_bytes = 0
+            self.conn.resume_reading()
+        if self.request_done:
+            up.end_request([])
 
     def on_response_data(self, data: bytes) -> None:
         self.response_bytes += len(data)
@@ -338,7 +387,7 @@ class HttpStream:
                 if self._timer is not None:
                     self._timer.cancel()
                     self._timer = None
-                async with asyncio.timeout_at(self._deadline):
+                async with asyncio.timeout_at(self._deadline) as self._timeout_cm:
                     await self._exchange(fresh)
         except LocalReply as reply:
             self._local_reply(reply.status, reply.body, reply.flag)
@@ -527,6 +576,8 @@ class HttpStream:
                 out = route.request_headers.apply(out)
         if target_ops is not NO_HEADER_OPS:
             out = target_ops.apply(out)
+        if head.upgrade:
+            return _upgrade_head(head, target, out, conn.http2)
         return RequestHead(
             head.method, target, out, b"1.1", True, head.has_body, head.content_length
         )

@@ -68,6 +68,8 @@ class UpstreamHttp1Connection(asyncio.Protocol):
         self._paused_by_sink = False
         self._interim = False
         self._interim_count = 0
+        self._upgrading = False  # the request asked for a WebSocket upgrade
+        self.tunnel = False  # a 101 came: bytes both ways are the tunnel's
 
     # -- asyncio.Protocol ------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -78,6 +80,9 @@ class UpstreamHttp1Connection(asyncio.Protocol):
         sink = self.sink
         if sink is None:
             self._close()  # bytes with no request outstanding: the peer is broken
+            return
+        if self.tunnel:
+            sink.on_response_data(data)
             return
         self.response_started = True
         # Everything this read produces goes downstream in one write (one syscall).
@@ -92,6 +97,9 @@ class UpstreamHttp1Connection(asyncio.Protocol):
             if isinstance(ev, Data):
                 sink.on_response_data(ev.data)
             elif isinstance(ev, ResponseHead):
+                if ev.status == 101 and self._upgrading:
+                    self._switch(sink, ev)
+                    return
                 if ev.status < 200:
                     # 1xx are not forwarded (100-continue is answered downstream by us), and
                     # a flood of them is a broken upstream, not a slow one.
@@ -113,6 +121,16 @@ class UpstreamHttp1Connection(asyncio.Protocol):
                 self._fail(FailureKind.PROTOCOL, str(ev.error), flag="UPE")
                 return
 
+    def _switch(self, sink: ResponseSink, head: ResponseHead) -> None:
+        """The upstream accepted the upgrade: from here on this connection is a byte tunnel,
+        never pooled again."""
+        self.tunnel = True
+        self.keep_alive = False
+        sink.on_response_head(head)
+        rest = self.codec.take_upgrade_bytes()
+        if rest and self.sink is not None:
+            self.sink.on_response_data(rest)
+
     def _final_end(self, ev: EndOfMessage) -> bool:
         sink = self.sink
         if sink is None:
@@ -125,6 +143,9 @@ class UpstreamHttp1Connection(asyncio.Protocol):
         return True
 
     def eof_received(self) -> bool | None:
+        if self.tunnel:
+            self._tunnel_closed()
+            return None
         for ev in self.codec.receive_eof():
             if isinstance(ev, EndOfMessage):
                 self.keep_alive = False
@@ -134,6 +155,9 @@ class UpstreamHttp1Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.pool.forget(self)
+        if self.tunnel:
+            self._tunnel_closed()
+            return
         if self.sink is not None:
             for ev in self.codec.receive_eof():
                 if isinstance(ev, EndOfMessage):
@@ -157,16 +181,28 @@ class UpstreamHttp1Connection(asyncio.Protocol):
         self.response_started = self.request_done = self.response_done = False
         self._interim_count = 0
         self.keep_alive = True
+        self._upgrading = head.upgrade
+        self.tunnel = False
         codec = self.codec
         codec.send_head(head)
         self._write(codec.data_to_send())
 
     def send_data(self, data: bytes) -> None:
+        if self.tunnel:
+            self._write(data)
+            return
         codec = self.codec
         codec.send_data(data)
         self._write(codec.data_to_send())
 
     def end_request(self, trailers: Headers) -> None:
+        if self.tunnel:
+            # The client half-closed the tunnel: pass the FIN on, keep reading.
+            transport = self.transport
+            if transport is not None and not transport.is_closing() and transport.can_write_eof():
+                transport.write_eof()
+            self.request_done = True
+            return
         codec = self.codec
         codec.send_end(trailers)
         self._write(codec.data_to_send())
@@ -190,6 +226,13 @@ class UpstreamHttp1Connection(asyncio.Protocol):
         self._close(abort=True)
 
     # -- internals -------------------------------------------------------------------------
+    def _tunnel_closed(self) -> None:
+        sink = self.sink
+        self.sink = None
+        self.response_done = True
+        if sink is not None:
+            sink.on_response_end([])
+
     def _write(self, data: bytes) -> None:
         transport = self.transport
         if data and transport is not None and not self.closed and not transport.is_closing():

@@ -196,14 +196,16 @@ def test_client_request_framing(codec: str) -> None:
 
 
 @pytest.mark.parametrize("codec", CODECS)
-def test_upgrade_request_is_served_as_plain_http(codec: str) -> None:
-    """No tunnel yet: Upgrade is hop-by-hop, the request is ordinary, pipelining goes on."""
+def test_h2c_upgrade_request_is_served_as_plain_http(codec: str) -> None:
+    """Only WebSocket tunnels: other Upgrades are hop-by-hop, the request is ordinary."""
     c = server_codec(codec, Limits())
     events = c.receive(
-        b"GET /ws HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\n"
-        b"Upgrade: websocket\r\n\r\nGET /next HTTP/1.1\r\nHost: a\r\n\r\n"
+        b"GET /h HTTP/1.1\r\nHost: a\r\nConnection: Upgrade, HTTP2-Settings\r\n"
+        b"Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAAP__\r\n\r\n"
+        b"GET /next HTTP/1.1\r\nHost: a\r\n\r\n"
     )
     assert not any(isinstance(e, ParseFailure) for e in events)
+    assert not any(e.upgrade for e in events if isinstance(e, RequestHead))
     c.send_head(
         ResponseHead(200, [(b"content-length", b"0")], content_length=0, has_body=False),
         b"GET",
@@ -212,4 +214,19 @@ def test_upgrade_request_is_served_as_plain_http(codec: str) -> None:
     c.send_end([])
     assert c.data_to_send().startswith(b"HTTP/1.1 200")
     events += c.start_next()
-    assert [e.target for e in events if isinstance(e, RequestHead)] == [b"/ws", b"/next"]
+    assert [e.target for e in events if isinstance(e, RequestHead)] == [b"/h", b"/next"]
+
+
+@pytest.mark.parametrize("codec", CODECS)
+def test_websocket_upgrade_stops_parsing_and_keeps_the_rest_as_tunnel_bytes(codec: str) -> None:
+    """What follows a WebSocket upgrade's head is never parsed as a request (smuggling)."""
+    c = server_codec(codec, Limits())
+    events = c.receive(
+        b"GET /ws HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\n"
+        b"Upgrade: websocket\r\n\r\nGET /blockedz HTTP/1.1\r\nHost: a\r\n\r\n"
+    )
+    assert len(events) == 1  # the head only: no EndOfMessage, no second request
+    head = events[0]
+    assert isinstance(head, RequestHead) and head.upgrade and head.target == b"/ws"
+    assert c.take_upgrade_bytes() == b"GET /blockedz HTTP/1.1\r\nHost: a\r\n\r\n"
+    assert c.receive(b"more") == []
