@@ -262,6 +262,7 @@ class DownstreamHttp2(asyncio.Protocol):
         self._cork = 0
         self._closing = False
         self._goaway_sent = False
+        self._flush_scheduled = False
         self._idle_timer: asyncio.TimerHandle | None = None
         self._last_active = 0.0
 
@@ -449,8 +450,15 @@ class DownstreamHttp2(asyncio.Protocol):
             self.flush()
 
     def flush(self) -> None:
-        if self._cork:
+        """Write what h2 queued, once per event-loop pass: responses of many streams (each
+        arriving in its own upstream read) leave in one write, not one syscall each."""
+        if self._cork or self._flush_scheduled:
             return
+        self._flush_scheduled = True
+        self.loop.call_soon(self.flush_now)
+
+    def flush_now(self) -> None:
+        self._flush_scheduled = False
         transport = self.transport
         if transport is None:
             return
@@ -472,7 +480,7 @@ class DownstreamHttp2(asyncio.Protocol):
         except h2.exceptions.ProtocolError:
             pass
         self._cork = 0
-        self.flush()
+        self.flush_now()
         self._close()
 
     def _flooded(self, kind: str) -> None:
@@ -491,6 +499,7 @@ class DownstreamHttp2(asyncio.Protocol):
 
     def _close(self) -> None:
         if self.transport is not None and not self._closing:
+            self.flush_now()
             self._closing = True
             self.transport.close()
 
@@ -504,7 +513,7 @@ class DownstreamHttp2(asyncio.Protocol):
                 self.h2.close_connection(last_stream_id=self.h2.highest_inbound_stream_id)
             except h2.exceptions.ProtocolError:
                 pass
-            self.flush()
+            self.flush_now()
         if not self.channels:
             self._close()
 

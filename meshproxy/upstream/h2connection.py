@@ -213,6 +213,7 @@ class UpstreamHttp2Connection(asyncio.Protocol):
         self.idle_since = time.monotonic()
         self._flood = FloodGuard()
         self._cork = 0
+        self._flush_scheduled = False
         # Set by the server's preface SETTINGS: only then is its stream limit known (a server
         # allowing fewer streams than we assumed would refuse or drop the excess).
         self.ready: asyncio.Future[None] = asyncio.get_event_loop().create_future()
@@ -398,8 +399,14 @@ class UpstreamHttp2Connection(asyncio.Protocol):
                     self._close()
 
     def flush(self) -> None:
-        if self._cork:
+        """Write what h2 queued once per event-loop pass (many streams' frames, one write)."""
+        if self._cork or self._flush_scheduled:
             return
+        self._flush_scheduled = True
+        asyncio.get_running_loop().call_soon(self.flush_now)
+
+    def flush_now(self) -> None:
+        self._flush_scheduled = False
         transport = self.transport
         if transport is None or self.closed:
             return
@@ -430,7 +437,7 @@ class UpstreamHttp2Connection(asyncio.Protocol):
         if transport is not None:
             if not abort:
                 try:
-                    self.h2.close_connection()
+                    self.h2.close_connection()  # data_to_send() has all that was queued
                     data = self.h2.data_to_send()
                     if data:
                         transport.write(data)
