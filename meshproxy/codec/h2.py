@@ -11,8 +11,9 @@ from __future__ import annotations
 import time
 
 from h2.config import H2Configuration
-from h2.connection import H2Connection
+from h2.connection import ConnectionState, H2Connection
 from h2.settings import SettingCodes, Settings
+from hyperframe.frame import GoAwayFrame
 
 from meshproxy.codec.events import Headers, RequestHead, ResponseHead
 from meshproxy.errors import ProtocolError, ProtocolSide
@@ -68,6 +69,24 @@ def new_connection(client_side: bool, *, enable_connect: bool = False) -> H2Conn
     conn.initiate_connection()
     conn.increment_flow_control_window(CONNECTION_WINDOW - 65535)
     return conn
+
+
+def keep_open_after_goaway(conn: H2Connection) -> None:
+    """Undo h2's all-or-nothing GOAWAY: RFC 9113 §6.8 lets streams up to last_stream_id
+    finish, but h2 moves the whole connection to CLOSED (no more frames either way). Callers
+    must not open new streams themselves once a GOAWAY went either way."""
+    if conn.state_machine.state is ConnectionState.CLOSED:
+        conn.state_machine.state = (
+            ConnectionState.CLIENT_OPEN if conn.config.client_side else ConnectionState.SERVER_OPEN
+        )
+
+
+def goaway_frame(last_stream_id: int, error_code: int = 0) -> bytes:
+    """A GOAWAY to write directly (h2's close_connection would stop every open stream too)."""
+    frame = GoAwayFrame(0)
+    frame.last_stream_id = last_stream_id
+    frame.error_code = error_code
+    return frame.serialize()
 
 
 def request_head(headers: Headers, stream_id: int, end_stream: bool) -> RequestHead:

@@ -26,6 +26,8 @@ from h2.connection import H2Connection
 from meshproxy.codec.events import Headers, ResponseHead
 from meshproxy.codec.h2 import (
     FloodGuard,
+    goaway_frame,
+    keep_open_after_goaway,
     new_connection,
     request_head,
     response_block,
@@ -72,13 +74,22 @@ class H2Channel:
         self._writes_blocked = False
         self._held_head: Headers | None = None
 
+    def _headers(self, block: Headers, end_stream: bool = False) -> None:
+        """Send a header block; a stream the client closed meanwhile just ends here."""
+        try:
+            self.conn.h2.send_headers(self.stream_id, block, end_stream=end_stream)
+        except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
+            self.reset = True
+            self._pending.clear()
+            self._pending_bytes = 0
+
     # -- Downstream --------------------------------------------------------------------
     def current_binding(self, snapshot: Snapshot) -> PortBinding | None:
         return self.conn.bindings.get(snapshot)
 
     def send_interim(self, status: int) -> None:
         if not self.reset:
-            self.conn.h2.send_headers(self.stream_id, [(b":status", b"%d" % status)])
+            self._headers([(b":status", b"%d" % status)])
             self.conn.flush()
 
     def send_response_head(self, head: ResponseHead, stream: HttpStream) -> None:
@@ -89,7 +100,7 @@ class H2Channel:
             block = response_block(head)
             block[0] = (b":status", b"200")
             block = [h for h in block if h[0] != b"sec-websocket-accept"]
-            self.conn.h2.send_headers(self.stream_id, block)
+            self._headers(block)
             self.conn.flush()
             return
         if not head.has_body:
@@ -97,13 +108,13 @@ class H2Channel:
             # END_STREAM (gRPC's trailers-only form, which clients insist on).
             self._held_head = response_block(head)
             return
-        self.conn.h2.send_headers(self.stream_id, response_block(head))
+        self._headers(response_block(head))
         self.conn.flush()
 
     def _release_head(self, end_stream: bool) -> None:
         block, self._held_head = self._held_head, None
         if block is not None:
-            self.conn.h2.send_headers(self.stream_id, block, end_stream=end_stream)
+            self._headers(block, end_stream)
             if end_stream:
                 self.finished = True
 
@@ -137,11 +148,11 @@ class H2Channel:
             if body:
                 fields.append((b"content-type", b"text/plain"))
         if body and stream.head.method != b"HEAD":
-            self.conn.h2.send_headers(self.stream_id, fields)
+            self._headers(fields)
             self.send_data(body)
             self.send_end([])
         else:
-            self.conn.h2.send_headers(self.stream_id, fields, end_stream=True)
+            self._headers(fields, end_stream=True)
             self.finished = True
             self.conn.flush()
 
@@ -379,6 +390,7 @@ class DownstreamHttp2(asyncio.Protocol):
                     ch.push()
         elif t is h2.events.ConnectionTerminated:
             self._goaway_sent = True  # the client is done: finish what is open, then close
+            keep_open_after_goaway(self.h2)
             if not self.channels:
                 self._close()
 
@@ -394,7 +406,10 @@ class DownstreamHttp2(asyncio.Protocol):
         except ProtocolError as exc:
             self.ctx.metrics.downstream_rejected(str(exc.status))
             if exc.status == 431:
-                self.h2.send_headers(sid, [(b":status", b"431")], end_stream=True)
+                try:
+                    self.h2.send_headers(sid, [(b":status", b"431")], end_stream=True)
+                except h2.exceptions.ProtocolError:
+                    pass
             else:
                 self.reset_stream(sid, h2.errors.ErrorCodes.PROTOCOL_ERROR)
             return
@@ -509,11 +524,9 @@ class DownstreamHttp2(asyncio.Protocol):
             return
         if not self._goaway_sent:
             self._goaway_sent = True
-            try:
-                self.h2.close_connection(last_stream_id=self.h2.highest_inbound_stream_id)
-            except h2.exceptions.ProtocolError:
-                pass
+            # Written around h2, which would otherwise refuse to finish the open streams.
             self.flush_now()
+            self.transport.write(goaway_frame(self.h2.highest_inbound_stream_id))
         if not self.channels:
             self._close()
 

@@ -15,6 +15,7 @@ import h2.settings
 from meshproxy.codec.events import Headers, RequestHead
 from meshproxy.codec.h2 import (
     FloodGuard,
+    keep_open_after_goaway,
     new_connection,
     request_block,
     response_head,
@@ -334,6 +335,7 @@ class UpstreamHttp2Connection(asyncio.Protocol):
     def _goaway(self, ev: h2.events.ConnectionTerminated) -> None:
         """Streams above last_stream_id were never processed: they may go elsewhere."""
         self.goaway = True
+        keep_open_after_goaway(self.h2)  # streams up to last_stream_id may still finish
         last = ev.last_stream_id if ev.last_stream_id is not None else 0
         for sid, ex in list(self.exchanges.items()):
             if sid > last:

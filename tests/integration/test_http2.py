@@ -435,3 +435,47 @@ def test_h2load_through_the_proxy(mesh: H2Mesh) -> None:
         timeout=60,
     )
     assert "2000 succeeded" in r.stdout and "2000 2xx" in r.stdout, r.stdout
+
+
+def test_ping_is_answered(mesh: H2Mesh) -> None:
+    c = H2Client(mesh.h1_port)
+    c.h2.ping(b"12345678")
+    c.flush()
+    acked = False
+    deadline = time.monotonic() + 5
+    import h2.events
+
+    while not acked and time.monotonic() < deadline:
+        data = c.sock.recv(65536)
+        acked = any(
+            isinstance(ev, h2.events.PingAckReceived) and ev.ping_data == b"12345678"
+            for ev in c.h2.receive_data(data)
+        )
+    assert acked
+    c.close()
+
+
+def test_hpack_bomb_is_refused(mesh: H2Mesh) -> None:
+    # One 4,000-byte value indexed once, then referenced: tiny on the wire, far over 60 KiB
+    # decoded. The decoder's header-list limit must end the connection, not the memory.
+    c = H2Client(mesh.h1_port)
+    sid = c.request("/bomb", headers=[("x-bomb", "b" * 4000)] * 40)
+    c.wait(sid, timeout=5)
+    r = c.responses[sid]
+    assert r.status != 200
+    assert c.closed or c.goaway is not None or r.reset is not None or r.status == 431
+    assert H2Client(mesh.h1_port).get("/ok").status == 200
+
+
+def test_sigterm_sends_goaway_and_lets_open_streams_finish(mesh: H2Mesh) -> None:
+    c = H2Client(mesh.h2_port, authority="h2.test")
+    slow = c.request("/slow?ms=800")
+    time.sleep(0.2)
+    mesh.proxy.proc.send_signal(15)
+    (r,) = c.wait(slow, timeout=10)
+    assert r.status == 200  # in flight when the drain began: completed
+    deadline = time.monotonic() + 5
+    while c.goaway is None and time.monotonic() < deadline and c.pump(deadline):
+        pass
+    assert c.goaway is not None
+    assert mesh.proxy.proc.wait(timeout=10) == 0

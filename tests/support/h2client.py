@@ -151,6 +151,8 @@ class H2Client:
                 r.reset = int(ev.error_code)
             elif isinstance(ev, h2.events.ConnectionTerminated):
                 self.goaway = ev
+                # Let streams below last_stream_id finish (h2 would stop everything).
+                self.h2.state_machine.state = h2.connection.ConnectionState.CLIENT_OPEN
         self.flush()
         return True
 
