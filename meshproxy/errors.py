@@ -68,6 +68,7 @@ class FailureKind(enum.Enum):
     PROTOCOL = "protocol error"
     TIMEOUT = "timeout"
     OVERFLOW = "overflow"
+    TLS = "tls error"
     NO_HEALTHY = "no healthy upstream"
 
 

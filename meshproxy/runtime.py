@@ -27,6 +27,7 @@ from meshproxy.observe.metrics import MeshMetrics
 from meshproxy.observe.recorder import StreamRecord
 from meshproxy.proxy.context import ProxyContext
 from meshproxy.proxy.listener import Listener
+from meshproxy.security.certwatch import IdentityManager, files_of
 from meshproxy.upstream.cluster import ClusterManager, PoolSettings
 
 logger = logging.getLogger(__name__)
@@ -44,8 +45,8 @@ class Runtime:
         self.metrics = MeshMetrics(namespace=s.namespace)
         codec = resolve_codec_name(s.http1_codec)
         limits = _limits(snapshot)
-        self.clusters = ClusterManager(PoolSettings(codec, limits))
-        self.clusters.reconcile(snapshot.clusters, PoolSettings(codec, limits))
+        self.clusters = ClusterManager(PoolSettings(codec, limits, s.trust_domain))
+        self.clusters.reconcile(snapshot.clusters, PoolSettings(codec, limits, s.trust_domain))
         self.ctx = ProxyContext(snapshot, self.clusters, self.metrics, limits, codec)
         self.listeners: dict[tuple[str, int], Listener] = {}
         self.access_log: Callable[[StreamRecord], None] | None = open_access_log(s.access_log_file)
@@ -59,6 +60,19 @@ class Runtime:
         self._reload_lock = asyncio.Lock()
         self._fingerprint = fingerprint(config_path)
         self.metrics.config_reloaded(True, snapshot.version)
+        self.identity = IdentityManager(files_of(s), self._publish_identity)
+        self.identity.load()
+        self.clusters.identity = lambda: self.ctx.identity
+
+    def _publish_identity(self) -> None:
+        """A (re)load happened: new handshakes use what is current now."""
+        current = self.identity.current
+        self.ctx.identity = current
+        self.metrics.cert_state(
+            current.not_after.timestamp() if current else None,
+            self.identity.reloads_ok,
+            self.identity.reloads_failed,
+        )
 
     # -- lifecycle -------------------------------------------------------------------------
     async def start(self) -> None:
@@ -123,8 +137,10 @@ class Runtime:
         watcher = spawn(
             watch_config(self.config_path, self.reload, stop=self._stop), name="config-watch"
         )
+        cert_watcher = spawn(self.identity.watch(self._stop), name="cert-watch")
         await self._stop.wait()
         watcher.cancel()
+        cert_watcher.cancel()
         await self.drain()
         return 0
 
@@ -191,7 +207,9 @@ class Runtime:
         await self._start_listeners(snapshot.listeners)  # may raise: nothing swapped yet
         codec = resolve_codec_name(snapshot.settings.http1_codec)
         limits = _limits(snapshot)
-        self.clusters.reconcile(snapshot.clusters, PoolSettings(codec, limits))
+        self.clusters.reconcile(
+            snapshot.clusters, PoolSettings(codec, limits, snapshot.settings.trust_domain)
+        )
         self.ctx.codec = codec
         self.ctx.limits = limits
         self.ctx.snapshot = snapshot  # the swap: new streams see the new config from here on
@@ -243,6 +261,9 @@ class Runtime:
             "resources": {k: list(v) for k, v in snap.source.items()},
             "warnings": list(snap.warnings),
         }
+
+    def certs(self) -> dict[str, Any]:
+        return self.identity.describe()
 
     def cluster_statuses(self) -> list[dict[str, Any]]:
         out = []

@@ -16,12 +16,14 @@ from typing import Any
 
 from meshproxy.config.reader import Reader, did_you_mean
 from meshproxy.config.resources import (
+    ClientTls,
     ConnectionPool,
     Destination,
     DestinationRule,
     HeaderOperations,
     HTTPMatch,
     Origin,
+    PeerAuthentication,
     ProxySettings,
     Resource,
     ServiceEntry,
@@ -38,6 +40,7 @@ from meshproxy.config.snapshot import (
     LbPolicy,
     ListenerKind,
     ListenerSpec,
+    MtlsPolicy,
     PortBinding,
     Resolution,
     Snapshot,
@@ -141,6 +144,7 @@ def compile_snapshot(
     rules = [r for r in resources if isinstance(r, DestinationRule)]
     services_vs = [r for r in resources if isinstance(r, VirtualService)]
     sidecars = [r for r in resources if isinstance(r, Sidecar)]
+    peer_authns = [r for r in resources if isinstance(r, PeerAuthentication)]
     before = len(issues)
 
     _index_services(ctx, entries)
@@ -217,7 +221,44 @@ def compile_snapshot(
         explicit_bindings=MappingProxyType(
             {spec.key: spec.binding for spec in listeners if spec.binding is not None}
         ),
+        mtls=_mtls_policy(settings, peer_authns),
     )
+
+
+def _mtls_policy(settings: ProxySettings, policies: list[PeerAuthentication]) -> MtlsPolicy:
+    """Istio's precedence: workload selector > namespace > mesh (root namespace); UNSET
+    inherits; portLevelMtls (workload policies only) overrides per port; default PERMISSIVE."""
+    labels = dict(settings.labels)
+    by_name = sorted(policies, key=lambda p: p.origin.name)
+    mesh = next(
+        (
+            p
+            for p in by_name
+            if p.origin.namespace == settings.root_namespace and p.selector is None
+        ),
+        None,
+    )
+    namespace = next(
+        (p for p in by_name if p.origin.namespace == settings.namespace and p.selector is None),
+        None,
+    )
+    workload = next(
+        (
+            p
+            for p in by_name
+            if p.origin.namespace == settings.namespace
+            and p.selector is not None
+            and p.selector
+            and all(labels.get(k) == v for k, v in p.selector)
+        ),
+        None,
+    )
+    mode = "PERMISSIVE"
+    for level in (mesh, namespace, workload):
+        if level is not None and level.mode is not None:
+            mode = level.mode
+    ports = dict(workload.port_modes) if workload is not None else {}
+    return MtlsPolicy(mode, MappingProxyType(ports))
 
 
 def _vip_ips(addr: str) -> list[str]:
@@ -319,6 +360,7 @@ def _make_cluster(
     idle_timeout = ctx.settings.upstream_idle_timeout
     max_per_conn = 0
     upstream = upstream_protocol_of(sp.protocol, policy.connection_pool if policy else None)
+    tls = _origination(policy, endpoints)
     if policy is not None:
         if policy.lb_simple in ("ROUND_ROBIN", "RANDOM", "LEAST_REQUEST"):
             lb = LbPolicy(policy.lb_simple)
@@ -342,7 +384,21 @@ def _make_cluster(
         None,
         subset,
         upstream,
+        tls,
     )
+
+
+AUTO_MTLS_LABEL = ("security.istio.io/tlsMode", "istio")
+
+
+def _origination(policy: TrafficPolicy | None, endpoints: tuple[Endpoint, ...]) -> ClientTls | None:
+    """The DestinationRule's tls; without one, Istio's auto mTLS: ISTIO_MUTUAL to endpoints
+    labelled security.istio.io/tlsMode=istio (those that run a sidecar)."""
+    if policy is not None and policy.tls is not None:
+        return policy.tls if policy.tls.mode != "DISABLE" else None
+    if endpoints and all(AUTO_MTLS_LABEL in e.labels for e in endpoints):
+        return ClientTls("ISTIO_MUTUAL")
+    return None
 
 
 def _build_clusters(ctx: _Context) -> None:

@@ -161,11 +161,24 @@ class OutlierDetection:
 
 
 @dataclass(frozen=True, slots=True)
+class ClientTls:
+    """DestinationRule trafficPolicy.tls: how to originate TLS to the endpoints."""
+
+    mode: str  # DISABLE | SIMPLE | MUTUAL | ISTIO_MUTUAL
+    client_certificate: str | None = None
+    private_key: str | None = None
+    ca_certificates: str | None = None
+    subject_alt_names: tuple[str, ...] = ()
+    sni: str | None = None
+    insecure_skip_verify: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class TrafficPolicy:
     lb_simple: str | None = None
     connection_pool: ConnectionPool | None = None
     outlier_detection: OutlierDetection | None = None
-    tls: dict[str, Any] | None = None  # enforced by the mTLS issue
+    tls: ClientTls | None = None
     port_level: tuple[tuple[int, TrafficPolicy], ...] = ()
 
 
@@ -247,6 +260,13 @@ class ProxySettings:
     access_log_file: str = ""
     namespace: str = "default"
     outbound_traffic_policy: str = "ALLOW_ANY"
+    trust_domain: str = "cluster.local"
+    # Istio's file-mounted workload certificate layout (ProxyConfig spec.certificates).
+    cert_chain: str = "/etc/certs/cert-chain.pem"
+    private_key: str = "/etc/certs/key.pem"
+    root_cert: str = "/etc/certs/root-cert.pem"
+    labels: tuple[tuple[str, str], ...] = ()  # this workload's labels (policy selectors)
+    root_namespace: str = "istio-system"  # MeshConfig rootNamespace: mesh-wide policies
 
 
 @dataclass(frozen=True, slots=True)
@@ -256,4 +276,19 @@ class ProxyConfigResource:
     explicit: frozenset[str]
 
 
-Resource = ServiceEntry | VirtualService | DestinationRule | Sidecar | ProxyConfigResource
+@dataclass(frozen=True, slots=True)
+class PeerAuthentication:
+    origin: Origin
+    selector: tuple[tuple[str, str], ...] | None  # matchLabels; None: namespace/mesh wide
+    mode: str | None  # STRICT | PERMISSIVE | DISABLE; None (UNSET) inherits
+    port_modes: tuple[tuple[int, str], ...] = ()
+
+
+Resource = (
+    ServiceEntry
+    | VirtualService
+    | DestinationRule
+    | Sidecar
+    | ProxyConfigResource
+    | PeerAuthentication
+)

@@ -9,6 +9,7 @@ from typing import Any
 
 from meshproxy.config.reader import Reader, did_you_mean
 from meshproxy.config.resources import (
+    ClientTls,
     ConnectionPool,
     Destination,
     DestinationRule,
@@ -20,6 +21,7 @@ from meshproxy.config.resources import (
     IngressListener,
     Origin,
     OutlierDetection,
+    PeerAuthentication,
     ProxyConfigResource,
     ProxySettings,
     Resource,
@@ -137,7 +139,7 @@ def parse_resource(doc: Document, issues: list[ConfigIssue]) -> Resource | None:
     namespace = r.string(meta_map, "namespace", ("metadata",), "default") or "default"
     origin = Origin(doc, kind, name, namespace)
     spec = top.get("spec")
-    if kind in ("PeerAuthentication", "AuthorizationPolicy"):
+    if kind == "AuthorizationPolicy":
         # Fail closed: silently ignoring a security policy would open what it meant to close.
         r.error(
             (),
@@ -692,16 +694,7 @@ def _traffic_policy(r: Reader, value: Any, path: Path_, top: bool = True) -> Tra
             ),
         )
         if tls_map is not None:
-            mode = r.choice(
-                tls_map,
-                "mode",
-                (*path, "tls"),
-                ("DISABLE", "SIMPLE", "MUTUAL", "ISTIO_MUTUAL"),
-                "DISABLE",
-            )
-            if mode != "DISABLE":
-                r.error((*path, "tls", "mode"), f"TLS origination ({mode}) is not supported yet")
-            tls = dict(tls_map)
+            tls = _client_tls(r, tls_map, (*path, "tls"))
     port_level = []
     for item_path, item in r.items(m, "portLevelSettings", path):
         sub = _traffic_policy(r, item, item_path, top=False)
@@ -858,7 +851,11 @@ _PROXY_FIELDS = {
     "accessLogFile": "access_log_file",
     "namespace": "namespace",
     "outboundTrafficPolicy": "outbound_traffic_policy",
+    "trustDomain": "trust_domain",
+    "certificates": "certificates",
+    "labels": "labels",
 }
+_CERT_FIELDS = {"certChain": "cert_chain", "privateKey": "private_key", "rootCert": "root_cert"}
 _PORT_FIELDS = ("proxyAdminPort", "statusPort", "proxyListenPort", "proxyInboundListenPort")
 _DURATION_FIELDS = (
     "drainDuration",
@@ -899,6 +896,22 @@ def _proxy_config(r: Reader, origin: Origin, spec: Any) -> ProxyConfigResource |
         elif key == "outboundTrafficPolicy":
             om = r.mapping(m[key], (*path, key), ("mode",))
             v = r.choice(om, "mode", (*path, key), ("REGISTRY_ONLY", "ALLOW_ANY")) if om else None
+        elif key == "certificates":
+            cm = r.mapping(m[key], (*path, key), tuple(_CERT_FIELDS))
+            for ckey, cattr in _CERT_FIELDS.items():
+                cv = r.string(cm, ckey, (*path, key)) if cm else None
+                if cv:
+                    values[cattr] = cv
+            continue
+        elif key == "labels":
+            v = tuple(sorted(r.string_map(m, key, path).items())) or None
+        elif key == "trustDomain":
+            v = r.string(m, key, path)
+            if v is not None and not re.fullmatch(r"[a-z0-9._-]{1,255}", v):
+                r.error(
+                    (*path, key), f"invalid trust domain {v!r} (lower-case letters, digits, . _ -)"
+                )
+                v = None
         else:
             v = r.string(m, key, path)
         if v is not None:
@@ -909,10 +922,80 @@ def _proxy_config(r: Reader, origin: Origin, spec: Any) -> ProxyConfigResource |
     return ProxyConfigResource(origin, settings, frozenset(values))
 
 
+def _client_tls(r: Reader, m: Mapping[str, Any], path: Path_) -> ClientTls | None:
+    mode = r.choice(m, "mode", path, ("DISABLE", "SIMPLE", "MUTUAL", "ISTIO_MUTUAL"), "DISABLE")
+    for unsupported in ("credentialName", "caCrl"):
+        if m.get(unsupported) is not None:
+            r.error(
+                (*path, unsupported),
+                "not supported: give file paths (clientCertificate, privateKey, caCertificates)",
+            )
+    tls = ClientTls(
+        mode or "DISABLE",
+        r.string(m, "clientCertificate", path),
+        r.string(m, "privateKey", path),
+        r.string(m, "caCertificates", path),
+        r.strings(m, "subjectAltNames", path),
+        r.string(m, "sni", path),
+        r.boolean(m, "insecureSkipVerify", path),
+    )
+    if tls.mode == "MUTUAL" and not (tls.client_certificate and tls.private_key):
+        r.error(path, "mode MUTUAL needs clientCertificate and privateKey")
+    if tls.mode == "ISTIO_MUTUAL" and (tls.client_certificate or tls.private_key):
+        r.error(
+            path,
+            "mode ISTIO_MUTUAL uses the workload certificate: drop clientCertificate/privateKey",
+        )
+    return tls
+
+
+# ---- PeerAuthentication --------------------------------------------------------------------------
+
+MTLS_MODES = ("UNSET", "STRICT", "PERMISSIVE", "DISABLE")
+
+
+def _mtls_mode(r: Reader, m: Mapping[str, Any] | None, path: Path_) -> str | None:
+    if m is None:
+        return None
+    mm = r.mapping(m, path, ("mode",))
+    mode = r.choice(mm, "mode", path, MTLS_MODES) if mm else None
+    return None if mode in (None, "UNSET") else mode
+
+
+def _peer_authentication(r: Reader, origin: Origin, spec: Any) -> PeerAuthentication | None:
+    path: Path_ = ("spec",)
+    m = r.mapping(spec, path, ("selector", "mtls", "portLevelMtls"))
+    if m is None:
+        return None
+    selector = None
+    if m.get("selector") is not None:
+        sm = r.mapping(m["selector"], (*path, "selector"), ("matchLabels",))
+        selector = tuple(sorted(r.string_map(sm or {}, "matchLabels", (*path, "selector")).items()))
+    mode = _mtls_mode(r, m.get("mtls"), (*path, "mtls"))
+    ports: list[tuple[int, str]] = []
+    plm = m.get("portLevelMtls")
+    if plm is not None:
+        pl_path = (*path, "portLevelMtls")
+        if selector is None:
+            r.error(pl_path, "portLevelMtls needs a workload selector (as Istio requires)")
+        if not isinstance(plm, dict):
+            r.error(pl_path, "expected a mapping of port number to {mode}")
+        else:
+            for key, value in plm.items():
+                if not str(key).isdigit() or not 0 < int(key) < 65536:
+                    r.error((*pl_path, str(key)), "expected a port number")
+                    continue
+                pmode = _mtls_mode(r, value, (*pl_path, str(key)))
+                if pmode is not None:
+                    ports.append((int(key), pmode))
+    return PeerAuthentication(origin, selector, mode, tuple(ports))
+
+
 _PARSERS: dict[str, Any] = {
     "ServiceEntry": _service_entry,
     "VirtualService": _virtual_service,
     "DestinationRule": _destination_rule,
     "Sidecar": _sidecar,
     "ProxyConfig": _proxy_config,
+    "PeerAuthentication": _peer_authentication,
 }

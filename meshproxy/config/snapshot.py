@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
-from meshproxy.config.resources import ProxySettings
+from meshproxy.config.resources import ClientTls, ProxySettings
 from meshproxy.routing.table import RouteTable
 
 
@@ -74,6 +74,7 @@ class ClusterSpec:
     bind_source: str | None = None  # inbound clusters bind 127.0.0.6 (Istio's loop guard)
     subset: str = ""
     upstream_protocol: UpstreamProtocol = UpstreamProtocol.HTTP1
+    tls: ClientTls | None = None  # TLS origination (DestinationRule tls, or auto mTLS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,6 +101,17 @@ class ListenerSpec:
 
 
 @dataclass(frozen=True, slots=True)
+class MtlsPolicy:
+    """What PeerAuthentication decides for inbound traffic: STRICT, PERMISSIVE or DISABLE."""
+
+    default: str = "PERMISSIVE"  # Istio's default when no policy says otherwise
+    ports: Mapping[int, str] = field(default_factory=lambda: MappingProxyType({}))
+
+    def mode_for(self, port: int) -> str:
+        return self.ports.get(port, self.default)
+
+
+@dataclass(frozen=True, slots=True)
 class Snapshot:
     version: int
     settings: ProxySettings
@@ -114,6 +126,7 @@ class Snapshot:
     explicit_bindings: Mapping[tuple[str, int], PortBinding] = field(
         default_factory=lambda: MappingProxyType({})
     )
+    mtls: MtlsPolicy = field(default_factory=MtlsPolicy)
 
     def binding_for(
         self, kind: ListenerKind, key: tuple[str, int], original_dst: tuple[str, int] | None

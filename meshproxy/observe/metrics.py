@@ -129,10 +129,13 @@ class MeshMetrics(Collector):
         self.workload = workload
         self._http: dict[tuple[str, ...], _HttpSeries] = {}
         self._tcp: dict[tuple[str, ...], _TcpSeries] = {}
-        self._label_cache: dict[tuple[str, str, int, str, str, str], tuple[str, ...]] = {}
-        self._series_by_key: dict[tuple[str, str, int, str, str, str], _HttpSeries] = {}
+        self._label_cache: dict[tuple[str, str, int, str, str, str, str], tuple[str, ...]] = {}
+        self._series_by_key: dict[tuple[str, str, int, str, str, str, str], _HttpSeries] = {}
         self.rejected: dict[str, int] = {}
         self.h2_floods: dict[str, int] = {}
+        self.cert_expiry: float | None = None
+        self.cert_reloads = (0, 0)
+        self.tls_handshake_failures: dict[str, int] = {}
         self.reloads_ok = 0
         self.reloads_failed = 0
         self.config_version = 0
@@ -152,8 +155,9 @@ class MeshMetrics(Collector):
         flags: str,
         protocol: str,
         grpc_status: str = "-",
+        principal: str = "",
     ) -> tuple[str, ...]:
-        key = (reporter, service, code, flags, protocol, grpc_status)
+        key = (reporter, service, code, flags, protocol, grpc_status, principal)
         labels = self._label_cache.get(key)
         if labels is None:
             name, ns = _service_parts(service)
@@ -162,11 +166,13 @@ class MeshMetrics(Collector):
             src_wl = self.workload if outbound else "unknown"
             dst_ns = ns if outbound else self.namespace
             dst_wl = "unknown" if outbound else self.workload
+            # Istio: mutual_tls when the peer was authenticated; a source report cannot know.
+            security = "mutual_tls" if principal else ("unknown" if outbound else "none")
             labels = (
                 reporter,
                 src_wl,
                 src_ns,
-                "unknown",
+                principal or "unknown",
                 "unknown",
                 "unknown",
                 src_wl,
@@ -183,7 +189,7 @@ class MeshMetrics(Collector):
                 str(code),
                 grpc_status,
                 flags,
-                "unknown",
+                security,
             )
             if len(self._label_cache) < 10_000:  # bounded: label values come from config
                 self._label_cache[key] = labels
@@ -200,12 +206,13 @@ class MeshMetrics(Collector):
         response_bytes: int,
         protocol: str = "http",
         grpc_status: str = "-",
+        principal: str = "",
     ) -> None:
         """The per-request hot path: a dict lookup and three bisects."""
-        key = (reporter, service, code, flags, protocol, grpc_status)
+        key = (reporter, service, code, flags, protocol, grpc_status, principal)
         series = self._series_by_key.get(key)
         if series is None:
-            labels = self._labels(reporter, service, code, flags, protocol, grpc_status)
+            labels = self._labels(reporter, service, code, flags, protocol, grpc_status, principal)
             series = self._http.get(labels)
             if series is None:
                 series = self._http[labels] = _HttpSeries()
@@ -226,7 +233,15 @@ class MeshMetrics(Collector):
         h.total += response_bytes
 
     def _tcp_series(self, rec: ConnRecord) -> _TcpSeries:
-        labels = self._labels(rec.reporter, rec.destination_service, 0, rec.response_flags, "tcp")
+        labels = self._labels(
+            rec.reporter,
+            rec.destination_service,
+            0,
+            rec.response_flags,
+            "tcp",
+            "-",
+            rec.source_principal,
+        )
         key = tuple(v for name, v in zip(HTTP_LABELS, labels, strict=True) if name in TCP_LABELS)
         series = self._tcp.get(key)
         if series is None:
@@ -246,6 +261,15 @@ class MeshMetrics(Collector):
 
     def downstream_rejected(self, reason: str) -> None:
         self.rejected[reason] = self.rejected.get(reason, 0) + 1
+
+    def cert_state(self, expiry: float | None, ok: int, failed: int) -> None:
+        self.cert_expiry = expiry
+        self.cert_reloads = (ok, failed)
+
+    def tls_failed(self, reason: str) -> None:
+        key = reason[:60]
+        if key in self.tls_handshake_failures or len(self.tls_handshake_failures) < 100:
+            self.tls_handshake_failures[key] = self.tls_handshake_failures.get(key, 0) + 1
 
     def h2_flood(self, kind: str) -> None:
         """An HTTP/2 connection closed for abuse (Envoy's http2.*_flood counters)."""
@@ -325,6 +349,26 @@ class MeshMetrics(Collector):
         for kind, n in sorted(self.h2_floods.items()):
             floods.add_metric([kind], n)
         yield floods
+        if self.cert_expiry is not None:
+            yield GaugeMetricFamily(
+                "meshproxy_workload_cert_expiry_timestamp_seconds",
+                "When the workload certificate in use expires (Unix time)",
+                value=self.cert_expiry,
+            )
+        certs = CounterMetricFamily(
+            "meshproxy_cert_reload", "Workload certificate loads", labels=("result",)
+        )
+        certs.add_metric(["ok"], self.cert_reloads[0])
+        certs.add_metric(["error"], self.cert_reloads[1])
+        yield certs
+        tls = CounterMetricFamily(
+            "meshproxy_tls_handshake_failed",
+            "Inbound TLS handshakes that failed, by reason",
+            labels=("reason",),
+        )
+        for reason, n in sorted(self.tls_handshake_failures.items()):
+            tls.add_metric([reason], n)
+        yield tls
         yield GaugeMetricFamily(
             "meshproxy_downstream_cx_active",
             "Open downstream connections",

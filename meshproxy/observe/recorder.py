@@ -38,3 +38,4 @@ class ConnRecord:
     sent_bytes: int = 0  # to the downstream
     received_bytes: int = 0  # from the downstream
     response_flags: str = "-"
+    source_principal: str = ""  # the mTLS peer's SPIFFE principal, if any

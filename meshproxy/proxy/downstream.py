@@ -10,6 +10,7 @@ from meshproxy.codec.events import Headers, ResponseHead
 from meshproxy.config.snapshot import ListenerKind, PortBinding, Snapshot
 from meshproxy.observe.recorder import StreamRecord
 from meshproxy.proxy.context import ProxyContext
+from meshproxy.proxy.tls import PeerInfo
 
 if TYPE_CHECKING:
     from meshproxy.proxy.stream import HttpStream
@@ -26,6 +27,7 @@ class Downstream(Protocol):
     peer_ip: str
     access_log: Callable[[StreamRecord], None] | None
     http2: bool
+    peer: PeerInfo | None  # the mTLS client, when the connection came over mesh TLS
 
     def current_binding(self, snapshot: Snapshot) -> PortBinding | None: ...
     def send_interim(self, status: int) -> None: ...

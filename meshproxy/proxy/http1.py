@@ -24,6 +24,7 @@ from meshproxy.observe.recorder import StreamRecord
 from meshproxy.proxy.context import ProxyContext
 from meshproxy.proxy.downstream import BindingLookup
 from meshproxy.proxy.stream import HttpStream
+from meshproxy.proxy.tls import PeerInfo
 
 logger = logging.getLogger(__name__)
 
@@ -41,8 +42,11 @@ class DownstreamHttp1(asyncio.Protocol):
         local_port: int,
         original_dst: tuple[str, int] | None = None,
         access_log: Callable[[StreamRecord], None] | None = None,
+        *,
+        peer: PeerInfo | None = None,
     ) -> None:
         self.ctx = ctx
+        self.peer = peer  # the mTLS client (None: plaintext)
         self.kind = kind
         self.inbound = kind.inbound
         self._bindings = BindingLookup(kind, listener_key, original_dst, binding)

@@ -39,6 +39,7 @@ from meshproxy.observe.recorder import StreamRecord
 from meshproxy.proxy.context import ProxyContext
 from meshproxy.proxy.downstream import BindingLookup
 from meshproxy.proxy.stream import HttpStream
+from meshproxy.proxy.tls import PeerInfo
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +62,7 @@ class H2Channel:
         self.original_dst = conn.original_dst
         self.peer_ip = conn.peer_ip
         self.access_log = conn.access_log
+        self.peer = conn.peer
         self.http2 = True
         self.stream: HttpStream | None = None
         self.request_trailers: Headers = []
@@ -256,8 +258,11 @@ class DownstreamHttp2(asyncio.Protocol):
         local_port: int,
         original_dst: tuple[str, int] | None = None,
         access_log: Callable[[StreamRecord], None] | None = None,
+        *,
+        peer: PeerInfo | None = None,
     ) -> None:
         self.ctx = ctx
+        self.peer = peer  # the mTLS client (None: plaintext)
         self.inbound = kind.inbound
         self.bindings = BindingLookup(kind, listener_key, original_dst, binding)
         self.local_port = local_port

@@ -15,8 +15,11 @@ from meshproxy.observe.recorder import ConnRecord, StreamRecord
 from meshproxy.proxy.context import ProxyContext
 from meshproxy.proxy.http1 import DownstreamHttp1
 from meshproxy.proxy.http2 import DownstreamHttp2
+from meshproxy.proxy.inbound_tls import MtlsGate
 from meshproxy.proxy.origdst import original_destination
 from meshproxy.proxy.tcp import TcpRelay
+from meshproxy.proxy.tls import PeerInfo
+from meshproxy.security.identity import H2_ALPN, HTTP_ALPN
 
 logger = logging.getLogger(__name__)
 
@@ -59,10 +62,12 @@ def _tcp(
     service: str,
     original_dst: tuple[str, int] | None,
     peer: str,
+    identity: PeerInfo | None = None,
 ) -> TcpRelay:
     record = ConnRecord(
         "destination" if kind.inbound else "source", service or cluster_name, cluster_name, "", peer
     )
+    record.source_principal = identity.principal if identity is not None else ""
     return TcpRelay(ctx, ctx.clusters.get(cluster_name), record, original_dst)
 
 
@@ -75,11 +80,15 @@ class CaptureEntry(asyncio.Protocol):
         spec: ListenerSpec,
         access_log: Callable[[StreamRecord], None] | None,
         own_ports: frozenset[int],
+        peer: PeerInfo | None = None,
+        gated: bool = False,
     ) -> None:
         self.ctx = ctx
         self.spec = spec
         self.access_log = access_log
         self.own_ports = own_ports
+        self.peer = peer  # the mTLS peer, once PeerAuthentication's gate let it in
+        self.gated = gated
         self.transport: asyncio.Transport | None = None
         self.original_dst: tuple[str, int] | None = None
         self.binding: PortBinding | None = None
@@ -108,10 +117,29 @@ class CaptureEntry(asyncio.Protocol):
             self.binding = snap.outbound_binding(dst[0], dst[1])
         else:
             self.binding = snap.inbound_by_port.get(dst[1])
+            mode = snap.mtls.mode_for(dst[1])
+            if not self.gated and mode != "DISABLE":
+                self._switch(MtlsGate(self.ctx, mode, self._after_gate))
+                return
+            binding = self.binding
+            if (
+                self.peer is not None
+                and binding is not None
+                and binding.protocol is L7.HTTP
+                and self.peer.alpn in HTTP_ALPN
+            ):
+                # ALPN said which HTTP: no need to sniff inside the tunnel.
+                self._hand_over_http(self.peer.alpn in H2_ALPN)
+                return
         if self.binding is not None and self.binding.protocol is L7.TCP:
             self._hand_over_tcp(self.binding.tcp_cluster or "", self.binding.service)
         elif self.binding is None and dst[1] in SERVER_FIRST_PORTS:
             self._passthrough_tcp()
+
+    def _after_gate(self, peer: PeerInfo | None) -> asyncio.Protocol:
+        return CaptureEntry(
+            self.ctx, self.spec, self.access_log, self.own_ports, peer=peer, gated=True
+        )
 
     def data_received(self, data: bytes) -> None:
         self._buffer += data
@@ -150,7 +178,9 @@ class CaptureEntry(asyncio.Protocol):
         self._hand_over_tcp(name, name)
 
     def _hand_over_tcp(self, cluster: str, service: str) -> None:
-        relay = _tcp(self.ctx, self.spec.kind, cluster, service, self.original_dst, self._peer)
+        relay = _tcp(
+            self.ctx, self.spec.kind, cluster, service, self.original_dst, self._peer, self.peer
+        )
         self._switch(relay)
 
     def _hand_over_http(self, h2: bool) -> None:
@@ -164,6 +194,7 @@ class CaptureEntry(asyncio.Protocol):
             self.original_dst[1],
             self.original_dst,
             self.access_log,
+            peer=self.peer,
         )
         self._switch(conn)
 
@@ -226,9 +257,18 @@ class Listener:
             return CaptureEntry(ctx, spec, self.access_log, own)
         binding = spec.binding
         assert binding is not None
+        if spec.kind is ListenerKind.INGRESS:
+            mode = ctx.snapshot.mtls.mode_for(spec.port)
+            if mode != "DISABLE":
+                return MtlsGate(ctx, mode, lambda peer: self._plain(spec, binding, peer))
+        return self._plain(spec, binding, None)
+
+    def _plain(
+        self, spec: ListenerSpec, binding: PortBinding, peer: PeerInfo | None
+    ) -> asyncio.Protocol:
         if binding.protocol is L7.HTTP:
-            return _HttpAuto(ctx, spec, binding, self.access_log)
-        return _LazyTcp(ctx, spec, binding)
+            return _HttpAuto(self.ctx, spec, binding, self.access_log, peer)
+        return _LazyTcp(self.ctx, spec, binding, peer)
 
     async def close(self) -> None:
         if self.server is not None:
@@ -245,8 +285,10 @@ class _HttpAuto(asyncio.Protocol):
         spec: ListenerSpec,
         binding: PortBinding,
         access_log: Callable[[StreamRecord], None] | None,
+        peer: PeerInfo | None = None,
     ) -> None:
         self.ctx, self.spec, self.binding, self.access_log = ctx, spec, binding, access_log
+        self.peer = peer
         self.transport: asyncio.Transport | None = None
         self._buffer = b""
         self._timer: asyncio.TimerHandle | None = None
@@ -284,7 +326,14 @@ class _HttpAuto(asyncio.Protocol):
         spec = self.spec
         factory = DownstreamHttp2 if h2 else DownstreamHttp1
         proto = factory(
-            self.ctx, spec.kind, self.binding, spec.key, spec.port, None, self.access_log
+            self.ctx,
+            spec.kind,
+            self.binding,
+            spec.key,
+            spec.port,
+            None,
+            self.access_log,
+            peer=self.peer,
         )
         transport = self.transport
         if transport is None or transport.is_closing():
@@ -302,8 +351,14 @@ class _HttpAuto(asyncio.Protocol):
 class _LazyTcp(asyncio.Protocol):
     """Explicit TCP listener: builds the relay with the peer address once connected."""
 
-    def __init__(self, ctx: ProxyContext, spec: ListenerSpec, binding: PortBinding) -> None:
-        self.ctx, self.spec, self.binding = ctx, spec, binding
+    def __init__(
+        self,
+        ctx: ProxyContext,
+        spec: ListenerSpec,
+        binding: PortBinding,
+        peer: PeerInfo | None = None,
+    ) -> None:
+        self.ctx, self.spec, self.binding, self.peer = ctx, spec, binding, peer
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         peer = transport.get_extra_info("peername")
@@ -314,6 +369,7 @@ class _LazyTcp(asyncio.Protocol):
             self.binding.service,
             None,
             str(peer[0]) if peer else "",
+            self.peer,
         )
         transport.set_protocol(relay)
         relay.connection_made(transport)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import logging
 import os
 import time
@@ -34,11 +35,18 @@ from meshproxy.upstream.connection import UpstreamExchange
 
 if TYPE_CHECKING:
     from meshproxy.proxy.downstream import Downstream
+    from meshproxy.proxy.tls import PeerInfo
 
 logger = logging.getLogger(__name__)
 
 _WATCHED_REQUEST_HEADERS = frozenset(
-    {b"expect", b"x-forwarded-proto", b"x-request-id", b"x-forwarded-for"}
+    {
+        b"expect",
+        b"x-forwarded-proto",
+        b"x-request-id",
+        b"x-forwarded-for",
+        b"x-forwarded-client-cert",  # only the proxy sets it: never what a client sent
+    }
 )
 REPLAY_LIMIT = 64 * 1024  # request bytes kept to retry on a fresh connection
 BUFFER_HIGH_WATER = 64 * 1024
@@ -562,6 +570,8 @@ class HttpStream:
             # The edge of the mesh appends the peer, as Envoy does with use_remote_address.
             peer = conn.peer_ip.encode()
             append((b"x-forwarded-for", xff + b"," + peer if xff else peer))
+            if conn.peer is not None:
+                append((b"x-forwarded-client-cert", self._xfcc(conn.peer)))
         target = head.target
         if match is not None:
             route = match.route
@@ -581,6 +591,18 @@ class HttpStream:
         return RequestHead(
             head.method, target, out, b"1.1", True, head.has_body, head.content_length
         )
+
+    def _xfcc(self, peer: PeerInfo) -> bytes:
+        """Envoy's x-forwarded-client-cert for the mTLS peer (SANITIZE_SET: ours only)."""
+        identity = self.conn.ctx.identity
+        parts = []
+        if identity is not None and identity.spiffe_id is not None:
+            parts.append(f"By={identity.spiffe_id}")
+        parts.append(f"Hash={hashlib.sha256(peer.cert_der).hexdigest()}")
+        parts.append('Subject=""')
+        if peer.spiffe_id is not None:
+            parts.append(f"URI={peer.spiffe_id}")
+        return ";".join(parts).encode()
 
     def _replayable(self) -> bool:
         if self.head.method in IDEMPOTENT_METHODS or not self.head.has_body:
@@ -650,7 +672,12 @@ class HttpStream:
             self.request_bytes,
             self.response_bytes,
         )
-        if self.grpc:
+        peer = conn.peer
+        if peer is not None:
+            conn.ctx.metrics.record_http(
+                *values, "grpc" if self.grpc else "http", self.grpc_status, peer.principal
+            )
+        elif self.grpc:
             conn.ctx.metrics.record_http(*values, "grpc", self.grpc_status)
         else:
             conn.ctx.metrics.record_http(*values)

@@ -10,6 +10,7 @@ from meshproxy.errors import UpstreamError
 from meshproxy.observe.recorder import ConnRecord
 from meshproxy.proxy.context import ProxyContext
 from meshproxy.upstream.cluster import Cluster
+from meshproxy.upstream.pool import open_connection
 
 logger = logging.getLogger(__name__)
 HIGH_WATER = 64 * 1024
@@ -79,12 +80,15 @@ class TcpRelay(asyncio.Protocol):
             if cluster is None:
                 raise OSError("no cluster")
             host = await cluster.pick(self.original_dst)
-            loop = asyncio.get_running_loop()
-            local = (cluster.spec.bind_source, 0) if cluster.spec.bind_source else None
-            async with asyncio.timeout(cluster.spec.connect_timeout):
-                _, side = await loop.create_connection(
-                    lambda: _UpstreamSide(self), host.address, host.port, local_addr=local
-                )
+            side = _UpstreamSide(self)
+            await open_connection(
+                side,
+                host.address,
+                host.port,
+                cluster.spec.bind_source,
+                cluster.spec.connect_timeout,
+                cluster.tls_for_tcp(host.address),
+            )
             self.record.upstream_host = f"{host.address}:{host.port}"
         except (OSError, TimeoutError, UpstreamError) as exc:
             logger.info("tcp %s: upstream connect failed: %s", self.record.cluster, exc)

@@ -13,10 +13,15 @@ from typing import Protocol
 from meshproxy.codec.h1_limits import Limits
 from meshproxy.config.snapshot import ClusterSpec, Resolution
 from meshproxy.errors import FailureKind, UpstreamError
+from meshproxy.security.identity import WorkloadIdentity
 from meshproxy.upstream.connection import UpstreamExchange
 from meshproxy.upstream.h2pool import Http2Pool
 from meshproxy.upstream.lb import make_balancer
 from meshproxy.upstream.pool import Pool
+from meshproxy.upstream.tls import IdentitySource, TlsContexts, UpstreamTls, upstream_tls
+
+H1_ALPN = ("http/1.1",)
+H2_ALPN = ("h2",)
 
 logger = logging.getLogger(__name__)
 
@@ -107,12 +112,21 @@ class EndpointState:
 class PoolSettings:
     codec: str
     limits: Limits
+    trust_domain: str = "cluster.local"
 
 
 class Cluster:
-    def __init__(self, spec: ClusterSpec, settings: PoolSettings) -> None:
+    def __init__(
+        self,
+        spec: ClusterSpec,
+        settings: PoolSettings,
+        identity: IdentitySource | None = None,
+        contexts: TlsContexts | None = None,
+    ) -> None:
         self.spec = spec
         self._settings = settings
+        self._identity = identity
+        self._contexts = contexts or TlsContexts()
         self.hosts: list[EndpointState] = []
         self._lb = make_balancer(spec.lb)
         self._resolved_at = 0.0
@@ -138,6 +152,7 @@ class Cluster:
             max_requests=spec.max_requests_per_connection,
             bind_source=spec.bind_source,
             on_change=self._cx_change,
+            tls=self._tls_factory(address, H1_ALPN),
         )
         host = EndpointState(
             address,
@@ -151,10 +166,28 @@ class Cluster:
                 idle_timeout=spec.idle_timeout,
                 bind_source=spec.bind_source,
                 on_change=self._cx_change,
+                tls=self._tls_factory(address, H2_ALPN),
             ),
         )
         self._by_address[(address, port)] = host
         return host
+
+    def _tls_factory(
+        self, host: str, alpn: tuple[str, ...]
+    ) -> Callable[[], UpstreamTls | None] | None:
+        """What each new connection to `host` does for TLS (evaluated per connect, so a
+        rotated workload certificate is used from the next connection on)."""
+        tls = self.spec.tls
+        if tls is None:
+            return None
+        identity = self._identity or (lambda: None)
+        contexts = self._contexts
+        trust_domain = self._settings.trust_domain
+        return lambda: upstream_tls(tls, host, alpn, identity(), contexts, trust_domain)
+
+    def tls_for_tcp(self, host: str) -> UpstreamTls | None:
+        factory = self._tls_factory(host, ())
+        return factory() if factory is not None else None
 
     def _cx_change(self, delta: int) -> None:
         self.upstream_cx_active += delta
@@ -242,6 +275,8 @@ class ClusterManager:
     def __init__(self, settings: PoolSettings) -> None:
         self.settings = settings
         self.clusters: dict[str, Cluster] = {}
+        self.identity: IdentitySource = lambda: None  # set by the runtime
+        self._contexts = TlsContexts()
 
     def reconcile(self, specs: Mapping[str, ClusterSpec], settings: PoolSettings) -> None:
         if settings != self.settings:
@@ -253,8 +288,12 @@ class ClusterManager:
             if kept.get(name) is not cluster:
                 cluster.close()
         self.clusters = {
-            name: kept.get(name) or Cluster(spec, settings) for name, spec in specs.items()
+            name: kept.get(name) or Cluster(spec, settings, self._current_identity, self._contexts)
+            for name, spec in specs.items()
         }
+
+    def _current_identity(self) -> WorkloadIdentity | None:
+        return self.identity()
 
     def get(self, name: str) -> Cluster | None:
         return self.clusters.get(name)

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from meshproxy.errors import FailureKind, UpstreamError
 from meshproxy.upstream.h2connection import Http2Exchange, UpstreamHttp2Connection
 from meshproxy.upstream.pool import open_connection
+from meshproxy.upstream.tls import UpstreamTls
 
 
 class Http2Pool:
@@ -28,6 +29,7 @@ class Http2Pool:
         idle_timeout: float,
         bind_source: str | None,
         on_change: Callable[[int], None] | None = None,
+        tls: Callable[[], UpstreamTls | None] | None = None,
     ) -> None:
         self.address = address
         self.port = port
@@ -41,6 +43,7 @@ class Http2Pool:
         self._connecting: asyncio.Future[UpstreamHttp2Connection] | None = None
         self._sweeper: asyncio.TimerHandle | None = None
         self._on_change = on_change
+        self._tls = tls
 
     @property
     def idle(self) -> list[UpstreamHttp2Connection]:
@@ -76,8 +79,9 @@ class Http2Pool:
         self.connects += 1
         try:
             async with asyncio.timeout(self.connect_timeout):
+                tls = self._tls() if self._tls is not None else None
                 await open_connection(
-                    conn, self.address, self.port, self.bind_source, self.connect_timeout
+                    conn, self.address, self.port, self.bind_source, self.connect_timeout, tls
                 )
                 await conn.ready  # the server's SETTINGS: its stream limit
         except TimeoutError:

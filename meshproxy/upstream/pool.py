@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import ssl
 import time
 from collections.abc import Callable
 
@@ -11,6 +12,7 @@ from meshproxy.codec.h1 import client_codec
 from meshproxy.codec.h1_limits import Limits
 from meshproxy.errors import FailureKind, UpstreamError
 from meshproxy.upstream.connection import UpstreamHttp1Connection
+from meshproxy.upstream.tls import UpstreamTls
 
 
 async def open_connection(
@@ -19,15 +21,35 @@ async def open_connection(
     port: int,
     bind_source: str | None,
     timeout: float,
+    tls: UpstreamTls | None = None,
 ) -> None:
-    """Connect `protocol` to address:port (TCP_NODELAY), as an UpstreamError on failure."""
+    """Connect `protocol` to address:port (TCP_NODELAY, TLS when asked), as an UpstreamError
+    on failure; a TLS peer whose certificate is not the expected one is refused here."""
     loop = asyncio.get_running_loop()
     local = (bind_source, 0) if bind_source else None
     try:
         async with asyncio.timeout(timeout):
-            transport, _ = await loop.create_connection(
-                lambda: protocol, address, port, local_addr=local
-            )
+            if tls is None:
+                transport, _ = await loop.create_connection(
+                    lambda: protocol, address, port, local_addr=local
+                )
+            else:
+                transport, _ = await loop.create_connection(
+                    lambda: protocol,
+                    address,
+                    port,
+                    local_addr=local,
+                    ssl=tls.context,
+                    server_hostname=tls.server_hostname,
+                    ssl_handshake_timeout=timeout,
+                )
+    except ssl.SSLError as exc:
+        raise UpstreamError(
+            FailureKind.TLS,
+            f"TLS error: {exc.reason or exc}",
+            flag="UF",
+            request_bytes_sent=False,
+        ) from None
     except TimeoutError:
         raise UpstreamError(
             FailureKind.CONNECT_TIMEOUT,
@@ -42,6 +64,13 @@ async def open_connection(
             flag="UF",
             request_bytes_sent=False,
         ) from None
+    if tls is not None:
+        problem = tls.check_peer(transport.get_extra_info("peercert"))
+        if problem is not None:
+            transport.abort()
+            raise UpstreamError(
+                FailureKind.TLS, f"TLS error: {problem}", flag="UF", request_bytes_sent=False
+            )
     sock = transport.get_extra_info("socket")
     if sock is not None:
         try:
@@ -69,6 +98,7 @@ class Pool:
         max_requests: int,
         bind_source: str | None,
         on_change: Callable[[int], None] | None = None,
+        tls: Callable[[], UpstreamTls | None] | None = None,
     ) -> None:
         self.address = address
         self.port = port
@@ -85,6 +115,7 @@ class Pool:
         self.connect_failures = 0
         self.connects = 0
         self._on_change = on_change
+        self._tls = tls
 
     async def acquire(self) -> tuple[UpstreamHttp1Connection, bool]:
         """A connection ready for one request, and whether it was reused."""
@@ -110,8 +141,9 @@ class Pool:
         conn = UpstreamHttp1Connection(client_codec(self._codec, self._limits), self)
         self.connects += 1
         try:
+            tls = self._tls() if self._tls is not None else None
             await open_connection(
-                conn, self.address, self.port, self.bind_source, self.connect_timeout
+                conn, self.address, self.port, self.bind_source, self.connect_timeout, tls
             )
         except UpstreamError:
             self.connect_failures += 1

@@ -1,0 +1,86 @@
+"""PeerAuthentication at the door of inbound connections: STRICT, PERMISSIVE or DISABLE.
+
+STRICT starts a TLS handshake (client certificate required) at once; PERMISSIVE looks at the
+first byte (0x16 opens a TLS record, as Envoy's tls_inspector decides) and takes either path;
+DISABLE goes straight to plaintext. The protocol that follows (`make_app`) is told who the
+peer is (None for plaintext) and sees the same bytes whichever way they came.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import cast
+
+from meshproxy.proxy.context import ProxyContext
+from meshproxy.proxy.tls import PeerInfo, TlsServerProtocol
+
+logger = logging.getLogger(__name__)
+
+TLS_HANDSHAKE_RECORD = 0x16
+AppFactory = Callable[[PeerInfo | None], asyncio.Protocol]
+
+
+class MtlsGate(asyncio.Protocol):
+    def __init__(self, ctx: ProxyContext, mode: str, make_app: AppFactory) -> None:
+        self.ctx = ctx
+        self.mode = mode
+        self.make_app = make_app
+        self.transport: asyncio.Transport | None = None
+        self._timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        if self.mode == "STRICT":
+            self._tls(b"")
+        elif self.mode == "DISABLE":
+            self._plain(b"")
+        else:
+            timeout = self.ctx.snapshot.settings.request_headers_timeout
+            self._timer = asyncio.get_running_loop().call_later(timeout, self.transport.close)
+
+    def data_received(self, data: bytes) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if data[0] == TLS_HANDSHAKE_RECORD:
+            self._tls(data)
+        else:
+            self._plain(data)
+
+    def eof_received(self) -> bool | None:
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+
+    def close_idle(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+    def _plain(self, first: bytes) -> None:
+        self._switch(self.make_app(None), first)
+
+    def _tls(self, first: bytes) -> None:
+        identity = self.ctx.identity
+        if identity is None:
+            self.ctx.metrics.tls_failed("no workload certificate")
+            logger.warning("inbound TLS refused: no workload certificate is loaded")
+            if self.transport is not None:
+                self.transport.abort()
+            return
+        tls = TlsServerProtocol(
+            identity.server_context, self.make_app, self.ctx.metrics.tls_failed, first
+        )
+        self._switch(tls, b"")
+
+    def _switch(self, proto: asyncio.Protocol, first: bytes) -> None:
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        transport.set_protocol(proto)
+        proto.connection_made(transport)
+        if first:
+            proto.data_received(first)

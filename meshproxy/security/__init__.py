@@ -1,0 +1,1 @@
+"""Workload identity (SPIFFE), certificates, TLS contexts, the mesh CA, authorization."""

@@ -1,0 +1,100 @@
+"""Keep the workload identity current as its files change (rotation without a restart)."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+from watchfiles import awatch
+
+from meshproxy.config.resources import ProxySettings
+from meshproxy.security.identity import CertError, CertFiles, WorkloadIdentity, load_identity
+
+logger = logging.getLogger(__name__)
+
+
+def files_of(settings: ProxySettings) -> CertFiles:
+    return CertFiles(
+        Path(settings.cert_chain), Path(settings.private_key), Path(settings.root_cert)
+    )
+
+
+def _digest(files: CertFiles) -> str:
+    h = hashlib.sha256()
+    for p in (files.cert_chain, files.private_key, files.root_cert):
+        try:
+            h.update(p.read_bytes())
+        except OSError:
+            h.update(b"missing")
+    return h.hexdigest()
+
+
+class IdentityManager:
+    """`current` is the identity new handshakes use; None until files load successfully."""
+
+    def __init__(self, files: CertFiles, on_update: Callable[[], None] | None = None) -> None:
+        self.files = files
+        self._on_update = on_update
+        self.current: WorkloadIdentity | None = None
+        self.last_error: str | None = None
+        self.reloads_ok = 0
+        self.reloads_failed = 0
+        self._digest = ""
+
+    def load(self) -> bool:
+        """Load the files if they changed; on failure keep the identity in use."""
+        ok = self._load()
+        if self._on_update is not None:
+            self._on_update()
+        return ok
+
+    def _load(self) -> bool:
+        digest = _digest(self.files)
+        if digest == self._digest:
+            return self.current is not None
+        self._digest = digest
+        try:
+            identity = load_identity(self.files)
+        except CertError as exc:
+            self.last_error = str(exc)
+            self.reloads_failed += 1
+            level = logging.ERROR if self.current is not None else logging.WARNING
+            logger.log(
+                level,
+                "workload certificate not loaded: %s%s",
+                exc,
+                "; keeping the previous one" if self.current is not None else "",
+            )
+            return False
+        self.current = identity
+        self.last_error = None
+        self.reloads_ok += 1
+        logger.info(
+            "workload certificate loaded: %s, valid until %s",
+            identity.spiffe_id,
+            identity.not_after.isoformat(),
+        )
+        return True
+
+    async def watch(self, stop: asyncio.Event) -> None:
+        """Reload on any change in the certificate directories (inotify; idle otherwise)."""
+        dirs = [d for d in self.files.directories if d.is_dir()]
+        if not dirs:
+            return
+        async for _ in awatch(
+            *dirs, debounce=200, step=50, stop_event=stop, rust_timeout=0, yield_on_timeout=False
+        ):
+            try:
+                self.load()
+            except Exception:  # never let a rotation take the proxy down
+                logger.exception("certificate reload failed unexpectedly")
+
+    def describe(self) -> dict[str, object]:
+        return {
+            "current": self.current.describe() if self.current else None,
+            "last_error": self.last_error,
+            "reloads": {"ok": self.reloads_ok, "error": self.reloads_failed},
+        }
