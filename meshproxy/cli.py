@@ -1,4 +1,4 @@
-"""Command line: run, validate, demo, version."""
+"""Command line: run, validate, demo, iptables, ca, version."""
 
 from __future__ import annotations
 
@@ -118,6 +118,58 @@ def _ports(text: str) -> list[int]:
     return ports
 
 
+def _duration(text: str) -> float:
+    from meshproxy.config.reader import parse_duration
+
+    seconds = parse_duration(text)
+    if seconds is None or seconds <= 0:
+        raise argparse.ArgumentTypeError(f"expected a duration like 24h or 90m, got {text!r}")
+    return seconds
+
+
+def cmd_ca_init(args: argparse.Namespace) -> int:
+    import datetime as dt
+
+    from meshproxy.security.ca import CaError, init_ca
+
+    try:
+        root = init_ca(
+            Path(args.dir), args.trust_domain, dt.timedelta(seconds=args.ttl), args.algorithm
+        )
+    except (CaError, OSError) as exc:
+        print(f"meshproxy ca init: {exc}", file=sys.stderr)
+        return 1
+    print(
+        f"root CA for trust domain {args.trust_domain} in {args.dir} "
+        f"(valid until {root.cert.not_valid_after_utc.isoformat()})"
+    )
+    return 0
+
+
+def cmd_ca_issue(args: argparse.Namespace) -> int:
+    import datetime as dt
+
+    from meshproxy.security.ca import CaError, issue_workload, load_root, write_workload
+    from meshproxy.security.spiffe import SpiffeError, SpiffeId
+
+    try:
+        spiffe = SpiffeId.parse(args.spiffe_id)
+        root = load_root(Path(args.ca))
+        cert, key = issue_workload(
+            root,
+            spiffe,
+            dt.timedelta(seconds=args.ttl),
+            dns_names=tuple(args.dns or ()),
+            algorithm=args.algorithm,
+        )
+        write_workload(Path(args.out), cert, key, [root.cert])
+    except (CaError, SpiffeError, OSError, ValueError) as exc:
+        print(f"meshproxy ca issue: {exc}", file=sys.stderr)
+        return 1
+    print(f"{spiffe} in {args.out} (valid until {cert.not_valid_after_utc.isoformat()})")
+    return 0
+
+
 def cmd_version(args: argparse.Namespace) -> int:
     from meshproxy.buildinfo import describe
 
@@ -153,6 +205,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--include-outbound-cidrs", type=lambda s: s.split(","), default=["0.0.0.0/0"])
     p.add_argument("--no-inbound", action="store_true", help="capture outbound traffic only")
     p.set_defaults(func=cmd_iptables)
+    p = sub.add_parser("ca", help="a development mesh CA: init a root, issue workload certs")
+    ca = p.add_subparsers(dest="ca_command", required=True)
+    q = ca.add_parser("init", help="create a root CA (root-cert.pem, root-key.pem) in --dir")
+    q.add_argument("--dir", required=True)
+    q.add_argument("--trust-domain", default="cluster.local")
+    q.add_argument("--ttl", type=_duration, default=_duration("87600h"), help="e.g. 87600h")
+    q.add_argument("--algorithm", choices=["ecdsa", "rsa"], default="ecdsa")
+    q.set_defaults(func=cmd_ca_init)
+    q = ca.add_parser("issue", help="issue a SPIFFE workload cert in Istio's file layout")
+    q.add_argument("--ca", required=True, help="the directory `ca init` wrote")
+    q.add_argument(
+        "--spiffe-id", required=True, help="e.g. spiffe://cluster.local/ns/default/sa/reviews"
+    )
+    q.add_argument("--out", required=True, help="writes cert-chain.pem, key.pem, root-cert.pem")
+    q.add_argument("--ttl", type=_duration, default=_duration("24h"))
+    q.add_argument("--dns", action="append", help="an extra DNS SAN (repeatable)")
+    q.add_argument("--algorithm", choices=["ecdsa", "rsa"], default="ecdsa")
+    q.set_defaults(func=cmd_ca_issue)
     p = sub.add_parser("version", help="print the version")
     p.set_defaults(func=cmd_version)
     args = parser.parse_args(argv)

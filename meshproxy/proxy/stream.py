@@ -482,6 +482,9 @@ class HttpStream:
             )
         else:
             reason = "connection failure" if err.flag == "UF" else "connection termination"
+            if err.kind is FailureKind.TLS:
+                # Envoy's wording: the TLS problem is the transport failure reason.
+                reason += f", transport failure reason: {err}"
             self._fail(
                 503,
                 "upstream connect error or disconnect/reset before headers. "

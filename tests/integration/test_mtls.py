@@ -1,0 +1,419 @@
+"""Mutual TLS between two real meshproxy sidecars, with certificates from `meshproxy ca`.
+
+client app ─► client sidecar (egress :out, DestinationRule ISTIO_MUTUAL)
+           ══ mTLS ══► server sidecar (ingress :in, PeerAuthentication) ─► server app
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import ssl
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.support.proxy import ProxyProcess, free_port, http_get
+from tests.support.upstream import UpstreamServer
+
+TD = "cluster.local"
+CLIENT_ID = f"spiffe://{TD}/ns/default/sa/client"
+SERVER_ID = f"spiffe://{TD}/ns/default/sa/server"
+
+
+def ca(*args: str) -> None:
+    subprocess.run(
+        [sys.executable, "-m", "meshproxy", "ca", *args],
+        check=True,
+        capture_output=True,
+        timeout=30,
+    )
+
+
+@dataclass
+class Pair:
+    tmp: Path
+    client: ProxyProcess
+    server: ProxyProcess
+    app: UpstreamServer
+    out_port: int  # client sidecar egress (HTTP/1.1 to the server sidecar)
+    out_h2_port: int  # client sidecar egress (HTTP2 port: HTTP/2 inside mTLS)
+    in_port: int  # server sidecar ingress
+    server_admin: int
+    client_admin: int
+
+    def get(self, path: str = "/hello", h2: bool = False) -> tuple[int, bytes]:
+        if h2:
+            return get(self.out_h2_port, path, "server-h2.test")
+        return get(self.out_port, path, "server.test")
+
+    def certs(self, admin: int) -> dict[str, object]:
+        return json.loads(http_get(f"http://127.0.0.1:{admin}/certs")[1])  # type: ignore[no-any-return]
+
+
+def get(
+    port: int, path: str, host: str, headers: dict[str, str] | None = None
+) -> tuple[int, bytes]:
+    import urllib.error
+    import urllib.request
+
+    req = urllib.request.Request(
+        f"http://127.0.0.1:{port}{path}", headers={"Host": host, **(headers or {})}
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def _server_yaml(admin: int, in_port: int, app: int, certs: Path, mode: str) -> str:
+    return f"""
+apiVersion: meshproxy.io/v1alpha1
+kind: ProxyConfig
+metadata: {{name: server}}
+spec:
+  interceptionMode: NONE
+  proxyAdminPort: {admin}
+  statusPort: 0
+  drainDuration: 2s
+  labels: {{app: server}}
+  certificates:
+    certChain: {certs}/cert-chain.pem
+    privateKey: {certs}/key.pem
+    rootCert: {certs}/root-cert.pem
+---
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {{name: default, namespace: istio-system}}
+spec: {{mtls: {{mode: PERMISSIVE}}}}
+---
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {{name: server, namespace: default}}
+spec:
+  selector: {{matchLabels: {{app: server}}}}
+  mtls: {{mode: {mode}}}
+---
+apiVersion: networking.istio.io/v1
+kind: Sidecar
+metadata: {{name: default}}
+spec:
+  ingress:
+  - port: {{number: {in_port}, protocol: HTTP, name: http}}
+    bind: 127.0.0.1
+    captureMode: NONE
+    defaultEndpoint: 127.0.0.1:{app}
+"""
+
+
+def _client_yaml(admin: int, out: int, out_h2: int, in_port: int, certs: Path, sans: str) -> str:
+    return f"""
+apiVersion: meshproxy.io/v1alpha1
+kind: ProxyConfig
+metadata: {{name: client}}
+spec:
+  interceptionMode: NONE
+  proxyAdminPort: {admin}
+  statusPort: 0
+  drainDuration: 2s
+  certificates:
+    certChain: {certs}/cert-chain.pem
+    privateKey: {certs}/key.pem
+    rootCert: {certs}/root-cert.pem
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: server}}
+spec:
+  hosts: [server.test]
+  ports: [{{number: {out}, name: http, protocol: HTTP}}]
+  resolution: STATIC
+  endpoints: [{{address: 127.0.0.1, ports: {{http: {in_port}}}}}]
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: server-h2}}
+spec:
+  hosts: [server-h2.test]
+  ports: [{{number: {out_h2}, name: http2, protocol: HTTP2}}]
+  resolution: STATIC
+  endpoints: [{{address: 127.0.0.1, ports: {{http2: {in_port}}}}}]
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: server}}
+spec:
+  host: server.test
+  trafficPolicy: {{tls: {{mode: ISTIO_MUTUAL, subjectAltNames: [{sans}]}}}}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: server-h2}}
+spec:
+  host: server-h2.test
+  trafficPolicy: {{tls: {{mode: ISTIO_MUTUAL}}}}
+---
+apiVersion: networking.istio.io/v1
+kind: Sidecar
+metadata: {{name: default}}
+spec:
+  egress:
+  - {{port: {{number: {out}, protocol: HTTP, name: http}}, bind: 127.0.0.1, hosts: [./*]}}
+  - {{port: {{number: {out_h2}, protocol: HTTP2, name: h2}}, bind: 127.0.0.1, hosts: [./*]}}
+"""
+
+
+def make_pair(tmp: Path, mode: str = "STRICT", sans: str = SERVER_ID) -> Pair:
+    ca("init", "--dir", str(tmp / "ca"))
+    ca("issue", "--ca", str(tmp / "ca"), "--spiffe-id", CLIENT_ID, "--out", str(tmp / "client"))
+    ca("issue", "--ca", str(tmp / "ca"), "--spiffe-id", SERVER_ID, "--out", str(tmp / "server"))
+    app = UpstreamServer("app").start()
+    s_admin, c_admin, in_port, out, out_h2 = (free_port() for _ in range(5))
+    (tmp / "scfg").mkdir()
+    (tmp / "scfg" / "mesh.yaml").write_text(
+        _server_yaml(s_admin, in_port, app.port, tmp / "server", mode)
+    )
+    (tmp / "ccfg").mkdir()
+    (tmp / "ccfg" / "mesh.yaml").write_text(
+        _client_yaml(c_admin, out, out_h2, in_port, tmp / "client", sans)
+    )
+    server = ProxyProcess(tmp / "scfg", s_admin, tmp / "server.log")
+    client = ProxyProcess(tmp / "ccfg", c_admin, tmp / "client.log")
+    server.wait_ready()
+    client.wait_ready()
+    return Pair(tmp, client, server, app, out, out_h2, in_port, s_admin, c_admin)
+
+
+@pytest.fixture
+def pair(tmp_path: Path) -> Iterator[Pair]:
+    p = make_pair(tmp_path)
+    try:
+        yield p
+    finally:
+        p.client.terminate()
+        p.server.terminate()
+        p.app.stop()
+
+
+def _seen(p: Pair) -> dict[str, str]:
+    return p.app.state.requests[-1].headers  # type: ignore[no-any-return]
+
+
+def test_request_crosses_mtls_with_identities(pair: Pair) -> None:
+    status, _ = pair.get("/hello")
+    assert status == 200
+    headers = _seen(pair)
+    xfcc = headers["x-forwarded-client-cert"]
+    assert f"URI={CLIENT_ID}" in xfcc and f"By={SERVER_ID}" in xfcc and "Hash=" in xfcc
+    metrics = pair.server.metrics()
+    assert f'source_principal="{CLIENT_ID[len("spiffe://") :]}"' in metrics
+    assert 'connection_security_policy="mutual_tls"' in metrics
+    certs = pair.certs(pair.server_admin)
+    assert certs["current"]["spiffe_id"] == SERVER_ID  # type: ignore[index]
+
+
+def test_http2_rides_inside_mtls_by_alpn(pair: Pair) -> None:
+    status, body = pair.get("/h2", h2=True)
+    assert status == 200, body
+    assert f"URI={CLIENT_ID}" in _seen(pair)["x-forwarded-client-cert"]
+
+
+def test_client_sent_xfcc_is_replaced(pair: Pair) -> None:
+    status, _ = get(
+        pair.out_port,
+        "/spoof",
+        "server.test",
+        {"x-forwarded-client-cert": "URI=spiffe://evil/ns/x/sa/admin"},
+    )
+    assert status == 200
+    xfcc = _seen(pair)["x-forwarded-client-cert"]
+    assert "evil" not in xfcc and f"URI={CLIENT_ID}" in xfcc
+
+
+def test_strict_refuses_plaintext(pair: Pair) -> None:
+    before = len(pair.app.state.requests)
+    with socket.create_connection(("127.0.0.1", pair.in_port), timeout=5) as s:
+        s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        try:
+            data = s.recv(100)
+        except ConnectionResetError:
+            data = b""
+    assert not data.startswith(b"HTTP/1.1 200")
+    assert len(pair.app.state.requests) == before
+
+
+def _tls_client(certs: Path, alpn: list[str] | None = None) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.load_verify_locations(str(certs / "root-cert.pem"))
+    ctx.load_cert_chain(str(certs / "cert-chain.pem"), str(certs / "key.pem"))
+    if alpn:
+        ctx.set_alpn_protocols(alpn)
+    return ctx
+
+
+def test_strict_refuses_a_cert_from_another_ca(pair: Pair) -> None:
+    ca("init", "--dir", str(pair.tmp / "other-ca"))
+    ca(
+        "issue",
+        "--ca",
+        str(pair.tmp / "other-ca"),
+        "--spiffe-id",
+        CLIENT_ID,
+        "--out",
+        str(pair.tmp / "intruder"),
+    )
+    ctx = _tls_client(pair.tmp / "intruder")
+    ctx.verify_mode = ssl.CERT_NONE  # the intruder does not care who we are
+    refused = False
+    with socket.create_connection(("127.0.0.1", pair.in_port), timeout=5) as raw:
+        try:
+            with ctx.wrap_socket(raw) as s:
+                s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+                refused = s.recv(100) == b""  # TLS 1.3 reports the refused cert on read
+        except (ssl.SSLError, ConnectionResetError, BrokenPipeError):
+            refused = True
+    assert refused
+    assert "meshproxy_tls_handshake_failed_total" in pair.server.metrics()
+
+
+def test_curl_http2_over_mtls_to_the_server_sidecar(pair: Pair) -> None:
+    certs = pair.tmp / "client"
+    r = subprocess.run(
+        [
+            "curl",
+            "-sS",
+            "--http2",
+            "-k",
+            "--cert",
+            str(certs / "cert-chain.pem"),
+            "--key",
+            str(certs / "key.pem"),
+            "-w",
+            "\n%{http_version} %{http_code}",
+            f"https://127.0.0.1:{pair.in_port}/curl",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=20,
+    )
+    assert r.stdout.rstrip().endswith("2 200"), r.stderr
+    assert f"URI={CLIENT_ID}" in _seen(pair)["x-forwarded-client-cert"]
+
+
+def test_rotation_of_leaf_and_root_under_traffic(pair: Pair) -> None:
+    failures: list[object] = []
+    done = threading.Event()
+
+    def traffic() -> None:
+        while not done.is_set():
+            try:
+                status, body = pair.get("/rot")
+                if status != 200:
+                    failures.append((status, body[:200]))
+            except OSError as exc:
+                failures.append(exc)
+            time.sleep(0.01)
+
+    t = threading.Thread(target=traffic)
+    t.start()
+    try:
+        before = pair.certs(pair.server_admin)["current"]["sha256"]  # type: ignore[index]
+        # 1. a new leaf for the server, same root
+        ca(
+            "issue",
+            "--ca",
+            str(pair.tmp / "ca"),
+            "--spiffe-id",
+            SERVER_ID,
+            "--out",
+            str(pair.tmp / "server"),
+        )
+        _wait(lambda: pair.certs(pair.server_admin)["current"]["sha256"] != before)  # type: ignore[index]
+        # 2. a new root: both sides trust old+new first, then the server moves to the new one
+        ca("init", "--dir", str(pair.tmp / "ca2"))
+        bundle = (pair.tmp / "ca" / "root-cert.pem").read_bytes() + (
+            pair.tmp / "ca2" / "root-cert.pem"
+        ).read_bytes()
+        for side in ("client", "server"):
+            _atomic_write(pair.tmp / side / "root-cert.pem", bundle)
+        for admin in (pair.client_admin, pair.server_admin):
+            _wait(lambda a=admin: pair.certs(a)["current"]["root_certificates"] == 2)  # type: ignore[index]
+        ca(
+            "issue",
+            "--ca",
+            str(pair.tmp / "ca2"),
+            "--spiffe-id",
+            SERVER_ID,
+            "--out",
+            str(pair.tmp / "server-new"),
+        )
+        for name in ("key.pem", "cert-chain.pem"):
+            _atomic_write(pair.tmp / "server" / name, (pair.tmp / "server-new" / name).read_bytes())
+        time.sleep(1.5)  # traffic keeps flowing across the swap
+    finally:
+        done.set()
+        t.join()
+    assert not failures, failures[:5]
+    status, _ = pair.get("/after")
+    assert status == 200
+
+
+def test_unreadable_or_mismatched_files_keep_the_last_good_identity(pair: Pair) -> None:
+    good = pair.certs(pair.server_admin)["current"]["sha256"]  # type: ignore[index]
+    other = pair.tmp / "other"
+    ca("issue", "--ca", str(pair.tmp / "ca"), "--spiffe-id", SERVER_ID, "--out", str(other))
+    _atomic_write(pair.tmp / "server" / "key.pem", (other / "key.pem").read_bytes())  # mismatch
+    _wait(lambda: pair.certs(pair.server_admin)["last_error"] is not None)
+    info = pair.certs(pair.server_admin)
+    assert "does not match" in str(info["last_error"])
+    assert info["current"]["sha256"] == good  # type: ignore[index]
+    assert pair.get("/still")[0] == 200
+    assert pair.server.proc.poll() is None
+
+
+def test_san_mismatch_is_refused(tmp_path: Path) -> None:
+    p = make_pair(tmp_path, sans=f"spiffe://{TD}/ns/default/sa/someone-else")
+    try:
+        status, body = p.get("/x")
+        assert status == 503 and b"TLS error" in body
+    finally:
+        p.client.terminate()
+        p.server.terminate()
+        p.app.stop()
+
+
+def test_permissive_accepts_plaintext_and_mtls_on_one_port(tmp_path: Path) -> None:
+    p = make_pair(tmp_path, mode="PERMISSIVE")
+    try:
+        assert p.get("/over-mtls")[0] == 200
+        assert "x-forwarded-client-cert" in _seen(p)
+        status, _ = get(p.in_port, "/plain", "anything")
+        assert status == 200
+        assert "x-forwarded-client-cert" not in _seen(p)
+    finally:
+        p.client.terminate()
+        p.server.terminate()
+        p.app.stop()
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".new")
+    tmp.write_bytes(data)
+    tmp.replace(path)
+
+
+def _wait(cond: object, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():  # type: ignore[operator]
+            return
+        time.sleep(0.05)
+    raise AssertionError("condition not met in time")
