@@ -9,6 +9,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import h2.exceptions
+import h2.settings
 import pytest
 
 from tests.support.h2client import PREFACE, H2Client
@@ -479,3 +481,31 @@ def test_sigterm_sends_goaway_and_lets_open_streams_finish(mesh: H2Mesh) -> None
         pass
     assert c.goaway is not None
     assert mesh.proxy.proc.wait(timeout=10) == 0
+
+
+def test_settings_flood_is_cut_off(mesh: H2Mesh) -> None:
+    c = _raw(mesh.h1_port)
+    try:
+        for _ in range(500):
+            c.h2.update_settings({h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: 100})
+        c.flush()
+    except (OSError, h2.exceptions.ProtocolError):
+        pass
+    assert c.wait_closed()
+    assert 'meshproxy_http2_flood_total{kind="settings_flood"}' in mesh.metrics()
+
+
+def test_streams_beyond_the_advertised_limit_end_the_connection(mesh: H2Mesh) -> None:
+    # The client ignores our MAX_CONCURRENT_STREAMS (100): the connection is closed with a
+    # GOAWAY and no more than 100 requests ever reach the upstream.
+    c = _raw(mesh.h1_port)
+    c.h2.remote_settings.max_concurrent_streams = 1000  # pretend we never said 100
+    before = len(mesh.h1.state.requests)
+    try:
+        for _ in range(150):
+            c.request("/hang")
+    except OSError:
+        pass
+    assert c.wait_closed()
+    assert len(mesh.h1.state.requests) - before <= 100
+    assert H2Client(mesh.h1_port).get("/ok").status == 200
