@@ -139,6 +139,9 @@ def load_identity(files: CertFiles) -> WorkloadIdentity:
     server = _context(ssl.PROTOCOL_TLS_SERVER, files)
     server.verify_mode = ssl.CERT_REQUIRED  # mesh TLS is mutual
     server.set_alpn_protocols(SERVER_ALPN)
+    # OpenSSL's TLS 1.3 default is two session tickets, ~170 us of CPU each on every full
+    # handshake; one keeps resumption for clients that use it (Envoy does) at half the cost.
+    server.num_tickets = 1
     spiffe: SpiffeId | None = None
     try:
         san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value

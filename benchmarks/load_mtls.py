@@ -1,0 +1,278 @@
+"""mTLS cost: two sidecars with mTLS between them vs the same two in plaintext, same run;
+and full TLS handshakes per second on one worker.
+
+    python -m benchmarks.load_mtls [--duration 8] [--runs 1] [--handshake-seconds 8]
+
+wrk (keep-alive, -c50) → client sidecar (egress) → server sidecar (ingress) → nginx. With
+mTLS the hop between the sidecars is ISTIO_MUTUAL / PeerAuthentication STRICT, certificates
+from meshproxy's CA (ECDSA P-256). Both sidecars are pinned to CPU 1, wrk and nginx to CPU 0.
+Handshakes: parallel `openssl s_time -new` clients (CPU 0, presenting a client certificate)
+against the server sidecar alone (CPU 1); its CPU time per handshake is reported too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from benchmarks.load import (
+    NGINX_UPSTREAM,
+    Processes,
+    free_port,
+    run_wrk,
+    tree_cpu_seconds,
+    wait_port,
+)
+
+SERVER = """
+apiVersion: meshproxy.io/v1alpha1
+kind: ProxyConfig
+metadata: {{name: server}}
+spec:
+  interceptionMode: NONE
+  proxyAdminPort: {admin}
+  statusPort: 0
+  upstreamIdleTimeout: 60s
+  certificates: {{certChain: {certs}/cert-chain.pem, privateKey: {certs}/key.pem,
+                 rootCert: {certs}/root-cert.pem}}
+---
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {{name: default, namespace: default}}
+spec: {{mtls: {{mode: {mode}}}}}
+---
+apiVersion: networking.istio.io/v1
+kind: Sidecar
+metadata: {{name: default}}
+spec:
+  ingress:
+  - port: {{number: {port}, protocol: HTTP, name: http}}
+    bind: 127.0.0.1
+    captureMode: NONE
+    defaultEndpoint: 127.0.0.1:{upstream}
+"""
+CLIENT = """
+apiVersion: meshproxy.io/v1alpha1
+kind: ProxyConfig
+metadata: {{name: client}}
+spec:
+  interceptionMode: NONE
+  proxyAdminPort: {admin}
+  statusPort: 0
+  upstreamIdleTimeout: 60s
+  certificates: {{certChain: {certs}/cert-chain.pem, privateKey: {certs}/key.pem,
+                 rootCert: {certs}/root-cert.pem}}
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: bench}}
+spec:
+  hosts: [bench.local]
+  ports: [{{number: {port}, name: http, protocol: HTTP}}]
+  resolution: STATIC
+  endpoints: [{{address: 127.0.0.1, ports: {{http: {server}}}}}]
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: bench}}
+spec: {{host: bench.local, trafficPolicy: {{tls: {{mode: {tls}}}}}}}
+---
+apiVersion: networking.istio.io/v1
+kind: Sidecar
+metadata: {{name: default}}
+spec:
+  egress:
+  - {{port: {{number: {port}, protocol: HTTP, name: http}}, bind: 127.0.0.1, hosts: [./*]}}
+"""
+
+
+def meshproxy_cmd(cfg: Path) -> list[str]:
+    return [
+        "taskset",
+        "-c",
+        "1",
+        sys.executable,
+        "-m",
+        "meshproxy",
+        "--log-level",
+        "warning",
+        "run",
+        "-c",
+        str(cfg),
+    ]
+
+
+def ca(*args: str) -> None:
+    subprocess.run(
+        [sys.executable, "-m", "meshproxy", "ca", *args],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+
+
+def pair(procs: Processes, tmp: Path, up: int, mtls: bool) -> tuple[int, list[int]]:
+    name = "mtls" if mtls else "plain"
+    s_port, c_port = free_port(), free_port()
+    (tmp / f"s-{name}").mkdir()
+    (tmp / f"s-{name}" / "mesh.yaml").write_text(
+        SERVER.format(
+            admin=free_port(),
+            certs=tmp / "server",
+            mode="STRICT" if mtls else "DISABLE",
+            port=s_port,
+            upstream=up,
+        )
+    )
+    (tmp / f"c-{name}").mkdir()
+    (tmp / f"c-{name}" / "mesh.yaml").write_text(
+        CLIENT.format(
+            admin=free_port(),
+            certs=tmp / "client",
+            port=c_port,
+            server=s_port,
+            tls="ISTIO_MUTUAL" if mtls else "DISABLE",
+        )
+    )
+    server = procs.start(meshproxy_cmd(tmp / f"s-{name}"))
+    client = procs.start(meshproxy_cmd(tmp / f"c-{name}"))
+    wait_port(s_port)
+    wait_port(c_port)
+    return c_port, [server.pid, client.pid]
+
+
+def handshakes(tmp: Path, port: int, pid: int, seconds: int, clients: int) -> tuple[float, float]:
+    before = tree_cpu_seconds(pid)
+    cmd = [
+        "taskset",
+        "-c",
+        "0",
+        "openssl",
+        "s_time",
+        "-connect",
+        f"127.0.0.1:{port}",
+        "-new",
+        "-cert",
+        str(tmp / "client" / "cert-chain.pem"),
+        "-key",
+        str(tmp / "client" / "key.pem"),
+        "-time",
+        str(seconds),
+    ]
+    runs = [
+        subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        for _ in range(clients)
+    ]
+    total = 0
+    for r in runs:
+        out, _ = r.communicate(timeout=seconds + 60)
+        m = re.search(r"(\d+) connections in [\d.]+ real seconds", out)
+        if m:
+            total += int(m.group(1))
+    cpu = tree_cpu_seconds(pid) - before
+    return total / seconds, (cpu / total * 1e6 if total else 0.0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--duration", type=int, default=8)
+    ap.add_argument("--runs", type=int, default=1)
+    ap.add_argument("--handshake-seconds", type=int, default=8)
+    ap.add_argument("--handshake-clients", type=int, default=4)
+    args = ap.parse_args(argv)
+    for tool in ("wrk", "nginx", "taskset", "openssl"):
+        if shutil.which(tool) is None:
+            print(f"{tool} is required", file=sys.stderr)
+            return 2
+    tmp = Path(tempfile.mkdtemp(prefix="meshproxy-bench-mtls-"))
+    ca("init", "--dir", str(tmp / "ca"))
+    ca(
+        "issue",
+        "--ca",
+        str(tmp / "ca"),
+        "--spiffe-id",
+        "spiffe://cluster.local/ns/default/sa/client",
+        "--out",
+        str(tmp / "client"),
+    )
+    ca(
+        "issue",
+        "--ca",
+        str(tmp / "ca"),
+        "--spiffe-id",
+        "spiffe://cluster.local/ns/default/sa/server",
+        "--out",
+        str(tmp / "server"),
+    )
+    procs = Processes()
+    rows: dict[str, list[tuple[float, float, float]]] = {"plaintext": [], "mTLS": []}
+    try:
+        up = free_port()
+        (tmp / "up.conf").write_text(NGINX_UPSTREAM.format(dir=tmp, port=up))
+        procs.start(["taskset", "-c", "0", "nginx", "-c", str(tmp / "up.conf"), "-p", str(tmp)])
+        wait_port(up)
+        for _ in range(args.runs):
+            for label, mtls in (("plaintext", False), ("mTLS", True)):
+                port, pids = pair(procs, tmp, up, mtls)
+                run_wrk(port, 2, 50, "0")
+                before = sum(tree_cpu_seconds(p) for p in pids)
+                rps, p50, p99, total, errors = run_wrk(port, args.duration, 50, "0")
+                cpu = (sum(tree_cpu_seconds(p) for p in pids) - before) / max(total, 1) * 1e6
+                rows[label].append((rps, p99, cpu))
+                if errors:
+                    print(f"{label}: {errors} errors", file=sys.stderr)
+                for p in list(procs.procs):
+                    if p.pid in pids:
+                        procs.stop(p)
+        s_port = free_port()
+        (tmp / "s-hs").mkdir()
+        (tmp / "s-hs" / "mesh.yaml").write_text(
+            SERVER.format(
+                admin=free_port(), certs=tmp / "server", mode="STRICT", port=s_port, upstream=up
+            )
+        )
+        server = procs.start(meshproxy_cmd(tmp / "s-hs"))
+        wait_port(s_port)
+        time.sleep(0.5)
+        hs, hs_cpu = handshakes(
+            tmp, s_port, server.pid, args.handshake_seconds, args.handshake_clients
+        )
+    finally:
+        procs.stop_all()
+
+    def med(values: list[float]) -> float:
+        return sorted(values)[len(values) // 2]
+
+    plain = med([r[0] for r in rows["plaintext"]])
+    print(
+        f"\nwrk -c50 -d{args.duration}s through two sidecars, median of {args.runs} run(s); "
+        "sidecars pinned to CPU 1, wrk and nginx to CPU 0"
+    )
+    print(
+        f"{'hop between sidecars':<24}{'req/s':>10}{'x plain':>9}{'p99 ms':>9}"
+        f"{'CPU us/req (both)':>20}"
+    )
+    for label, rs in rows.items():
+        rps = med([r[0] for r in rs])
+        print(
+            f"{label:<24}{rps:>10.0f}{rps / plain:>9.2f}{med([r[1] for r in rs]):>9.2f}"
+            f"{med([r[2] for r in rs]):>20.1f}"
+        )
+    print(
+        f"\nfull mTLS handshakes (ECDSA P-256, client cert), one worker: {hs:.0f}/s "
+        f"({hs_cpu:.0f} us of proxy CPU each; {args.handshake_clients} openssl s_time clients)"
+    )
+    print(
+        f"\nreproduce: python -m benchmarks.load_mtls --duration {args.duration} --runs {args.runs}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
