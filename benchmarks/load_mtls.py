@@ -222,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
                 port, pids = pair(procs, tmp, up, mtls)
                 run_wrk(port, 2, 50, "0")
                 before = sum(tree_cpu_seconds(p) for p in pids)
-                rps, p50, p99, total, errors = run_wrk(port, args.duration, 50, "0")
+                rps, _p50, p99, total, errors = run_wrk(port, args.duration, 50, "0")
                 cpu = (sum(tree_cpu_seconds(p) for p in pids) - before) / max(total, 1) * 1e6
                 rows[label].append((rps, p99, cpu))
                 if errors:
