@@ -16,6 +16,7 @@ from typing import Any
 
 from meshproxy.config.reader import Reader, did_you_mean
 from meshproxy.config.resources import (
+    AuthorizationPolicy,
     ClientTls,
     ConnectionPool,
     Destination,
@@ -56,6 +57,7 @@ from meshproxy.routing.table import (
     RouteTarget,
     VirtualHost,
 )
+from meshproxy.security.authz import Authorizer, applicable
 
 CLUSTER_SUFFIX = ".svc.cluster.local"
 INBOUND_SOURCE_ADDRESS = "127.0.0.6"
@@ -145,6 +147,7 @@ def compile_snapshot(
     services_vs = [r for r in resources if isinstance(r, VirtualService)]
     sidecars = [r for r in resources if isinstance(r, Sidecar)]
     peer_authns = [r for r in resources if isinstance(r, PeerAuthentication)]
+    authz_policies = [r for r in resources if isinstance(r, AuthorizationPolicy)]
     before = len(issues)
 
     _index_services(ctx, entries)
@@ -222,7 +225,13 @@ def compile_snapshot(
             {spec.key: spec.binding for spec in listeners if spec.binding is not None}
         ),
         mtls=_mtls_policy(settings, peer_authns),
+        authz=_authorizer(settings, authz_policies),
     )
+
+
+def _authorizer(settings: ProxySettings, policies: list[AuthorizationPolicy]) -> Authorizer | None:
+    mine = applicable(policies, settings.namespace, dict(settings.labels), settings.root_namespace)
+    return Authorizer(mine) if mine else None
 
 
 def _mtls_policy(settings: ProxySettings, policies: list[PeerAuthentication]) -> MtlsPolicy:

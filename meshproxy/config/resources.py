@@ -267,6 +267,7 @@ class ProxySettings:
     root_cert: str = "/etc/certs/root-cert.pem"
     labels: tuple[tuple[str, str], ...] = ()  # this workload's labels (policy selectors)
     root_namespace: str = "istio-system"  # MeshConfig rootNamespace: mesh-wide policies
+    path_normalization: str = "MERGE_SLASHES"  # NONE | BASE | MERGE_SLASHES | DECODE_AND_...
 
 
 @dataclass(frozen=True, slots=True)
@@ -284,6 +285,52 @@ class PeerAuthentication:
     port_modes: tuple[tuple[int, str], ...] = ()
 
 
+@dataclass(frozen=True, slots=True)
+class AuthzSource:
+    principals: tuple[str, ...] = ()
+    not_principals: tuple[str, ...] = ()
+    namespaces: tuple[str, ...] = ()
+    not_namespaces: tuple[str, ...] = ()
+    ip_blocks: tuple[str, ...] = ()
+    not_ip_blocks: tuple[str, ...] = ()
+    remote_ip_blocks: tuple[str, ...] = ()
+    not_remote_ip_blocks: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class AuthzOperation:
+    hosts: tuple[str, ...] = ()
+    not_hosts: tuple[str, ...] = ()
+    ports: tuple[str, ...] = ()
+    not_ports: tuple[str, ...] = ()
+    methods: tuple[str, ...] = ()
+    not_methods: tuple[str, ...] = ()
+    paths: tuple[str, ...] = ()
+    not_paths: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class AuthzCondition:
+    key: str
+    values: tuple[str, ...] = ()
+    not_values: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class AuthzRule:
+    sources: tuple[AuthzSource, ...] = ()  # rules[].from[].source: any may match
+    operations: tuple[AuthzOperation, ...] = ()  # rules[].to[].operation: any may match
+    conditions: tuple[AuthzCondition, ...] = ()  # rules[].when: all must match
+
+
+@dataclass(frozen=True, slots=True)
+class AuthorizationPolicy:
+    origin: Origin
+    selector: tuple[tuple[str, str], ...] | None
+    action: str  # ALLOW | DENY | AUDIT
+    rules: tuple[AuthzRule, ...]
+
+
 Resource = (
     ServiceEntry
     | VirtualService
@@ -291,4 +338,5 @@ Resource = (
     | Sidecar
     | ProxyConfigResource
     | PeerAuthentication
+    | AuthorizationPolicy
 )

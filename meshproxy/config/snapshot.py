@@ -10,6 +10,7 @@ from typing import Any
 
 from meshproxy.config.resources import ClientTls, ProxySettings
 from meshproxy.routing.table import RouteTable
+from meshproxy.security.authz import Authorizer
 
 
 class LbPolicy(enum.Enum):
@@ -127,6 +128,7 @@ class Snapshot:
         default_factory=lambda: MappingProxyType({})
     )
     mtls: MtlsPolicy = field(default_factory=MtlsPolicy)
+    authz: Authorizer | None = None  # AuthorizationPolicies selecting this workload
 
     def binding_for(
         self, kind: ListenerKind, key: tuple[str, int], original_dst: tuple[str, int] | None

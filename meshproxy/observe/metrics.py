@@ -136,6 +136,7 @@ class MeshMetrics(Collector):
         self.cert_expiry: float | None = None
         self.cert_reloads = (0, 0)
         self.tls_handshake_failures: dict[str, int] = {}
+        self.rbac_counts: dict[tuple[str, str], int] = {}
         self.reloads_ok = 0
         self.reloads_failed = 0
         self.config_version = 0
@@ -271,6 +272,11 @@ class MeshMetrics(Collector):
         if key in self.tls_handshake_failures or len(self.tls_handshake_failures) < 100:
             self.tls_handshake_failures[key] = self.tls_handshake_failures.get(key, 0) + 1
 
+    def rbac(self, allowed: bool, protocol: str) -> None:
+        """An authorization decision (Envoy's rbac.allowed / rbac.denied)."""
+        key = ("allowed" if allowed else "denied", protocol)
+        self.rbac_counts[key] = self.rbac_counts.get(key, 0) + 1
+
     def h2_flood(self, kind: str) -> None:
         """An HTTP/2 connection closed for abuse (Envoy's http2.*_flood counters)."""
         self.h2_floods[kind] = self.h2_floods.get(kind, 0) + 1
@@ -361,6 +367,14 @@ class MeshMetrics(Collector):
         certs.add_metric(["ok"], self.cert_reloads[0])
         certs.add_metric(["error"], self.cert_reloads[1])
         yield certs
+        rbac = CounterMetricFamily(
+            "meshproxy_rbac",
+            "AuthorizationPolicy decisions on inbound requests and connections",
+            labels=("result", "protocol"),
+        )
+        for (result, protocol), n in sorted(self.rbac_counts.items()):
+            rbac.add_metric([result, protocol], n)
+        yield rbac
         tls = CounterMetricFamily(
             "meshproxy_tls_handshake_failed",
             "Inbound TLS handshakes that failed, by reason",

@@ -83,4 +83,7 @@ class MtlsGate(asyncio.Protocol):
         transport.set_protocol(proto)
         proto.connection_made(transport)
         if first:
-            proto.data_received(first)
+            # `proto` may have handed over to another protocol in connection_made.
+            current = transport.get_protocol()
+            if isinstance(current, asyncio.Protocol):
+                current.data_received(first)

@@ -19,6 +19,7 @@ from meshproxy.proxy.inbound_tls import MtlsGate
 from meshproxy.proxy.origdst import original_destination
 from meshproxy.proxy.tcp import TcpRelay
 from meshproxy.proxy.tls import PeerInfo
+from meshproxy.security.authz import AuthzRequest
 from meshproxy.security.identity import H2_ALPN, HTTP_ALPN
 
 logger = logging.getLogger(__name__)
@@ -63,11 +64,27 @@ def _tcp(
     original_dst: tuple[str, int] | None,
     peer: str,
     identity: PeerInfo | None = None,
-) -> TcpRelay:
+    port: int = 0,
+) -> asyncio.Protocol:
+    principal = identity.principal if identity is not None else ""
+    authz = ctx.snapshot.authz
+    if kind.inbound and authz is not None:
+        dst_port = original_dst[1] if original_dst else port
+        decision = authz.check(AuthzRequest(principal, peer, dst_port))
+        ctx.metrics.rbac(decision.allowed, "tcp")
+        if not decision.allowed:
+            logger.info(
+                "tcp from %s (%s) to port %d denied by %s",
+                peer,
+                principal or "plaintext",
+                dst_port,
+                decision.policy or "no matching ALLOW policy",
+            )
+            return _Refuse()
     record = ConnRecord(
         "destination" if kind.inbound else "source", service or cluster_name, cluster_name, "", peer
     )
-    record.source_principal = identity.principal if identity is not None else ""
+    record.source_principal = principal
     return TcpRelay(ctx, ctx.clusters.get(cluster_name), record, original_dst)
 
 
@@ -370,6 +387,7 @@ class _LazyTcp(asyncio.Protocol):
             None,
             str(peer[0]) if peer else "",
             self.peer,
+            self.spec.port,
         )
         transport.set_protocol(relay)
         relay.connection_made(transport)

@@ -24,12 +24,14 @@ from meshproxy.codec.grpc import (
     with_grpc_timeout,
 )
 from meshproxy.codec.headers import IDEMPOTENT_METHODS, strip_hop_by_hop
+from meshproxy.codec.path import PathNormalization, normalize_target
 from meshproxy.config.compile import PASSTHROUGH
 from meshproxy.config.snapshot import Resolution, UpstreamProtocol
-from meshproxy.errors import FailureKind, UpstreamError
+from meshproxy.errors import FailureKind, ProtocolError, UpstreamError
 from meshproxy.observe.recorder import StreamRecord
 from meshproxy.routing.match import RequestView
 from meshproxy.routing.table import NO_HEADER_OPS, HeaderOps, RouteMatch
+from meshproxy.security.authz import AuthzRequest
 from meshproxy.upstream.cluster import Cluster, EndpointState, UpstreamPool
 from meshproxy.upstream.connection import UpstreamExchange
 
@@ -129,6 +131,14 @@ def _upgrade_head(head: RequestHead, target: bytes, out: Headers, from_h2: bool)
     )
 
 
+_PATH_MODES = {m.value: m for m in PathNormalization}
+
+
+def _header_str(head: RequestHead, name: str) -> str | None:
+    value = head.header(name.encode("latin-1"))
+    return value.decode("latin-1") if value is not None else None
+
+
 class HttpStream:
     """One request/response; implements ResponseSink for the upstream connection it uses.
 
@@ -185,6 +195,7 @@ class HttpStream:
         """Begin the exchange: synchronously when possible, else in a task."""
         conn = self.conn
         try:
+            self._admit()
             if self.head.expect_continue:
                 conn.send_interim(100)
             self._match, self._cluster_name, self._outgoing = self._route()
@@ -226,6 +237,37 @@ class HttpStream:
                 self._begin(host, up, reused=True)
                 return
         self.task = spawn(self._slow_path(), name="http-stream")
+
+    def _admit(self) -> None:
+        """Normalize the path (what policy matches is what the app gets), then apply the
+        AuthorizationPolicies of this workload to inbound requests; LocalReply if refused."""
+        conn = self.conn
+        snapshot = conn.ctx.snapshot
+        head = self.head
+        mode = _PATH_MODES[snapshot.settings.path_normalization]
+        try:
+            head.target = normalize_target(head.target, mode)
+        except ProtocolError as exc:
+            conn.ctx.metrics.downstream_rejected("path")
+            raise LocalReply(400, str(exc), "DPE") from None
+        authz = snapshot.authz
+        if authz is None or not conn.inbound:
+            return
+        peer = conn.peer
+        decision = authz.check(
+            AuthzRequest(
+                peer.principal if peer is not None else "",
+                conn.peer_ip,
+                conn.local_port,
+                method=head.method.decode("latin-1"),
+                host=(head.authority or b"").decode("latin-1"),
+                path=head.target.partition(b"?")[0].decode("latin-1"),
+                header=lambda name: _header_str(head, name),
+            )
+        )
+        conn.ctx.metrics.rbac(decision.allowed, "http")
+        if not decision.allowed:
+            raise LocalReply(403, "RBAC: access denied", "-")
 
     def _begin(self, host: EndpointState, up: UpstreamExchange, reused: bool) -> None:
         """Send the request on `up`: head, the body so far, and its end if it has come."""

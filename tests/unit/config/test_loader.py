@@ -240,17 +240,31 @@ def test_unsafe_or_broken_yaml_is_rejected(tmp_path: Path, text: str, expected: 
     assert any(expected in i for i in issues_of(write(tmp_path, text)))
 
 
-def test_security_kinds_fail_closed(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("spec", "expected"),
+    [
+        ("{action: CUSTOM, provider: {name: x}}", "CUSTOM (external authorization) is not"),
+        ("{rules: [{from: [{source: {requestPrincipals: ['*']}}]}]}", "RequestAuthentication"),
+        ("{rules: [{when: [{key: 'request.auth.claims[iss]', values: [a]}]}]}", "JWT claims"),
+        ("{rules: [{when: [{key: source.nmespace, values: [a]}]}]}", "did you mean"),
+        ("{rules: [{from: [{source: {ipBlocks: [10.0.0.0/33]}}]}]}", "not an IP address"),
+        ("{rules: [{to: [{operation: {ports: [http]}}]}]}", "not a port number"),
+    ],
+)
+def test_security_policies_fail_closed_on_what_cannot_be_checked(
+    tmp_path: Path, spec: str, expected: str
+) -> None:
+    """Ignoring part of a policy would open what it meant to close: such policies are errors."""
     path = write(
         tmp_path,
-        """
+        f"""
 apiVersion: security.istio.io/v1
 kind: AuthorizationPolicy
-metadata: {name: deny-all}
-spec: {}
+metadata: {{name: p}}
+spec: {spec}
 """,
     )
-    assert any("not supported by this version" in i for i in issues_of(path))
+    assert any(expected in i for i in issues_of(path)), issues_of(path)
 
 
 def test_directory_reads_visible_yaml_only(tmp_path: Path) -> None:
