@@ -73,6 +73,7 @@ def ns_exec(ns: str, *cmd: str) -> list[str]:
 class Procs:
     def __init__(self) -> None:
         self.procs: list[subprocess.Popen[bytes]] = []
+        self.cfg = Path()  # the proxy's config directory (certificates live there too)
 
     def start(
         self, cmd: list[str], ready: str | None = None, **kw: object
@@ -132,7 +133,12 @@ def pod(
         procs.start(ns_exec(pod_ns, *serve, "tcp-db", "127.0.0.1", "18091"), ready="ready")
         procs.start(ns_exec(remote_ns, *serve, "outside", "10.78.0.2", "8080"), ready="ready")
         cfg = Path(tempfile.mkdtemp(prefix="meshproxy-e2e-"))
-        (cfg / "mesh.yaml").write_text(CONFIG + f"  outboundTrafficPolicy:\n    mode: {policy}\n")
+        procs.cfg = cfg
+        text = CONFIG
+        if policy == "STRICT_MTLS":
+            text = _with_strict_mtls(cfg)
+            policy = "ALLOW_ANY"
+        (cfg / "mesh.yaml").write_text(text + f"  outboundTrafficPolicy:\n    mode: {policy}\n")
         apply_rules(CaptureSpec(), netns=pod_ns)
         # Run as GID 1337: Istio's rules exempt the proxy's own traffic by owner.
         proxy = procs.start(
@@ -177,6 +183,68 @@ def pod(
         yield pod_ns, remote_ns, procs
     finally:
         procs.stop()
+
+
+def _with_strict_mtls(cfg: Path) -> str:
+    """CONFIG plus a workload certificate and STRICT mTLS for the pod's inbound traffic."""
+
+    def ca(*args: str) -> None:
+        subprocess.run(
+            [sys.executable, "-m", "meshproxy", "ca", *args],
+            check=True,
+            capture_output=True,
+            timeout=30,
+            cwd=REPO,
+        )
+
+    ca("init", "--dir", str(cfg / "ca"))
+    ca(
+        "issue",
+        "--ca",
+        str(cfg / "ca"),
+        "--spiffe-id",
+        "spiffe://cluster.local/ns/default/sa/app",
+        "--out",
+        str(cfg / "pod"),
+    )
+    ca(
+        "issue",
+        "--ca",
+        str(cfg / "ca"),
+        "--spiffe-id",
+        "spiffe://cluster.local/ns/default/sa/caller",
+        "--out",
+        str(cfg / "caller"),
+    )
+    certs = (
+        f"  certificates: {{certChain: {cfg}/pod/cert-chain.pem, "
+        f"privateKey: {cfg}/pod/key.pem, rootCert: {cfg}/pod/root-cert.pem}}\n"
+    )
+    text = CONFIG.replace("  drainDuration: 1s\n", "  drainDuration: 1s\n" + certs, 1)
+    sidecar_at = text.index("---\napiVersion: networking.istio.io/v1\nkind: Sidecar")
+    return (
+        text[:sidecar_at] + "---\napiVersion: security.istio.io/v1\nkind: PeerAuthentication\n"
+        "metadata: {name: default, namespace: default}\nspec: {mtls: {mode: STRICT}}\n"
+        + text[sidecar_at:]
+    )
+
+
+@pytest.mark.parametrize("pod", ["STRICT_MTLS"], indirect=True)
+def test_inbound_capture_with_strict_mtls(pod: tuple[str, str, Procs]) -> None:
+    _, remote_ns, procs = pod
+    cfg = procs.cfg / "caller"
+    cert = ["--cert", str(cfg / "cert-chain.pem"), "--key", str(cfg / "key.pem"), "-k"]
+    out = curl(remote_ns, *cert, "-w", "\n%{http_version}", "--http2", "https://10.78.0.1:9080/in")
+    assert '"name": "app"' in out and out.rstrip().endswith("2")  # ALPN h2 through capture
+    assert "URI=spiffe://cluster.local/ns/default/sa/caller" in out  # x-forwarded-client-cert
+    plain = subprocess.run(
+        ns_exec(remote_ns, "curl", "-s", "--max-time", "5", "http://10.78.0.1:9080/in"),
+        capture_output=True,
+        text=True,
+        timeout=15,
+        check=False,
+    )
+    assert plain.returncode != 0 and '"name": "app"' not in plain.stdout
 
 
 def test_outbound_http_routed_by_vip_then_by_host(pod: tuple[str, str, Procs]) -> None:
