@@ -264,3 +264,63 @@ class FloodGuard:
         ):
             return "premature_reset"
         return None
+
+
+class OutboundData:
+    """One stream's DATA waiting for the peer's flow-control window, then its end.
+
+    `push` sends what the window allows (h2 refuses more); the end (END_STREAM, with trailers
+    when there are some) goes once everything before it is out. `backpressure` says when the
+    amount waiting crosses the high or low mark, so the producer can be paused or resumed.
+    """
+
+    __slots__ = ("blocked", "end", "ended", "high", "low", "pending", "size")
+
+    def __init__(self, high: int, low: int) -> None:
+        self.pending: list[bytes] = []
+        self.size = 0
+        self.end: Headers | None = None  # trailers ([] for none) once the message ended
+        self.ended = False  # END_STREAM sent
+        self.blocked = False
+        self.high = high
+        self.low = low
+
+    def add(self, data: bytes) -> None:
+        self.pending.append(data)
+        self.size += len(data)
+
+    def discard(self) -> None:
+        self.pending.clear()
+        self.size = 0
+
+    def push(self, conn: H2Connection, stream_id: int) -> None:
+        pending = self.pending
+        while pending:
+            window = conn.local_flow_control_window(stream_id)
+            if window <= 0:
+                break
+            chunk = pending[0]
+            size = min(window, conn.max_outbound_frame_size)
+            if len(chunk) <= size:
+                pending.pop(0)
+            else:
+                pending[0] = chunk[size:]
+                chunk = chunk[:size]
+            self.size -= len(chunk)
+            conn.send_data(stream_id, chunk)
+        if not pending and self.end is not None and not self.ended:
+            if self.end:
+                conn.send_headers(stream_id, self.end, end_stream=True)
+            else:
+                conn.end_stream(stream_id)
+            self.ended = True
+
+    def backpressure(self) -> bool | None:
+        """False when the producer should pause now, True when it may resume, else None."""
+        if self.size > self.high and not self.blocked:
+            self.blocked = True
+            return False
+        if self.blocked and self.size < self.low:
+            self.blocked = False
+            return True
+        return None

@@ -26,6 +26,7 @@ from h2.connection import H2Connection
 from meshproxy.codec.events import Headers, ResponseHead
 from meshproxy.codec.h2 import (
     FloodGuard,
+    OutboundData,
     goaway_frame,
     keep_open_after_goaway,
     new_connection,
@@ -66,14 +67,10 @@ class H2Channel:
         self.http2 = True
         self.stream: HttpStream | None = None
         self.request_trailers: Headers = []
-        self._pending: list[bytes] = []
-        self._pending_bytes = 0
-        self._end: Headers | None = None  # trailers (or []) to send once pending data is out
+        self.out = OutboundData(STREAM_HIGH_WATER, STREAM_LOW_WATER)
         self.reset = False  # RST_STREAM sent or received: nothing more may be sent
-        self.finished = False  # END_STREAM sent
         self._reading_paused = False
         self._unacked = 0
-        self._writes_blocked = False
         self._held_head: Headers | None = None
 
     def _headers(self, block: Headers, end_stream: bool = False) -> None:
@@ -82,8 +79,12 @@ class H2Channel:
             self.conn.h2.send_headers(self.stream_id, block, end_stream=end_stream)
         except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
             self.reset = True
-            self._pending.clear()
-            self._pending_bytes = 0
+            self.out.discard()
+
+    @property
+    def finished(self) -> bool:
+        """END_STREAM sent."""
+        return self.out.ended
 
     # -- Downstream --------------------------------------------------------------------
     def current_binding(self, snapshot: Snapshot) -> PortBinding | None:
@@ -118,23 +119,22 @@ class H2Channel:
         if block is not None:
             self._headers(block, end_stream)
             if end_stream:
-                self.finished = True
+                self.out.ended = True
 
     def send_data(self, data: bytes) -> None:
         if self.reset or not data:
             return
         if self._held_head is not None:
             self._release_head(False)
-        self._pending.append(data)
-        self._pending_bytes += len(data)
+        self.out.add(data)
         self.push()
 
     def send_end(self, trailers: Headers) -> None:
         if self.reset:
             return
         if self._held_head is not None:
-            self._release_head(not trailers and not self._pending)
-        self._end = trailers
+            self._release_head(not trailers and not self.out.pending)
+        self.out.end = trailers
         self.push()
 
     def send_local_reply(
@@ -155,7 +155,7 @@ class H2Channel:
             self.send_end([])
         else:
             self._headers(fields, end_stream=True)
-            self.finished = True
+            self.out.ended = True
             self.conn.flush()
 
     def cork(self) -> None:
@@ -178,8 +178,7 @@ class H2Channel:
         if not self.reset and not self.finished:
             self.reset = True
             self.conn.reset_stream(self.stream_id, h2.errors.ErrorCodes.INTERNAL_ERROR)
-        self._pending.clear()
-        self._pending_bytes = 0
+        self.out.discard()
 
     def stream_finished(self, stream: HttpStream) -> None:
         self.conn.stream_finished(self)
@@ -199,48 +198,22 @@ class H2Channel:
     @property
     def idle(self) -> bool:
         """Nothing left to do for this stream: the exchange ended and all was sent."""
-        return self.stream is None and (self.reset or self.finished or not self._pending)
+        return self.stream is None and (self.reset or self.finished or not self.out.pending)
 
     def push(self) -> None:
         """Send what the client's flow-control window allows; end the stream when all is out."""
         conn = self.conn
-        h2c = conn.h2
-        sid = self.stream_id
-        pending = self._pending
         try:
-            while pending:
-                window = h2c.local_flow_control_window(sid)
-                if window <= 0:
-                    break
-                chunk = pending[0]
-                size = min(window, h2c.max_outbound_frame_size)
-                if len(chunk) <= size:
-                    pending.pop(0)
-                else:
-                    pending[0] = chunk[size:]
-                    chunk = chunk[:size]
-                self._pending_bytes -= len(chunk)
-                h2c.send_data(sid, chunk)
-            if not pending and self._end is not None and not self.finished:
-                if self._end:
-                    h2c.send_headers(sid, self._end, end_stream=True)
-                else:
-                    h2c.end_stream(sid)
-                self.finished = True
+            self.out.push(conn.h2, self.stream_id)
         except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
             # The client reset or closed the stream meanwhile; what is left has no reader.
             self.reset = True
-            pending.clear()
-            self._pending_bytes = 0
+            self.out.discard()
         stream = self.stream
         if stream is not None:
-            if self._pending_bytes > STREAM_HIGH_WATER and not self._writes_blocked:
-                self._writes_blocked = True
-                stream.downstream_writable(False)
-            elif self._writes_blocked and self._pending_bytes < STREAM_LOW_WATER:
-                self._writes_blocked = False
-                if not conn.write_paused:
-                    stream.downstream_writable(True)
+            writable = self.out.backpressure()
+            if writable is False or (writable and not conn.write_paused):
+                stream.downstream_writable(writable)
         conn.flush()
         if self.stream is None and self.idle:
             conn.forget(self)

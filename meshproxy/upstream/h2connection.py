@@ -15,6 +15,7 @@ import h2.settings
 from meshproxy.codec.events import Headers, RequestHead
 from meshproxy.codec.h2 import (
     FloodGuard,
+    OutboundData,
     keep_open_after_goaway,
     new_connection,
     request_block,
@@ -45,12 +46,9 @@ class Http2Exchange:
         self.request_done = False
         self.response_done = False
         self.response_started = False
-        self._pending: list[bytes] = []
-        self._pending_bytes = 0
-        self._end: Headers | None = None
+        self.out = OutboundData(HIGH_WATER, LOW_WATER)
         self._reading_paused = False
         self._unacked = 0
-        self._writes_blocked = False
         self._trailers: Headers = []
         self._interim = 0
         self.closed = False  # reset, failed or both directions ended
@@ -67,14 +65,13 @@ class Http2Exchange:
     def send_data(self, data: bytes) -> None:
         if self.closed or not data:
             return
-        self._pending.append(data)
-        self._pending_bytes += len(data)
+        self.out.add(data)
         self.push()
 
     def end_request(self, trailers: Headers) -> None:
         if self.closed or self.request_done:
             return
-        self._end = trailers
+        self.out.end = trailers
         self.push()
 
     def pause_reading(self) -> None:
@@ -96,42 +93,19 @@ class Http2Exchange:
     # -- flow control ----------------------------------------------------------------------
     def push(self) -> None:
         conn = self.conn
-        h2c = conn.h2
-        sid = self.stream_id
-        pending = self._pending
+        out = self.out
         try:
-            while pending:
-                window = h2c.local_flow_control_window(sid)
-                if window <= 0:
-                    break
-                chunk = pending[0]
-                size = min(window, h2c.max_outbound_frame_size)
-                if len(chunk) <= size:
-                    pending.pop(0)
-                else:
-                    pending[0] = chunk[size:]
-                    chunk = chunk[:size]
-                self._pending_bytes -= len(chunk)
-                h2c.send_data(sid, chunk)
-            if not pending and self._end is not None and not self.request_done:
-                if self._end:
-                    h2c.send_headers(sid, self._end, end_stream=True)
-                else:
-                    h2c.end_stream(sid)
+            out.push(conn.h2, self.stream_id)
+            if out.ended:
                 self.request_done = True
         except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
-            pending.clear()
-            self._pending_bytes = 0
+            out.discard()
             self.request_done = True  # the server closed its side; the response decides
         sink = self.sink
         if sink is not None:
-            if self._pending_bytes > HIGH_WATER and not self._writes_blocked:
-                self._writes_blocked = True
-                sink.on_upstream_writable(False)
-            elif self._writes_blocked and self._pending_bytes < LOW_WATER:
-                self._writes_blocked = False
-                if not conn.write_paused:
-                    sink.on_upstream_writable(True)
+            writable = out.backpressure()
+            if writable is False or (writable and not conn.write_paused):
+                sink.on_upstream_writable(writable)
         conn.flush()
 
     # -- from the connection -------------------------------------------------------------
