@@ -23,8 +23,10 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+R = TypeVar("R")
 
 
 def free_port() -> int:
@@ -302,16 +304,23 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def report(results: list[list[Result]], args: argparse.Namespace) -> None:
-    by_name: dict[str, list[Result]] = {}
+def med(values: list[float]) -> float:
+    """The median (upper for an even count): robust to the one noisy run."""
+    s = sorted(values)
+    return s[len(s) // 2]
+
+
+def by_config(results: list[list[R]]) -> dict[str, list[R]]:
+    """Runs' results grouped by configuration name, in the order first measured."""
+    out: dict[str, list[R]] = {}
     for run in results:
         for r in run:
-            by_name.setdefault(r.name, []).append(r)
+            out.setdefault(r.name, []).append(r)  # type: ignore[attr-defined]
+    return out
 
-    def med(values: list[float]) -> float:
-        s = sorted(values)
-        return s[len(s) // 2]
 
+def report(results: list[list[Result]], args: argparse.Namespace) -> None:
+    by_name = by_config(results)
     direct = med([r.rps for r in by_name["direct"]])
     nginx = med([r.rps for r in by_name["nginx"]])
     print(

@@ -23,7 +23,15 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from benchmarks.load import Processes, compiled_copy, free_port, tree_cpu_seconds, wait_port
+from benchmarks.load import (
+    Processes,
+    by_config,
+    compiled_copy,
+    free_port,
+    med,
+    tree_cpu_seconds,
+    wait_port,
+)
 
 NGINX_UPSTREAM = """
 worker_processes 1; daemon off; pid {dir}/up.pid; error_log {dir}/up.err;
@@ -234,15 +242,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def report(results: list[list[Result]], args: argparse.Namespace) -> None:
-    by_name: dict[str, list[Result]] = {}
-    for run in results:
-        for r in run:
-            by_name.setdefault(r.name, []).append(r)
-
-    def med(values: list[float]) -> float:
-        s = sorted(values)
-        return s[len(s) // 2]
-
+    by_name = by_config(results)
     direct = med([r.rps for r in by_name["direct (nginx h2c)"]])
     nginx = med([r.rps for r in by_name["nginx h2c->h1"]])
     print(

@@ -25,6 +25,7 @@ from benchmarks.load import (
     NGINX_UPSTREAM,
     Processes,
     free_port,
+    med,
     run_wrk,
     tree_cpu_seconds,
     wait_port,
@@ -245,9 +246,6 @@ def main(argv: list[str] | None = None) -> int:
         )
     finally:
         procs.stop_all()
-
-    def med(values: list[float]) -> float:
-        return sorted(values)[len(values) // 2]
 
     plain = med([r[0] for r in rows["plaintext"]])
     print(

@@ -14,7 +14,7 @@ import pytest
 
 from tests.support.grpc_echo import GrpcEchoServer
 from tests.support.h2client import H2Client
-from tests.support.proxy import ProxyProcess, free_port
+from tests.support.proxy import ProxyProcess, free_port, running_proxy
 
 AUTHORITY = "echo.grpc"
 
@@ -37,12 +37,7 @@ class GrpcMesh:
 def gmesh(tmp_path: Path) -> Iterator[GrpcMesh]:
     server = GrpcEchoServer().start()
     admin, port, dead_port, dead = free_port(), free_port(), free_port(), free_port()
-    (tmp_path / "mesh.yaml").write_text(f"""
-apiVersion: meshproxy.io/v1alpha1
-kind: ProxyConfig
-metadata: {{name: test}}
-spec: {{interceptionMode: NONE, proxyAdminPort: {admin}, statusPort: 0, drainDuration: 2s}}
----
+    resources = f"""
 apiVersion: networking.istio.io/v1
 kind: ServiceEntry
 metadata: {{name: echo}}
@@ -79,13 +74,11 @@ spec:
   egress:
   - {{port: {{number: {port}, protocol: GRPC, name: grpc}}, bind: 127.0.0.1, hosts: [./*]}}
   - {{port: {{number: {dead_port}, protocol: GRPC, name: dead}}, bind: 127.0.0.1, hosts: [./*]}}
-""")
-    proxy = ProxyProcess(tmp_path, admin, tmp_path / "proxy.log")
+"""
     try:
-        proxy.wait_ready()
-        yield GrpcMesh(proxy, port, dead_port, server)
+        with running_proxy(tmp_path, admin, resources) as proxy:
+            yield GrpcMesh(proxy, port, dead_port, server)
     finally:
-        proxy.terminate()
         server.stop()
 
 

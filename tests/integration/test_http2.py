@@ -15,7 +15,7 @@ import pytest
 
 from tests.support.h2client import PREFACE, H2Client
 from tests.support.h2server import H2Server
-from tests.support.proxy import ProxyProcess, free_port
+from tests.support.proxy import ProxyProcess, free_port, proxy_config_yaml
 from tests.support.upstream import UpstreamServer
 
 
@@ -44,12 +44,9 @@ def _yaml(
     h2: int,
     h2_limited: int,
 ) -> str:
-    return f"""
-apiVersion: meshproxy.io/v1alpha1
-kind: ProxyConfig
-metadata: {{name: test}}
-spec: {{interceptionMode: NONE, proxyAdminPort: {admin}, statusPort: 0, drainDuration: 3s}}
----
+    return (
+        proxy_config_yaml(admin, drainDuration="3s")
+        + f"""
 apiVersion: networking.istio.io/v1
 kind: ServiceEntry
 metadata: {{name: hello}}
@@ -114,6 +111,7 @@ spec:
   - {{port: {{number: {up_port}, protocol: HTTP, name: c}}, bind: 127.0.0.1, hosts: [./up.test]}}
   - {{port: {{number: {lim_port}, protocol: HTTP2, name: d}}, bind: 127.0.0.1, hosts: [./*]}}
 """
+    )
 
 
 @pytest.fixture

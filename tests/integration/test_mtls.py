@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.proxy import ProxyProcess, free_port, http_get
+from tests.support.proxy import ProxyProcess, free_port, http_get, running_proxy
 from tests.support.upstream import UpstreamServer
 
 TD = "cluster.local"
@@ -496,12 +496,7 @@ def test_authorization_policy_over_mtls(tmp_path: Path) -> None:
 
 def test_tcp_connections_are_authorized_too(tmp_path: Path, echo_server: int) -> None:
     admin, allowed, denied = free_port(), free_port(), free_port()
-    (tmp_path / "mesh.yaml").write_text(f"""
-apiVersion: meshproxy.io/v1alpha1
-kind: ProxyConfig
-metadata: {{name: p}}
-spec: {{interceptionMode: NONE, proxyAdminPort: {admin}, statusPort: 0, drainDuration: 1s}}
----
+    resources = f"""
 apiVersion: security.istio.io/v1
 kind: AuthorizationPolicy
 metadata: {{name: no-db-from-outside, namespace: default}}
@@ -518,10 +513,8 @@ spec:
      captureMode: NONE, defaultEndpoint: "127.0.0.1:{echo_server}"}}
   - {{port: {{number: {denied}, protocol: TCP, name: tcp-b}}, bind: 127.0.0.1,
      captureMode: NONE, defaultEndpoint: "127.0.0.1:{echo_server}"}}
-""")
-    proxy = ProxyProcess(tmp_path, admin, tmp_path / "proxy.log")
-    try:
-        proxy.wait_ready()
+"""
+    with running_proxy(tmp_path, admin, resources) as proxy:
         with socket.create_connection(("127.0.0.1", allowed), timeout=5) as s:
             s.sendall(b"ping")
             assert s.recv(4) == b"ping"
@@ -534,5 +527,3 @@ spec:
                 data = b""
             assert data == b""
         assert 'meshproxy_rbac_total{protocol="tcp",result="denied"} 1.0' in proxy.metrics()
-    finally:
-        proxy.terminate()

@@ -15,7 +15,7 @@ import pytest
 from websockets.sync.client import connect
 
 from tests.support.h2client import H2Client
-from tests.support.proxy import ProxyProcess, free_port
+from tests.support.proxy import ProxyProcess, free_port, running_proxy
 from tests.support.ws_echo import WsEchoServer
 
 HOST = "ws.test"
@@ -36,17 +36,7 @@ class WsMesh:
 def wsmesh(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[WsMesh]:
     server = WsEchoServer().start()
     admin, port = free_port(), free_port()
-    (tmp_path / "mesh.yaml").write_text(f"""
-apiVersion: meshproxy.io/v1alpha1
-kind: ProxyConfig
-metadata: {{name: test}}
-spec:
-  interceptionMode: NONE
-  proxyAdminPort: {admin}
-  statusPort: 0
-  drainDuration: 2s
-  http1Codec: {request.param}
----
+    resources = f"""
 apiVersion: networking.istio.io/v1
 kind: ServiceEntry
 metadata: {{name: ws}}
@@ -71,13 +61,11 @@ metadata: {{name: default}}
 spec:
   egress:
   - {{port: {{number: {port}, protocol: HTTP, name: http}}, bind: 127.0.0.1, hosts: [./*]}}
-""")
-    proxy = ProxyProcess(tmp_path, admin, tmp_path / "proxy.log")
+"""
     try:
-        proxy.wait_ready()
-        yield WsMesh(proxy, port, server)
+        with running_proxy(tmp_path, admin, resources, http1Codec=request.param) as proxy:
+            yield WsMesh(proxy, port, server)
     finally:
-        proxy.terminate()
         server.stop()
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -9,6 +10,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 
@@ -87,3 +89,33 @@ def env_without_proxy() -> dict[str, str]:
     for k in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "all_proxy"):
         env.pop(k, None)
     return env
+
+
+def proxy_config_yaml(admin: int, **spec: object) -> str:
+    """A ProxyConfig document for a test proxy: explicit listeners only, quick drain."""
+    fields = {
+        "interceptionMode": "NONE",
+        "proxyAdminPort": admin,
+        "statusPort": 0,
+        "drainDuration": "2s",
+        **spec,
+    }
+    body = ", ".join(f"{k}: {v}" for k, v in fields.items())
+    return (
+        "apiVersion: meshproxy.io/v1alpha1\nkind: ProxyConfig\n"
+        f"metadata: {{name: test}}\nspec: {{{body}}}\n---\n"
+    )
+
+
+@contextlib.contextmanager
+def running_proxy(
+    directory: Path, admin: int, resources: str, **spec: object
+) -> Iterator[ProxyProcess]:
+    """`meshproxy run` on `resources` (with a ProxyConfig in front) until the block ends."""
+    (directory / "mesh.yaml").write_text(proxy_config_yaml(admin, **spec) + resources)
+    proxy = ProxyProcess(directory, admin, directory / "proxy.log")
+    try:
+        proxy.wait_ready()
+        yield proxy
+    finally:
+        proxy.terminate()
