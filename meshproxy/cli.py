@@ -44,8 +44,12 @@ def cmd_run(args: argparse.Namespace) -> int:
             print(f"  {issue}", file=sys.stderr)
         return 2
 
+    from meshproxy.workers import fork_workers, worker_count
+
+    role = fork_workers(worker_count(snapshot.settings.concurrency))
+
     async def main() -> int:
-        runtime = Runtime(path, snapshot)
+        runtime = Runtime(path, snapshot, role)
         try:
             return await runtime.run()
         except OSError as exc:

@@ -29,6 +29,13 @@ from meshproxy.proxy.context import ProxyContext
 from meshproxy.proxy.listener import Listener
 from meshproxy.security.certwatch import IdentityManager, files_of
 from meshproxy.upstream.cluster import ClusterManager, PoolSettings
+from meshproxy.workers import (
+    WorkerRole,
+    collect_counters,
+    report_counters,
+    signal_children,
+    wait_children,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -39,8 +46,11 @@ def _limits(snapshot: Snapshot) -> Limits:
 
 
 class Runtime:
-    def __init__(self, config_path: Path, snapshot: Snapshot) -> None:
+    def __init__(
+        self, config_path: Path, snapshot: Snapshot, role: WorkerRole | None = None
+    ) -> None:
         self.config_path = config_path
+        self.role = role or WorkerRole(0, 1, [], None)
         s = snapshot.settings
         self.metrics = MeshMetrics(namespace=s.namespace)
         codec = resolve_codec_name(s.http1_codec)
@@ -79,6 +89,10 @@ class Runtime:
         snap = self.ctx.snapshot
         await self._start_listeners(snap.listeners)
         s = snap.settings
+        if self.role.index != 0:
+            self.ready = True
+            logger.info("worker %d ready: %d listeners", self.role.index, len(self.listeners))
+            return
         self._servers.append(await start_admin(self, s.admin_bind, s.proxy_admin_port))
         if s.status_port and s.status_port != s.proxy_admin_port:
             self._servers.append(
@@ -91,13 +105,14 @@ class Runtime:
             logger.warning("%s", w)
         logger.info(
             "meshproxy %s ready: config version %d, %d listeners, %d clusters, codec %s, "
-            "hot path %s",
+            "hot path %s, %d worker(s)",
             __version__,
             snap.version,
             len(self.listeners),
             len(snap.clusters),
             self.ctx.codec,
             describe(),
+            self.role.count,
         )
 
     async def _start_listeners(self, specs: tuple[ListenerSpec, ...]) -> None:
@@ -107,7 +122,7 @@ class Runtime:
                 if spec.key in self.listeners:
                     continue
                 listener = Listener(self.ctx, spec, self._log)
-                await listener.start()
+                await listener.start(reuse_port=self.role.reuse_port)
                 started.append(listener)
         except OSError:
             for listener in started:
@@ -138,10 +153,26 @@ class Runtime:
             watch_config(self.config_path, self.reload, stop=self._stop), name="config-watch"
         )
         cert_watcher = spawn(self.identity.watch(self._stop), name="cert-watch")
+        role = self.role
+        workers = [
+            spawn(collect_counters(self.metrics, c), name="worker-counters") for c in role.children
+        ]
+        if role.report_to is not None:
+            workers.append(
+                spawn(report_counters(self.metrics, role.report_to, self._stop), name="report")
+            )
         await self._stop.wait()
         watcher.cancel()
         cert_watcher.cancel()
+        signal_children(role.children, signal.SIGKILL if self._quit_now else signal.SIGTERM)
         await self.drain()
+        if role.children:
+            await wait_children(role.children, self.ctx.snapshot.settings.drain_duration + 5)
+        for task in workers:
+            if role.report_to is not None and not task.done():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(task), 2)  # the final report
+            task.cancel()
         return 0
 
     def _signal(self) -> None:

@@ -154,11 +154,6 @@ def compile_snapshot(
     _index_rules(ctx, rules)
     _build_clusters(ctx)
     sidecar = sidecars[0] if sidecars else None
-    if settings.concurrency not in (0, 1):
-        ctx.warnings.append(
-            f"ProxyConfig concurrency {settings.concurrency}: this version runs one worker "
-            "(one event loop); run more meshproxy processes to use more cores"
-        )
     registry_only = settings.outbound_traffic_policy == "REGISTRY_ONLY"
     if sidecar is not None and sidecar.outbound_mode is not None:
         registry_only = sidecar.outbound_mode == "REGISTRY_ONLY"

@@ -12,6 +12,7 @@ import time
 from bisect import bisect_left
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import (
@@ -85,13 +86,22 @@ class _Hist:
         self.count += 1
         self.total += value
 
-    def cumulative(self, bounds: tuple[float, ...]) -> list[tuple[str, float]]:
-        out: list[tuple[str, float]] = []
-        running = 0
-        for bound, n in zip((*bounds, float("inf")), self.buckets, strict=True):
-            running += n
-            out.append((_fmt(bound), running))
-        return out
+
+def _hist_row(h: _Hist) -> list[Any]:
+    return [*h.buckets, h.count, h.total]
+
+
+def _add_rows(a: list[Any], b: list[Any]) -> list[Any]:
+    return [x + y for x, y in zip(a, b, strict=True)]
+
+
+def _cumulative(buckets: list[int], bounds: tuple[float, ...]) -> list[tuple[str, float]]:
+    out: list[tuple[str, float]] = []
+    running = 0
+    for bound, n in zip((*bounds, float("inf")), buckets, strict=True):
+        running += n
+        out.append((_fmt(bound), running))
+    return out
 
 
 def _fmt(bound: float) -> str:
@@ -144,6 +154,7 @@ class MeshMetrics(Collector):
         self.last_reload_error_time = 0.0
         self.downstream_cx_active = 0
         self.downstream_cx_total = 0
+        self.peers: dict[int, dict[str, Any]] = {}  # other workers' latest reports
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(self)
 
@@ -281,6 +292,54 @@ class MeshMetrics(Collector):
         """An HTTP/2 connection closed for abuse (Envoy's http2.*_flood counters)."""
         self.h2_floods[kind] = self.h2_floods.get(kind, 0) + 1
 
+    # -- several workers: each reports its counters, the admin worker renders their sum --------
+    def export(self) -> dict[str, Any]:
+        """This worker's counters as plain data (picklable, mergeable)."""
+        http = {
+            labels: [
+                s.requests,
+                *_hist_row(s.duration),
+                *_hist_row(s.request_bytes),
+                *_hist_row(s.response_bytes),
+            ]
+            for labels, s in list(self._http.items())
+        }
+        tcp = {k: [t.opened, t.closed, t.sent, t.received] for k, t in list(self._tcp.items())}
+        return {
+            "http": http,
+            "tcp": tcp,
+            "rejected": dict(self.rejected),
+            "h2_floods": dict(self.h2_floods),
+            "rbac": dict(self.rbac_counts),
+            "tls": dict(self.tls_handshake_failures),
+            "cx_active": self.downstream_cx_active,
+            "cx_total": self.downstream_cx_total,
+        }
+
+    def absorb(self, worker: int, snapshot: dict[str, Any] | None) -> None:
+        """The latest report of another worker (None: it is gone)."""
+        if snapshot is None:
+            self.peers.pop(worker, None)
+        else:
+            self.peers[worker] = snapshot
+
+    def _merged(self) -> dict[str, Any]:
+        merged = self.export()
+        for peer in list(self.peers.values()):
+            for labels, row in peer["http"].items():
+                mine = merged["http"].get(labels)
+                merged["http"][labels] = row if mine is None else _add_rows(mine, row)
+            for key, row in peer["tcp"].items():
+                mine = merged["tcp"].get(key)
+                merged["tcp"][key] = row if mine is None else _add_rows(mine, row)
+            for name in ("rejected", "h2_floods", "rbac", "tls"):
+                target = merged[name]
+                for k, n in peer[name].items():
+                    target[k] = target.get(k, 0) + n
+            merged["cx_active"] += peer["cx_active"]
+            merged["cx_total"] += peer["cx_total"]
+        return merged
+
     def config_reloaded(self, ok: bool, version: int) -> None:
         if ok:
             self.reloads_ok += 1
@@ -302,14 +361,20 @@ class MeshMetrics(Collector):
         rsb = HistogramMetricFamily(
             "istio_response_bytes", "Response body sizes", labels=HTTP_LABELS
         )
-        for labels, s in list(self._http.items()):
+        merged = self._merged()
+        nd, nb = len(DURATION_BUCKETS) + 1, len(BYTES_BUCKETS) + 1
+        for labels, row in merged["http"].items():
             values = list(labels)
-            req.add_metric(values, s.requests)
-            dur.add_metric(values, s.duration.cumulative(DURATION_BUCKETS), s.duration.total)
-            rqb.add_metric(values, s.request_bytes.cumulative(BYTES_BUCKETS), s.request_bytes.total)
-            rsb.add_metric(
-                values, s.response_bytes.cumulative(BYTES_BUCKETS), s.response_bytes.total
-            )
+            req.add_metric(values, row[0])
+            i = 1
+            for family, width, bounds in (
+                (dur, nd, DURATION_BUCKETS),
+                (rqb, nb, BYTES_BUCKETS),
+                (rsb, nb, BYTES_BUCKETS),
+            ):
+                buckets, total = row[i : i + width], row[i + width + 1]
+                family.add_metric(values, _cumulative(buckets, bounds), total)
+                i += width + 2
         yield from (req, dur, rqb, rsb)
         opened = CounterMetricFamily(
             "istio_tcp_connections_opened", "TCP connections opened", labels=TCP_LABELS
@@ -323,12 +388,12 @@ class MeshMetrics(Collector):
         received = CounterMetricFamily(
             "istio_tcp_received_bytes", "Bytes received from the downstream", labels=TCP_LABELS
         )
-        for key, t in list(self._tcp.items()):
+        for key, t in merged["tcp"].items():
             values = list(key)
-            opened.add_metric(values, t.opened)
-            closed.add_metric(values, t.closed)
-            sent.add_metric(values, t.sent)
-            received.add_metric(values, t.received)
+            opened.add_metric(values, t[0])
+            closed.add_metric(values, t[1])
+            sent.add_metric(values, t[2])
+            received.add_metric(values, t[3])
         yield from (opened, closed, sent, received)
         reload = CounterMetricFamily(
             "meshproxy_config_reload", "Config loads by result", labels=("result",)
@@ -339,12 +404,17 @@ class MeshMetrics(Collector):
         yield GaugeMetricFamily(
             "meshproxy_config_version", "Version of the active config", value=self.config_version
         )
+        yield GaugeMetricFamily(
+            "meshproxy_workers",
+            "Worker processes (ProxyConfig concurrency) whose counters these are",
+            value=1 + len(self.peers),
+        )
         rejected = CounterMetricFamily(
             "meshproxy_downstream_rq_rejected",
             "Downstream requests rejected before routing",
             labels=("reason",),
         )
-        for reason, n in sorted(self.rejected.items()):
+        for reason, n in sorted(merged["rejected"].items()):
             rejected.add_metric([reason], n)
         yield rejected
         floods = CounterMetricFamily(
@@ -352,7 +422,7 @@ class MeshMetrics(Collector):
             "HTTP/2 connections closed for frame abuse (rapid reset, PING/SETTINGS/empty frames)",
             labels=("kind",),
         )
-        for kind, n in sorted(self.h2_floods.items()):
+        for kind, n in sorted(merged["h2_floods"].items()):
             floods.add_metric([kind], n)
         yield floods
         if self.cert_expiry is not None:
@@ -372,7 +442,7 @@ class MeshMetrics(Collector):
             "AuthorizationPolicy decisions on inbound requests and connections",
             labels=("result", "protocol"),
         )
-        for (result, protocol), n in sorted(self.rbac_counts.items()):
+        for (result, protocol), n in sorted(merged["rbac"].items()):
             rbac.add_metric([result, protocol], n)
         yield rbac
         tls = CounterMetricFamily(
@@ -380,18 +450,18 @@ class MeshMetrics(Collector):
             "Inbound TLS handshakes that failed, by reason",
             labels=("reason",),
         )
-        for reason, n in sorted(self.tls_handshake_failures.items()):
+        for reason, n in sorted(merged["tls"].items()):
             tls.add_metric([reason], n)
         yield tls
         yield GaugeMetricFamily(
             "meshproxy_downstream_cx_active",
             "Open downstream connections",
-            value=self.downstream_cx_active,
+            value=merged["cx_active"],
         )
         yield CounterMetricFamily(
             "meshproxy_downstream_cx",
             "Downstream connections accepted",
-            value=self.downstream_cx_total,
+            value=merged["cx_total"],
         )
 
     def render(self) -> bytes:

@@ -243,7 +243,9 @@ class Listener:
     def update(self, spec: ListenerSpec) -> None:
         self.spec = spec
 
-    async def start(self) -> None:
+    async def start(self, reuse_port: bool = False) -> None:
+        """Bind; with several workers each binds with SO_REUSEPORT and the kernel spreads
+        the connections (never set for one worker: a second process on the port must fail)."""
         loop = asyncio.get_running_loop()
         family = socket.AF_INET6 if ":" in self.spec.address else socket.AF_INET
         self.server = await loop.create_server(
@@ -252,6 +254,7 @@ class Listener:
             self.spec.port,
             family=family,
             reuse_address=True,
+            reuse_port=reuse_port or None,
             backlog=4096,
         )
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -13,11 +14,25 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+_handed_out: set[int] = set()
+
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A free port below the kernel's ephemeral range (32768+ on Linux): bind(0) would pick
+    from that range, where any outgoing connection of a running test may take the port
+    between our check and the proxy's bind ("address already in use", now and then)."""
+    for _ in range(200):
+        port = random.randrange(20000, 32000)
+        if port in _handed_out:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
+    raise RuntimeError("no free port found")
 
 
 def http_get(url: str, timeout: float = 5.0) -> tuple[int, bytes]:

@@ -1,0 +1,119 @@
+"""ProxyConfig concurrency: several worker processes share the listeners (SO_REUSEPORT), the
+first serves admin with every worker's counters summed, and SIGTERM drains them all."""
+
+from __future__ import annotations
+
+import re
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+from tests.support.proxy import free_port, running_proxy
+from tests.support.upstream import UpstreamServer
+
+
+def _children(pid: int) -> list[int]:
+    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True)
+    return [int(x) for x in out.stdout.split()]
+
+
+def _get(port: int) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.sendall(b"GET /w HTTP/1.1\r\nHost: hello.test\r\nConnection: close\r\n\r\n")
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    return data
+
+
+def _upstream_peers(upstream_port: int) -> set[int]:
+    """PIDs holding connections to the upstream (the workers' pools)."""
+    out = subprocess.run(
+        ["ss", "-tnpH", "state", "established", f"dport = :{upstream_port}"],
+        capture_output=True,
+        text=True,
+    )
+    return {int(p) for p in re.findall(r"pid=(\d+)", out.stdout)}
+
+
+def test_two_workers_share_the_load_and_one_admin_sums_them(tmp_path: Path) -> None:
+    app = UpstreamServer("app").start()
+    admin, port = free_port(), free_port()
+    resources = f"""
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: hello}}
+spec:
+  hosts: [hello.test]
+  ports: [{{number: {port}, name: http, protocol: HTTP}}]
+  resolution: STATIC
+  endpoints: [{{address: 127.0.0.1, ports: {{http: {app.port}}}}}]
+---
+apiVersion: networking.istio.io/v1
+kind: Sidecar
+metadata: {{name: default}}
+spec:
+  egress: [{{port: {{number: {port}, protocol: HTTP, name: http}}, bind: 127.0.0.1,
+            hosts: [./*]}}]
+"""
+    try:
+        with running_proxy(
+            tmp_path, admin, resources, concurrency=2, upstreamIdleTimeout="30s"
+        ) as proxy:
+            workers = _children(proxy.proc.pid)
+            assert len(workers) == 1  # worker 0 is the process itself
+            deadline = time.monotonic() + 10
+            pids: set[int] = set()
+            sent = 0
+            while time.monotonic() < deadline and len(pids) < 2:
+                for _ in range(20):
+                    assert _get(port).startswith(b"HTTP/1.1 200")
+                    sent += 1
+                pids = _upstream_peers(app.port)
+            assert pids == {proxy.proc.pid, workers[0]}, pids  # both workers served
+            time.sleep(1.5)  # a report interval: worker 1's counters reach worker 0
+            metrics = proxy.metrics()
+            assert "meshproxy_workers 2.0" in metrics
+            total = sum(
+                float(m)
+                for m in re.findall(
+                    r'istio_requests_total\{[^}]*response_code="200"[^}]*\} (\S+)', metrics
+                )
+            )
+            assert total == sent
+            proxy.proc.send_signal(15)
+            assert proxy.proc.wait(timeout=15) == 0
+            time.sleep(0.2)
+            assert not _children(proxy.proc.pid)
+            assert (
+                subprocess.run(["kill", "-0", str(workers[0])], capture_output=True).returncode != 0
+            )
+    finally:
+        app.stop()
+
+
+def test_one_worker_never_shares_its_port(tmp_path: Path) -> None:
+    """Without concurrency there is no SO_REUSEPORT: a second proxy on the port fails."""
+    app = UpstreamServer("app").start()
+    port = free_port()
+    resources = f"""
+apiVersion: networking.istio.io/v1
+kind: Sidecar
+metadata: {{name: default}}
+spec:
+  ingress: [{{port: {{number: {port}, protocol: HTTP, name: http}}, bind: 127.0.0.1,
+             captureMode: NONE, defaultEndpoint: "127.0.0.1:{app.port}"}}]
+"""
+    try:
+        (tmp_path / "a").mkdir()
+        (tmp_path / "b").mkdir()
+        with running_proxy(tmp_path / "a", free_port(), resources):
+            second = running_proxy(tmp_path / "b", free_port(), resources)
+            try:
+                with second:
+                    raise AssertionError("a second proxy bound the same port")
+            except RuntimeError as exc:
+                assert "in use" in str(exc) or "cannot start" in str(exc)
+    finally:
+        app.stop()
