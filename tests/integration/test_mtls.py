@@ -527,3 +527,157 @@ spec:
                 data = b""
             assert data == b""
         assert 'meshproxy_rbac_total{protocol="tcp",result="denied"} 1.0' in proxy.metrics()
+
+
+class _TlsApp:
+    """A plain TLS HTTP server (not a sidecar): for SIMPLE and MUTUAL origination."""
+
+    def __init__(self, certs: Path, require_client_cert: bool) -> None:
+        self.ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.ctx.load_cert_chain(str(certs / "cert-chain.pem"), str(certs / "key.pem"))
+        if require_client_cert:
+            self.ctx.load_verify_locations(str(certs / "root-cert.pem"))
+            self.ctx.verify_mode = ssl.CERT_REQUIRED
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.port = self.sock.getsockname()[1]
+        self.sni: list[str | None] = []
+        self.ctx.sni_callback = lambda obj, name, ctx: self.sni.append(name)  # type: ignore[assignment]
+        self.peers: list[object] = []
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                raw, _ = self.sock.accept()
+            except OSError:
+                return
+            try:
+                with self.ctx.wrap_socket(raw, server_side=True) as s:
+                    self.peers.append(s.getpeercert())
+                    s.recv(65536)
+                    s.sendall(
+                        b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nConnection: close\r\n\r\ntls"
+                    )
+            except (ssl.SSLError, OSError):
+                continue
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.mark.parametrize("mode", ["SIMPLE", "MUTUAL"])
+def test_simple_and_mutual_origination_to_a_tls_server(tmp_path: Path, mode: str) -> None:
+    ca("init", "--dir", str(tmp_path / "ca"))
+    ca(
+        "issue",
+        "--ca",
+        str(tmp_path / "ca"),
+        "--spiffe-id",
+        SERVER_ID,
+        "--dns",
+        "api.example",
+        "--out",
+        str(tmp_path / "srv"),
+    )
+    ca(
+        "issue",
+        "--ca",
+        str(tmp_path / "ca"),
+        "--spiffe-id",
+        CLIENT_ID,
+        "--out",
+        str(tmp_path / "cli"),
+    )
+    app = _TlsApp(tmp_path / "srv", require_client_cert=mode == "MUTUAL")
+    admin, port = free_port(), free_port()
+    ca_file = tmp_path / "srv" / "root-cert.pem"
+    client_files = ""
+    if mode == "MUTUAL":
+        client_files = (
+            f", clientCertificate: {tmp_path}/cli/cert-chain.pem, "
+            f"privateKey: {tmp_path}/cli/key.pem"
+        )
+    resources = f"""
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: api}}
+spec:
+  hosts: [api.example]
+  ports: [{{number: {port}, name: http, protocol: HTTP}}]
+  resolution: STATIC
+  endpoints: [{{address: 127.0.0.1, ports: {{http: {app.port}}}}}]
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: api}}
+spec:
+  host: api.example
+  trafficPolicy:
+    tls: {{mode: {mode}, caCertificates: {ca_file}, sni: api.example{client_files}}}
+---
+apiVersion: networking.istio.io/v1
+kind: Sidecar
+metadata: {{name: default}}
+spec:
+  egress: [{{port: {{number: {port}, protocol: HTTP, name: http}}, bind: 127.0.0.1, hosts: [./*]}}]
+"""
+    try:
+        with running_proxy(tmp_path, admin, resources):
+            status, body = get(port, "/x", "api.example")
+            assert (status, body) == (200, b"tls")
+            assert app.sni[-1] == "api.example"  # SNI as configured; hostname verified on it
+            if mode == "MUTUAL":
+                peer = app.peers[-1]
+                assert isinstance(peer, dict) and ("URI", CLIENT_ID) in peer["subjectAltName"]
+    finally:
+        app.close()
+
+
+def test_simple_origination_refuses_an_unknown_ca(tmp_path: Path) -> None:
+    ca("init", "--dir", str(tmp_path / "ca"))
+    ca("init", "--dir", str(tmp_path / "other"))
+    ca(
+        "issue",
+        "--ca",
+        str(tmp_path / "ca"),
+        "--spiffe-id",
+        SERVER_ID,
+        "--dns",
+        "api.example",
+        "--out",
+        str(tmp_path / "srv"),
+    )
+    app = _TlsApp(tmp_path / "srv", require_client_cert=False)
+    admin, port = free_port(), free_port()
+    resources = f"""
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: api}}
+spec:
+  hosts: [api.example]
+  ports: [{{number: {port}, name: http, protocol: HTTP}}]
+  resolution: STATIC
+  endpoints: [{{address: 127.0.0.1, ports: {{http: {app.port}}}}}]
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: api}}
+spec:
+  host: api.example
+  trafficPolicy: {{tls: {{mode: SIMPLE, caCertificates: {tmp_path}/other/root-cert.pem}}}}
+---
+apiVersion: networking.istio.io/v1
+kind: Sidecar
+metadata: {{name: default}}
+spec:
+  egress: [{{port: {{number: {port}, protocol: HTTP, name: http}}, bind: 127.0.0.1, hosts: [./*]}}]
+"""
+    try:
+        with running_proxy(tmp_path, admin, resources):
+            status, body = get(port, "/x", "api.example")
+            assert status == 503 and b"CERTIFICATE_VERIFY_FAILED" in body
+    finally:
+        app.close()
