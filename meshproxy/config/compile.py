@@ -23,6 +23,7 @@ from meshproxy.config.resources import (
     DestinationRule,
     HeaderOperations,
     HTTPMatch,
+    HTTPRetry,
     Origin,
     PeerAuthentication,
     ProxySettings,
@@ -50,8 +51,12 @@ from meshproxy.config.snapshot import (
 from meshproxy.errors import ConfigIssue
 from meshproxy.routing.match import RequestMatcher, StringMatcher
 from meshproxy.routing.table import (
+    INBOUND_DEFAULT_RETRY,
     NO_HEADER_OPS,
+    NO_RETRY,
+    OUTBOUND_DEFAULT_RETRY,
     HeaderOps,
+    RetryPolicy,
     Route,
     RouteTable,
     RouteTarget,
@@ -562,6 +567,7 @@ def _routes_for(ctx: _Context, vs: VirtualService, port: int | None) -> list[Rou
                 rewrite_authority=http.rewrite_authority,
                 request_headers=_ops(http.headers.request),
                 response_headers=_ops(http.headers.response),
+                retry=retry_policy(http.retries, http.timeout),
             )
         )
         if http.deferred:
@@ -570,6 +576,47 @@ def _routes_for(ctx: _Context, vs: VirtualService, port: int | None) -> list[Rou
                 f"on route {http.name!r} parsed but not enforced yet"
             )
     return routes
+
+
+GRPC_RETRY_CODES = {
+    "cancelled": 1,
+    "deadline-exceeded": 4,
+    "resource-exhausted": 8,
+    "internal": 13,
+    "unavailable": 14,
+}
+
+
+def retry_policy(retries: HTTPRetry | None, route_timeout: float | None) -> RetryPolicy:
+    """Istio's translation: no `retries` → the default policy; attempts 0 → none; a retryOn
+    keeps Envoy's names and turns status codes into retriable-status-codes; no retryOn →
+    the default conditions; a perTryTimeout not below the route timeout is ignored."""
+    if retries is None:
+        return OUTBOUND_DEFAULT_RETRY
+    attempts = retries.attempts if retries.attempts is not None else 2
+    if attempts == 0:
+        return NO_RETRY
+    on: set[str] = set(OUTBOUND_DEFAULT_RETRY.on)
+    codes: set[int] = set()
+    if retries.retry_on is not None:
+        on = set()
+        for item in retries.retry_on:
+            if item.isdigit():
+                codes.add(int(item))
+                on.add("retriable-status-codes")
+            else:
+                on.add(item)
+    per_try = retries.per_try_timeout
+    if per_try is not None and route_timeout is not None and per_try >= route_timeout:
+        per_try = None
+    return RetryPolicy(
+        attempts,
+        per_try,
+        frozenset(on),
+        frozenset(codes),
+        frozenset(GRPC_RETRY_CODES[n] for n in on if n in GRPC_RETRY_CODES),
+        retries.retry_ignore_previous_hosts,
+    )
 
 
 def _domains(host: str, port: int, namespace: str) -> list[str]:
@@ -820,7 +867,10 @@ def _inbound_binding(
     )
     if l7 is L7.HTTP:
         vh = VirtualHost(
-            f"inbound|http|{port}", ("*",), (Route("default", (), (RouteTarget(name, 100),)),), name
+            f"inbound|http|{port}",
+            ("*",),
+            (Route("default", (), (RouteTarget(name, 100),), retry=INBOUND_DEFAULT_RETRY),),
+            name,
         )
         return PortBinding(L7.HTTP, RouteTable(name, MappingProxyType({}), (), vh), None)
     return PortBinding(L7.TCP, None, name)

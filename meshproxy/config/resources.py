@@ -105,6 +105,16 @@ class WeightedDestination:
 
 
 @dataclass(frozen=True, slots=True)
+class HTTPRetry:
+    """VirtualService http[].retries as written (None fields: Istio's defaults)."""
+
+    attempts: int | None = None
+    per_try_timeout: float | None = None
+    retry_on: tuple[str, ...] | None = None
+    retry_ignore_previous_hosts: bool = True
+
+
+@dataclass(frozen=True, slots=True)
 class HTTPRoute:
     path: Path_
     name: str
@@ -116,6 +126,7 @@ class HTTPRoute:
     headers: Headers
     # Parsed and validated now, enforced by the resilience work (later issue).
     deferred: dict[str, Any] = field(default_factory=dict)
+    retries: HTTPRetry | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -23,6 +23,7 @@ from meshproxy.config.resources import (
     HeaderOperations,
     Headers,
     HTTPMatch,
+    HTTPRetry,
     HTTPRoute,
     IngressListener,
     Origin,
@@ -65,7 +66,6 @@ _HEADER_NAME = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 # Fields Istio defines that a later issue enforces: accepted and validated for shape, reported
 # once as "not enforced yet" by the loader so nobody believes they are active.
 DEFERRED_HTTP_ROUTE_FIELDS = (
-    "retries",
     "fault",
     "mirror",
     "mirrorPercentage",
@@ -469,6 +469,7 @@ def _http_route(r: Reader, value: Any, path: Path_, index: int) -> HTTPRoute | N
         "rewrite",
         "headers",
         *DEFERRED_HTTP_ROUTE_FIELDS,
+        "retries",
     )
     m = r.mapping(value, path, allowed)
     if m is None:
@@ -492,6 +493,7 @@ def _http_route(r: Reader, value: Any, path: Path_, index: int) -> HTTPRoute | N
                 r.error((*path, "rewrite", "uriRegexRewrite"), "not supported yet")
     timeout = r.duration(m, "timeout", path)
     deferred = {k: m[k] for k in DEFERRED_HTTP_ROUTE_FIELDS if m.get(k) is not None}
+    retries = _retries(r, m.get("retries"), (*path, "retries")) if "retries" in m else None
     return HTTPRoute(
         path,
         r.string(m, "name", path) or f"route-{index}",
@@ -502,6 +504,65 @@ def _http_route(r: Reader, value: Any, path: Path_, index: int) -> HTTPRoute | N
         rewrite_authority,
         _headers(r, m.get("headers"), (*path, "headers")),
         deferred,
+        retries,
+    )
+
+
+RETRY_ON = (
+    "5xx",
+    "gateway-error",
+    "reset",
+    "reset-before-request",
+    "connect-failure",
+    "refused-stream",
+    "retriable-4xx",
+    "retriable-status-codes",
+    "cancelled",
+    "deadline-exceeded",
+    "internal",
+    "resource-exhausted",
+    "unavailable",
+)
+
+
+def _retries(r: Reader, value: Any, path: Path_) -> HTTPRetry | None:
+    m = r.mapping(
+        value,
+        path,
+        (
+            "attempts",
+            "perTryTimeout",
+            "retryOn",
+            "retryRemoteLocalities",
+            "retryIgnorePreviousHosts",
+            "backoff",
+        ),
+    )
+    if m is None:
+        return None
+    retry_on = None
+    text = r.string(m, "retryOn", path)
+    if text is not None:
+        items = [t.strip() for t in text.split(",") if t.strip()]
+        for t in items:
+            if t not in RETRY_ON and not (t.isdigit() and 100 <= int(t) <= 599):
+                r.error(
+                    (*path, "retryOn"),
+                    f"unknown retry condition {t!r}{did_you_mean(t, RETRY_ON)} "
+                    "(Envoy's names, or an HTTP status code)",
+                )
+        retry_on = tuple(items)
+    per_try = r.duration(m, "perTryTimeout", path)
+    if per_try is not None and per_try <= 0:
+        r.error((*path, "perTryTimeout"), "must be greater than zero")
+        per_try = None
+    if m.get("backoff") is not None:
+        r.error((*path, "backoff"), "not supported: Envoy's jittered 25 ms base backoff is used")
+    return HTTPRetry(
+        r.integer(m, "attempts", path, minimum=0, maximum=100),
+        per_try,
+        retry_on,
+        r.boolean(m, "retryIgnorePreviousHosts", path, True),
     )
 
 

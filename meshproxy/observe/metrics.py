@@ -147,6 +147,7 @@ class MeshMetrics(Collector):
         self.cert_reloads = (0, 0)
         self.tls_handshake_failures: dict[str, int] = {}
         self.rbac_counts: dict[tuple[str, str], int] = {}
+        self.retries: dict[str, int] = {}
         self.reloads_ok = 0
         self.reloads_failed = 0
         self.config_version = 0
@@ -283,6 +284,11 @@ class MeshMetrics(Collector):
         if key in self.tls_handshake_failures or len(self.tls_handshake_failures) < 100:
             self.tls_handshake_failures[key] = self.tls_handshake_failures.get(key, 0) + 1
 
+    def upstream_retry(self, cluster: str) -> None:
+        """A request tried again (Envoy's cluster.<name>.upstream_rq_retry)."""
+        if cluster in self.retries or len(self.retries) < 10_000:
+            self.retries[cluster] = self.retries.get(cluster, 0) + 1
+
     def rbac(self, allowed: bool, protocol: str) -> None:
         """An authorization decision (Envoy's rbac.allowed / rbac.denied)."""
         key = ("allowed" if allowed else "denied", protocol)
@@ -312,6 +318,7 @@ class MeshMetrics(Collector):
             "h2_floods": dict(self.h2_floods),
             "rbac": dict(self.rbac_counts),
             "tls": dict(self.tls_handshake_failures),
+            "retries": dict(self.retries),
             "cx_active": self.downstream_cx_active,
             "cx_total": self.downstream_cx_total,
         }
@@ -332,7 +339,7 @@ class MeshMetrics(Collector):
             for key, row in peer["tcp"].items():
                 mine = merged["tcp"].get(key)
                 merged["tcp"][key] = row if mine is None else _add_rows(mine, row)
-            for name in ("rejected", "h2_floods", "rbac", "tls"):
+            for name in ("rejected", "h2_floods", "rbac", "tls", "retries"):
                 target = merged[name]
                 for k, n in peer[name].items():
                     target[k] = target.get(k, 0) + n
@@ -445,6 +452,14 @@ class MeshMetrics(Collector):
         for (result, protocol), n in sorted(merged["rbac"].items()):
             rbac.add_metric([result, protocol], n)
         yield rbac
+        retries = CounterMetricFamily(
+            "meshproxy_upstream_rq_retry",
+            "Requests tried again by the retry policy, by cluster",
+            labels=("cluster",),
+        )
+        for cluster, n in sorted(merged["retries"].items()):
+            retries.add_metric([cluster], n)
+        yield retries
         tls = CounterMetricFamily(
             "meshproxy_tls_handshake_failed",
             "Inbound TLS handshakes that failed, by reason",

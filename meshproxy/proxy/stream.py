@@ -9,7 +9,7 @@ import logging
 import os
 import time
 from collections.abc import Iterator, Mapping
-from random import getrandbits
+from random import getrandbits, random
 from typing import TYPE_CHECKING
 
 from meshproxy._tasks import spawn
@@ -30,7 +30,14 @@ from meshproxy.config.snapshot import Resolution, UpstreamProtocol
 from meshproxy.errors import FailureKind, ProtocolError, UpstreamError
 from meshproxy.observe.recorder import StreamRecord
 from meshproxy.routing.match import RequestView
-from meshproxy.routing.table import NO_HEADER_OPS, HeaderOps, RouteMatch
+from meshproxy.routing.table import (
+    NO_HEADER_OPS,
+    NO_RETRY,
+    OUTBOUND_DEFAULT_RETRY,
+    HeaderOps,
+    RetryPolicy,
+    RouteMatch,
+)
 from meshproxy.security.authz import AuthzRequest
 from meshproxy.upstream.cluster import Cluster, EndpointState, UpstreamPool
 from meshproxy.upstream.connection import UpstreamExchange
@@ -139,6 +146,16 @@ def _header_str(head: RequestHead, name: str) -> str | None:
     return value.decode("latin-1") if value is not None else None
 
 
+class _RetryNow(Exception):
+    """Wakes the slow path: the response was one the retry policy retries."""
+
+
+def retry_backoff(retry: int) -> float:
+    """Envoy's fully jittered exponential backoff: 25 ms base, capped at 250 ms."""
+    ceiling = min(0.025 * ((1 << max(retry, 1)) - 1), 0.25)
+    return random() * ceiling
+
+
 class HttpStream:
     """One request/response; implements ResponseSink for the upstream connection it uses.
 
@@ -175,7 +192,12 @@ class HttpStream:
         self._sent_at = 0.0
         self._host: EndpointState | None = None
         self._reused = False
-        self._retried = False
+        self._retried = False  # the keep-alive race retry (once)
+        self._retry: RetryPolicy = NO_RETRY
+        self._retries_left = 0
+        self._attempts = 1
+        self._tried: list[EndpointState] = []  # hosts that failed, avoided by retries
+        self._retry_exhausted = False
         self._match: RouteMatch | None = None
         self._cluster_name = ""
         self._cluster: Cluster | None = None
@@ -215,7 +237,15 @@ class HttpStream:
             # WebSocket goes over HTTP/1.1 upstream (an h2 hop would need extended CONNECT
             # from the server: Istio #27078).
             self._h2_upstream = True
-        timeout = self._match.route.timeout if self._match is not None else None
+        match = self._match
+        if match is not None:
+            self._retry = match.route.retry
+        elif not conn.inbound:
+            self._retry = OUTBOUND_DEFAULT_RETRY
+        if self.head.upgrade:
+            self._retry = NO_RETRY  # a tunnel is never replayed
+        self._retries_left = self._retry.attempts
+        timeout = match.route.timeout if match is not None else None
         if self.grpc:
             timeout = grpc_deadline(self.head, timeout)
             out = self._outgoing
@@ -223,7 +253,7 @@ class HttpStream:
         loop = conn.loop
         if timeout is not None:
             self._deadline = loop.time() + timeout
-        if cluster.spec.resolution is not Resolution.DNS:
+        if cluster.spec.resolution is not Resolution.DNS and self._retry.per_try_timeout is None:
             try:
                 host = cluster.pick_now(conn.original_dst)
             except UpstreamError as err:
@@ -323,6 +353,8 @@ class HttpStream:
         if head.status == 101:
             self._open_tunnel(head)
             return
+        if (head.status >= 400 or self.grpc) and self._retry_response(head):
+            return
         if self.grpc:
             self.grpc_status = grpc_status_of(head.headers, self.grpc_status)
         # Sent at once: body bytes of the same read follow synchronously and must come after it.
@@ -379,12 +411,42 @@ class HttpStream:
                     waiter.set_exception(error)
                     return
             return
+        host = self._host
         self._attempt_failed(error)
         if self._may_retry(error):
             self.task = spawn(self._slow_path(fresh=True), name="http-stream-retry")
             return
+        if self._policy_retries(error, host):
+            self.task = spawn(self._slow_path(backoff=True), name="http-stream-retry")
+            return
         self._upstream_failed(error)
         self._finish()
+
+    def _retry_response(self, head: ResponseHead) -> bool:
+        """A response the route's retryOn retries (5xx, 503, gRPC unavailable, ...): drop it
+        (the client never sees it) and try again, on another endpoint when there is one."""
+        policy = self._retry
+        if self._retries_left <= 0 or self._replay is None or self.response_head_sent:
+            return False
+        retry = policy.retries_response(head.status)
+        if not retry and self.grpc and policy.grpc_codes:
+            code = grpc_status_of(head.headers, "")  # a trailers-only answer carries it here
+            retry = code.isdigit() and int(code) in policy.grpc_codes
+        if not retry:
+            return False
+        host = self._host
+        up = self.upstream
+        self._attempt_failed(None)
+        if up is not None:
+            up.abort()  # its body will not be read: the connection cannot be reused
+        self._count_retry(host)
+        if self.task is None:
+            self.task = spawn(self._slow_path(backoff=True), name="http-stream-retry")
+        else:
+            waiter = self._head_waiter
+            if waiter is not None and not waiter.done():
+                waiter.set_exception(_RetryNow())
+        return True
 
     def hold_writes(self) -> None:
         self.conn.cork()
@@ -429,16 +491,16 @@ class HttpStream:
         self._finish()
 
     # -- the slow path ---------------------------------------------------------------------
-    async def _slow_path(self, fresh: bool = False) -> None:
+    async def _slow_path(self, fresh: bool = False, backoff: bool = False) -> None:
         try:
             if self._deadline is None:
-                await self._exchange(fresh)
+                await self._exchange(fresh, backoff)
             else:
                 if self._timer is not None:
                     self._timer.cancel()
                     self._timer = None
                 async with asyncio.timeout_at(self._deadline) as self._timeout_cm:
-                    await self._exchange(fresh)
+                    await self._exchange(fresh, backoff)
         except LocalReply as reply:
             self._local_reply(reply.status, reply.body, reply.flag)
         except TimeoutError:
@@ -460,29 +522,55 @@ class HttpStream:
         finally:
             self._finish()
 
-    async def _exchange(self, fresh: bool) -> None:
+    async def _exchange(self, fresh: bool, backoff: bool = False) -> None:
         cluster = self._cluster
         assert cluster is not None
         loop = self.conn.loop
+        per_try = self._retry.per_try_timeout
         while True:
-            host = await cluster.pick(self.conn.original_dst)
+            if backoff:
+                await asyncio.sleep(retry_backoff(self._attempts - 1))
+                backoff = False
+            exclude = self._tried if self._retry.ignore_previous_hosts else ()
+            host = await cluster.pick(self.conn.original_dst, exclude)
             pool: UpstreamPool = host.h2_pool() if self._h2_upstream else host.pool
             try:
                 if fresh:
                     up, reused = await pool.connect(), False
                 else:
                     up, reused = await pool.acquire()
-            except UpstreamError:
+            except UpstreamError as err:
                 host.errors += 1
+                if self._policy_retries(err, host):
+                    backoff, fresh = True, False
+                    continue
                 raise
-            self._head_waiter = loop.create_future()
+            waiter = self._head_waiter = loop.create_future()
             self._begin(host, up, reused)
             try:
-                await self._head_waiter
+                if per_try is None:
+                    await waiter
+                else:
+                    await asyncio.wait_for(asyncio.shield(waiter), per_try)
+            except _RetryNow:
+                backoff, fresh = True, False
+                continue
+            except TimeoutError:
+                # The per-try timeout (the route's own deadline cancels us instead).
+                up.abort()
+                timeout = UpstreamError(FailureKind.TIMEOUT, "per-try timeout", flag="UT")
+                self._attempt_failed(timeout)
+                if self._policy_retries(timeout, host):
+                    backoff, fresh = True, False
+                    continue
+                raise
             except UpstreamError as err:
                 self._attempt_failed(err)
                 if self._may_retry(err):
                     fresh = True
+                    continue
+                if self._policy_retries(err, host):
+                    backoff, fresh = True, False
                     continue
                 raise
             break
@@ -491,13 +579,55 @@ class HttpStream:
             await self._done_waiter
 
     # -- outcomes ----------------------------------------------------------------------------
-    def _attempt_failed(self, err: UpstreamError) -> None:
+    def _attempt_failed(self, err: UpstreamError | None) -> None:
         host = self._host
         if host is not None:
             host.active_requests -= 1
             host.errors += 1
             self._host = None
         self.upstream = None
+
+    def _policy_retries(self, err: UpstreamError, host: EndpointState | None) -> bool:
+        """Whether the route's retry policy retries this failure (Envoy's conditions)."""
+        on = self._retry.on
+        if not on or err.response_started or self._replay is None:
+            return False
+        kind = err.kind
+        if kind is FailureKind.NO_HEALTHY or kind is FailureKind.OVERFLOW:
+            return False
+        connect = kind in (
+            FailureKind.CONNECT_REFUSED,
+            FailureKind.CONNECT_TIMEOUT,
+            FailureKind.TLS,
+        )
+        wanted = (
+            "5xx" in on
+            or "gateway-error" in on
+            or "reset" in on
+            or (connect and "connect-failure" in on)
+            or (err.unprocessed and "refused-stream" in on)
+            or ((connect or not err.request_bytes_sent) and "reset-before-request" in on)
+        )
+        if not wanted:
+            return False
+        if self._retries_left <= 0:
+            self._retry_exhausted = True
+            return False
+        self._count_retry(host)
+        return True
+
+    def _count_retry(self, host: EndpointState | None) -> None:
+        self._retries_left -= 1
+        self._attempts += 1
+        if host is not None and host not in self._tried:
+            self._tried.append(host)
+        self.conn.ctx.metrics.upstream_retry(self._cluster_name)
+        out = self._outgoing
+        if out is not None and not self.conn.inbound:
+            attempt = b"%d" % self._attempts
+            out.headers = [
+                (k, attempt) if k == b"x-envoy-attempt-count" else (k, v) for k, v in out.headers
+            ]
 
     def _may_retry(self, err: UpstreamError) -> bool:
         """The keep-alive race (the upstream closed a pooled connection as we reused it), or
@@ -513,6 +643,8 @@ class HttpStream:
         return True
 
     def _upstream_failed(self, err: UpstreamError) -> None:
+        if self._retry_exhausted:
+            err.flag += ",URX"  # Envoy: the retry limit was reached
         if err.kind is FailureKind.NO_HEALTHY:
             self._fail(503, "no healthy upstream", err.flag)
         elif err.kind is FailureKind.PROTOCOL:
@@ -611,6 +743,8 @@ class HttpStream:
             append((b"x-forwarded-proto", b"http"))
         if not has_id:
             append((b"x-request-id", new_request_id()))
+        if not inbound:
+            append((b"x-envoy-attempt-count", b"1"))  # Istio turns this on for outbound
         if inbound:
             # The edge of the mesh appends the peer, as Envoy does with use_remote_address.
             peer = conn.peer_ip.encode()

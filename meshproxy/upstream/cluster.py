@@ -6,7 +6,7 @@ import asyncio
 import logging
 import socket
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -192,13 +192,22 @@ class Cluster:
     def _cx_change(self, delta: int) -> None:
         self.upstream_cx_active += delta
 
-    async def pick(self, original_dst: tuple[str, int] | None = None) -> EndpointState:
-        """Choose an endpoint, resolving DNS when due; UH when none is left."""
+    async def pick(
+        self,
+        original_dst: tuple[str, int] | None = None,
+        exclude: Sequence[EndpointState] = (),
+    ) -> EndpointState:
+        """Choose an endpoint, resolving DNS when due; UH when none is left. A retry passes
+        the hosts that failed it: another one is chosen while any other exists."""
         if self.spec.resolution is Resolution.DNS:
             await self._refresh_dns()
-        return self.pick_now(original_dst)
+        return self.pick_now(original_dst, exclude)
 
-    def pick_now(self, original_dst: tuple[str, int] | None = None) -> EndpointState:
+    def pick_now(
+        self,
+        original_dst: tuple[str, int] | None = None,
+        exclude: Sequence[EndpointState] = (),
+    ) -> EndpointState:
         """Choose an endpoint without waiting (DNS clusters use what was last resolved)."""
         if self.spec.resolution is Resolution.ORIGINAL_DST:
             if original_dst is None:
@@ -214,7 +223,11 @@ class Cluster:
                     self._drop_idle_hosts()
                 host = self._host(original_dst[0], original_dst[1], 1)
             return host
-        picked = self._lb.pick(self.hosts)
+        hosts = self.hosts
+        if exclude:
+            others = [h for h in hosts if h not in exclude]
+            hosts = others or hosts
+        picked = self._lb.pick(hosts)
         if picked is None:
             raise UpstreamError(
                 FailureKind.NO_HEALTHY, "no healthy upstream", flag="UH", request_bytes_sent=False

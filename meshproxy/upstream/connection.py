@@ -111,6 +111,8 @@ class UpstreamHttp1Connection(asyncio.Protocol):
                     continue
                 self.keep_alive = ev.keep_alive
                 sink.on_response_head(ev)
+                if self.sink is not sink:
+                    return  # the stream dropped this response (to retry): read no further
             elif isinstance(ev, EndOfMessage):
                 if self._interim:
                     self._interim = False

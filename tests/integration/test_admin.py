@@ -33,7 +33,7 @@ def test_access_log_line_per_request(make_mesh: MeshFactory, tmp_path: Path) -> 
     assert '"GET /logged?x=1 HTTP/1.1" 200 - ' in first
     assert '"10.1.2.3" "probe/1"' in first
     assert '"probe/1"' in first and '"hello.test"' in first and "outbound|" in first
-    assert '"GET /dead HTTP/1.1" 503 UF ' in second
+    assert '"GET /dead HTTP/1.1" 503 UF,URX ' in second
 
 
 def test_admin_endpoints(make_mesh: MeshFactory) -> None:

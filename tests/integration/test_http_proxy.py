@@ -115,7 +115,7 @@ def test_weighted_split_is_statistically_right(make_mesh: MeshFactory) -> None:
 @pytest.mark.parametrize(
     ("path", "status", "flag"),
     [
-        ("/dead", 503, "UF"),
+        ("/dead", 503, "UF,URX"),  # connect-failure retried twice (Istio default), then URX
         ("/empty", 503, "UH"),
         ("/malformed", 502, "UPE"),
         ("/hang", 504, "UT"),

@@ -34,6 +34,7 @@ class UpstreamState:
     requests: list[Seen] = field(default_factory=list)
     completed: list[str] = field(default_factory=list)  # paths whose whole message arrived
     idle_close_after: float | None = None  # close idle keep-alive connections after this
+    failures: dict[str, int] = field(default_factory=dict)  # /fail: answers so far, per key
 
 
 class _Conn(asyncio.Protocol):
@@ -94,6 +95,15 @@ class _Conn(asyncio.Protocol):
         t = self.transport
         if path == "/hang":
             return
+        if path == "/fail":
+            # /fail?code=503&times=N&key=K: `code` for the first N requests of key K, then 200.
+            key = query.get("key", ["k"])[0]
+            seen = self.state.failures.get(key, 0)
+            self.state.failures[key] = seen + 1
+            if seen < int(query.get("times", ["1"])[0]):
+                code = int(query.get("code", ["503"])[0])
+                self._send(code, b'{"failed": true}', False)
+                return
         if path == "/reset":
             t.abort()
             return

@@ -1,0 +1,175 @@
+"""VirtualService retries and Istio's default retry policy, against real misbehaving upstreams."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.support.proxy import ProxyProcess, free_port, running_proxy
+from tests.support.upstream import UpstreamServer
+
+
+@dataclass
+class RetryMesh:
+    proxy: ProxyProcess
+    port: int  # flaky.test: one live endpoint
+    pair_port: int  # pair.test: a dead endpoint and a live one
+    app: UpstreamServer
+
+    def request(
+        self,
+        path: str,
+        method: str = "GET",
+        body: bytes | None = None,
+        port: int | None = None,
+        host: str = "flaky.test",
+    ) -> tuple[int, bytes, float]:
+        conn = http.client.HTTPConnection("127.0.0.1", port or self.port, timeout=10)
+        start = time.monotonic()
+        conn.request(method, path, body=body, headers={"Host": host})
+        resp = conn.getresponse()
+        data = resp.read()
+        conn.close()
+        return resp.status, data, time.monotonic() - start
+
+    def attempts(self, path: str) -> list[str]:
+        return [
+            r.headers.get("x-envoy-attempt-count", "-")
+            for r in self.app.state.requests
+            if r.path.startswith(path)
+        ]
+
+
+@pytest.fixture
+def mesh(tmp_path: Path) -> Iterator[RetryMesh]:
+    app = UpstreamServer("app").start()
+    admin, port, pair_port, dead = free_port(), free_port(), free_port(), free_port()
+    resources = f"""
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: flaky}}
+spec:
+  hosts: [flaky.test]
+  ports: [{{number: {port}, name: http, protocol: HTTP}}]
+  resolution: STATIC
+  endpoints: [{{address: 127.0.0.1, ports: {{http: {app.port}}}}}]
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: pair}}
+spec:
+  hosts: [pair.test]
+  ports: [{{number: {pair_port}, name: http, protocol: HTTP}}]
+  resolution: STATIC
+  endpoints:
+  - {{address: 127.0.0.1, ports: {{http: {dead}}}}}
+  - {{address: 127.0.0.1, ports: {{http: {app.port}}}}}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: flaky}}
+spec:
+  hosts: [flaky.test]
+  http:
+  - match: [{{uri: {{prefix: /r5xx}}}}]
+    retries: {{attempts: 3, retryOn: 5xx}}
+    rewrite: {{uri: /fail}}
+    route: [{{destination: {{host: flaky.test}}}}]
+  - match: [{{uri: {{prefix: /rcode}}}}]
+    retries: {{attempts: 2, retryOn: "409,retriable-4xx"}}
+    rewrite: {{uri: /fail}}
+    route: [{{destination: {{host: flaky.test}}}}]
+  - match: [{{uri: {{prefix: /pertry}}}}]
+    timeout: 3s
+    retries: {{attempts: 2, perTryTimeout: 200ms, retryOn: "5xx"}}
+    rewrite: {{uri: /slow}}
+    route: [{{destination: {{host: flaky.test}}}}]
+  - match: [{{uri: {{prefix: /bounded}}}}]
+    timeout: 400ms
+    retries: {{attempts: 50, perTryTimeout: 100ms, retryOn: "5xx"}}
+    rewrite: {{uri: /slow}}
+    route: [{{destination: {{host: flaky.test}}}}]
+  - match: [{{uri: {{prefix: /none}}}}]
+    retries: {{attempts: 0}}
+    rewrite: {{uri: /fail}}
+    route: [{{destination: {{host: flaky.test}}}}]
+  - route: [{{destination: {{host: flaky.test}}}}]
+---
+apiVersion: networking.istio.io/v1
+kind: Sidecar
+metadata: {{name: default}}
+spec:
+  egress:
+  - {{port: {{number: {port}, protocol: HTTP, name: a}}, bind: 127.0.0.1, hosts: [./*]}}
+  - {{port: {{number: {pair_port}, protocol: HTTP, name: b}}, bind: 127.0.0.1, hosts: [./*]}}
+"""
+    try:
+        with running_proxy(tmp_path, admin, resources) as proxy:
+            yield RetryMesh(proxy, port, pair_port, app)
+    finally:
+        app.stop()
+
+
+def test_5xx_retried_with_attempt_count_until_success(mesh: RetryMesh) -> None:
+    status, body, _ = mesh.request("/r5xx?code=503&times=2&key=a")
+    assert status == 200 and b"failed" not in body
+    assert mesh.attempts("/fail?code=503&times=2&key=a") == ["1", "2", "3"]
+    assert "meshproxy_upstream_rq_retry_total" in mesh.proxy.metrics()
+
+
+def test_retries_run_out_and_the_last_answer_is_returned(mesh: RetryMesh) -> None:
+    status, body, _ = mesh.request("/r5xx?code=500&times=9&key=b")
+    assert status == 500 and b"failed" in body
+    # attempts: 3 means four tries; the last try's 500 goes to the client as it came.
+    assert mesh.attempts("/fail?code=500&times=9&key=b") == ["1", "2", "3", "4"]
+
+
+def test_status_codes_and_retriable_4xx(mesh: RetryMesh) -> None:
+    assert mesh.request("/rcode?code=409&times=1&key=c")[0] == 200
+    assert mesh.request("/rcode?code=404&times=1&key=d")[0] == 404  # not listed: no retry
+
+
+def test_istio_default_policy_does_not_replay_a_503(mesh: RetryMesh) -> None:
+    # No `retries` on the route: Istio's default retries connect failures, refused streams
+    # and gRPC unavailable/cancelled, but not a 503 the app itself answered (istio#50506).
+    status, _, _ = mesh.request("/fail?code=503&times=1&key=e", method="POST", body=b"x")
+    assert status == 503
+    assert mesh.app.state.failures["e"] == 1
+
+
+def test_attempts_zero_disables_retries(mesh: RetryMesh) -> None:
+    assert mesh.request("/none?code=503&times=1&key=f")[0] == 503
+    assert mesh.app.state.failures["f"] == 1
+
+
+def test_a_body_beyond_the_replay_buffer_is_not_retried(mesh: RetryMesh) -> None:
+    status, _, _ = mesh.request("/r5xx?code=503&times=1&key=g", "POST", b"z" * 200_000)
+    assert status == 503
+    assert mesh.app.state.failures["g"] == 1
+
+
+def test_connect_failure_retried_on_another_endpoint(mesh: RetryMesh) -> None:
+    # pair.test has a dead endpoint: the default policy retries elsewhere, every time.
+    for _ in range(20):
+        status, body, _ = mesh.request("/p", port=mesh.pair_port, host="pair.test")
+        assert status == 200, body
+        assert json.loads(body)["headers"].get("x-envoy-attempt-count") in ("1", "2")
+    assert 'destination_service="pair.test"' in mesh.proxy.metrics()
+
+
+def test_per_try_timeout_retries_then_504(mesh: RetryMesh) -> None:
+    status, body, elapsed = mesh.request("/pertry?ms=1000")
+    assert status == 504 and body == b"upstream request timeout"
+    assert 0.55 < elapsed < 2.5  # three tries of 200 ms plus backoff, not the 3 s route timeout
+    assert len([r for r in mesh.app.state.requests if r.path.startswith("/slow")]) == 3
+
+
+def test_route_timeout_bounds_all_retries(mesh: RetryMesh) -> None:
+    status, _, elapsed = mesh.request("/bounded?ms=1000")
+    assert status == 504 and elapsed < 1.0
