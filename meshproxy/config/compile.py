@@ -25,6 +25,7 @@ from meshproxy.config.resources import (
     HTTPMatch,
     HTTPRetry,
     Origin,
+    OutlierDetection,
     PeerAuthentication,
     ProxySettings,
     Resource,
@@ -43,6 +44,7 @@ from meshproxy.config.snapshot import (
     ListenerKind,
     ListenerSpec,
     MtlsPolicy,
+    OutlierSpec,
     PortBinding,
     Resolution,
     Snapshot,
@@ -370,6 +372,7 @@ def _make_cluster(
     max_per_conn = 0
     upstream = upstream_protocol_of(sp.protocol, policy.connection_pool if policy else None)
     tls = _origination(policy, endpoints)
+    outlier = _outlier(policy.outlier_detection if policy is not None else None)
     if policy is not None:
         if policy.lb_simple in ("ROUND_ROBIN", "RANDOM", "LEAST_REQUEST"):
             lb = LbPolicy(policy.lb_simple)
@@ -394,7 +397,25 @@ def _make_cluster(
         subset,
         upstream,
         tls,
+        outlier,
     )
+
+
+def _outlier(od: OutlierDetection | None) -> OutlierSpec | None:
+    """Istio's defaults: consecutive5xxErrors 5, gateway errors off, interval 10 s, base
+    ejection 30 s, maxEjectionPercent 10, minHealthPercent 0."""
+    if od is None:
+        return None
+    d = OutlierSpec()
+    spec = OutlierSpec(
+        od.consecutive_5xx_errors if od.consecutive_5xx_errors is not None else d.consecutive_5xx,
+        od.consecutive_gateway_errors or 0,
+        od.interval or d.interval,
+        od.base_ejection_time or d.base_ejection_time,
+        od.max_ejection_percent if od.max_ejection_percent is not None else d.max_ejection_percent,
+        od.min_health_percent or 0,
+    )
+    return spec if spec.consecutive_5xx or spec.consecutive_gateway else None
 
 
 AUTO_MTLS_LABEL = ("security.istio.io/tlsMode", "istio")

@@ -59,6 +59,18 @@ class Endpoint:
 
 
 @dataclass(frozen=True, slots=True)
+class OutlierSpec:
+    """outlierDetection with Istio's defaults filled in."""
+
+    consecutive_5xx: int = 5  # 0: off
+    consecutive_gateway: int = 0  # 0: off (Istio's default)
+    interval: float = 10.0
+    base_ejection_time: float = 30.0
+    max_ejection_percent: int = 10
+    min_health_percent: int = 0
+
+
+@dataclass(frozen=True, slots=True)
 class ClusterSpec:
     """An upstream cluster. Hashable: an unchanged spec keeps its pools across reloads."""
 
@@ -76,6 +88,7 @@ class ClusterSpec:
     subset: str = ""
     upstream_protocol: UpstreamProtocol = UpstreamProtocol.HTTP1
     tls: ClientTls | None = None  # TLS origination (DestinationRule tls, or auto mTLS)
+    outlier: OutlierSpec | None = None  # DestinationRule outlierDetection
 
 
 @dataclass(frozen=True, slots=True)

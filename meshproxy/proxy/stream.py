@@ -353,6 +353,9 @@ class HttpStream:
         if head.status == 101:
             self._open_tunnel(head)
             return
+        outlier = self._cluster.outlier if self._cluster is not None else None
+        if outlier is not None and self._host is not None:
+            outlier.report(self._host, head.status)
         if (head.status >= 400 or self.grpc) and self._retry_response(head):
             return
         if self.grpc:
@@ -541,6 +544,7 @@ class HttpStream:
                     up, reused = await pool.acquire()
             except UpstreamError as err:
                 host.errors += 1
+                self._report_local_failure(host, err)
                 if self._policy_retries(err, host):
                     backoff, fresh = True, False
                     continue
@@ -585,7 +589,15 @@ class HttpStream:
             host.active_requests -= 1
             host.errors += 1
             self._host = None
+            if err is not None:
+                self._report_local_failure(host, err)
         self.upstream = None
+
+    def _report_local_failure(self, host: EndpointState, err: UpstreamError) -> None:
+        """Connect failures, resets and timeouts count against the endpoint (Envoy)."""
+        outlier = self._cluster.outlier if self._cluster is not None else None
+        if outlier is not None and err.kind not in (FailureKind.NO_HEALTHY, FailureKind.OVERFLOW):
+            outlier.report(host, None)
 
     def _policy_retries(self, err: UpstreamError, host: EndpointState | None) -> bool:
         """Whether the route's retry policy retries this failure (Envoy's conditions)."""

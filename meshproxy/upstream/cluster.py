@@ -17,6 +17,7 @@ from meshproxy.security.identity import WorkloadIdentity
 from meshproxy.upstream.connection import UpstreamExchange
 from meshproxy.upstream.h2pool import Http2Pool
 from meshproxy.upstream.lb import make_balancer
+from meshproxy.upstream.outlier import OutlierDetector
 from meshproxy.upstream.pool import Pool
 from meshproxy.upstream.tls import IdentitySource, TlsContexts, UpstreamTls, upstream_tls
 
@@ -45,6 +46,10 @@ class EndpointState:
         "_h2_factory",
         "active_requests",
         "address",
+        "consecutive_5xx",
+        "consecutive_gateway",
+        "ejected",
+        "ejections",
         "errors",
         "pool",
         "port",
@@ -69,6 +74,10 @@ class EndpointState:
         self.active_requests = 0
         self.requests = 0
         self.errors = 0
+        self.ejected = False  # by outlier detection, until its ejection time is over
+        self.ejections = 0
+        self.consecutive_5xx = 0
+        self.consecutive_gateway = 0
 
     def h2_pool(self) -> Http2Pool:
         """The HTTP/2 connections to this host, created on first use."""
@@ -89,14 +98,15 @@ class EndpointState:
 
     @property
     def available(self) -> bool:
-        return True  # outlier ejection lands with the resilience work
+        return not self.ejected
 
     def as_dict(self) -> dict[str, object]:
         h2 = self._h2
         return {
             "address": f"{self.address}:{self.port}",
             "weight": self.weight,
-            "health": "healthy",
+            "health": "ejected" if self.ejected else "healthy",
+            "ejections": self.ejections,
             "rq_active": self.active_requests,
             "rq_total": self.requests,
             "rq_error": self.errors,
@@ -133,6 +143,9 @@ class Cluster:
         self._resolving: asyncio.Task[None] | None = None
         self._by_address: dict[tuple[str, int], EndpointState] = {}
         self.upstream_cx_active = 0
+        self.outlier: OutlierDetector | None = None
+        if spec.outlier is not None:
+            self.outlier = OutlierDetector(spec.outlier, lambda: self.hosts)
         if spec.resolution is Resolution.STATIC:
             self.hosts = [self._host(e.address, e.port, e.weight) for e in spec.endpoints]
 

@@ -35,6 +35,7 @@ class UpstreamState:
     completed: list[str] = field(default_factory=list)  # paths whose whole message arrived
     idle_close_after: float | None = None  # close idle keep-alive connections after this
     failures: dict[str, int] = field(default_factory=dict)  # /fail: answers so far, per key
+    always: int | None = None  # answer every request with this status (a broken endpoint)
 
 
 class _Conn(asyncio.Protocol):
@@ -94,6 +95,9 @@ class _Conn(asyncio.Protocol):
         path = url.path
         t = self.transport
         if path == "/hang":
+            return
+        if self.state.always is not None:
+            self._send(self.state.always, b'{"broken": true}', False)
             return
         if path == "/fail":
             # /fail?code=503&times=N&key=K: `code` for the first N requests of key K, then 200.
