@@ -303,6 +303,7 @@ class Runtime:
                 {
                     "name": name,
                     "lb_policy": cluster.spec.lb.value,
+                    "circuit_breakers": cluster.breaker.as_dict(),
                     "host_statuses": [h.as_dict() for h in cluster.all_hosts()],
                 }
             )

@@ -370,6 +370,7 @@ def _make_cluster(
     connect_timeout = ctx.settings.connect_timeout
     idle_timeout = ctx.settings.upstream_idle_timeout
     max_per_conn = 0
+    limits: tuple[int | None, int | None, int | None, int | None] = (None, None, None, None)
     upstream = upstream_protocol_of(sp.protocol, policy.connection_pool if policy else None)
     tls = _origination(policy, endpoints)
     outlier = _outlier(policy.outlier_detection if policy is not None else None)
@@ -381,6 +382,13 @@ def _make_cluster(
             connect_timeout = pool.connect_timeout or connect_timeout
             idle_timeout = pool.idle_timeout or idle_timeout
             max_per_conn = pool.max_requests_per_connection or 0
+            # Istio sets a threshold only for values > 0.
+            limits = (
+                pool.max_connections or None,
+                pool.http1_max_pending_requests or None,
+                pool.http2_max_requests or None,
+                pool.max_retries or None,
+            )
     name = cluster_name("outbound", sp.number, subset, svc.host)
     return ClusterSpec(
         name,
@@ -398,6 +406,7 @@ def _make_cluster(
         upstream,
         tls,
         outlier,
+        *limits,
     )
 
 

@@ -89,6 +89,11 @@ class ClusterSpec:
     upstream_protocol: UpstreamProtocol = UpstreamProtocol.HTTP1
     tls: ClientTls | None = None  # TLS origination (DestinationRule tls, or auto mTLS)
     outlier: OutlierSpec | None = None  # DestinationRule outlierDetection
+    # connectionPool thresholds (Istio: unset = 2^32-1); None: no limit
+    max_connections: int | None = None
+    max_pending_requests: int | None = None
+    max_requests: int | None = None
+    max_retries: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

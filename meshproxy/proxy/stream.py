@@ -198,6 +198,9 @@ class HttpStream:
         self._attempts = 1
         self._tried: list[EndpointState] = []  # hosts that failed, avoided by retries
         self._retry_exhausted = False
+        self._admitted = False  # counted in the cluster's circuit breaker (requests)
+        self._retry_admitted = False  # ... and in its retry budget
+        self._overloaded = False
         self._match: RouteMatch | None = None
         self._cluster_name = ""
         self._cluster: Cluster | None = None
@@ -229,6 +232,13 @@ class HttpStream:
             self._finish()
             return
         self._cluster = cluster
+        breaker = cluster.breaker
+        if breaker.limited:
+            if not breaker.admit_request():
+                self._overflow()
+                self._finish()
+                return
+            self._admitted = True
         protocol = cluster.spec.upstream_protocol
         if (
             protocol is UpstreamProtocol.HTTP2
@@ -435,7 +445,7 @@ class HttpStream:
         if not retry and self.grpc and policy.grpc_codes:
             code = grpc_status_of(head.headers, "")  # a trailers-only answer carries it here
             retry = code.isdigit() and int(code) in policy.grpc_codes
-        if not retry:
+        if not retry or not self._admit_retry():
             return False
         host = self._host
         up = self.upstream
@@ -625,8 +635,31 @@ class HttpStream:
         if self._retries_left <= 0:
             self._retry_exhausted = True
             return False
+        if not self._admit_retry():
+            return False
         self._count_retry(host)
         return True
+
+    def _admit_retry(self) -> bool:
+        """The cluster's maxRetries: retries in flight at once (one slot per stream)."""
+        if self._retry_admitted or self._cluster is None:
+            return True
+        breaker = self._cluster.breaker
+        if not breaker.limited:
+            return True
+        if breaker.admit_retry():
+            self._retry_admitted = True
+            return True
+        return False
+
+    def _overflow(self) -> None:
+        """A circuit breaker is open: fail fast, as Envoy does (503 UO, x-envoy-overloaded)."""
+        self._overloaded = True
+        self._fail(
+            503,
+            "upstream connect error or disconnect/reset before headers. reset reason: overflow",
+            "UO",
+        )
 
     def _count_retry(self, host: EndpointState | None) -> None:
         self._retries_left -= 1
@@ -655,6 +688,9 @@ class HttpStream:
         return True
 
     def _upstream_failed(self, err: UpstreamError) -> None:
+        if err.kind is FailureKind.OVERFLOW:
+            self._overflow()
+            return
         if self._retry_exhausted:
             err.flag += ",URX"  # Envoy: the retry limit was reached
         if err.kind is FailureKind.NO_HEALTHY:
@@ -682,6 +718,12 @@ class HttpStream:
         if self._finished:
             return
         self._finished = True
+        if self._admitted or self._retry_admitted:
+            breaker = self._cluster.breaker  # type: ignore[union-attr]
+            if self._admitted:
+                breaker.requests -= 1
+            if self._retry_admitted:
+                breaker.retries -= 1
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -841,6 +883,10 @@ class HttpStream:
             self.conn.send_local_reply(200, b"", self, grpc_reply_headers(code, body))
             return
         self.status = status
+        if self._overloaded:
+            extra: Headers = [(b"content-type", b"text/plain"), (b"x-envoy-overloaded", b"true")]
+            self.conn.send_local_reply(status, body.encode(), self, extra)
+            return
         self.conn.send_local_reply(status, body.encode(), self)
 
     def _record(

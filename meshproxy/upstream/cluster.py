@@ -14,6 +14,7 @@ from meshproxy.codec.h1_limits import Limits
 from meshproxy.config.snapshot import ClusterSpec, Resolution
 from meshproxy.errors import FailureKind, UpstreamError
 from meshproxy.security.identity import WorkloadIdentity
+from meshproxy.upstream.breaker import UNLIMITED, CircuitBreaker
 from meshproxy.upstream.connection import UpstreamExchange
 from meshproxy.upstream.h2pool import Http2Pool
 from meshproxy.upstream.lb import make_balancer
@@ -143,6 +144,12 @@ class Cluster:
         self._resolving: asyncio.Task[None] | None = None
         self._by_address: dict[tuple[str, int], EndpointState] = {}
         self.upstream_cx_active = 0
+        self.breaker = CircuitBreaker(
+            spec.max_connections or UNLIMITED,
+            spec.max_pending_requests or UNLIMITED,
+            spec.max_requests or UNLIMITED,
+            spec.max_retries or UNLIMITED,
+        )
         self.outlier: OutlierDetector | None = None
         if spec.outlier is not None:
             self.outlier = OutlierDetector(spec.outlier, lambda: self.hosts)
@@ -166,6 +173,7 @@ class Cluster:
             bind_source=spec.bind_source,
             on_change=self._cx_change,
             tls=self._tls_factory(address, H1_ALPN),
+            breaker=self.breaker if self.breaker.limited else None,
         )
         host = EndpointState(
             address,
@@ -204,6 +212,11 @@ class Cluster:
 
     def _cx_change(self, delta: int) -> None:
         self.upstream_cx_active += delta
+        self.breaker.connections = self.upstream_cx_active
+        if delta < 0 and self.breaker.limited:
+            for host in self._by_address.values():  # a slot freed: one waiter may connect
+                if host.pool.wake_one():
+                    break
 
     async def pick(
         self,

@@ -6,13 +6,21 @@ import asyncio
 import socket
 import ssl
 import time
+from collections import deque
 from collections.abc import Callable
 
 from meshproxy.codec.h1 import client_codec
 from meshproxy.codec.h1_limits import Limits
 from meshproxy.errors import FailureKind, UpstreamError
+from meshproxy.upstream.breaker import CircuitBreaker
 from meshproxy.upstream.connection import UpstreamHttp1Connection
 from meshproxy.upstream.tls import UpstreamTls
+
+
+def _overflow(what: str) -> UpstreamError:
+    return UpstreamError(
+        FailureKind.OVERFLOW, f"overflow: {what}", flag="UO", request_bytes_sent=False
+    )
 
 
 async def open_connection(
@@ -99,6 +107,7 @@ class Pool:
         bind_source: str | None,
         on_change: Callable[[int], None] | None = None,
         tls: Callable[[], UpstreamTls | None] | None = None,
+        breaker: CircuitBreaker | None = None,
     ) -> None:
         self.address = address
         self.port = port
@@ -116,13 +125,46 @@ class Pool:
         self.connects = 0
         self._on_change = on_change
         self._tls = tls
+        self.breaker = breaker
+        self._waiters: deque[asyncio.Future[UpstreamHttp1Connection | None]] = deque()
 
     async def acquire(self) -> tuple[UpstreamHttp1Connection, bool]:
-        """A connection ready for one request, and whether it was reused."""
+        """A connection ready for one request, and whether it was reused.
+
+        At the cluster's maxConnections the request waits, as one of at most
+        http1MaxPendingRequests, for a connection another request releases; beyond that it
+        overflows at once (503 UO)."""
         conn = self.take_idle()
         if conn is not None:
             return conn, True
+        b = self.breaker
+        while b is not None and not b.may_connect():
+            if b.pending >= b.max_pending:
+                b.overflows["pending"] += 1
+                raise _overflow("pending requests")
+            future: asyncio.Future[UpstreamHttp1Connection | None]
+            future = asyncio.get_running_loop().create_future()
+            self._waiters.append(future)
+            b.pending += 1
+            try:
+                handed = await future
+            finally:
+                b.pending -= 1
+            if handed is not None:
+                return handed, True
+            conn = self.take_idle()
+            if conn is not None:
+                return conn, True
         return await self.connect(), False
+
+    def wake_one(self) -> bool:
+        """A connection slot freed up: let one waiting request try again."""
+        while self._waiters:
+            future = self._waiters.popleft()
+            if not future.done():
+                future.set_result(None)
+                return True
+        return False
 
     def take_idle(self) -> UpstreamHttp1Connection | None:
         """The most recently used live idle connection, if any (no waiting)."""
@@ -163,6 +205,11 @@ class Pool:
             if not conn.closed:
                 conn.abort()
             return
+        while self._waiters:
+            future = self._waiters.popleft()
+            if not future.done():
+                future.set_result(conn)  # straight to a waiting request
+                return
         conn.idle_since = time.monotonic()
         self.idle.append(conn)
         if self._sweeper is None:

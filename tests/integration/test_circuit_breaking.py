@@ -1,0 +1,102 @@
+"""Circuit breaking: beyond maxConnections + http1MaxPendingRequests, or http2MaxRequests,
+requests fail fast with 503 UO and x-envoy-overloaded, while admitted ones succeed."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import threading
+import time
+from pathlib import Path
+
+from tests.support.h2client import H2Client
+from tests.support.proxy import free_port, http_get, running_proxy
+from tests.support.upstream import UpstreamServer
+
+
+def _resources(port: int, app: int, pool: str) -> str:
+    return f"""
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: svc}}
+spec:
+  hosts: [svc.test]
+  ports: [{{number: {port}, name: http, protocol: HTTP}}]
+  resolution: STATIC
+  endpoints: [{{address: 127.0.0.1, ports: {{http: {app}}}}}]
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: svc}}
+spec:
+  host: svc.test
+  trafficPolicy: {{connectionPool: {pool}}}
+---
+apiVersion: networking.istio.io/v1
+kind: Sidecar
+metadata: {{name: default}}
+spec:
+  egress: [{{port: {{number: {port}, protocol: HTTP, name: http}}, bind: 127.0.0.1,
+            hosts: [./*]}}]
+"""
+
+
+def test_max_connections_and_pending_requests(tmp_path: Path) -> None:
+    app = UpstreamServer("app").start()
+    admin, port = free_port(), free_port()
+    pool = "{tcp: {maxConnections: 1}, http: {http1MaxPendingRequests: 1}}"
+    results: list[tuple[int, float, str | None]] = []
+    lock = threading.Lock()
+
+    def one() -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        start = time.monotonic()
+        conn.request("GET", "/slow?ms=400", headers={"Host": "svc.test"})
+        resp = conn.getresponse()
+        resp.read()
+        with lock:
+            results.append(
+                (resp.status, time.monotonic() - start, resp.getheader("x-envoy-overloaded"))
+            )
+        conn.close()
+
+    try:
+        with running_proxy(tmp_path, admin, _resources(port, app.port, pool)) as proxy:
+            threads = [threading.Thread(target=one) for _ in range(6)]
+            for t in threads:
+                t.start()
+                time.sleep(0.02)
+            for t in threads:
+                t.join(timeout=15)
+            ok = [r for r in results if r[0] == 200]
+            over = [r for r in results if r[0] == 503]
+            assert len(ok) == 2 and len(over) == 4, results  # 1 on the connection + 1 waiting
+            assert all(r[1] < 0.3 and r[2] == "true" for r in over)  # failed fast
+            assert app.state.connections == 1  # never more than maxConnections
+            assert 'response_flags="UO"' in proxy.metrics()
+            clusters = json.loads(http_get(f"http://127.0.0.1:{admin}/clusters?format=json")[1])
+            cb = next(c for c in clusters["cluster_statuses"] if c["name"].startswith("outbound|"))
+            assert cb["circuit_breakers"]["overflow"]["pending"] == 4
+    finally:
+        app.stop()
+
+
+def test_max_requests_over_http2(tmp_path: Path) -> None:
+    app = UpstreamServer("app").start()
+    admin, port = free_port(), free_port()
+    try:
+        with running_proxy(
+            tmp_path, admin, _resources(port, app.port, "{http: {http2MaxRequests: 2}}")
+        ):
+            c = H2Client(port, authority="svc.test")
+            sids = [c.request("/slow?ms=300") for _ in range(5)]
+            res = c.wait(*sids)
+            statuses = sorted(r.status for r in res)
+            assert statuses == [200, 200, 503, 503, 503], statuses
+            assert all(
+                r.headers.get("x-envoy-overloaded") == "true" for r in res if r.status == 503
+            )
+            assert c.get("/after").status == 200  # the slots came back
+            c.close()
+    finally:
+        app.stop()
