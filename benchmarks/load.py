@@ -173,6 +173,29 @@ spec:
 """
 
 
+# `+resilience` variants: the same mesh with a full DestinationRule (limits, outlier
+# detection) and route retries + per-try timeout, to price that machinery on the happy path.
+RESILIENCE_ANCHOR = "    headers: {{response: {{set: {{x-mesh: bench}}}}}}".replace(
+    "{{", "{"
+).replace("}}", "}")
+RESILIENCE_ROUTE = (
+    RESILIENCE_ANCHOR + "\n    timeout: 10s"
+    "\n    retries: {attempts: 3, perTryTimeout: 2s, retryOn: '5xx,reset,connect-failure'}"
+)
+RESILIENCE_RULE = """---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: bench}
+spec:
+  host: bench.local
+  trafficPolicy:
+    connectionPool:
+      tcp: {maxConnections: 1000, connectTimeout: 2s}
+      http: {http1MaxPendingRequests: 1000, http2MaxRequests: 1000, maxRetries: 100}
+    outlierDetection: {consecutive5xxErrors: 5, interval: 10s, baseEjectionTime: 30s}
+"""
+
+
 class Processes:
     def __init__(self) -> None:
         self.procs: list[subprocess.Popen[bytes]] = []
@@ -258,19 +281,23 @@ def main(argv: list[str] | None = None) -> int:
             )
         )
         for variant in args.codecs.split(","):
+            variant, plus, extra = variant.partition("+")
             codec, _, build = variant.partition("-")
+            resilient = plus and extra == "resilience"
             cwd = None
             if build == "mypyc":
                 cwd = compiled_copy(tmp / "compiled")
                 if cwd is None:
                     continue
             port, admin = free_port(), free_port()
-            cfg = tmp / f"mesh-{variant}"
+            cfg = tmp / f"mesh-{variant}{'-resilience' if resilient else ''}"
             cfg.mkdir()
-            (cfg / "mesh.yaml").write_text(
-                MESH.format(admin=admin, codec=codec, port=port, upstream=up_port)
-            )
-            name = f"meshproxy ({codec}{', mypyc' if build else ''})"
+            text = MESH.format(admin=admin, codec=codec, port=port, upstream=up_port)
+            if resilient:
+                text = text.replace(RESILIENCE_ANCHOR, RESILIENCE_ROUTE) + RESILIENCE_RULE
+            (cfg / "mesh.yaml").write_text(text)
+            name = f"meshproxy ({codec}{', mypyc' if build else ''}"
+            name += ", resilience)" if resilient else ")"
             cmd = [
                 "taskset",
                 "-c",

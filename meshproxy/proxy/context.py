@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from meshproxy.codec.h1_limits import Limits
 from meshproxy.config.snapshot import Snapshot
 from meshproxy.observe.metrics import MeshMetrics
+from meshproxy.proxy.deadlines import DeadlineWheel
 from meshproxy.security.identity import WorkloadIdentity
 from meshproxy.upstream.cluster import ClusterManager
 
@@ -23,3 +24,4 @@ class ProxyContext:
     draining: bool = False
     connections: set[object] = field(default_factory=set)
     identity: WorkloadIdentity | None = None  # replaced (one assignment) on rotation
+    deadlines: DeadlineWheel = field(default_factory=DeadlineWheel)

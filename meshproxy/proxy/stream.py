@@ -201,12 +201,13 @@ class HttpStream:
         self._admitted = False  # counted in the cluster's circuit breaker (requests)
         self._retry_admitted = False  # ... and in its retry budget
         self._overloaded = False
+        self._try_deadline: float | None = None  # fast path: per-try, until response headers
+        self._in_wheel = False
         self._match: RouteMatch | None = None
         self._cluster_name = ""
         self._cluster: Cluster | None = None
         self._outgoing: RequestHead | None = None
         self._deadline: float | None = None  # loop time by which the response must be done
-        self._timer: asyncio.TimerHandle | None = None
         self._finished = False
         self._h2_upstream = False
         # gRPC needs HTTP/2 end to end; only then is the content-type worth a look.
@@ -263,7 +264,7 @@ class HttpStream:
         loop = conn.loop
         if timeout is not None:
             self._deadline = loop.time() + timeout
-        if cluster.spec.resolution is not Resolution.DNS and self._retry.per_try_timeout is None:
+        if cluster.spec.resolution is not Resolution.DNS:
             try:
                 host = cluster.pick_now(conn.original_dst)
             except UpstreamError as err:
@@ -272,8 +273,12 @@ class HttpStream:
                 return
             up = host.h2_pool().take_idle() if self._h2_upstream else host.pool.take_idle()
             if up is not None:
-                if timeout is not None:
-                    self._timer = loop.call_at(self._deadline, self._timed_out)  # type: ignore[arg-type]
+                per_try = self._retry.per_try_timeout
+                if per_try is not None:
+                    self._try_deadline = loop.time() + per_try
+                if timeout is not None or per_try is not None:
+                    self._in_wheel = True
+                    conn.ctx.deadlines.add(self, loop)
                 self._begin(host, up, reused=True)
                 return
         self.task = spawn(self._slow_path(), name="http-stream")
@@ -360,6 +365,7 @@ class HttpStream:
 
     # -- ResponseSink ----------------------------------------------------------------------
     def on_response_head(self, head: ResponseHead) -> None:
+        self._try_deadline = None  # the per-try timeout ends with the response headers
         if head.status == 101:
             self._open_tunnel(head)
             return
@@ -380,9 +386,8 @@ class HttpStream:
         """The upstream switched protocols: no deadline now, and what the client sent
         since its upgrade request goes up as it is."""
         self.tunnel_open = True
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._deadline = self._try_deadline = None
+        self._leave_wheel()
         if self._timeout_cm is not None:
             self._timeout_cm.reschedule(None)
         self._send_response_head(head)
@@ -495,8 +500,38 @@ class HttpStream:
                 self.status = 0
         self._finish()
 
+    def check_deadline(self, now: float) -> None:
+        """The deadline wheel's tick (fast path only; the slow path has asyncio timeouts)."""
+        if self.task is not None or self._finished:
+            self._leave_wheel()
+            return
+        if self._deadline is not None and now >= self._deadline:
+            self._leave_wheel()
+            self._timed_out()
+        elif self._try_deadline is not None and now >= self._try_deadline:
+            self._try_deadline = None
+            self._per_try_expired()
+
+    def _leave_wheel(self) -> None:
+        if self._in_wheel:
+            self._in_wheel = False
+            self.conn.ctx.deadlines.discard(self)
+
+    def _per_try_expired(self) -> None:
+        """The fast path's try took longer than perTryTimeout before any response header."""
+        if self._finished or self.response_head_sent or self.task is not None:
+            return
+        host = self._host
+        self._abort_upstream()
+        err = UpstreamError(FailureKind.TIMEOUT, "per-try timeout", flag="UT")
+        self._attempt_failed(err)
+        if self._policy_retries(err, host):
+            self.task = spawn(self._slow_path(backoff=True), name="http-stream-retry")
+            return
+        self._fail(504, "upstream request timeout", "UT", GRPC_DEADLINE_EXCEEDED)
+        self._finish()
+
     def _timed_out(self) -> None:
-        self._timer = None
         if self._finished:
             return
         self._abort_upstream()
@@ -509,9 +544,7 @@ class HttpStream:
             if self._deadline is None:
                 await self._exchange(fresh, backoff)
             else:
-                if self._timer is not None:
-                    self._timer.cancel()
-                    self._timer = None
+                self._leave_wheel()  # asyncio's timeout takes over from the wheel
                 async with asyncio.timeout_at(self._deadline) as self._timeout_cm:
                     await self._exchange(fresh, backoff)
         except LocalReply as reply:
@@ -718,15 +751,14 @@ class HttpStream:
         if self._finished:
             return
         self._finished = True
+        if self._in_wheel:
+            self._leave_wheel()
         if self._admitted or self._retry_admitted:
             breaker = self._cluster.breaker  # type: ignore[union-attr]
             if self._admitted:
                 breaker.requests -= 1
             if self._retry_admitted:
                 breaker.retries -= 1
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
         host = self._host
         if host is not None:
             host.active_requests -= 1
