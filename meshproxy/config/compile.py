@@ -22,6 +22,7 @@ from meshproxy.config.resources import (
     Destination,
     DestinationRule,
     HeaderOperations,
+    HTTPFault,
     HTTPMatch,
     HTTPRetry,
     Origin,
@@ -36,6 +37,7 @@ from meshproxy.config.resources import (
     TrafficPolicy,
     VirtualService,
 )
+from meshproxy.config.schema import GRPC_STATUS_NAMES
 from meshproxy.config.snapshot import (
     L7,
     ClusterSpec,
@@ -57,6 +59,7 @@ from meshproxy.routing.table import (
     NO_HEADER_OPS,
     NO_RETRY,
     OUTBOUND_DEFAULT_RETRY,
+    Fault,
     HeaderOps,
     RetryPolicy,
     Route,
@@ -598,6 +601,7 @@ def _routes_for(ctx: _Context, vs: VirtualService, port: int | None) -> list[Rou
                 request_headers=_ops(http.headers.request),
                 response_headers=_ops(http.headers.response),
                 retry=retry_policy(http.retries, http.timeout),
+                fault=_route_fault(http.fault),
             )
         )
         if http.deferred:
@@ -647,6 +651,13 @@ def retry_policy(retries: HTTPRetry | None, route_timeout: float | None) -> Retr
         frozenset(GRPC_RETRY_CODES[n] for n in on if n in GRPC_RETRY_CODES),
         retries.retry_ignore_previous_hosts,
     )
+
+
+def _route_fault(f: HTTPFault | None) -> Fault | None:
+    if f is None:
+        return None
+    grpc = GRPC_STATUS_NAMES.index(f.abort_grpc) if f.abort_grpc is not None else None
+    return Fault(f.delay, f.delay_percent, f.abort_status, grpc, f.abort_percent)
 
 
 def _domains(host: str, port: int, namespace: str) -> list[str]:

@@ -115,6 +115,15 @@ class HTTPRetry:
 
 
 @dataclass(frozen=True, slots=True)
+class HTTPFault:
+    delay: float | None = None
+    delay_percent: float = 100.0
+    abort_status: int | None = None
+    abort_grpc: str | None = None
+    abort_percent: float = 100.0
+
+
+@dataclass(frozen=True, slots=True)
 class HTTPRoute:
     path: Path_
     name: str
@@ -127,6 +136,7 @@ class HTTPRoute:
     # Parsed and validated now, enforced by the resilience work (later issue).
     deferred: dict[str, Any] = field(default_factory=dict)
     retries: HTTPRetry | None = None
+    fault: HTTPFault | None = None
 
 
 @dataclass(frozen=True, slots=True)

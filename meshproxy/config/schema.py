@@ -22,6 +22,7 @@ from meshproxy.config.resources import (
     EgressListener,
     HeaderOperations,
     Headers,
+    HTTPFault,
     HTTPMatch,
     HTTPRetry,
     HTTPRoute,
@@ -66,7 +67,6 @@ _HEADER_NAME = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 # Fields Istio defines that a later issue enforces: accepted and validated for shape, reported
 # once as "not enforced yet" by the loader so nobody believes they are active.
 DEFERRED_HTTP_ROUTE_FIELDS = (
-    "fault",
     "mirror",
     "mirrorPercentage",
     "mirrors",
@@ -470,6 +470,7 @@ def _http_route(r: Reader, value: Any, path: Path_, index: int) -> HTTPRoute | N
         "headers",
         *DEFERRED_HTTP_ROUTE_FIELDS,
         "retries",
+        "fault",
     )
     m = r.mapping(value, path, allowed)
     if m is None:
@@ -494,6 +495,7 @@ def _http_route(r: Reader, value: Any, path: Path_, index: int) -> HTTPRoute | N
     timeout = r.duration(m, "timeout", path)
     deferred = {k: m[k] for k in DEFERRED_HTTP_ROUTE_FIELDS if m.get(k) is not None}
     retries = _retries(r, m.get("retries"), (*path, "retries")) if "retries" in m else None
+    fault = _fault(r, m.get("fault"), (*path, "fault")) if m.get("fault") is not None else None
     return HTTPRoute(
         path,
         r.string(m, "name", path) or f"route-{index}",
@@ -505,7 +507,74 @@ def _http_route(r: Reader, value: Any, path: Path_, index: int) -> HTTPRoute | N
         _headers(r, m.get("headers"), (*path, "headers")),
         deferred,
         retries,
+        fault,
     )
+
+
+GRPC_STATUS_NAMES = (
+    "OK",
+    "CANCELLED",
+    "UNKNOWN",
+    "INVALID_ARGUMENT",
+    "DEADLINE_EXCEEDED",
+    "NOT_FOUND",
+    "ALREADY_EXISTS",
+    "PERMISSION_DENIED",
+    "RESOURCE_EXHAUSTED",
+    "FAILED_PRECONDITION",
+    "ABORTED",
+    "OUT_OF_RANGE",
+    "UNIMPLEMENTED",
+    "INTERNAL",
+    "UNAVAILABLE",
+    "DATA_LOSS",
+    "UNAUTHENTICATED",
+)
+
+
+def _percentage(r: Reader, m: Mapping[str, Any], path: Path_) -> float:
+    """`percentage: {value}` (0-100); the deprecated integer `percent`; unset: every request
+    (Istio translates a missing percentage to 100 %)."""
+    if m.get("percentage") is not None:
+        pm = r.mapping(m["percentage"], (*path, "percentage"), ("value",))
+        value = pm.get("value") if pm else None
+        if isinstance(value, int | float) and not isinstance(value, bool) and 0 <= value <= 100:
+            return float(value)
+        r.error((*path, "percentage", "value"), "expected a number from 0 to 100")
+        return 0.0
+    percent = r.integer(m, "percent", path, minimum=0, maximum=100)
+    return float(percent) if percent is not None else 100.0
+
+
+def _fault(r: Reader, value: Any, path: Path_) -> HTTPFault | None:
+    m = r.mapping(value, path, ("delay", "abort"))
+    if m is None:
+        return None
+    fault = HTTPFault()
+    if m.get("delay") is not None:
+        dp = (*path, "delay")
+        dm = r.mapping(m["delay"], dp, ("fixedDelay", "exponentialDelay", "percentage", "percent"))
+        if dm is not None:
+            if dm.get("exponentialDelay") is not None:
+                r.error((*dp, "exponentialDelay"), "not supported (Istio does not either)")
+            delay = r.duration(dm, "fixedDelay", dp)
+            if delay is None:
+                r.error(dp, "a delay needs fixedDelay")
+            fault = HTTPFault(delay, _percentage(r, dm, dp))
+    if m.get("abort") is not None:
+        ap = (*path, "abort")
+        am = r.mapping(m["abort"], ap, ("httpStatus", "grpcStatus", "http2Error", "percentage"))
+        if am is not None:
+            status = r.integer(am, "httpStatus", ap, minimum=200, maximum=599)
+            grpc = r.choice(am, "grpcStatus", ap, GRPC_STATUS_NAMES)
+            if am.get("http2Error") is not None:
+                r.error((*ap, "http2Error"), "not supported")
+            if status is None and grpc is None:
+                r.error(ap, "an abort needs httpStatus or grpcStatus")
+            fault = HTTPFault(
+                fault.delay, fault.delay_percent, status, grpc, _percentage(r, am, ap)
+            )
+    return fault
 
 
 RETRY_ON = (

@@ -34,6 +34,7 @@ from meshproxy.routing.table import (
     NO_HEADER_OPS,
     NO_RETRY,
     OUTBOUND_DEFAULT_RETRY,
+    Fault,
     HeaderOps,
     RetryPolicy,
     RouteMatch,
@@ -201,6 +202,7 @@ class HttpStream:
         self._admitted = False  # counted in the cluster's circuit breaker (requests)
         self._retry_admitted = False  # ... and in its retry budget
         self._overloaded = False
+        self._fault_grpc: int | None = None  # a fault abort's gRPC status
         self._try_deadline: float | None = None  # fast path: per-try, until response headers
         self._in_wheel = False
         self._match: RouteMatch | None = None
@@ -225,6 +227,8 @@ class HttpStream:
             if self.head.expect_continue:
                 conn.send_interim(100)
             self._match, self._cluster_name, self._outgoing = self._route()
+            fault = self._match.route.fault if self._match is not None else None
+            delay = self._fault(fault) if fault is not None else None
             cluster = conn.ctx.clusters.get(self._cluster_name)
             if cluster is None:
                 raise LocalReply(503, "no healthy upstream", "NC")
@@ -264,6 +268,11 @@ class HttpStream:
         loop = conn.loop
         if timeout is not None:
             self._deadline = loop.time() + timeout
+        if delay is not None:
+            if self._deadline is not None:
+                self._deadline += delay  # the route timeout starts after the injected delay
+            self.task = spawn(self._slow_path(delay=delay), name="http-stream-delayed")
+            return
         if cluster.spec.resolution is not Resolution.DNS:
             try:
                 host = cluster.pick_now(conn.original_dst)
@@ -282,6 +291,19 @@ class HttpStream:
                 self._begin(host, up, reused=True)
                 return
         self.task = spawn(self._slow_path(), name="http-stream")
+
+    def _fault(self, fault: Fault) -> float | None:
+        """VirtualService fault: abort (LocalReply, flag FI) or the delay to inject (DI)."""
+        if (fault.abort_status is not None or fault.abort_grpc is not None) and (
+            random() * 100 < fault.abort_percent
+        ):
+            if self.grpc and fault.abort_grpc is not None:
+                self._fault_grpc = fault.abort_grpc
+            raise LocalReply(fault.abort_status or 200, "fault filter abort", "FI")
+        if fault.delay is not None and random() * 100 < fault.delay_percent:
+            self.flag = "DI"
+            return fault.delay
+        return None
 
     def _admit(self) -> None:
         """Normalize the path (what policy matches is what the app gets), then apply the
@@ -539,8 +561,12 @@ class HttpStream:
         self._finish()
 
     # -- the slow path ---------------------------------------------------------------------
-    async def _slow_path(self, fresh: bool = False, backoff: bool = False) -> None:
+    async def _slow_path(
+        self, fresh: bool = False, backoff: bool = False, delay: float | None = None
+    ) -> None:
         try:
+            if delay is not None:
+                await asyncio.sleep(delay)  # fault injection: before the router, as Envoy
             if self._deadline is None:
                 await self._exchange(fresh, backoff)
             else:
@@ -909,6 +935,8 @@ class HttpStream:
         self.response_complete = True
         if self.grpc:
             # gRPC clients read trailers, not HTTP statuses: a trailers-only response.
+            if grpc_status is None:
+                grpc_status = self._fault_grpc
             code = grpc_status if grpc_status is not None else grpc_status_for_http(status)
             self.status = 200
             self.grpc_status = str(code)

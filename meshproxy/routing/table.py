@@ -81,6 +81,17 @@ NO_RETRY = RetryPolicy(0)
 
 
 @dataclass(frozen=True, slots=True)
+class Fault:
+    """VirtualService http[].fault: delay and/or abort a share of the requests."""
+
+    delay: float | None = None
+    delay_percent: float = 100.0
+    abort_status: int | None = None
+    abort_grpc: int | None = None  # a gRPC status code (trailers-only answer)
+    abort_percent: float = 100.0
+
+
+@dataclass(frozen=True, slots=True)
 class Route:
     name: str
     matchers: tuple[RequestMatcher, ...]  # empty: matches every request
@@ -91,6 +102,7 @@ class Route:
     request_headers: HeaderOps = NO_HEADER_OPS
     response_headers: HeaderOps = NO_HEADER_OPS
     retry: RetryPolicy = OUTBOUND_DEFAULT_RETRY
+    fault: Fault | None = None
     _cumulative: tuple[int, ...] = field(default=(), compare=False)
 
     def __post_init__(self) -> None:

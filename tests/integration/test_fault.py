@@ -1,0 +1,119 @@
+"""VirtualService fault injection: delays (DI) and aborts (FI), by percentage, HTTP and gRPC."""
+
+from __future__ import annotations
+
+import http.client
+import time
+from pathlib import Path
+
+import grpc
+
+from tests.support.grpc_echo import GrpcEchoServer
+from tests.support.proxy import free_port, running_proxy
+from tests.support.upstream import UpstreamServer
+
+
+def test_delay_and_abort(tmp_path: Path) -> None:
+    app = UpstreamServer("app").start()
+    admin, port = free_port(), free_port()
+    resources = f"""
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: svc}}
+spec:
+  hosts: [svc.test]
+  ports: [{{number: {port}, name: http, protocol: HTTP}}]
+  resolution: STATIC
+  endpoints: [{{address: 127.0.0.1, ports: {{http: {app.port}}}}}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: svc}}
+spec:
+  hosts: [svc.test]
+  http:
+  - match: [{{uri: {{prefix: /delay}}}}]
+    timeout: 300ms  # starts after the injected delay
+    fault: {{delay: {{fixedDelay: 500ms, percentage: {{value: 100}}}}}}
+    route: [{{destination: {{host: svc.test}}}}]
+  - match: [{{uri: {{prefix: /abort}}}}]
+    fault: {{abort: {{httpStatus: 418}}}}
+    route: [{{destination: {{host: svc.test}}}}]
+  - match: [{{uri: {{prefix: /half}}}}]
+    fault: {{abort: {{httpStatus: 503, percentage: {{value: 50}}}}}}
+    route: [{{destination: {{host: svc.test}}}}]
+  - route: [{{destination: {{host: svc.test}}}}]
+---
+apiVersion: networking.istio.io/v1
+kind: Sidecar
+metadata: {{name: default}}
+spec:
+  egress: [{{port: {{number: {port}, protocol: HTTP, name: http}}, bind: 127.0.0.1,
+            hosts: [./*]}}]
+"""
+
+    def get(path: str) -> tuple[int, bytes, float]:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        start = time.monotonic()
+        conn.request("GET", path, headers={"Host": "svc.test"})
+        resp = conn.getresponse()
+        body = resp.read()
+        conn.close()
+        return resp.status, body, time.monotonic() - start
+
+    try:
+        with running_proxy(tmp_path, admin, resources) as proxy:
+            status, _, elapsed = get("/delay")
+            assert status == 200 and 0.45 < elapsed < 2.0
+            before = len(app.state.requests)
+            status, body, _ = get("/abort")
+            assert (status, body) == (418, b"fault filter abort")
+            assert len(app.state.requests) == before  # an abort never reaches the upstream
+            statuses = [get("/half")[0] for _ in range(200)]
+            assert 60 < statuses.count(503) < 140  # 50 % ± generous
+            metrics = proxy.metrics()
+            assert 'response_flags="DI"' in metrics and 'response_flags="FI"' in metrics
+    finally:
+        app.stop()
+
+
+def test_grpc_abort_status(tmp_path: Path) -> None:
+    server = GrpcEchoServer().start()
+    admin, port = free_port(), free_port()
+    resources = f"""
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: echo}}
+spec:
+  hosts: [echo.grpc]
+  ports: [{{number: {port}, name: grpc, protocol: GRPC}}]
+  resolution: STATIC
+  endpoints: [{{address: 127.0.0.1, ports: {{grpc: {server.port}}}}}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: echo}}
+spec:
+  hosts: [echo.grpc]
+  http: [{{fault: {{abort: {{grpcStatus: RESOURCE_EXHAUSTED}}}},
+           route: [{{destination: {{host: echo.grpc}}}}]}}]
+---
+apiVersion: networking.istio.io/v1
+kind: Sidecar
+metadata: {{name: default}}
+spec:
+  egress: [{{port: {{number: {port}, protocol: GRPC, name: grpc}}, bind: 127.0.0.1,
+            hosts: [./*]}}]
+"""
+    try:
+        with running_proxy(tmp_path, admin, resources):
+            options = [("grpc.default_authority", "echo.grpc"), ("grpc.enable_http_proxy", 0)]
+            with grpc.insecure_channel(f"127.0.0.1:{port}", options=options) as ch:
+                call = ch.unary_unary("/test.Echo/Unary")
+                try:
+                    call(b"x", timeout=5)
+                    raise AssertionError("the fault did not abort")
+                except grpc.RpcError as err:
+                    assert err.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+    finally:
+        server.stop()
