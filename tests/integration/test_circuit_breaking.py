@@ -10,21 +10,14 @@ import time
 from pathlib import Path
 
 from tests.support.h2client import H2Client
-from tests.support.proxy import free_port, http_get, running_proxy
+from tests.support.proxy import egress_sidecar, free_port, http_get, running_proxy, service_entry
 from tests.support.upstream import UpstreamServer
 
 
 def _resources(port: int, app: int, pool: str) -> str:
-    return f"""
-apiVersion: networking.istio.io/v1
-kind: ServiceEntry
-metadata: {{name: svc}}
-spec:
-  hosts: [svc.test]
-  ports: [{{number: {port}, name: http, protocol: HTTP}}]
-  resolution: STATIC
-  endpoints: [{{address: 127.0.0.1, ports: {{http: {app}}}}}]
----
+    return (
+        service_entry("svc.test", port, [app])
+        + f"""
 apiVersion: networking.istio.io/v1
 kind: DestinationRule
 metadata: {{name: svc}}
@@ -32,13 +25,9 @@ spec:
   host: svc.test
   trafficPolicy: {{connectionPool: {pool}}}
 ---
-apiVersion: networking.istio.io/v1
-kind: Sidecar
-metadata: {{name: default}}
-spec:
-  egress: [{{port: {{number: {port}, protocol: HTTP, name: http}}, bind: 127.0.0.1,
-            hosts: [./*]}}]
 """
+        + egress_sidecar(port)
+    )
 
 
 def test_max_connections_and_pending_requests(tmp_path: Path) -> None:

@@ -9,48 +9,37 @@ from pathlib import Path
 import grpc
 
 from tests.support.grpc_echo import GrpcEchoServer
-from tests.support.proxy import free_port, running_proxy
+from tests.support.proxy import egress_sidecar, free_port, running_proxy, service_entry
 from tests.support.upstream import UpstreamServer
 
 
 def test_delay_and_abort(tmp_path: Path) -> None:
     app = UpstreamServer("app").start()
     admin, port = free_port(), free_port()
-    resources = f"""
-apiVersion: networking.istio.io/v1
-kind: ServiceEntry
-metadata: {{name: svc}}
-spec:
-  hosts: [svc.test]
-  ports: [{{number: {port}, name: http, protocol: HTTP}}]
-  resolution: STATIC
-  endpoints: [{{address: 127.0.0.1, ports: {{http: {app.port}}}}}]
----
+    resources = (
+        service_entry("svc.test", port, [app.port])
+        + """
 apiVersion: networking.istio.io/v1
 kind: VirtualService
-metadata: {{name: svc}}
+metadata: {name: svc}
 spec:
   hosts: [svc.test]
   http:
-  - match: [{{uri: {{prefix: /delay}}}}]
+  - match: [{uri: {prefix: /delay}}]
     timeout: 300ms  # starts after the injected delay
-    fault: {{delay: {{fixedDelay: 500ms, percentage: {{value: 100}}}}}}
-    route: [{{destination: {{host: svc.test}}}}]
-  - match: [{{uri: {{prefix: /abort}}}}]
-    fault: {{abort: {{httpStatus: 418}}}}
-    route: [{{destination: {{host: svc.test}}}}]
-  - match: [{{uri: {{prefix: /half}}}}]
-    fault: {{abort: {{httpStatus: 503, percentage: {{value: 50}}}}}}
-    route: [{{destination: {{host: svc.test}}}}]
-  - route: [{{destination: {{host: svc.test}}}}]
+    fault: {delay: {fixedDelay: 500ms, percentage: {value: 100}}}
+    route: [{destination: {host: svc.test}}]
+  - match: [{uri: {prefix: /abort}}]
+    fault: {abort: {httpStatus: 418}}
+    route: [{destination: {host: svc.test}}]
+  - match: [{uri: {prefix: /half}}]
+    fault: {abort: {httpStatus: 503, percentage: {value: 50}}}
+    route: [{destination: {host: svc.test}}]
+  - route: [{destination: {host: svc.test}}]
 ---
-apiVersion: networking.istio.io/v1
-kind: Sidecar
-metadata: {{name: default}}
-spec:
-  egress: [{{port: {{number: {port}, protocol: HTTP, name: http}}, bind: 127.0.0.1,
-            hosts: [./*]}}]
 """
+        + egress_sidecar(port)
+    )
 
     def get(path: str) -> tuple[int, bytes, float]:
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
@@ -80,31 +69,20 @@ spec:
 def test_grpc_abort_status(tmp_path: Path) -> None:
     server = GrpcEchoServer().start()
     admin, port = free_port(), free_port()
-    resources = f"""
-apiVersion: networking.istio.io/v1
-kind: ServiceEntry
-metadata: {{name: echo}}
-spec:
-  hosts: [echo.grpc]
-  ports: [{{number: {port}, name: grpc, protocol: GRPC}}]
-  resolution: STATIC
-  endpoints: [{{address: 127.0.0.1, ports: {{grpc: {server.port}}}}}]
----
+    resources = (
+        service_entry("echo.grpc", port, [server.port], "GRPC")
+        + """
 apiVersion: networking.istio.io/v1
 kind: VirtualService
-metadata: {{name: echo}}
+metadata: {name: echo}
 spec:
   hosts: [echo.grpc]
-  http: [{{fault: {{abort: {{grpcStatus: RESOURCE_EXHAUSTED}}}},
-           route: [{{destination: {{host: echo.grpc}}}}]}}]
+  http: [{fault: {abort: {grpcStatus: RESOURCE_EXHAUSTED}},
+           route: [{destination: {host: echo.grpc}}]}]
 ---
-apiVersion: networking.istio.io/v1
-kind: Sidecar
-metadata: {{name: default}}
-spec:
-  egress: [{{port: {{number: {port}, protocol: GRPC, name: grpc}}, bind: 127.0.0.1,
-            hosts: [./*]}}]
 """
+        + egress_sidecar(port, protocol="GRPC")
+    )
     try:
         with running_proxy(tmp_path, admin, resources):
             options = [("grpc.default_authority", "echo.grpc"), ("grpc.enable_http_proxy", 0)]

@@ -7,7 +7,7 @@ import json
 import time
 from pathlib import Path
 
-from tests.support.proxy import free_port, http_get, running_proxy
+from tests.support.proxy import egress_sidecar, free_port, http_get, running_proxy, service_entry
 from tests.support.upstream import UpstreamServer
 
 
@@ -16,42 +16,29 @@ def test_failing_endpoint_is_ejected_and_returns(tmp_path: Path) -> None:
     bad = UpstreamServer("bad").start()
     bad.state.always = 500
     admin, port = free_port(), free_port()
-    resources = f"""
-apiVersion: networking.istio.io/v1
-kind: ServiceEntry
-metadata: {{name: svc}}
-spec:
-  hosts: [svc.test]
-  ports: [{{number: {port}, name: http, protocol: HTTP}}]
-  resolution: STATIC
-  endpoints:
-  - {{address: 127.0.0.1, ports: {{http: {good.port}}}}}
-  - {{address: 127.0.0.1, ports: {{http: {bad.port}}}}}
----
+    resources = (
+        service_entry("svc.test", port, [good.port, bad.port])
+        + """
 apiVersion: networking.istio.io/v1
 kind: DestinationRule
-metadata: {{name: svc}}
+metadata: {name: svc}
 spec:
   host: svc.test
   trafficPolicy:
-    loadBalancer: {{simple: ROUND_ROBIN}}
-    outlierDetection: {{consecutive5xxErrors: 2, interval: 1s, baseEjectionTime: 1s,
-                       maxEjectionPercent: 50}}
+    loadBalancer: {simple: ROUND_ROBIN}
+    outlierDetection: {consecutive5xxErrors: 2, interval: 1s, baseEjectionTime: 1s,
+                       maxEjectionPercent: 50}
 ---
 apiVersion: networking.istio.io/v1
 kind: VirtualService
-metadata: {{name: svc}}
+metadata: {name: svc}
 spec:
   hosts: [svc.test]
-  http: [{{retries: {{attempts: 0}}, route: [{{destination: {{host: svc.test}}}}]}}]
+  http: [{retries: {attempts: 0}, route: [{destination: {host: svc.test}}]}]
 ---
-apiVersion: networking.istio.io/v1
-kind: Sidecar
-metadata: {{name: default}}
-spec:
-  egress: [{{port: {{number: {port}, protocol: HTTP, name: http}}, bind: 127.0.0.1,
-            hosts: [./*]}}]
 """
+        + egress_sidecar(port)
+    )
 
     def statuses(n: int) -> list[int]:
         out = []

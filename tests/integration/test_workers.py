@@ -9,7 +9,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from tests.support.proxy import free_port, running_proxy
+from tests.support.proxy import egress_sidecar, free_port, running_proxy, service_entry
 from tests.support.upstream import UpstreamServer
 
 
@@ -40,23 +40,7 @@ def _upstream_peers(upstream_port: int) -> set[int]:
 def test_two_workers_share_the_load_and_one_admin_sums_them(tmp_path: Path) -> None:
     app = UpstreamServer("app").start()
     admin, port = free_port(), free_port()
-    resources = f"""
-apiVersion: networking.istio.io/v1
-kind: ServiceEntry
-metadata: {{name: hello}}
-spec:
-  hosts: [hello.test]
-  ports: [{{number: {port}, name: http, protocol: HTTP}}]
-  resolution: STATIC
-  endpoints: [{{address: 127.0.0.1, ports: {{http: {app.port}}}}}]
----
-apiVersion: networking.istio.io/v1
-kind: Sidecar
-metadata: {{name: default}}
-spec:
-  egress: [{{port: {{number: {port}, protocol: HTTP, name: http}}, bind: 127.0.0.1,
-            hosts: [./*]}}]
-"""
+    resources = service_entry("hello.test", port, [app.port]) + egress_sidecar(port)
     try:
         with running_proxy(
             tmp_path, admin, resources, concurrency=2, upstreamIdleTimeout="30s"

@@ -134,3 +134,29 @@ def running_proxy(
         yield proxy
     finally:
         proxy.terminate()
+
+
+def service_entry(host: str, port: int, endpoints: list[int], protocol: str = "HTTP") -> str:
+    """A STATIC ServiceEntry for `host` on `port` with loopback endpoints."""
+    name = host.split(".")[0]
+    proto = protocol.lower()
+    eps = "\n".join(f"  - {{address: 127.0.0.1, ports: {{{proto}: {p}}}}}" for p in endpoints)
+    return (
+        "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\n"
+        f"metadata: {{name: {name}}}\nspec:\n  hosts: [{host}]\n"
+        f"  ports: [{{number: {port}, name: {proto}, protocol: {protocol}}}]\n"
+        f"  resolution: STATIC\n  endpoints:\n{eps}\n---\n"
+    )
+
+
+def egress_sidecar(*ports: int, protocol: str = "HTTP") -> str:
+    """A Sidecar with an explicit egress listener on 127.0.0.1 for each port."""
+    listeners = "\n".join(
+        f"  - {{port: {{number: {p}, protocol: {protocol}, name: p{p}}}, bind: 127.0.0.1, "
+        "hosts: [./*]}"
+        for p in ports
+    )
+    return (
+        "apiVersion: networking.istio.io/v1\nkind: Sidecar\n"
+        f"metadata: {{name: default}}\nspec:\n  egress:\n{listeners}\n"
+    )
