@@ -19,7 +19,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.proxy import ProxyProcess, free_port, http_get, running_proxy
+from tests.support.proxy import (
+    ProxyProcess,
+    egress_sidecar,
+    free_port,
+    http_get,
+    running_proxy,
+    service_entry,
+)
 from tests.support.upstream import UpstreamServer
 
 TD = "cluster.local"
@@ -529,6 +536,16 @@ spec:
         assert 'meshproxy_rbac_total{protocol="tcp",result="denied"} 1.0' in proxy.metrics()
 
 
+def _tls_api(port: int, app_port: int, tls: str) -> str:
+    """api.example behind an egress listener, its DestinationRule originating `tls`."""
+    return (
+        service_entry("api.example", port, [app_port])
+        + "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: api}\n"
+        + f"spec: {{host: api.example, trafficPolicy: {{tls: {tls}}}}}\n---\n"
+        + egress_sidecar(port)
+    )
+
+
 class _TlsApp:
     """A plain TLS HTTP server (not a sidecar): for SIMPLE and MUTUAL origination."""
 
@@ -600,30 +617,11 @@ def test_simple_and_mutual_origination_to_a_tls_server(tmp_path: Path, mode: str
             f", clientCertificate: {tmp_path}/cli/cert-chain.pem, "
             f"privateKey: {tmp_path}/cli/key.pem"
         )
-    resources = f"""
-apiVersion: networking.istio.io/v1
-kind: ServiceEntry
-metadata: {{name: api}}
-spec:
-  hosts: [api.example]
-  ports: [{{number: {port}, name: http, protocol: HTTP}}]
-  resolution: STATIC
-  endpoints: [{{address: 127.0.0.1, ports: {{http: {app.port}}}}}]
----
-apiVersion: networking.istio.io/v1
-kind: DestinationRule
-metadata: {{name: api}}
-spec:
-  host: api.example
-  trafficPolicy:
-    tls: {{mode: {mode}, caCertificates: {ca_file}, sni: api.example{client_files}}}
----
-apiVersion: networking.istio.io/v1
-kind: Sidecar
-metadata: {{name: default}}
-spec:
-  egress: [{{port: {{number: {port}, protocol: HTTP, name: http}}, bind: 127.0.0.1, hosts: [./*]}}]
-"""
+    resources = _tls_api(
+        port,
+        app.port,
+        f"{{mode: {mode}, caCertificates: {ca_file}, sni: api.example{client_files}}}",
+    )
     try:
         with running_proxy(tmp_path, admin, resources):
             status, body = get(port, "/x", "api.example")
@@ -652,29 +650,9 @@ def test_simple_origination_refuses_an_unknown_ca(tmp_path: Path) -> None:
     )
     app = _TlsApp(tmp_path / "srv", require_client_cert=False)
     admin, port = free_port(), free_port()
-    resources = f"""
-apiVersion: networking.istio.io/v1
-kind: ServiceEntry
-metadata: {{name: api}}
-spec:
-  hosts: [api.example]
-  ports: [{{number: {port}, name: http, protocol: HTTP}}]
-  resolution: STATIC
-  endpoints: [{{address: 127.0.0.1, ports: {{http: {app.port}}}}}]
----
-apiVersion: networking.istio.io/v1
-kind: DestinationRule
-metadata: {{name: api}}
-spec:
-  host: api.example
-  trafficPolicy: {{tls: {{mode: SIMPLE, caCertificates: {tmp_path}/other/root-cert.pem}}}}
----
-apiVersion: networking.istio.io/v1
-kind: Sidecar
-metadata: {{name: default}}
-spec:
-  egress: [{{port: {{number: {port}, protocol: HTTP, name: http}}, bind: 127.0.0.1, hosts: [./*]}}]
-"""
+    resources = _tls_api(
+        port, app.port, f"{{mode: SIMPLE, caCertificates: {tmp_path}/other/root-cert.pem}}"
+    )
     try:
         with running_proxy(tmp_path, admin, resources):
             status, body = get(port, "/x", "api.example")
