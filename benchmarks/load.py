@@ -196,6 +196,23 @@ spec:
 """
 
 
+def meshproxy_cmd(config: Path) -> list[str]:
+    """`meshproxy run` pinned to CPU 1 (the proxies' core in every harness)."""
+    return [
+        "taskset",
+        "-c",
+        "1",
+        sys.executable,
+        "-m",
+        "meshproxy",
+        "--log-level",
+        "warning",
+        "run",
+        "-c",
+        str(config),
+    ]
+
+
 class Processes:
     def __init__(self) -> None:
         self.procs: list[subprocess.Popen[bytes]] = []
@@ -298,20 +315,7 @@ def main(argv: list[str] | None = None) -> int:
             (cfg / "mesh.yaml").write_text(text)
             name = f"meshproxy ({codec}{', mypyc' if build else ''}"
             name += ", resilience)" if resilient else ")"
-            cmd = [
-                "taskset",
-                "-c",
-                "1",
-                sys.executable,
-                "-m",
-                "meshproxy",
-                "--log-level",
-                "warning",
-                "run",
-                "-c",
-                str(cfg),
-            ]
-            targets.append((name, cmd, port, cwd))
+            targets.append((name, meshproxy_cmd(cfg), port, cwd))
         for _ in range(args.runs):
             run: list[Result] = []
             for name, cmd, port, cwd in targets:

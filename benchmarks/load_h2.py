@@ -29,6 +29,7 @@ from benchmarks.load import (
     compiled_copy,
     free_port,
     med,
+    meshproxy_cmd,
     tree_cpu_seconds,
     wait_port,
 )
@@ -212,20 +213,7 @@ def main(argv: list[str] | None = None) -> int:
                 )
             )
             name = f"meshproxy h2c->{proto}{' (mypyc)' if build else ''}"
-            cmd = [
-                "taskset",
-                "-c",
-                "1",
-                sys.executable,
-                "-m",
-                "meshproxy",
-                "--log-level",
-                "warning",
-                "run",
-                "-c",
-                str(cfg),
-            ]
-            targets.append((name, cmd, port, cwd))
+            targets.append((name, meshproxy_cmd(cfg), port, cwd))
         for _ in range(args.runs):
             run: list[Result] = []
             for name, cmd, port, cwd in targets:

@@ -26,6 +26,7 @@ from benchmarks.load import (
     Processes,
     free_port,
     med,
+    meshproxy_cmd,
     run_wrk,
     tree_cpu_seconds,
     wait_port,
@@ -91,22 +92,6 @@ spec:
   egress:
   - {{port: {{number: {port}, protocol: HTTP, name: http}}, bind: 127.0.0.1, hosts: [./*]}}
 """
-
-
-def meshproxy_cmd(cfg: Path) -> list[str]:
-    return [
-        "taskset",
-        "-c",
-        "1",
-        sys.executable,
-        "-m",
-        "meshproxy",
-        "--log-level",
-        "warning",
-        "run",
-        "-c",
-        str(cfg),
-    ]
 
 
 def ca(*args: str) -> None:
