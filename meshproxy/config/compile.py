@@ -59,6 +59,7 @@ from meshproxy.routing.table import (
     NO_HEADER_OPS,
     NO_RETRY,
     OUTBOUND_DEFAULT_RETRY,
+    DirectReply,
     Fault,
     HeaderOps,
     RetryPolicy,
@@ -588,7 +589,8 @@ def _routes_for(ctx: _Context, vs: VirtualService, port: int | None) -> list[Rou
             targets.append(
                 RouteTarget(cluster, weight, _ops(wd.headers.request), _ops(wd.headers.response))
             )
-        if not targets:
+        direct = _direct_reply(http.deferred)
+        if not targets and direct is None:
             continue
         routes.append(
             Route(
@@ -602,11 +604,13 @@ def _routes_for(ctx: _Context, vs: VirtualService, port: int | None) -> list[Rou
                 response_headers=_ops(http.headers.response),
                 retry=retry_policy(http.retries, http.timeout),
                 fault=_route_fault(http.fault),
+                direct=direct,
             )
         )
-        if http.deferred:
+        deferred = {k for k in http.deferred if k not in ("redirect", "directResponse")}
+        if deferred:
             ctx.warnings.append(
-                f"VirtualService {vs.origin.name}: {', '.join(sorted(http.deferred))} "
+                f"VirtualService {vs.origin.name}: {', '.join(sorted(deferred))} "
                 f"on route {http.name!r} parsed but not enforced yet"
             )
     return routes
@@ -651,6 +655,44 @@ def retry_policy(retries: HTTPRetry | None, route_timeout: float | None) -> Retr
         frozenset(GRPC_RETRY_CODES[n] for n in on if n in GRPC_RETRY_CODES),
         retries.retry_ignore_previous_hosts,
     )
+
+
+REDIRECT_CODES = {
+    "MOVED_PERMANENTLY": 301,
+    "FOUND": 302,
+    "SEE_OTHER": 303,
+    "TEMPORARY_REDIRECT": 307,
+    "PERMANENT_REDIRECT": 308,
+}
+
+
+def _direct_reply(deferred: dict[str, Any]) -> DirectReply | None:
+    """directResponse {status, body {string}} or redirect {uri, authority, port, scheme,
+    redirectCode}; validated by the schema, compiled here."""
+    try:
+        return _direct_reply_of(deferred)
+    except (TypeError, ValueError, KeyError):
+        return None  # the schema reported it; the snapshot will not be used
+
+
+def _direct_reply_of(deferred: dict[str, Any]) -> DirectReply | None:
+    dr = deferred.get("directResponse")
+    if isinstance(dr, dict):
+        body = dr.get("body") or {}
+        text = body.get("string", "") if isinstance(body, dict) else ""
+        return DirectReply(int(dr.get("status", 200)), str(text).encode())
+    rd = deferred.get("redirect")
+    if isinstance(rd, dict):
+        code = rd.get("redirectCode", 301)
+        return DirectReply(
+            int(code),
+            b"",
+            rd.get("uri"),
+            rd.get("authority"),
+            rd.get("scheme"),
+            int(rd["port"]) if rd.get("port") is not None else None,
+        )
+    return None
 
 
 def _route_fault(f: HTTPFault | None) -> Fault | None:

@@ -496,6 +496,7 @@ def _http_route(r: Reader, value: Any, path: Path_, index: int) -> HTTPRoute | N
     deferred = {k: m[k] for k in DEFERRED_HTTP_ROUTE_FIELDS if m.get(k) is not None}
     retries = _retries(r, m.get("retries"), (*path, "retries")) if "retries" in m else None
     fault = _fault(r, m.get("fault"), (*path, "fault")) if m.get("fault") is not None else None
+    _check_direct(r, m, path)
     return HTTPRoute(
         path,
         r.string(m, "name", path) or f"route-{index}",
@@ -509,6 +510,33 @@ def _http_route(r: Reader, value: Any, path: Path_, index: int) -> HTTPRoute | N
         retries,
         fault,
     )
+
+
+def _check_direct(r: Reader, m: Mapping[str, Any], path: Path_) -> None:
+    """directResponse and redirect are compiled from the raw fields: check them here."""
+    if m.get("directResponse") is not None:
+        dp = (*path, "directResponse")
+        dm = r.mapping(m["directResponse"], dp, ("status", "body"), required=("status",))
+        if dm is not None:
+            r.integer(dm, "status", dp, minimum=200, maximum=599)
+            if dm.get("body") is not None:
+                bm = r.mapping(dm["body"], (*dp, "body"), ("string",))
+                if bm is not None:
+                    r.string(bm, "string", (*dp, "body"))
+    if m.get("redirect") is not None:
+        rp = (*path, "redirect")
+        rm = r.mapping(
+            m["redirect"], rp, ("uri", "authority", "port", "scheme", "redirectCode", "derivePort")
+        )
+        if rm is not None:
+            for key in ("uri", "authority", "scheme"):
+                r.string(rm, key, rp)
+            r.port(rm, "port", rp)
+            code = rm.get("redirectCode")
+            if code is not None and code not in (301, 302, 303, 307, 308):
+                r.error((*rp, "redirectCode"), "must be one of 301, 302, 303, 307, 308")
+            if rm.get("derivePort") is not None:
+                r.error((*rp, "derivePort"), "not supported")
 
 
 GRPC_STATUS_NAMES = (

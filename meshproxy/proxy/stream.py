@@ -34,6 +34,7 @@ from meshproxy.routing.table import (
     NO_HEADER_OPS,
     NO_RETRY,
     OUTBOUND_DEFAULT_RETRY,
+    DirectReply,
     Fault,
     HeaderOps,
     RetryPolicy,
@@ -65,11 +66,12 @@ BUFFER_HIGH_WATER = 64 * 1024
 class LocalReply(Exception):
     """Answer the downstream ourselves (a value-like exception used only inside this module)."""
 
-    def __init__(self, status: int, body: str, flag: str) -> None:
+    def __init__(self, status: int, body: str, flag: str, headers: Headers | None = None) -> None:
         super().__init__(body)
         self.status = status
         self.body = body
         self.flag = flag
+        self.headers = headers
 
 
 def new_request_id() -> bytes:
@@ -233,7 +235,7 @@ class HttpStream:
             if cluster is None:
                 raise LocalReply(503, "no healthy upstream", "NC")
         except LocalReply as reply:
-            self._local_reply(reply.status, reply.body, reply.flag)
+            self._local_reply(reply.status, reply.body, reply.flag, headers=reply.headers)
             self._finish()
             return
         self._cluster = cluster
@@ -291,6 +293,19 @@ class HttpStream:
                 self._begin(host, up, reused=True)
                 return
         self.task = spawn(self._slow_path(), name="http-stream")
+
+    def _direct_reply(self, direct: DirectReply) -> LocalReply:
+        """VirtualService directResponse / redirect: the proxy answers, nothing goes upstream."""
+        if direct.is_redirect:
+            head = self.head
+            location = direct.location(
+                "https" if self.conn.peer is not None else "http",
+                (head.authority or b"").decode("latin-1"),
+                head.target.decode("latin-1"),
+            )
+            return LocalReply(direct.status, "", "-", [(b"location", location.encode())])
+        extra: Headers = [(b"content-type", b"text/plain")] if direct.body else []
+        return LocalReply(direct.status, direct.body.decode("latin-1"), "-", extra)
 
     def _fault(self, fault: Fault) -> float | None:
         """VirtualService fault: abort (LocalReply, flag FI) or the delay to inject (DI)."""
@@ -819,6 +834,9 @@ class HttpStream:
             else:
                 raise LocalReply(404, "", "NR")
             return None, cluster, self._upstream_head(head, None, NO_HEADER_OPS)
+        direct = match.route.direct
+        if direct is not None:
+            raise self._direct_reply(direct)
         target = match.route.pick()
         if target is None:
             raise LocalReply(503, "no healthy upstream", "UH")
@@ -928,7 +946,12 @@ class HttpStream:
         self._local_reply(status, body, flag, grpc_status)
 
     def _local_reply(
-        self, status: int, body: str, flag: str, grpc_status: int | None = None
+        self,
+        status: int,
+        body: str,
+        flag: str,
+        grpc_status: int | None = None,
+        headers: Headers | None = None,
     ) -> None:
         self.flag = flag
         self.response_head_sent = True
@@ -943,6 +966,9 @@ class HttpStream:
             self.conn.send_local_reply(200, b"", self, grpc_reply_headers(code, body))
             return
         self.status = status
+        if headers is not None:
+            self.conn.send_local_reply(status, body.encode("latin-1"), self, headers)
+            return
         if self._overloaded:
             extra: Headers = [(b"content-type", b"text/plain"), (b"x-envoy-overloaded", b"true")]
             self.conn.send_local_reply(status, body.encode(), self, extra)

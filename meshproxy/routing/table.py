@@ -92,6 +92,35 @@ class Fault:
 
 
 @dataclass(frozen=True, slots=True)
+class DirectReply:
+    """VirtualService directResponse or redirect: answered by the proxy, no upstream."""
+
+    status: int
+    body: bytes = b""
+    redirect_uri: str | None = None
+    redirect_authority: str | None = None
+    redirect_scheme: str | None = None
+    redirect_port: int | None = None
+
+    @property
+    def is_redirect(self) -> bool:
+        return self.status in (301, 302, 303, 307, 308) and self.body == b""
+
+    def location(self, scheme: str, authority: str, target: str) -> str:
+        """Istio's redirect: each given part replaces the request's (query kept)."""
+        path, sep, query = target.partition("?")
+        host = self.redirect_authority or authority
+        if self.redirect_port is not None:
+            host = (
+                f"{host.rsplit(':', 1)[0] if host.count(':') == 1 else host}:{self.redirect_port}"
+            )
+        uri = self.redirect_uri if self.redirect_uri is not None else path
+        if sep and "?" not in uri:
+            uri += sep + query
+        return f"{self.redirect_scheme or scheme}://{host}{uri}"
+
+
+@dataclass(frozen=True, slots=True)
 class Route:
     name: str
     matchers: tuple[RequestMatcher, ...]  # empty: matches every request
@@ -103,6 +132,7 @@ class Route:
     response_headers: HeaderOps = NO_HEADER_OPS
     retry: RetryPolicy = OUTBOUND_DEFAULT_RETRY
     fault: Fault | None = None
+    direct: DirectReply | None = None
     _cumulative: tuple[int, ...] = field(default=(), compare=False)
 
     def __post_init__(self) -> None:

@@ -95,3 +95,40 @@ spec:
                     assert err.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
     finally:
         server.stop()
+
+
+def test_direct_response_and_redirect(tmp_path: Path) -> None:
+    app = UpstreamServer("app").start()
+    admin, port = free_port(), free_port()
+    resources = (
+        service_entry("svc.test", port, [app.port])
+        + """
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: svc}
+spec:
+  hosts: [svc.test]
+  http:
+  - match: [{uri: {exact: /health}}]
+    directResponse: {status: 200, body: {string: "all good"}}
+  - match: [{uri: {prefix: /old}}]
+    redirect: {uri: /new, authority: new.test, redirectCode: 308}
+  - route: [{destination: {host: svc.test}}]
+---
+"""
+        + egress_sidecar(port)
+    )
+    try:
+        with running_proxy(tmp_path, admin, resources):
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+            conn.request("GET", "/health", headers={"Host": "svc.test"})
+            resp = conn.getresponse()
+            assert (resp.status, resp.read()) == (200, b"all good")
+            conn.request("GET", "/old/x?q=1", headers={"Host": "svc.test"})
+            resp = conn.getresponse()
+            resp.read()
+            assert resp.status == 308
+            assert resp.getheader("location") == "http://new.test/new?q=1"
+            assert not app.state.requests  # neither reached the upstream
+    finally:
+        app.stop()
