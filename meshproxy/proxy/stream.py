@@ -149,6 +149,11 @@ def _header_str(head: RequestHead, name: str) -> str | None:
     return value.decode("latin-1") if value is not None else None
 
 
+_CONNECT_FAILURES = frozenset(
+    {FailureKind.CONNECT_REFUSED, FailureKind.CONNECT_TIMEOUT, FailureKind.TLS}
+)
+
+
 class _RetryNow(Exception):
     """Wakes the slow path: the response was one the retry policy retries."""
 
@@ -777,14 +782,16 @@ class HttpStream:
                 err.flag,
             )
         else:
-            reason = "connection failure" if err.flag == "UF" else "connection termination"
+            connect = err.kind in _CONNECT_FAILURES
+            reason = "connection failure" if connect else "connection termination"
             if err.kind is FailureKind.TLS:
                 # Envoy's wording: the TLS problem is the transport failure reason.
                 reason += f", transport failure reason: {err}"
+            retried = "retried and the latest " if self._attempts > 1 else ""
             self._fail(
                 503,
                 "upstream connect error or disconnect/reset before headers. "
-                f"reset reason: {reason}",
+                f"{retried}reset reason: {reason}",
                 err.flag,
             )
 

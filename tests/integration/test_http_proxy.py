@@ -135,6 +135,8 @@ def test_upstream_failures_map_to_envoy_codes(
     assert resp.status == status, body
     if flag == "UT":
         assert time.monotonic() - started < 3 and body == b"upstream request timeout"
+    if flag == "UF,URX":  # Envoy's words after retries ran out
+        assert body.endswith(b"retried and the latest reset reason: connection failure")
     # The downstream connection stays usable after an upstream failure.
     conn.request("GET", "/ok", headers={"Host": "hello.test"})
     resp = conn.getresponse()
