@@ -303,16 +303,17 @@ class DownstreamHttp2(asyncio.Protocol):
                 ch.stream.downstream_gone()
 
     def pause_writing(self) -> None:
-        self.write_paused = True
-        for ch in list(self.channels.values()):
-            if ch.stream is not None:
-                ch.stream.downstream_writable(False)
+        self._socket_writable(False)
 
     def resume_writing(self) -> None:
-        self.write_paused = False
+        self._socket_writable(True)
+
+    def _socket_writable(self, writable: bool) -> None:
+        """The client's socket buffer filled or drained: every stream's upstream follows."""
+        self.write_paused = not writable
         for ch in list(self.channels.values()):
             if ch.stream is not None:
-                ch.stream.downstream_writable(True)
+                ch.stream.downstream_writable(writable)
 
     # -- frames ----------------------------------------------------------------------------
     def _handle(self, ev: h2.events.Event) -> None:

@@ -26,7 +26,7 @@ from meshproxy.codec.grpc import (
 from meshproxy.codec.headers import IDEMPOTENT_METHODS, strip_hop_by_hop
 from meshproxy.codec.path import PathNormalization, normalize_target
 from meshproxy.config.compile import PASSTHROUGH
-from meshproxy.config.snapshot import Resolution, UpstreamProtocol
+from meshproxy.config.snapshot import Resolution, Snapshot, UpstreamProtocol
 from meshproxy.errors import FailureKind, ProtocolError, UpstreamError
 from meshproxy.observe.recorder import StreamRecord
 from meshproxy.routing.match import RequestView
@@ -230,10 +230,11 @@ class HttpStream:
         """Begin the exchange: synchronously when possible, else in a task."""
         conn = self.conn
         try:
-            self._admit()
+            snapshot = conn.ctx.snapshot  # read once: this stream lives by this config
+            self._admit(snapshot)
             if self.head.expect_continue:
                 conn.send_interim(100)
-            self._match, self._cluster_name, self._outgoing = self._route()
+            self._match, self._cluster_name, self._outgoing = self._route(snapshot)
             fault = self._match.route.fault if self._match is not None else None
             delay = self._fault(fault) if fault is not None else None
             cluster = conn.ctx.clusters.get(self._cluster_name)
@@ -325,11 +326,10 @@ class HttpStream:
             return fault.delay
         return None
 
-    def _admit(self) -> None:
+    def _admit(self, snapshot: Snapshot) -> None:
         """Normalize the path (what policy matches is what the app gets), then apply the
         AuthorizationPolicies of this workload to inbound requests; LocalReply if refused."""
         conn = self.conn
-        snapshot = conn.ctx.snapshot
         head = self.head
         mode = _PATH_MODES[snapshot.settings.path_normalization]
         try:
@@ -817,11 +817,10 @@ class HttpStream:
         self._record(self._match, self._cluster_name, host, time.monotonic() - self._start)
         self.conn.stream_finished(self)
 
-    def _route(self) -> tuple[RouteMatch | None, str, RequestHead]:
+    def _route(self, snapshot: Snapshot) -> tuple[RouteMatch | None, str, RequestHead]:
         """Pick route and cluster and build the upstream head; LocalReply if none fits."""
         conn = self.conn
         head = self.head
-        snapshot = conn.ctx.snapshot  # read once: this stream lives by this config
         binding = conn.current_binding(snapshot)
         match = None
         if binding is not None and binding.route_table is not None:

@@ -340,16 +340,17 @@ class UpstreamHttp2Connection(asyncio.Protocol):
         self._fail_all(FailureKind.RESET, reason, "UC")
 
     def pause_writing(self) -> None:
-        self.write_paused = True
-        for ex in list(self.exchanges.values()):
-            if ex.sink is not None:
-                ex.sink.on_upstream_writable(False)
+        self._socket_writable(False)
 
     def resume_writing(self) -> None:
-        self.write_paused = False
+        self._socket_writable(True)
+
+    def _socket_writable(self, writable: bool) -> None:
+        """The server's socket buffer filled or drained: every exchange's downstream follows."""
+        self.write_paused = not writable
         for ex in list(self.exchanges.values()):
             if ex.sink is not None:
-                ex.sink.on_upstream_writable(True)
+                ex.sink.on_upstream_writable(writable)
 
     # -- used by exchanges -----------------------------------------------------------------
     def acknowledge(self, size: int, stream_id: int) -> None:
