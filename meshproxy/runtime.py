@@ -148,10 +148,12 @@ class Runtime:
         for sig in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(sig, self._signal)
-        await self.start()
         watcher = spawn(
             watch_config(self.config_path, self.reload, stop=self._stop), name="config-watch"
         )
+        await asyncio.sleep(0)  # the watcher registers its inotify watch at its first step
+        await self.start()
+        await self.reload()  # an edit made before the watch existed (no-op when unchanged)
         cert_watcher = spawn(self.identity.watch(self._stop), name="cert-watch")
         role = self.role
         workers = [

@@ -23,7 +23,9 @@ async def watch_config(
     debounce_ms: int = 200,
     stop: asyncio.Event | None = None,
 ) -> None:
-    target = path if await asyncio.to_thread(path.is_dir) else path.parent
+    # Synchronous on purpose: the watch must be registered at this task's first step, so a
+    # caller that spawned it and yielded once knows later edits are seen.
+    target = path if path.is_dir() else path.parent  # noqa: ASYNC240
     async for _changes in awatch(
         target,
         debounce=debounce_ms,
