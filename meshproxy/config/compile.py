@@ -603,7 +603,7 @@ def _routes_for(ctx: _Context, vs: VirtualService, port: int | None) -> list[Rou
                 request_headers=_ops(http.headers.request),
                 response_headers=_ops(http.headers.response),
                 retry=retry_policy(http.retries, http.timeout),
-                fault=_route_fault(http.fault),
+                fault=_route_fault(http.fault, vs.origin.name, http.name, ctx.warnings),
                 direct=direct,
             )
         )
@@ -695,11 +695,22 @@ def _direct_reply_of(deferred: dict[str, Any]) -> DirectReply | None:
     return None
 
 
-def _route_fault(f: HTTPFault | None) -> Fault | None:
+def _route_fault(
+    f: HTTPFault | None, vs_name: str, route_name: str, warnings: list[str]
+) -> Fault | None:
     if f is None:
         return None
+    for kind, given, percent in (
+        ("delay", f.delay is not None, f.delay_percent),
+        ("abort", f.abort_status is not None or f.abort_grpc is not None, f.abort_percent),
+    ):
+        if given and percent is None:
+            warnings.append(
+                f"VirtualService {vs_name}: fault.{kind} on route {route_name!r} has no "
+                f"percentage, so (as in Istio) no request gets it; set percentage.value: 100"
+            )
     grpc = GRPC_STATUS_NAMES.index(f.abort_grpc) if f.abort_grpc is not None else None
-    return Fault(f.delay, f.delay_percent, f.abort_status, grpc, f.abort_percent)
+    return Fault(f.delay, f.delay_percent or 0.0, f.abort_status, grpc, f.abort_percent or 0.0)
 
 
 def _domains(host: str, port: int, namespace: str) -> list[str]:

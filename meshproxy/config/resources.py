@@ -117,10 +117,10 @@ class HTTPRetry:
 @dataclass(frozen=True, slots=True)
 class HTTPFault:
     delay: float | None = None
-    delay_percent: float = 100.0
+    delay_percent: float | None = None  # None: not given, which Istio turns into 0 %
     abort_status: int | None = None
     abort_grpc: str | None = None
-    abort_percent: float = 100.0
+    abort_percent: float | None = None
 
 
 @dataclass(frozen=True, slots=True)

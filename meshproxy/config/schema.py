@@ -560,9 +560,9 @@ GRPC_STATUS_NAMES = (
 )
 
 
-def _percentage(r: Reader, m: Mapping[str, Any], path: Path_) -> float:
-    """`percentage: {value}` (0-100); the deprecated integer `percent`; unset: every request
-    (Istio translates a missing percentage to 100 %)."""
+def _percentage(r: Reader, m: Mapping[str, Any], path: Path_) -> float | None:
+    """`percentage: {value}` (0-100) or the deprecated integer `percent`; None when neither
+    is given (Istio then sends Envoy an empty FractionalPercent: no request is faulted)."""
     if m.get("percentage") is not None:
         pm = r.mapping(m["percentage"], (*path, "percentage"), ("value",))
         value = pm.get("value") if pm else None
@@ -571,7 +571,7 @@ def _percentage(r: Reader, m: Mapping[str, Any], path: Path_) -> float:
         r.error((*path, "percentage", "value"), "expected a number from 0 to 100")
         return 0.0
     percent = r.integer(m, "percent", path, minimum=0, maximum=100)
-    return float(percent) if percent is not None else 100.0
+    return float(percent) if percent is not None else None
 
 
 def _fault(r: Reader, value: Any, path: Path_) -> HTTPFault | None:

@@ -30,7 +30,10 @@ spec:
     fault: {delay: {fixedDelay: 500ms, percentage: {value: 100}}}
     route: [{destination: {host: svc.test}}]
   - match: [{uri: {prefix: /abort}}]
-    fault: {abort: {httpStatus: 418}}
+    fault: {abort: {httpStatus: 418, percentage: {value: 100}}}
+    route: [{destination: {host: svc.test}}]
+  - match: [{uri: {prefix: /unset}}]
+    fault: {abort: {httpStatus: 418}}  # no percentage: Istio aborts no request
     route: [{destination: {host: svc.test}}]
   - match: [{uri: {prefix: /half}}]
     fault: {abort: {httpStatus: 503, percentage: {value: 50}}}
@@ -58,6 +61,8 @@ spec:
             status, body, _ = get("/abort")
             assert (status, body) == (418, b"fault filter abort")
             assert len(app.state.requests) == before  # an abort never reaches the upstream
+            assert all(get("/unset")[0] == 200 for _ in range(20))
+            assert "has no percentage, so (as in Istio) no request gets it" in proxy.log()
             statuses = [get("/half")[0] for _ in range(200)]
             assert 60 < statuses.count(503) < 140  # 50 % ± generous
             metrics = proxy.metrics()
@@ -77,8 +82,9 @@ kind: VirtualService
 metadata: {name: echo}
 spec:
   hosts: [echo.grpc]
-  http: [{fault: {abort: {grpcStatus: RESOURCE_EXHAUSTED}},
-           route: [{destination: {host: echo.grpc}}]}]
+  http:
+  - fault: {abort: {grpcStatus: RESOURCE_EXHAUSTED, percentage: {value: 100}}}
+    route: [{destination: {host: echo.grpc}}]
 ---
 """
         + egress_sidecar(port, protocol="GRPC")
