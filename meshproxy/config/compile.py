@@ -330,13 +330,30 @@ def _index_rules(ctx: _Context, rules: list[DestinationRule]) -> None:
 
 
 def _policy_for(rule: DestinationRule | None, subset: str, port: int) -> TrafficPolicy | None:
-    """Istio precedence: subset policy over DR policy; portLevelSettings replace, not merge."""
+    """Istio's MergeTrafficPolicy: the DR policy (its settings for this port replacing all of
+    it), then each field the subset's policy sets, then the subset's settings for this port
+    replacing all (port-level settings never inherit: what they leave out is default)."""
     if rule is None:
         return None
-    policy = rule.traffic_policy
+    policy = _at_port(rule.traffic_policy, port)
     for s in rule.subsets:
         if s.name == subset and s.traffic_policy is not None:
-            policy = s.traffic_policy
+            sub = s.traffic_policy
+            base = policy or TrafficPolicy()
+            policy = _at_port(
+                TrafficPolicy(
+                    sub.load_balancer or base.load_balancer,
+                    sub.connection_pool or base.connection_pool,
+                    sub.outlier_detection or base.outlier_detection,
+                    sub.tls or base.tls,
+                    sub.port_level,
+                ),
+                port,
+            )
+    return policy
+
+
+def _at_port(policy: TrafficPolicy | None, port: int) -> TrafficPolicy | None:
     if policy is not None:
         for number, port_policy in policy.port_level:
             if number == port:
@@ -379,8 +396,9 @@ def _make_cluster(
     tls = _origination(policy, endpoints)
     outlier = _outlier(policy.outlier_detection if policy is not None else None)
     if policy is not None:
-        if policy.lb_simple in ("ROUND_ROBIN", "RANDOM", "LEAST_REQUEST"):
-            lb = LbPolicy(policy.lb_simple)
+        balancer = policy.load_balancer
+        if balancer is not None and balancer.simple in ("ROUND_ROBIN", "RANDOM", "LEAST_REQUEST"):
+            lb = LbPolicy(balancer.simple)
         pool = policy.connection_pool
         if pool is not None:
             connect_timeout = pool.connect_timeout or connect_timeout
@@ -411,6 +429,7 @@ def _make_cluster(
         tls,
         outlier,
         *limits,
+        policy.load_balancer.consistent_hash if policy and policy.load_balancer else None,
     )
 
 

@@ -195,8 +195,28 @@ class ClientTls:
 
 
 @dataclass(frozen=True, slots=True)
+class ConsistentHash:
+    """DestinationRule loadBalancer.consistentHash: what a request hashes on, and how."""
+
+    key: str  # header | cookie | source_ip | query
+    name: str = ""  # the header, cookie or query parameter
+    cookie_path: str = ""
+    cookie_ttl: float | None = None  # set: a missing cookie is generated (Set-Cookie)
+    maglev: bool = False  # else ring hash
+    size: int = 1024  # ring: minimum entries; maglev: table size (a prime)
+
+
+@dataclass(frozen=True, slots=True)
+class LoadBalancerSettings:
+    """loadBalancer: Istio's oneof of `simple` and `consistentHash`."""
+
+    simple: str | None = None
+    consistent_hash: ConsistentHash | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class TrafficPolicy:
-    lb_simple: str | None = None
+    load_balancer: LoadBalancerSettings | None = None
     connection_pool: ConnectionPool | None = None
     outlier_detection: OutlierDetection | None = None
     tls: ClientTls | None = None

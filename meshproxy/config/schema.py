@@ -17,6 +17,7 @@ from meshproxy.config.resources import (
     AuthzSource,
     ClientTls,
     ConnectionPool,
+    ConsistentHash,
     Destination,
     DestinationRule,
     EgressListener,
@@ -27,6 +28,7 @@ from meshproxy.config.resources import (
     HTTPRetry,
     HTTPRoute,
     IngressListener,
+    LoadBalancerSettings,
     Origin,
     OutlierDetection,
     PeerAuthentication,
@@ -703,6 +705,110 @@ def _virtual_service(r: Reader, origin: Origin, spec: Any) -> VirtualService | N
 # ---- DestinationRule ----------------------------------------------------------------------------
 
 
+LB_SIMPLE = ("UNSPECIFIED", "LEAST_CONN", "RANDOM", "PASSTHROUGH", "ROUND_ROBIN", "LEAST_REQUEST")
+HASH_KEYS = ("httpHeaderName", "httpCookie", "useSourceIp", "httpQueryParameterName")
+MAX_HASH_TABLE = 1 << 20  # Python builds of larger rings/tables take seconds and gigabytes
+MAGLEV_MAX = 5000011  # Istio's bound (exclusive)
+
+
+def _load_balancer(r: Reader, value: Any, path: Path_) -> LoadBalancerSettings | None:
+    lb = r.mapping(
+        value,
+        path,
+        ("simple", "consistentHash", "localityLbSetting", "warmupDurationSecs", "warmup"),
+    )
+    if lb is None:
+        return None
+    simple = r.choice(lb, "simple", path, LB_SIMPLE)
+    if simple == "LEAST_CONN":
+        simple = "LEAST_REQUEST"  # deprecated alias in Istio
+    if simple == "PASSTHROUGH":
+        r.error((*path, "simple"), "PASSTHROUGH is not supported")
+    chash = None
+    if lb.get("consistentHash") is not None:
+        if lb.get("simple") is not None:
+            r.error(path, "simple and consistentHash are exclusive (one load balancer)")
+        chash = _consistent_hash(r, lb["consistentHash"], (*path, "consistentHash"))
+    return LoadBalancerSettings(simple, chash)
+
+
+def _is_prime(n: int) -> bool:
+    if n < 2:
+        return False
+    i = 2
+    while i * i <= n:
+        if n % i == 0:
+            return False
+        i += 1
+    return True
+
+
+def _consistent_hash(r: Reader, value: Any, path: Path_) -> ConsistentHash | None:
+    m = r.mapping(value, path, (*HASH_KEYS, "ringHash", "maglev", "minimumRingSize"))
+    if m is None:
+        return None
+    given = [k for k in HASH_KEYS if m.get(k) is not None and m.get(k) is not False]
+    if len(given) != 1:
+        r.error(
+            path,
+            f"set exactly one of {', '.join(HASH_KEYS)}"
+            + (f" (got {', '.join(given)})" if given else ""),
+        )
+        return None
+    key = given[0]
+    chash: ConsistentHash | None = None
+    if key == "httpHeaderName":
+        name = r.string(m, key, path)
+        if name is not None:
+            if not name.strip() or any(c in name for c in " :\r\n"):
+                r.error((*path, key), f"not a header name: {name!r}")
+            chash = ConsistentHash("header", name.lower())
+    elif key == "httpQueryParameterName":
+        name = r.string(m, key, path)
+        if name is not None:
+            chash = ConsistentHash("query", name)
+    elif key == "useSourceIp":
+        if r.boolean(m, key, path):
+            chash = ConsistentHash("source_ip")
+    else:
+        cp = (*path, key)
+        cm = r.mapping(m[key], cp, ("name", "path", "ttl", "attributes"), required=("name", "ttl"))
+        if cm is not None:
+            if cm.get("attributes") is not None:
+                r.error((*cp, "attributes"), "cookie attributes are not supported")
+            name = r.string(cm, "name", cp)
+            ttl = r.duration(cm, "ttl", cp)
+            if name is not None and ttl is not None:
+                chash = ConsistentHash("cookie", name, r.string(cm, "path", cp) or "", ttl)
+    size = 1024
+    maglev = False
+    algorithms = [k for k in ("ringHash", "maglev", "minimumRingSize") if m.get(k) is not None]
+    if len(algorithms) > 1:
+        r.error(path, f"{' and '.join(algorithms)} are exclusive")
+    elif m.get("maglev") is not None:
+        mp = (*path, "maglev")
+        mm = r.mapping(m["maglev"], mp, ("tableSize",), required=("tableSize",))
+        table = r.integer(mm or {}, "tableSize", mp, minimum=1, maximum=MAGLEV_MAX - 1)
+        maglev = True
+        size = 65537
+        if table is not None:
+            if not _is_prime(table):
+                r.error((*mp, "tableSize"), f"must be a prime number, got {table}")
+            elif table > MAX_HASH_TABLE:
+                r.error((*mp, "tableSize"), f"meshproxy builds tables up to {MAX_HASH_TABLE}")
+            else:
+                size = table
+    elif algorithms:
+        rp = (*path, "ringHash") if m.get("ringHash") is not None else path
+        rm = r.mapping(m["ringHash"], rp, ("minimumRingSize",)) if rp != path else m
+        ring = r.integer(rm or {}, "minimumRingSize", rp, minimum=0, maximum=MAX_HASH_TABLE)
+        if ring:  # Istio: 0 means Envoy's default, 1024
+            size = ring
+    if chash is None:
+        return None
+    return ConsistentHash(chash.key, chash.name, chash.cookie_path, chash.cookie_ttl, maglev, size)
+
+
 def _traffic_policy(r: Reader, value: Any, path: Path_, top: bool = True) -> TrafficPolicy | None:
     allowed = [
         "loadBalancer",
@@ -720,34 +826,11 @@ def _traffic_policy(r: Reader, value: Any, path: Path_, top: bool = True) -> Tra
     m = r.mapping(value, path, allowed)
     if m is None:
         return None
-    lb_simple = None
-    if m.get("loadBalancer") is not None:
-        lp = (*path, "loadBalancer")
-        lb = r.mapping(
-            m["loadBalancer"],
-            lp,
-            ("simple", "consistentHash", "localityLbSetting", "warmupDurationSecs", "warmup"),
-        )
-        if lb:
-            lb_simple = r.choice(
-                lb,
-                "simple",
-                lp,
-                (
-                    "UNSPECIFIED",
-                    "LEAST_CONN",
-                    "RANDOM",
-                    "PASSTHROUGH",
-                    "ROUND_ROBIN",
-                    "LEAST_REQUEST",
-                ),
-            )
-            if lb_simple == "LEAST_CONN":
-                lb_simple = "LEAST_REQUEST"  # deprecated alias in Istio
-            if lb_simple == "PASSTHROUGH":
-                r.error((*lp, "simple"), "PASSTHROUGH is not supported")
-            if lb.get("consistentHash") is not None:
-                r.error((*lp, "consistentHash"), "consistent hashing is not supported yet")
+    lb = (
+        _load_balancer(r, m["loadBalancer"], (*path, "loadBalancer"))
+        if m.get("loadBalancer") is not None
+        else None
+    )
     pool = None
     if m.get("connectionPool") is not None:
         cp_path = (*path, "connectionPool")
@@ -862,7 +945,7 @@ def _traffic_policy(r: Reader, value: Any, path: Path_, top: bool = True) -> Tra
             r.error((*item_path, "port"), "required field is missing")
         if sub is not None and number is not None:
             port_level.append((number, sub))
-    return TrafficPolicy(lb_simple, pool, outlier, tls, tuple(port_level))
+    return TrafficPolicy(lb, pool, outlier, tls, tuple(port_level))
 
 
 def _destination_rule(r: Reader, origin: Origin, spec: Any) -> DestinationRule | None:

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
-from meshproxy.config.resources import ClientTls, ProxySettings
+from meshproxy.config.resources import ClientTls, ConsistentHash, ProxySettings
 from meshproxy.routing.table import RouteTable
 from meshproxy.security.authz import Authorizer
 
@@ -94,6 +94,7 @@ class ClusterSpec:
     max_pending_requests: int | None = None
     max_requests: int | None = None
     max_retries: int | None = None
+    consistent_hash: ConsistentHash | None = None  # DestinationRule consistentHash
 
 
 @dataclass(frozen=True, slots=True)

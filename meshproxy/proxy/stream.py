@@ -29,6 +29,7 @@ from meshproxy.config.compile import PASSTHROUGH
 from meshproxy.config.snapshot import Resolution, Snapshot, UpstreamProtocol
 from meshproxy.errors import FailureKind, ProtocolError, UpstreamError
 from meshproxy.observe.recorder import StreamRecord
+from meshproxy.proxy.hash_key import request_hash
 from meshproxy.routing.match import RequestView
 from meshproxy.routing.table import (
     NO_HEADER_OPS,
@@ -224,6 +225,8 @@ class HttpStream:
         self.grpc_status = "-"
         self.tunnel_open = False  # a WebSocket upgrade was accepted: bytes flow both ways
         self._timeout_cm: asyncio.Timeout | None = None
+        self._hash_key: int | None = None  # consistent hashing: what the pick hashes on
+        self._set_cookie: bytes | None = None  # ... and the cookie it generated, if any
 
     # -- start -------------------------------------------------------------------------------
     def start(self) -> None:
@@ -245,6 +248,10 @@ class HttpStream:
             self._finish()
             return
         self._cluster = cluster
+        if cluster.hashing is not None:
+            self._hash_key, self._set_cookie = request_hash(
+                cluster.hashing, self.head, conn.peer_ip, f"{conn.peer_ip}|{id(conn)}"
+            )
         breaker = cluster.breaker
         if breaker.limited:
             if not breaker.admit_request():
@@ -283,7 +290,7 @@ class HttpStream:
             return
         if cluster.spec.resolution is not Resolution.DNS:
             try:
-                host = cluster.pick_now(conn.original_dst)
+                host = cluster.pick_now(conn.original_dst, (), self._hash_key)
             except UpstreamError as err:
                 self._upstream_failed(err)
                 self._finish()
@@ -624,7 +631,7 @@ class HttpStream:
                 await asyncio.sleep(retry_backoff(self._attempts - 1))
                 backoff = False
             exclude = self._tried if self._retry.ignore_previous_hosts else ()
-            host = await cluster.pick(self.conn.original_dst, exclude)
+            host = await cluster.pick(self.conn.original_dst, exclude, self._hash_key)
             pool: UpstreamPool = host.h2_pool() if self._h2_upstream else host.pool
             try:
                 if fresh:
@@ -931,6 +938,8 @@ class HttpStream:
             headers = list(headers)
         elapsed = int((time.monotonic() - self._sent_at) * 1000)
         headers.append((b"x-envoy-upstream-service-time", b"%d" % elapsed))
+        if self._set_cookie is not None:
+            headers.append((b"set-cookie", self._set_cookie))
         if self._response_ops is not NO_HEADER_OPS:
             headers = self._response_ops.apply(headers)
         if self._target_ops is not NO_HEADER_OPS:

@@ -10,6 +10,7 @@ from meshproxy.errors import UpstreamError
 from meshproxy.observe.recorder import ConnRecord
 from meshproxy.proxy.context import ProxyContext
 from meshproxy.upstream.cluster import Cluster
+from meshproxy.upstream.hash_lb import hash64
 from meshproxy.upstream.pool import open_connection
 
 logger = logging.getLogger(__name__)
@@ -67,6 +68,13 @@ class TcpRelay(asyncio.Protocol):
         self._down_eof = False
         self._up_eof = False
 
+    def _source_hash(self, cluster: Cluster) -> int | None:
+        """Istio gives the TCP proxy a hash policy only for useSourceIp; others pick randomly."""
+        hashing = cluster.hashing
+        if hashing is None or hashing.key != "source_ip":
+            return None
+        return hash64(self.record.downstream_remote.encode())  # the peer IP
+
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport = cast(asyncio.Transport, transport)
         transport.set_write_buffer_limits(high=HIGH_WATER)
@@ -79,7 +87,7 @@ class TcpRelay(asyncio.Protocol):
         try:
             if cluster is None:
                 raise OSError("no cluster")
-            host = await cluster.pick(self.original_dst)
+            host = await cluster.pick(self.original_dst, (), self._source_hash(cluster))
             side = _UpstreamSide(self)
             await open_connection(
                 side,

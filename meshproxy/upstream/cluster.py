@@ -17,6 +17,7 @@ from meshproxy.security.identity import WorkloadIdentity
 from meshproxy.upstream.breaker import UNLIMITED, CircuitBreaker
 from meshproxy.upstream.connection import UpstreamExchange
 from meshproxy.upstream.h2pool import Http2Pool
+from meshproxy.upstream.hash_lb import HashBalancer
 from meshproxy.upstream.lb import make_balancer
 from meshproxy.upstream.outlier import OutlierDetector
 from meshproxy.upstream.pool import Pool
@@ -140,6 +141,10 @@ class Cluster:
         self._contexts = contexts or TlsContexts()
         self.hosts: list[EndpointState] = []
         self._lb = make_balancer(spec.lb)
+        self.hashing = spec.consistent_hash
+        self._hash_lb = (
+            HashBalancer(self.hashing.maglev, self.hashing.size) if self.hashing else None
+        )
         self._resolved_at = 0.0
         self._resolving: asyncio.Task[None] | None = None
         self._by_address: dict[tuple[str, int], EndpointState] = {}
@@ -222,19 +227,24 @@ class Cluster:
         self,
         original_dst: tuple[str, int] | None = None,
         exclude: Sequence[EndpointState] = (),
+        hash_key: int | None = None,
     ) -> EndpointState:
         """Choose an endpoint, resolving DNS when due; UH when none is left. A retry passes
         the hosts that failed it: another one is chosen while any other exists."""
         if self.spec.resolution is Resolution.DNS:
             await self._refresh_dns()
-        return self.pick_now(original_dst, exclude)
+        return self.pick_now(original_dst, exclude, hash_key)
 
     def pick_now(
         self,
         original_dst: tuple[str, int] | None = None,
         exclude: Sequence[EndpointState] = (),
+        hash_key: int | None = None,
     ) -> EndpointState:
-        """Choose an endpoint without waiting (DNS clusters use what was last resolved)."""
+        """Choose an endpoint without waiting (DNS clusters use what was last resolved).
+
+        Consistent hashing ignores `exclude`: Istio drops the previous-hosts retry predicate
+        for it, so a retry stays on the hashed host while that host is available."""
         if self.spec.resolution is Resolution.ORIGINAL_DST:
             if original_dst is None:
                 raise UpstreamError(
@@ -250,10 +260,14 @@ class Cluster:
                 host = self._host(original_dst[0], original_dst[1], 1)
             return host
         hosts = self.hosts
-        if exclude:
-            others = [h for h in hosts if h not in exclude]
-            hosts = others or hosts
-        picked = self._lb.pick(hosts)
+        picked: object
+        if self._hash_lb is not None:
+            picked = self._hash_lb.pick(hosts, hash_key)
+        else:
+            if exclude:
+                others = [h for h in hosts if h not in exclude]
+                hosts = others or hosts
+            picked = self._lb.pick(hosts)
         if picked is None:
             raise UpstreamError(
                 FailureKind.NO_HEALTHY, "no healthy upstream", flag="UH", request_bytes_sent=False
