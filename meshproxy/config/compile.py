@@ -62,6 +62,7 @@ from meshproxy.routing.table import (
     DirectReply,
     Fault,
     HeaderOps,
+    Mirror,
     RetryPolicy,
     Route,
     RouteTable,
@@ -611,6 +612,11 @@ def _routes_for(ctx: _Context, vs: VirtualService, port: int | None) -> list[Rou
         direct = _direct_reply(http.deferred)
         if not targets and direct is None:
             continue
+        mirrors = []
+        for mirror in http.mirrors:
+            cluster = _resolve_destination(ctx, r, mirror.destination, ns, port)
+            if cluster is not None:
+                mirrors.append(Mirror(cluster, mirror.percent))
         routes.append(
             Route(
                 name=http.name,
@@ -624,6 +630,7 @@ def _routes_for(ctx: _Context, vs: VirtualService, port: int | None) -> list[Rou
                 retry=retry_policy(http.retries, http.timeout),
                 fault=_route_fault(http.fault, vs.origin.name, http.name, ctx.warnings),
                 direct=direct,
+                mirrors=tuple(mirrors),
             )
         )
         deferred = {k for k in http.deferred if k not in ("redirect", "directResponse")}

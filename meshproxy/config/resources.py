@@ -124,6 +124,14 @@ class HTTPFault:
 
 
 @dataclass(frozen=True, slots=True)
+class HTTPMirror:
+    """VirtualService mirror/mirrorPercentage, or one of `mirrors`."""
+
+    destination: Destination
+    percent: float = 100.0  # Istio: an absent mirrorPercentage mirrors every request
+
+
+@dataclass(frozen=True, slots=True)
 class HTTPRoute:
     path: Path_
     name: str
@@ -137,6 +145,7 @@ class HTTPRoute:
     deferred: dict[str, Any] = field(default_factory=dict)
     retries: HTTPRetry | None = None
     fault: HTTPFault | None = None
+    mirrors: tuple[HTTPMirror, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -25,6 +25,7 @@ from meshproxy.config.resources import (
     Headers,
     HTTPFault,
     HTTPMatch,
+    HTTPMirror,
     HTTPRetry,
     HTTPRoute,
     IngressListener,
@@ -69,10 +70,6 @@ _HEADER_NAME = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 # Fields Istio defines that a later issue enforces: accepted and validated for shape, reported
 # once as "not enforced yet" by the loader so nobody believes they are active.
 DEFERRED_HTTP_ROUTE_FIELDS = (
-    "mirror",
-    "mirrorPercentage",
-    "mirrors",
-    "mirror_percent",
     "corsPolicy",
     "redirect",
     "directResponse",
@@ -473,6 +470,7 @@ def _http_route(r: Reader, value: Any, path: Path_, index: int) -> HTTPRoute | N
         *DEFERRED_HTTP_ROUTE_FIELDS,
         "retries",
         "fault",
+        *MIRROR_FIELDS,
     )
     m = r.mapping(value, path, allowed)
     if m is None:
@@ -511,7 +509,49 @@ def _http_route(r: Reader, value: Any, path: Path_, index: int) -> HTTPRoute | N
         deferred,
         retries,
         fault,
+        _mirrors(r, m, path),
     )
+
+
+MIRROR_FIELDS = ("mirror", "mirrorPercentage", "mirror_percent", "mirrorPercent", "mirrors")
+
+
+def _mirror_percent(r: Reader, m: Mapping[str, Any], key: str, path: Path_) -> float | None:
+    if m.get(key) is None:
+        return None
+    pm = r.mapping(m[key], (*path, key), ("value",))
+    value = pm.get("value") if pm else None
+    if isinstance(value, int | float) and not isinstance(value, bool) and 0 <= value <= 100:
+        return float(value)
+    r.error((*path, key, "value"), "expected a number from 0 to 100")
+    return None
+
+
+def _mirrors(r: Reader, m: Mapping[str, Any], path: Path_) -> tuple[HTTPMirror, ...]:
+    """`mirror` with `mirrorPercentage` (absent: 100 %; the deprecated integer
+    `mirror_percent` too), or the list `mirrors` — not both, as Istio validates."""
+    out = []
+    if m.get("mirror") is not None:
+        if m.get("mirrors") is not None:
+            r.error((*path, "mirrors"), "mirror and mirrors are exclusive")
+        dest = _destination(r, m["mirror"], (*path, "mirror"))
+        percent = _mirror_percent(r, m, "mirrorPercentage", path)
+        for legacy in ("mirror_percent", "mirrorPercent"):
+            if percent is None and m.get(legacy) is not None:
+                percent = r.integer(m, legacy, path, minimum=0, maximum=100)
+        if dest is not None:
+            out.append(HTTPMirror(dest, 100.0 if percent is None else float(percent)))
+    elif any(m.get(k) is not None for k in ("mirrorPercentage", "mirror_percent", "mirrorPercent")):
+        r.error((*path, "mirrorPercentage"), "a mirror percentage needs `mirror`")
+    for item_path, item in r.items(m, "mirrors", path):
+        mm = r.mapping(item, item_path, ("destination", "percentage"), required=("destination",))
+        if mm is None or mm.get("destination") is None:
+            continue
+        dest = _destination(r, mm["destination"], (*item_path, "destination"))
+        percent = _mirror_percent(r, mm, "percentage", item_path)
+        if dest is not None:
+            out.append(HTTPMirror(dest, 100.0 if percent is None else percent))
+    return tuple(out)
 
 
 def _check_direct(r: Reader, m: Mapping[str, Any], path: Path_) -> None:

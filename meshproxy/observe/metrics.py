@@ -148,6 +148,7 @@ class MeshMetrics(Collector):
         self.tls_handshake_failures: dict[str, int] = {}
         self.rbac_counts: dict[tuple[str, str], int] = {}
         self.retries: dict[str, int] = {}
+        self.mirrors: dict[tuple[str, str], int] = {}
         self.reloads_ok = 0
         self.reloads_failed = 0
         self.config_version = 0
@@ -289,6 +290,12 @@ class MeshMetrics(Collector):
         if cluster in self.retries or len(self.retries) < 10_000:
             self.retries[cluster] = self.retries.get(cluster, 0) + 1
 
+    def mirror(self, cluster: str, result: str) -> None:
+        """A shadow request's outcome: sent, 5xx, failed, timeout, overflow, abandoned."""
+        key = (cluster, result)
+        if key in self.mirrors or len(self.mirrors) < 10_000:
+            self.mirrors[key] = self.mirrors.get(key, 0) + 1
+
     def rbac(self, allowed: bool, protocol: str) -> None:
         """An authorization decision (Envoy's rbac.allowed / rbac.denied)."""
         key = ("allowed" if allowed else "denied", protocol)
@@ -319,6 +326,7 @@ class MeshMetrics(Collector):
             "rbac": dict(self.rbac_counts),
             "tls": dict(self.tls_handshake_failures),
             "retries": dict(self.retries),
+            "mirrors": dict(self.mirrors),
             "cx_active": self.downstream_cx_active,
             "cx_total": self.downstream_cx_total,
         }
@@ -339,7 +347,7 @@ class MeshMetrics(Collector):
             for key, row in peer["tcp"].items():
                 mine = merged["tcp"].get(key)
                 merged["tcp"][key] = row if mine is None else _add_rows(mine, row)
-            for name in ("rejected", "h2_floods", "rbac", "tls", "retries"):
+            for name in ("rejected", "h2_floods", "rbac", "tls", "retries", "mirrors"):
                 target = merged[name]
                 for k, n in peer[name].items():
                     target[k] = target.get(k, 0) + n
@@ -460,6 +468,14 @@ class MeshMetrics(Collector):
         for cluster, n in sorted(merged["retries"].items()):
             retries.add_metric([cluster], n)
         yield retries
+        mirrors = CounterMetricFamily(
+            "meshproxy_mirror_requests",
+            "Shadow requests of VirtualService mirrors, by cluster and outcome",
+            labels=("cluster", "result"),
+        )
+        for (cluster, result), n in sorted(merged["mirrors"].items()):
+            mirrors.add_metric([cluster, result], n)
+        yield mirrors
         tls = CounterMetricFamily(
             "meshproxy_tls_handshake_failed",
             "Inbound TLS handshakes that failed, by reason",

@@ -30,6 +30,7 @@ from meshproxy.config.snapshot import Resolution, Snapshot, UpstreamProtocol
 from meshproxy.errors import FailureKind, ProtocolError, UpstreamError
 from meshproxy.observe.recorder import StreamRecord
 from meshproxy.proxy.hash_key import request_hash
+from meshproxy.proxy.mirror import mirror
 from meshproxy.routing.match import RequestView
 from meshproxy.routing.table import (
     NO_HEADER_OPS,
@@ -38,6 +39,7 @@ from meshproxy.routing.table import (
     DirectReply,
     Fault,
     HeaderOps,
+    Mirror,
     RetryPolicy,
     RouteMatch,
 )
@@ -227,6 +229,7 @@ class HttpStream:
         self._timeout_cm: asyncio.Timeout | None = None
         self._hash_key: int | None = None  # consistent hashing: what the pick hashes on
         self._set_cookie: bytes | None = None  # ... and the cookie it generated, if any
+        self._mirrors: tuple[Mirror, ...] = ()  # shadows to send once the request is complete
 
     # -- start -------------------------------------------------------------------------------
     def start(self) -> None:
@@ -244,10 +247,13 @@ class HttpStream:
             if cluster is None:
                 raise LocalReply(503, "no healthy upstream", "NC")
         except LocalReply as reply:
+            self._mirrors = ()
             self._local_reply(reply.status, reply.body, reply.flag, headers=reply.headers)
             self._finish()
             return
         self._cluster = cluster
+        if self._mirrors and self.request_done:
+            self._send_mirrors()
         if cluster.hashing is not None:
             self._hash_key, self._set_cookie = request_hash(
                 cluster.hashing, self.head, conn.peer_ip, f"{conn.peer_ip}|{id(conn)}"
@@ -408,6 +414,8 @@ class HttpStream:
             return  # a request without a body was complete with its head
         self.request_done = True
         self.request_trailers = trailers
+        if self._mirrors:
+            self._send_mirrors()
         up = self.upstream
         if up is not None and (self.tunnel_open or not self.head.upgrade):
             up.end_request(trailers)
@@ -855,7 +863,35 @@ class HttpStream:
             raise LocalReply(503, "no healthy upstream", "UH")
         self._response_ops = match.route.response_headers
         self._target_ops = target.response_headers
+        if match.route.mirrors and not head.upgrade:
+            self._mirrors = match.route.mirrors
         return match, target.cluster, self._upstream_head(head, match, target.request_headers)
+
+    def _send_mirrors(self) -> None:
+        mirrors, self._mirrors = self._mirrors, ()
+        conn, outgoing = self.conn, self._outgoing
+        assert outgoing is not None and self._match is not None
+        body = list(self._replay) if self._replay is not None else None
+        for m in mirrors:
+            if m.percent < 100 and random() * 100 >= m.percent:
+                continue
+            cluster = conn.ctx.clusters.get(m.cluster)
+            if cluster is None:
+                continue
+            protocol = cluster.spec.upstream_protocol
+            h2 = protocol is UpstreamProtocol.HTTP2 or (
+                protocol is UpstreamProtocol.CLIENT and conn.http2
+            )
+            mirror(
+                cluster,
+                outgoing,
+                body,
+                self.request_trailers,
+                self._match.route.timeout,
+                h2 or self.grpc,
+                self.grpc,
+                conn.ctx.metrics,
+            )
 
     def _upstream_head(
         self, head: RequestHead, match: RouteMatch | None, target_ops: HeaderOps

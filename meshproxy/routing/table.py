@@ -92,6 +92,14 @@ class Fault:
 
 
 @dataclass(frozen=True, slots=True)
+class Mirror:
+    """A shadow copy of the route's requests to another cluster, for `percent` % of them."""
+
+    cluster: str
+    percent: float = 100.0
+
+
+@dataclass(frozen=True, slots=True)
 class DirectReply:
     """VirtualService directResponse or redirect: answered by the proxy, no upstream."""
 
@@ -133,6 +141,7 @@ class Route:
     retry: RetryPolicy = OUTBOUND_DEFAULT_RETRY
     fault: Fault | None = None
     direct: DirectReply | None = None
+    mirrors: tuple[Mirror, ...] = ()
     _cumulative: tuple[int, ...] = field(default=(), compare=False)
 
     def __post_init__(self) -> None:

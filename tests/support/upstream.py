@@ -36,6 +36,7 @@ class UpstreamState:
     idle_close_after: float | None = None  # close idle keep-alive connections after this
     failures: dict[str, int] = field(default_factory=dict)  # /fail: answers so far, per key
     always: int | None = None  # answer every request with this status (a broken endpoint)
+    delay: float = 0.0  # wait this long before answering anything (a slow endpoint)
 
 
 class _Conn(asyncio.Protocol):
@@ -96,6 +97,8 @@ class _Conn(asyncio.Protocol):
         t = self.transport
         if path == "/hang":
             return
+        if self.state.delay:
+            await asyncio.sleep(self.state.delay)
         if self.state.always is not None:
             self._send(self.state.always, b'{"broken": true}', False)
             return

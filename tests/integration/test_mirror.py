@@ -1,0 +1,109 @@
+"""VirtualService mirroring: shadows reach the mirror with "-shadow" hosts and whole bodies; a
+slow or dead mirror never touches the primary response; mirrorPercentage samples."""
+
+from __future__ import annotations
+
+import http.client
+import time
+from pathlib import Path
+
+from tests.support.proxy import egress_sidecar, free_port, running_proxy, service_entry
+from tests.support.upstream import UpstreamServer
+
+
+def request(
+    port: int, method: str = "GET", path: str = "/", body: bytes | None = None
+) -> tuple[int, float]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    start = time.monotonic()
+    conn.request(method, path, body=body, headers={"Host": "svc.test"})
+    resp = conn.getresponse()
+    resp.read()
+    conn.close()
+    return resp.status, time.monotonic() - start
+
+
+def wait_for(predicate, timeout: float = 5.0) -> bool:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return bool(predicate())
+
+
+def resources(port: int, app: int, mirror_ports: list[int], dead: int) -> str:
+    return (
+        service_entry("svc.test", port, [app])
+        + service_entry("mirror.test", port, mirror_ports)
+        + service_entry("dead.test", port, [dead])
+        + """
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: svc}
+spec:
+  hosts: [svc.test]
+  http:
+  - match: [{uri: {prefix: /half}}]
+    mirror: {host: mirror.test}
+    mirrorPercentage: {value: 50}
+    route: [{destination: {host: svc.test}}]
+  - match: [{uri: {prefix: /dead}}]
+    mirrors: [{destination: {host: dead.test}}, {destination: {host: mirror.test}}]
+    route: [{destination: {host: svc.test}}]
+  - mirror: {host: mirror.test}
+    route: [{destination: {host: svc.test}}]
+---
+"""
+        + egress_sidecar(port)
+    )
+
+
+def test_mirror_copies_requests_and_never_delays_the_primary(tmp_path: Path) -> None:
+    app = UpstreamServer("app").start()
+    shadow = UpstreamServer("shadow").start()
+    dead = free_port()  # nothing listens there
+    admin, port = free_port(), free_port()
+    try:
+        with running_proxy(tmp_path, admin, resources(port, app.port, [shadow.port], dead)) as p:
+            assert request(port, path="/a")[0] == 200
+            assert wait_for(lambda: len(shadow.state.requests) == 1)
+            seen = shadow.state.requests[0]
+            assert (seen.path, seen.headers["host"]) == ("/a", "svc.test-shadow")
+            assert app.state.requests[0].headers["host"] == "svc.test"
+
+            body = bytes(range(256)) * 200  # 50 KiB: within the replay buffer
+            assert request(port, "POST", "/upload", body)[0] == 200
+            assert wait_for(lambda: "/upload" in shadow.state.completed)
+            assert shadow.state.requests[-1].headers["content-length"] == str(len(body))
+
+            # A body beyond the 64 KiB replay buffer is not mirrored (Envoy abandons it too).
+            assert request(port, "POST", "/upload", b"x" * 100_000)[0] == 200
+            assert wait_for(lambda: 'result="abandoned"' in p.metrics())
+
+            shadow.state.delay = 2.0  # a slow mirror
+            status, elapsed = request(port, path="/b")
+            assert status == 200 and elapsed < 1.0, elapsed
+            shadow.state.delay = 0.0
+
+            status, elapsed = request(port, path="/dead")  # one dead, one live mirror
+            assert status == 200 and elapsed < 1.0
+            assert wait_for(lambda: any(r.path == "/dead" for r in shadow.state.requests))
+            dead_failed = (
+                f'meshproxy_mirror_requests_total{{cluster="outbound|{port}||dead.test",'
+                'result="failed"}'
+            )
+            assert wait_for(lambda: dead_failed in p.metrics()), p.metrics()
+            live_sent = f'{{cluster="outbound|{port}||mirror.test",result="sent"}}'
+            assert live_sent in p.metrics()
+
+            before = sum(1 for r in shadow.state.requests if r.path.startswith("/half"))
+            for i in range(200):
+                assert request(port, path=f"/half/{i}")[0] == 200
+            time.sleep(0.3)
+            mirrored = sum(1 for r in shadow.state.requests if r.path.startswith("/half")) - before
+            assert 60 < mirrored < 140, mirrored  # 50 % of 200, generously
+            assert sum(1 for r in app.state.requests if r.path.startswith("/half")) == 200
+    finally:
+        app.stop()
+        shadow.stop()
