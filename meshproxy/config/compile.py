@@ -8,17 +8,20 @@ with the resource and field they come from.
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
+from meshproxy.config.delegate import expand_delegates
 from meshproxy.config.reader import Reader, did_you_mean
 from meshproxy.config.resources import (
     AuthorizationPolicy,
     ClientTls,
     ConnectionPool,
+    CorsPolicy,
     Destination,
     DestinationRule,
     HeaderOperations,
@@ -53,6 +56,7 @@ from meshproxy.config.snapshot import (
     UpstreamProtocol,
 )
 from meshproxy.errors import ConfigIssue
+from meshproxy.routing.cors import Cors
 from meshproxy.routing.match import RequestMatcher, StringMatcher
 from meshproxy.routing.table import (
     INBOUND_DEFAULT_RETRY,
@@ -157,6 +161,7 @@ def compile_snapshot(
     entries = [r for r in resources if isinstance(r, ServiceEntry)]
     rules = [r for r in resources if isinstance(r, DestinationRule)]
     services_vs = [r for r in resources if isinstance(r, VirtualService)]
+    services_vs = expand_delegates(services_vs, ctx.reader, ctx.warnings)
     sidecars = [r for r in resources if isinstance(r, Sidecar)]
     peer_authns = [r for r in resources if isinstance(r, PeerAuthentication)]
     authz_policies = [r for r in resources if isinstance(r, AuthorizationPolicy)]
@@ -609,7 +614,7 @@ def _routes_for(ctx: _Context, vs: VirtualService, port: int | None) -> list[Rou
             targets.append(
                 RouteTarget(cluster, weight, _ops(wd.headers.request), _ops(wd.headers.response))
             )
-        direct = _direct_reply(http.deferred)
+        direct = _direct_reply(http.direct)
         if not targets and direct is None:
             continue
         mirrors = []
@@ -631,15 +636,34 @@ def _routes_for(ctx: _Context, vs: VirtualService, port: int | None) -> list[Rou
                 fault=_route_fault(http.fault, vs.origin.name, http.name, ctx.warnings),
                 direct=direct,
                 mirrors=tuple(mirrors),
+                cors=_cors(http.cors),
+                rewrite_regex=_regex_rewrite(http.rewrite_regex),
             )
         )
-        deferred = {k for k in http.deferred if k not in ("redirect", "directResponse")}
-        if deferred:
-            ctx.warnings.append(
-                f"VirtualService {vs.origin.name}: {', '.join(sorted(deferred))} "
-                f"on route {http.name!r} parsed but not enforced yet"
-            )
     return routes
+
+
+def _cors(policy: CorsPolicy | None) -> Cors | None:
+    """Istio's translation: lists joined with ",", maxAge in whole seconds."""
+    if policy is None:
+        return None
+    return Cors(
+        tuple(StringMatcher.build(o.kind, o.value) for o in policy.allow_origins),
+        ",".join(policy.allow_methods).encode(),
+        ",".join(policy.allow_headers).encode(),
+        ",".join(policy.expose_headers).encode(),
+        b"%d" % int(policy.max_age) if policy.max_age is not None else b"",
+        bool(policy.allow_credentials),
+        policy.forward_unmatched_preflights,
+    )
+
+
+def _regex_rewrite(rewrite: tuple[str, str] | None) -> tuple[re.Pattern[str], str] | None:
+    """RE2's substitution syntax (\\0 … \\9) in Python's: \\0 is the whole match."""
+    if rewrite is None:
+        return None
+    pattern, replacement = rewrite
+    return re.compile(pattern), re.sub(r"\\0(?!\d)", r"\\g<0>", replacement)
 
 
 GRPC_RETRY_CODES = {

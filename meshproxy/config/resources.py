@@ -124,6 +124,27 @@ class HTTPFault:
 
 
 @dataclass(frozen=True, slots=True)
+class CorsPolicy:
+    """VirtualService corsPolicy, answered by the proxy as Envoy's CORS filter does."""
+
+    allow_origins: tuple[StringMatch, ...] = ()
+    allow_methods: tuple[str, ...] = ()
+    allow_headers: tuple[str, ...] = ()
+    expose_headers: tuple[str, ...] = ()
+    max_age: float | None = None
+    allow_credentials: bool | None = None
+    forward_unmatched_preflights: bool = True  # unmatchedPreflights: FORWARD (default)
+
+
+@dataclass(frozen=True, slots=True)
+class Delegate:
+    """http[].delegate: the routes of another VirtualService (one without hosts)."""
+
+    name: str
+    namespace: str | None = None  # None: the root VirtualService's namespace
+
+
+@dataclass(frozen=True, slots=True)
 class HTTPMirror:
     """VirtualService mirror/mirrorPercentage, or one of `mirrors`."""
 
@@ -141,11 +162,14 @@ class HTTPRoute:
     rewrite_uri: str | None
     rewrite_authority: str | None
     headers: Headers
-    # Parsed and validated now, enforced by the resilience work (later issue).
-    deferred: dict[str, Any] = field(default_factory=dict)
+    # redirect and directResponse, validated by the schema and compiled from the raw fields
+    direct: dict[str, Any] = field(default_factory=dict)
     retries: HTTPRetry | None = None
     fault: HTTPFault | None = None
     mirrors: tuple[HTTPMirror, ...] = ()
+    cors: CorsPolicy | None = None
+    rewrite_regex: tuple[str, str] | None = None  # rewrite.uriRegexRewrite {match, rewrite}
+    delegate: Delegate | None = None
 
 
 @dataclass(frozen=True, slots=True)

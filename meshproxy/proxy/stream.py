@@ -31,6 +31,7 @@ from meshproxy.errors import FailureKind, ProtocolError, UpstreamError
 from meshproxy.observe.recorder import StreamRecord
 from meshproxy.proxy.hash_key import request_hash
 from meshproxy.proxy.mirror import mirror
+from meshproxy.routing.cors import Cors, is_preflight
 from meshproxy.routing.match import RequestView
 from meshproxy.routing.table import (
     NO_HEADER_OPS,
@@ -230,6 +231,7 @@ class HttpStream:
         self._hash_key: int | None = None  # consistent hashing: what the pick hashes on
         self._set_cookie: bytes | None = None  # ... and the cookie it generated, if any
         self._mirrors: tuple[Mirror, ...] = ()  # shadows to send once the request is complete
+        self._cors_headers: Headers | None = None  # corsPolicy: set on the response
 
     # -- start -------------------------------------------------------------------------------
     def start(self) -> None:
@@ -855,6 +857,9 @@ class HttpStream:
             else:
                 raise LocalReply(404, "", "NR")
             return None, cluster, self._upstream_head(head, None, NO_HEADER_OPS)
+        cors = match.route.cors
+        if cors is not None:
+            self._cors(cors, head)  # before fault and direct replies, as in Istio's chain
         direct = match.route.direct
         if direct is not None:
             raise self._direct_reply(direct)
@@ -866,6 +871,17 @@ class HttpStream:
         if match.route.mirrors and not head.upgrade:
             self._mirrors = match.route.mirrors
         return match, target.cluster, self._upstream_head(head, match, target.request_headers)
+
+    def _cors(self, cors: Cors, head: RequestHead) -> None:
+        origin = head.header(b"origin")
+        if not origin:
+            return
+        if is_preflight(head.method, origin, head.header(b"access-control-request-method")):
+            headers = cors.preflight(origin)
+            if headers is not None:
+                raise LocalReply(200, "", "-", headers=headers)
+            return
+        self._cors_headers = cors.response_headers(origin) or None
 
     def _send_mirrors(self) -> None:
         mirrors, self._mirrors = self._mirrors, ()
@@ -933,7 +949,7 @@ class HttpStream:
         target = head.target
         if match is not None:
             route = match.route
-            if route.rewrite_uri is not None:
+            if route.rewrites_path:
                 path, sep, query = target.decode("latin-1").partition("?")
                 new_path = route.rewrite_path(match.matcher, path)
                 append((b"x-envoy-original-path", target))
@@ -976,6 +992,10 @@ class HttpStream:
         headers.append((b"x-envoy-upstream-service-time", b"%d" % elapsed))
         if self._set_cookie is not None:
             headers.append((b"set-cookie", self._set_cookie))
+        cors = self._cors_headers
+        if cors is not None:
+            names = {k for k, _ in cors}
+            headers = [h for h in headers if h[0] not in names] + cors
         if self._response_ops is not NO_HEADER_OPS:
             headers = self._response_ops.apply(headers)
         if self._target_ops is not NO_HEADER_OPS:

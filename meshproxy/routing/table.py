@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import bisect
 import random
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from meshproxy.routing.cors import Cors
 from meshproxy.routing.match import RequestMatcher, RequestView
 
 
@@ -142,6 +144,8 @@ class Route:
     fault: Fault | None = None
     direct: DirectReply | None = None
     mirrors: tuple[Mirror, ...] = ()
+    cors: Cors | None = None
+    rewrite_regex: tuple[re.Pattern[str], str] | None = None  # uriRegexRewrite (all matches)
     _cumulative: tuple[int, ...] = field(default=(), compare=False)
 
     def __post_init__(self) -> None:
@@ -172,8 +176,16 @@ class Route:
         point = (random.random() if rand is None else rand) * total
         return targets[bisect.bisect_right(self._cumulative, point)]
 
+    @property
+    def rewrites_path(self) -> bool:
+        return self.rewrite_uri is not None or self.rewrite_regex is not None
+
     def rewrite_path(self, matcher: RequestMatcher | None, path: str) -> str:
-        """Istio rewrite.uri: replaces only the matched prefix on a prefix match, else all."""
+        """Istio rewrite.uri: replaces only the matched prefix on a prefix match, else all.
+        uriRegexRewrite: every match in the path replaced (Envoy's regex_rewrite)."""
+        if self.rewrite_regex is not None:
+            pattern, replacement = self.rewrite_regex
+            return pattern.sub(replacement, path)
         if self.rewrite_uri is None:
             return path
         prefix = matcher.matched_prefix(path) if matcher is not None else None
