@@ -246,6 +246,7 @@ class Runtime:
         self.ctx.codec = codec
         self.ctx.limits = limits
         self.ctx.snapshot = snapshot  # the swap: new streams see the new config from here on
+        self.ctx.rate_limiters.retain(set(snapshot.rate_limits))
         wanted = {spec.key: spec for spec in snapshot.listeners}
         for key, listener in list(self.listeners.items()):
             if key in wanted:

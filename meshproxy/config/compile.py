@@ -28,9 +28,11 @@ from meshproxy.config.resources import (
     HTTPFault,
     HTTPMatch,
     HTTPRetry,
+    LocalRateLimit,
     Origin,
     OutlierDetection,
     PeerAuthentication,
+    ProxyConfigResource,
     ProxySettings,
     Resource,
     ServiceEntry,
@@ -67,6 +69,7 @@ from meshproxy.routing.table import (
     Fault,
     HeaderOps,
     Mirror,
+    RateLimit,
     RetryPolicy,
     Route,
     RouteTable,
@@ -134,6 +137,7 @@ class _Context:
     rules: dict[str, DestinationRule] = field(default_factory=dict)
     clusters: dict[str, ClusterSpec] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    rate_limited_routes: set[str] = field(default_factory=set)  # localRateLimits names used
 
     def reader(self, origin: Origin) -> Reader:
         return Reader(origin.doc, origin.label, self.issues)
@@ -218,6 +222,10 @@ def compile_snapshot(
             bind,
         )
     listeners = _listeners(ctx, sidecar, tables, services_vs, visible)
+    proxy_configs = [r for r in resources if isinstance(r, ProxyConfigResource)]
+    port_rate_limits = _port_rate_limits(
+        ctx, services_vs, proxy_configs[0] if proxy_configs else None
+    )
     inbound_by_port = _inbound_bindings(ctx, sidecar)
 
     if len(issues) > before:
@@ -238,6 +246,8 @@ def compile_snapshot(
         ),
         mtls=_mtls_policy(settings, peer_authns),
         authz=_authorizer(settings, authz_policies),
+        port_rate_limits=MappingProxyType(port_rate_limits),
+        rate_limits=frozenset(_bucket(limit) for limit in settings.local_rate_limits),
     )
 
 
@@ -637,10 +647,53 @@ def _routes_for(ctx: _Context, vs: VirtualService, port: int | None) -> list[Rou
                 direct=direct,
                 mirrors=tuple(mirrors),
                 cors=_cors(http.cors),
+                rate_limit=_route_rate_limit(ctx, vs, http.name),
                 rewrite_regex=_regex_rewrite(http.rewrite_regex),
             )
         )
     return routes
+
+
+def _bucket(limit: LocalRateLimit) -> RateLimit:
+    return RateLimit(
+        limit.name, limit.max_tokens, limit.tokens_per_fill, limit.fill_interval, limit.status
+    )
+
+
+def _route_rate_limit(ctx: _Context, vs: VirtualService, route: str) -> RateLimit | None:
+    for limit in ctx.settings.local_rate_limits:
+        if (
+            limit.route == route
+            and limit.virtual_service == vs.origin.name
+            and (limit.namespace or ctx.settings.namespace) == vs.origin.namespace
+        ):
+            ctx.rate_limited_routes.add(limit.name)
+            return _bucket(limit)  # equal specs compare equal: one bucket per limit
+    return None
+
+
+def _port_rate_limits(
+    ctx: _Context, services: list[VirtualService], proxy_config: ProxyConfigResource | None
+) -> dict[tuple[bool, int], RateLimit]:
+    """Port buckets by (inbound, port); a route selector that names no route is an error."""
+    out: dict[tuple[bool, int], RateLimit] = {}
+    for i, limit in enumerate(ctx.settings.local_rate_limits):
+        if limit.port is not None:
+            out[(limit.inbound, limit.port)] = _bucket(limit)
+        elif limit.name not in ctx.rate_limited_routes:
+            routes = sorted(
+                h.name
+                for vs in services
+                if vs.origin.name == limit.virtual_service
+                for h in vs.http
+            )
+            assert proxy_config is not None  # limits only come from a ProxyConfig
+            ctx.reader(proxy_config.origin).error(
+                ("spec", "localRateLimits", i, "route"),
+                f"no route {limit.route!r} in VirtualService {limit.virtual_service!r}"
+                + (f" (its routes: {', '.join(routes)})" if routes else " (none found)"),
+            )
+    return out
 
 
 def _cors(policy: CorsPolicy | None) -> Cors | None:

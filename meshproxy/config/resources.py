@@ -312,6 +312,23 @@ class Sidecar:
 
 
 @dataclass(frozen=True, slots=True)
+class LocalRateLimit:
+    """ProxyConfig localRateLimits[]: one token bucket (Envoy local_ratelimit) for the HTTP
+    requests of a port (and direction) or of one named VirtualService route."""
+
+    name: str
+    max_tokens: int
+    tokens_per_fill: int = 1
+    fill_interval: float = 1.0
+    port: int | None = None
+    inbound: bool = True
+    virtual_service: str | None = None
+    namespace: str | None = None  # of the VirtualService; None: the proxy's namespace
+    route: str | None = None
+    status: int = 429
+
+
+@dataclass(frozen=True, slots=True)
 class ProxySettings:
     """Process settings; names follow Istio's ProxyConfig/MeshConfig where one exists."""
 
@@ -342,6 +359,7 @@ class ProxySettings:
     labels: tuple[tuple[str, str], ...] = ()  # this workload's labels (policy selectors)
     root_namespace: str = "istio-system"  # MeshConfig rootNamespace: mesh-wide policies
     path_normalization: str = "MERGE_SLASHES"  # NONE | BASE | MERGE_SLASHES | DECODE_AND_...
+    local_rate_limits: tuple[LocalRateLimit, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -32,6 +32,7 @@ from meshproxy.config.resources import (
     HTTPRoute,
     IngressListener,
     LoadBalancerSettings,
+    LocalRateLimit,
     Origin,
     OutlierDetection,
     PeerAuthentication,
@@ -1221,6 +1222,7 @@ _PROXY_FIELDS = {
     "pathNormalization": "path_normalization",
     "certificates": "certificates",
     "labels": "labels",
+    "localRateLimits": "local_rate_limits",
 }
 _CERT_FIELDS = {"certChain": "cert_chain", "privateKey": "private_key", "rootCert": "root_cert"}
 _PORT_FIELDS = ("proxyAdminPort", "statusPort", "proxyListenPort", "proxyInboundListenPort")
@@ -1231,6 +1233,78 @@ _DURATION_FIELDS = (
     "requestHeadersTimeout",
     "idleTimeout",
 )
+
+
+MIN_FILL_INTERVAL = 0.05  # Envoy's lower bound for token_bucket.fill_interval
+
+
+def _local_rate_limits(r: Reader, m: Mapping[str, Any], path: Path_) -> tuple[LocalRateLimit, ...]:
+    out: list[LocalRateLimit] = []
+    names: set[str] = set()
+    for item_path, item in r.items(m, "localRateLimits", path):
+        lm = r.mapping(
+            item,
+            item_path,
+            ("name", "port", "direction", "route", "tokenBucket", "statusCode"),
+            required=("name", "tokenBucket"),
+        )
+        if lm is None:
+            continue
+        name = r.string(lm, "name", item_path)
+        if name is not None and name in names:
+            r.error((*item_path, "name"), f"duplicate name {name!r}")
+        names.add(name or "")
+        port = r.port(lm, "port", item_path)
+        direction = r.choice(lm, "direction", item_path, ("INBOUND", "OUTBOUND"), "INBOUND")
+        vs = vs_ns = route = None
+        if lm.get("route") is not None:
+            rp = (*item_path, "route")
+            rm = r.mapping(
+                lm["route"],
+                rp,
+                ("virtualService", "namespace", "name"),
+                required=("virtualService", "name"),
+            )
+            if rm is not None:
+                vs = r.string(rm, "virtualService", rp)
+                vs_ns = r.string(rm, "namespace", rp)
+                route = r.string(rm, "name", rp)
+            if lm.get("port") is not None or lm.get("direction") is not None:
+                r.error(item_path, "set either port (with direction) or route, not both")
+        elif lm.get("port") is None:
+            r.error(item_path, "set port (every HTTP request for it) or route (one route's)")
+        bp = (*item_path, "tokenBucket")
+        bm = r.mapping(
+            lm.get("tokenBucket"),
+            bp,
+            ("maxTokens", "tokensPerFill", "fillInterval"),
+            required=("maxTokens", "fillInterval"),
+        )
+        if bm is None:
+            continue
+        max_tokens = r.integer(bm, "maxTokens", bp, minimum=1)
+        per_fill = r.integer(bm, "tokensPerFill", bp, default=1, minimum=1)
+        interval = r.duration(bm, "fillInterval", bp)
+        if interval is not None and interval < MIN_FILL_INTERVAL:
+            r.error((*bp, "fillInterval"), "must be at least 50ms (as Envoy requires)")
+            interval = None
+        status = r.integer(lm, "statusCode", item_path, default=429, minimum=400, maximum=599)
+        if name and max_tokens and per_fill and interval and status:
+            out.append(
+                LocalRateLimit(
+                    name,
+                    max_tokens,
+                    per_fill,
+                    interval,
+                    port,
+                    direction != "OUTBOUND",
+                    vs,
+                    vs_ns,
+                    route,
+                    status,
+                )
+            )
+    return tuple(out)
 
 
 def _proxy_config(r: Reader, origin: Origin, spec: Any) -> ProxyConfigResource | None:
@@ -1272,6 +1346,8 @@ def _proxy_config(r: Reader, origin: Origin, spec: Any) -> ProxyConfigResource |
             continue
         elif key == "labels":
             v = tuple(sorted(r.string_map(m, key, path).items())) or None
+        elif key == "localRateLimits":
+            v = _local_rate_limits(r, m, path) or None
         elif key == "pathNormalization":
             v = r.choice(
                 m, key, path, ("NONE", "BASE", "MERGE_SLASHES", "DECODE_AND_MERGE_SLASHES")

@@ -9,7 +9,7 @@ from types import MappingProxyType
 from typing import Any
 
 from meshproxy.config.resources import ClientTls, ConsistentHash, ProxySettings
-from meshproxy.routing.table import RouteTable
+from meshproxy.routing.table import RateLimit, RouteTable
 from meshproxy.security.authz import Authorizer
 
 
@@ -148,6 +148,11 @@ class Snapshot:
     )
     mtls: MtlsPolicy = field(default_factory=MtlsPolicy)
     authz: Authorizer | None = None  # AuthorizationPolicies selecting this workload
+    # ProxyConfig localRateLimits by (inbound, port); route buckets live on their Route
+    port_rate_limits: Mapping[tuple[bool, int], RateLimit] = field(
+        default_factory=lambda: MappingProxyType({})
+    )
+    rate_limits: frozenset[RateLimit] = frozenset()  # every bucket, port and route
 
     def binding_for(
         self, kind: ListenerKind, key: tuple[str, int], original_dst: tuple[str, int] | None

@@ -131,6 +131,10 @@ def _service_parts(host: str) -> tuple[str, str]:
     return host, "unknown"
 
 
+# Plain keyed counters each worker exports and the admin worker adds up.
+_SUMMED_COUNTERS = ("rejected", "h2_floods", "rbac", "tls", "retries", "mirrors", "rate_limits")
+
+
 class MeshMetrics(Collector):
     """Receives the data plane's reports and feeds /stats/prometheus."""
 
@@ -149,6 +153,7 @@ class MeshMetrics(Collector):
         self.rbac_counts: dict[tuple[str, str], int] = {}
         self.retries: dict[str, int] = {}
         self.mirrors: dict[tuple[str, str], int] = {}
+        self.rate_limits: dict[str, int] = {}
         self.reloads_ok = 0
         self.reloads_failed = 0
         self.config_version = 0
@@ -296,6 +301,11 @@ class MeshMetrics(Collector):
         if key in self.mirrors or len(self.mirrors) < 10_000:
             self.mirrors[key] = self.mirrors.get(key, 0) + 1
 
+    def rate_limited(self, name: str) -> None:
+        """A request refused by a local rate limit (Envoy's http_local_rate_limit.rate_limited)."""
+        if name in self.rate_limits or len(self.rate_limits) < 10_000:
+            self.rate_limits[name] = self.rate_limits.get(name, 0) + 1
+
     def rbac(self, allowed: bool, protocol: str) -> None:
         """An authorization decision (Envoy's rbac.allowed / rbac.denied)."""
         key = ("allowed" if allowed else "denied", protocol)
@@ -327,6 +337,7 @@ class MeshMetrics(Collector):
             "tls": dict(self.tls_handshake_failures),
             "retries": dict(self.retries),
             "mirrors": dict(self.mirrors),
+            "rate_limits": dict(self.rate_limits),
             "cx_active": self.downstream_cx_active,
             "cx_total": self.downstream_cx_total,
         }
@@ -347,7 +358,7 @@ class MeshMetrics(Collector):
             for key, row in peer["tcp"].items():
                 mine = merged["tcp"].get(key)
                 merged["tcp"][key] = row if mine is None else _add_rows(mine, row)
-            for name in ("rejected", "h2_floods", "rbac", "tls", "retries", "mirrors"):
+            for name in _SUMMED_COUNTERS:
                 target = merged[name]
                 for k, n in peer[name].items():
                     target[k] = target.get(k, 0) + n
@@ -476,6 +487,14 @@ class MeshMetrics(Collector):
         for (cluster, result), n in sorted(merged["mirrors"].items()):
             mirrors.add_metric([cluster, result], n)
         yield mirrors
+        limited = CounterMetricFamily(
+            "meshproxy_local_rate_limited",
+            "Requests refused by a ProxyConfig localRateLimits bucket, by its name",
+            labels=("name",),
+        )
+        for name, n in sorted(merged["rate_limits"].items()):
+            limited.add_metric([name], n)
+        yield limited
         tls = CounterMetricFamily(
             "meshproxy_tls_handshake_failed",
             "Inbound TLS handshakes that failed, by reason",

@@ -8,6 +8,7 @@ from meshproxy.codec.h1_limits import Limits
 from meshproxy.config.snapshot import Snapshot
 from meshproxy.observe.metrics import MeshMetrics
 from meshproxy.proxy.deadlines import DeadlineWheel
+from meshproxy.proxy.ratelimit import RateLimiters
 from meshproxy.security.identity import WorkloadIdentity
 from meshproxy.upstream.cluster import ClusterManager
 
@@ -25,3 +26,4 @@ class ProxyContext:
     connections: set[object] = field(default_factory=set)
     identity: WorkloadIdentity | None = None  # replaced (one assignment) on rotation
     deadlines: DeadlineWheel = field(default_factory=DeadlineWheel)
+    rate_limiters: RateLimiters = field(default_factory=RateLimiters)

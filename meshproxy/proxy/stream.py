@@ -243,6 +243,10 @@ class HttpStream:
             if self.head.expect_continue:
                 conn.send_interim(100)
             self._match, self._cluster_name, self._outgoing = self._route(snapshot)
+            if snapshot.port_rate_limits or (
+                self._match is not None and self._match.route.rate_limit is not None
+            ):
+                self._rate_limit(snapshot)
             fault = self._match.route.fault if self._match is not None else None
             delay = self._fault(fault) if fault is not None else None
             cluster = conn.ctx.clusters.get(self._cluster_name)
@@ -871,6 +875,26 @@ class HttpStream:
         if match.route.mirrors and not head.upgrade:
             self._mirrors = match.route.mirrors
         return match, target.cluster, self._upstream_head(head, match, target.request_headers)
+
+    def _rate_limit(self, snapshot: Snapshot) -> None:
+        """The route's bucket, else its port's (Envoy: per-route config replaces the
+        listener's); an empty bucket answers 429 with flag RL."""
+        conn = self.conn
+        limit = self._match.route.rate_limit if self._match is not None else None
+        if limit is None:
+            dst = conn.original_dst
+            port = dst[1] if dst is not None else conn.local_port
+            limit = snapshot.port_rate_limits.get((conn.inbound, port))
+        if limit is None or conn.ctx.rate_limiters.take(limit, conn.loop.time()):
+            return
+        conn.ctx.metrics.rate_limited(limit.name)
+        self._mirrors = ()
+        raise LocalReply(
+            limit.status,
+            "local_rate_limited",
+            "RL",
+            headers=[(b"content-type", b"text/plain"), (b"x-envoy-ratelimited", b"true")],
+        )
 
     def _cors(self, cors: Cors, head: RequestHead) -> None:
         origin = head.header(b"origin")

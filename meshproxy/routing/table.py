@@ -94,6 +94,18 @@ class Fault:
 
 
 @dataclass(frozen=True, slots=True)
+class RateLimit:
+    """A local token bucket: starts full, gains tokens_per_fill every fill_interval up to
+    max_tokens; a request takes one or is answered `status` (flag RL)."""
+
+    name: str
+    max_tokens: int
+    tokens_per_fill: int
+    fill_interval: float
+    status: int = 429
+
+
+@dataclass(frozen=True, slots=True)
 class Mirror:
     """A shadow copy of the route's requests to another cluster, for `percent` % of them."""
 
@@ -145,6 +157,7 @@ class Route:
     direct: DirectReply | None = None
     mirrors: tuple[Mirror, ...] = ()
     cors: Cors | None = None
+    rate_limit: RateLimit | None = None  # replaces the port's bucket for this route (Envoy)
     rewrite_regex: tuple[re.Pattern[str], str] | None = None  # uriRegexRewrite (all matches)
     _cumulative: tuple[int, ...] = field(default=(), compare=False)
 

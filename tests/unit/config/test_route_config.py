@@ -185,3 +185,69 @@ def m(uri: StringMatch | None = None, method: StringMatch | None = None) -> HTTP
 )
 def test_istio_conflict_rules(root: HTTPMatch, leaf: HTTPMatch, conflict: bool) -> None:
     assert has_conflict(root, leaf) is conflict
+
+
+PC = """
+---
+apiVersion: meshproxy.io/v1alpha1
+kind: ProxyConfig
+metadata: {name: p, namespace: shop}
+spec:
+  namespace: shop
+  localRateLimits:
+%s
+"""
+
+
+@pytest.mark.parametrize(
+    ("limits", "expected"),
+    [
+        (
+            "  - {name: a, port: 9080, tokenBucket: {maxTokens: 1, fillInterval: 10ms}}",
+            "spec.localRateLimits[0].tokenBucket.fillInterval: must be at least 50ms",
+        ),
+        (
+            "  - {name: a, tokenBucket: {maxTokens: 1, fillInterval: 1s}}",
+            "set port (every HTTP request for it) or route",
+        ),
+        (
+            "  - {name: a, port: 1, route: {virtualService: reviews, name: r},"
+            " tokenBucket: {maxTokens: 1, fillInterval: 1s}}",
+            "set either port (with direction) or route, not both",
+        ),
+        (
+            "  - {name: a, route: {virtualService: reviews, name: nope},"
+            " tokenBucket: {maxTokens: 1, fillInterval: 1s}}",
+            "spec.localRateLimits[0].route: no route 'nope' in VirtualService 'reviews'"
+            " (its routes: main)",
+        ),
+        (
+            "  - {name: a, port: 1, tokenBucket: {maxTokens: 0, fillInterval: 1s}}\n"
+            "  - {name: a, port: 2, tokenBucket: {maxTokens: 1, fillInterval: 1s}}",
+            "spec.localRateLimits[1].name: duplicate name 'a'",
+        ),
+    ],
+)
+def test_local_rate_limit_errors(tmp_path: Path, limits: str, expected: str) -> None:
+    http = "  - {name: main, route: [{destination: {host: reviews}}]}"
+    text = "\n".join(issues_of(write(tmp_path, vs(http, PC % limits))))
+    assert expected in text, text
+
+
+def test_local_rate_limits_compile_to_port_and_route_buckets(tmp_path: Path) -> None:
+    limits = (
+        "  - {name: in, port: 9080, tokenBucket: {maxTokens: 10, fillInterval: 1s}}\n"
+        "  - {name: out, port: 9080, direction: OUTBOUND,"
+        " tokenBucket: {maxTokens: 5, tokensPerFill: 5, fillInterval: 500ms}}\n"
+        "  - {name: r, route: {virtualService: reviews, name: main}, statusCode: 503,"
+        " tokenBucket: {maxTokens: 2, fillInterval: 1s}}"
+    )
+    http = "  - {name: main, route: [{destination: {host: reviews}}]}"
+    path = write(tmp_path, vs(http, PC % limits))
+    snap = load_snapshot(path)
+    assert snap.port_rate_limits[(True, 9080)].max_tokens == 10
+    out = snap.port_rate_limits[(False, 9080)]
+    assert (out.tokens_per_fill, out.fill_interval) == (5, 0.5)
+    route_limit = routes(path)["main"].rate_limit
+    assert route_limit is not None and (route_limit.max_tokens, route_limit.status) == (2, 503)
+    assert len(snap.rate_limits) == 3
