@@ -67,6 +67,7 @@ class TcpRelay(asyncio.Protocol):
         self._connect_task: asyncio.Task[None] | None = None
         self._down_eof = False
         self._up_eof = False
+        self._holds_slot = False  # counted in the cluster's connections (maxConnections)
 
     def _source_hash(self, cluster: Cluster) -> int | None:
         """Istio gives the TCP proxy a hash policy only for useSourceIp; others pick randomly."""
@@ -87,6 +88,7 @@ class TcpRelay(asyncio.Protocol):
         try:
             if cluster is None:
                 raise OSError("no cluster")
+            self._holds_slot = cluster.reserve_tcp_connection()  # UO past maxConnections
             host = await cluster.pick(self.original_dst, (), self._source_hash(cluster))
             side = _UpstreamSide(self)
             await open_connection(
@@ -101,6 +103,7 @@ class TcpRelay(asyncio.Protocol):
         except (OSError, TimeoutError, UpstreamError) as exc:
             logger.info("tcp %s: upstream connect failed: %s", self.record.cluster, exc)
             self.record.response_flags = "UF" if not isinstance(exc, UpstreamError) else exc.flag
+            self._release_slot()
             self._close_downstream()
             return
         if self._closed:
@@ -139,8 +142,14 @@ class TcpRelay(asyncio.Protocol):
             up.transport.write_eof()
         return True
 
+    def _release_slot(self) -> None:
+        if self._holds_slot and self.cluster is not None:
+            self._holds_slot = False
+            self.cluster.release_tcp_connection()
+
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
+        self._release_slot()
         if self._connect_task is not None and not self._connect_task.done():
             self._connect_task.cancel()
         up = self.upstream

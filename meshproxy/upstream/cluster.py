@@ -223,6 +223,21 @@ class Cluster:
                 if host.pool.wake_one():
                     break
 
+    def reserve_tcp_connection(self) -> bool:
+        """Count a TCP-proxied connection against maxConnections, or raise overflow (UO),
+        as Envoy's tcp_proxy does; True when a slot was taken (release it once)."""
+        breaker = self.breaker
+        if breaker.limited and not breaker.may_connect():
+            breaker.overflows["cx"] += 1
+            raise UpstreamError(
+                FailureKind.OVERFLOW, "upstream_cx_overflow", flag="UO", request_bytes_sent=False
+            )
+        self._cx_change(1)
+        return True
+
+    def release_tcp_connection(self) -> None:
+        self._cx_change(-1)
+
     async def pick(
         self,
         original_dst: tuple[str, int] | None = None,

@@ -89,3 +89,57 @@ def test_max_requests_over_http2(tmp_path: Path) -> None:
             c.close()
     finally:
         app.stop()
+
+
+def test_max_connections_on_a_tcp_port(tmp_path: Path, echo_server: int) -> None:
+    """tcp_proxy: a connection beyond maxConnections is closed at once (upstream_cx_overflow,
+    flag UO); once one closes, a new one gets through."""
+    import socket
+
+    admin, port = free_port(), free_port()
+    resources = (
+        service_entry("echo.test", port, [echo_server], "TCP")
+        + """
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: echo}
+spec:
+  host: echo.test
+  trafficPolicy: {connectionPool: {tcp: {maxConnections: 2}}}
+---
+"""
+        + egress_sidecar(port, protocol="TCP")
+    )
+
+    def roundtrip(s: socket.socket) -> bytes:
+        s.sendall(b"ping")
+        return s.recv(16)
+
+    with running_proxy(tmp_path, admin, resources) as proxy:
+        first = socket.create_connection(("127.0.0.1", port), timeout=5)
+        second = socket.create_connection(("127.0.0.1", port), timeout=5)
+        assert roundtrip(first) == b"ping" and roundtrip(second) == b"ping"
+        third = socket.create_connection(("127.0.0.1", port), timeout=5)
+        assert third.recv(16) == b""  # closed without reaching the upstream
+        third.close()
+        first.close()
+        deadline = time.monotonic() + 5
+        while True:  # the slot frees when the proxy sees the close
+            fourth = socket.create_connection(("127.0.0.1", port), timeout=5)
+            try:
+                if roundtrip(fourth) == b"ping":
+                    break
+            except OSError:
+                pass
+            fourth.close()
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        fourth.close()
+        second.close()
+        clusters = json.loads(http_get(proxy.admin + "/clusters?format=json")[1])
+        echo = next(c for c in clusters["cluster_statuses"] if "echo.test" in c["name"])
+        assert echo["circuit_breakers"]["overflow"]["cx"] >= 1
+        deadline = time.monotonic() + 5
+        while 'response_flags="UO"' not in proxy.metrics():
+            assert time.monotonic() < deadline, proxy.metrics()
+            time.sleep(0.05)
