@@ -109,7 +109,7 @@ def test_weighted_split_is_statistically_right(make_mesh: MeshFactory) -> None:
         names.append(resp.getheader("x-upstream"))
         resp.read()
     share = names.count("v2") / len(names)
-    # 10 % of 2,000: σ = √(0.1·0.9/2000) ≈ 0.67 points; ±3 points is about 4.5 σ.
+    # 10 % of 2,000: sigma = sqrt(0.1 * 0.9 / 2000) = 0.67 points; ±3 points is 4.5 sigma.
     assert 0.07 < share < 0.13, share
 
 
