@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
+from meshproxy.codec.grpc import GRPC_RETRY_ON
 from meshproxy.config.delegate import expand_delegates
 from meshproxy.config.reader import Reader, did_you_mean
 from meshproxy.config.resources import (
@@ -719,15 +720,6 @@ def _regex_rewrite(rewrite: tuple[str, str] | None) -> tuple[re.Pattern[str], st
     return re.compile(pattern), re.sub(r"\\0(?!\d)", r"\\g<0>", replacement)
 
 
-GRPC_RETRY_CODES = {
-    "cancelled": 1,
-    "deadline-exceeded": 4,
-    "resource-exhausted": 8,
-    "internal": 13,
-    "unavailable": 14,
-}
-
-
 def retry_policy(retries: HTTPRetry | None, route_timeout: float | None) -> RetryPolicy:
     """Istio's translation: no `retries` → the default policy; attempts 0 → none; a retryOn
     keeps Envoy's names and turns status codes into retriable-status-codes; no retryOn →
@@ -755,7 +747,7 @@ def retry_policy(retries: HTTPRetry | None, route_timeout: float | None) -> Retr
         per_try,
         frozenset(on),
         frozenset(codes),
-        frozenset(GRPC_RETRY_CODES[n] for n in on if n in GRPC_RETRY_CODES),
+        frozenset(GRPC_RETRY_ON[n] for n in on if n in GRPC_RETRY_ON),
         retries.retry_ignore_previous_hosts,
     )
 

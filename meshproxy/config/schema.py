@@ -745,6 +745,8 @@ RETRY_ON = (
     "refused-stream",
     "retriable-4xx",
     "retriable-status-codes",
+    "retriable-headers",  # names come from x-envoy-retriable-header-names (Istio has no field)
+    "envoy-ratelimited",
     "cancelled",
     "deadline-exceeded",
     "internal",

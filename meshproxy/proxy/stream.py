@@ -31,6 +31,7 @@ from meshproxy.errors import FailureKind, ProtocolError, UpstreamError
 from meshproxy.observe.recorder import StreamRecord
 from meshproxy.proxy.hash_key import request_hash
 from meshproxy.proxy.mirror import mirror
+from meshproxy.proxy.retry_headers import OVERRIDE_HEADERS, apply_overrides
 from meshproxy.routing.cors import Cors, is_preflight
 from meshproxy.routing.match import RequestView
 from meshproxy.routing.table import (
@@ -61,6 +62,7 @@ _WATCHED_REQUEST_HEADERS = frozenset(
         b"x-request-id",
         b"x-forwarded-for",
         b"x-forwarded-client-cert",  # only the proxy sets it: never what a client sent
+        *OVERRIDE_HEADERS,
     }
 )
 REPLAY_LIMIT = 64 * 1024  # request bytes kept to retry on a fresh connection
@@ -232,6 +234,7 @@ class HttpStream:
         self._set_cookie: bytes | None = None  # ... and the cookie it generated, if any
         self._mirrors: tuple[Mirror, ...] = ()  # shadows to send once the request is complete
         self._cors_headers: Headers | None = None  # corsPolicy: set on the response
+        self._overrides: Headers | None = None  # the app's x-envoy-retry-on etc. (outbound)
 
     # -- start -------------------------------------------------------------------------------
     def start(self) -> None:
@@ -286,8 +289,10 @@ class HttpStream:
             self._retry = OUTBOUND_DEFAULT_RETRY
         if self.head.upgrade:
             self._retry = NO_RETRY  # a tunnel is never replayed
-        self._retries_left = self._retry.attempts
         timeout = match.route.timeout if match is not None else None
+        if self._overrides is not None and not self.head.upgrade:
+            self._retry, timeout = apply_overrides(self._retry, timeout, self._overrides)
+        self._retries_left = self._retry.attempts
         if self.grpc:
             timeout = grpc_deadline(self.head, timeout)
             out = self._outgoing
@@ -435,7 +440,9 @@ class HttpStream:
         outlier = self._cluster.outlier if self._cluster is not None else None
         if outlier is not None and self._host is not None:
             outlier.report(self._host, head.status)
-        if (head.status >= 400 or self.grpc) and self._retry_response(head):
+        if (
+            head.status >= 400 or self.grpc or self._retry.retriable_headers
+        ) and self._retry_response(head):
             return
         if self.grpc:
             self.grpc_status = grpc_status_of(head.headers, self.grpc_status)
@@ -509,7 +516,7 @@ class HttpStream:
         policy = self._retry
         if self._retries_left <= 0 or self._replay is None or self.response_head_sent:
             return False
-        retry = policy.retries_response(head.status)
+        retry = policy.retries_response(head.status, head.headers)
         if not retry and self.grpc and policy.grpc_codes:
             code = grpc_status_of(head.headers, "")  # a trailers-only answer carries it here
             retry = code.isdigit() and int(code) in policy.grpc_codes
@@ -957,6 +964,10 @@ class HttpStream:
                     xff = item[1]
                 else:
                     append(item)
+            elif k in OVERRIDE_HEADERS and not inbound:
+                if self._overrides is None:
+                    self._overrides = []
+                self._overrides.append(item)  # read by start(), never forwarded (Envoy)
             # else: `expect` (answered here) or an x-envoy-* header from outside the mesh
         if not has_proto:
             append((b"x-forwarded-proto", b"http"))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import bisect
 import random
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from meshproxy.routing.cors import Cors
@@ -55,9 +55,18 @@ class RetryPolicy:
     status_codes: frozenset[int] = frozenset()  # retriable-status-codes
     grpc_codes: frozenset[int] = frozenset()  # cancelled, unavailable, ... as numbers
     ignore_previous_hosts: bool = True  # Istio's retryIgnorePreviousHosts default
+    retriable_headers: frozenset[bytes] = frozenset()  # retriable-headers: response names
 
-    def retries_response(self, status: int) -> bool:
+    def retries_response(self, status: int, headers: Sequence[tuple[bytes, bytes]] = ()) -> bool:
+        """Envoy: a response carrying x-envoy-ratelimited is retried only on
+        envoy-ratelimited; retriable-headers retries any status with a named header."""
         on = self.on
+        if headers and any(k == b"x-envoy-ratelimited" for k, _ in headers):
+            return "envoy-ratelimited" in on
+        if "retriable-headers" in on and self.retriable_headers:
+            names = self.retriable_headers
+            if any(k in names for k, _ in headers):
+                return True
         if status >= 500 and "5xx" in on:
             return True
         if status in (502, 503, 504) and "gateway-error" in on:

@@ -29,10 +29,11 @@ class RetryMesh:
         body: bytes | None = None,
         port: int | None = None,
         host: str = "flaky.test",
+        headers: dict[str, str] | None = None,
     ) -> tuple[int, bytes, float]:
         conn = http.client.HTTPConnection("127.0.0.1", port or self.port, timeout=10)
         start = time.monotonic()
-        conn.request(method, path, body=body, headers={"Host": host})
+        conn.request(method, path, body=body, headers={"Host": host, **(headers or {})})
         resp = conn.getresponse()
         data = resp.read()
         conn.close()
@@ -178,3 +179,27 @@ def test_per_try_timeout_retries_then_504(mesh: RetryMesh, warm: bool) -> None:
 def test_route_timeout_bounds_all_retries(mesh: RetryMesh) -> None:
     status, _, elapsed = mesh.request("/bounded?ms=1000")
     assert status == 504 and elapsed < 1.0
+
+
+def test_the_apps_envoy_retry_headers_are_honoured_and_removed(mesh: RetryMesh) -> None:
+    """Outbound, as Envoy honours them from an internal client: retriable-headers with
+    x-envoy-retriable-header-names, x-envoy-max-retries, x-envoy-upstream-rq-timeout-ms."""
+    headers = {
+        "x-envoy-retry-on": "retriable-headers",
+        "x-envoy-retriable-header-names": "x-retry-me",
+    }
+    status, body, _ = mesh.request(
+        "/fail?code=200&times=1&key=h&header=x-retry-me", headers=headers
+    )
+    assert status == 200 and b"failed" not in body  # the marked 200 was retried
+    assert mesh.attempts("/fail?code=200&times=1&key=h") == ["1", "2"]
+    seen = mesh.app.state.requests[-1].headers
+    assert not {k for k in seen if k.startswith("x-envoy-retr")}  # never forwarded
+    # The default route retries no 503 (Istio's policy); the header adds 5xx with one retry.
+    headers = {"x-envoy-retry-on": "5xx", "x-envoy-max-retries": "1"}
+    status, _, _ = mesh.request("/fail?code=503&times=5&key=i", headers=headers)
+    assert status == 503 and mesh.app.state.failures["i"] == 2
+    status, _, elapsed = mesh.request(
+        "/slow?ms=1500", headers={"x-envoy-upstream-rq-timeout-ms": "200"}
+    )
+    assert status == 504 and elapsed < 1.2

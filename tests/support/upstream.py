@@ -109,7 +109,9 @@ class _Conn(asyncio.Protocol):
             self.state.failures[key] = seen + 1
             if seen < int(query.get("times", ["1"])[0]):
                 code = int(query.get("code", ["503"])[0])
-                self._send(code, b'{"failed": true}', False)
+                # &header=NAME marks the failing answers with NAME: 1 (retriable-headers)
+                extra = [(query["header"][0], "1")] if "header" in query else None
+                self._send(code, b'{"failed": true}', False, extra)
                 return
         if path == "/reset":
             t.abort()
@@ -146,12 +148,15 @@ class _Conn(asyncio.Protocol):
             ).encode()
         self._send(200, body, close)
 
-    def _send(self, status: int, body: bytes, close: bool) -> None:
+    def _send(
+        self, status: int, body: bytes, close: bool, extra: list[tuple[str, str]] | None = None
+    ) -> None:
         assert self.transport is not None
         headers = [
             ("content-type", "application/json"),
             ("content-length", str(len(body))),
             ("x-upstream", self.state.name),
+            *(extra or []),
         ]
         if close:
             headers.append(("connection", "close"))

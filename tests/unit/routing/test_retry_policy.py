@@ -43,3 +43,35 @@ def test_backoff_is_jittered_under_envoys_ceiling(retry: int, ceiling: float) ->
     samples = [retry_backoff(retry) for _ in range(300)]
     assert all(0 <= s <= ceiling for s in samples)
     assert max(samples) > ceiling * 0.5  # full jitter, not a constant
+
+
+def test_request_override_headers_extend_the_route_policy() -> None:
+    from meshproxy.proxy.retry_headers import apply_overrides
+
+    policy, timeout = apply_overrides(
+        OUTBOUND_DEFAULT_RETRY,
+        5.0,
+        [
+            (b"x-envoy-retry-on", b"5xx, bogus ,retriable-headers"),
+            (b"x-envoy-retry-grpc-on", b"internal"),
+            (b"x-envoy-max-retries", b"99"),
+            (b"x-envoy-retriable-status-codes", b"418,abc"),
+            (b"x-envoy-retriable-header-names", b"X-Again"),
+            (b"x-envoy-upstream-rq-timeout-ms", b"250"),
+            (b"x-envoy-upstream-rq-per-try-timeout-ms", b"nope"),
+        ],
+    )
+    assert {"5xx", "retriable-headers", "connect-failure"} <= policy.on
+    assert "bogus" not in policy.on
+    assert policy.grpc_codes == {1, 13, 14} and policy.status_codes == {418}
+    assert policy.attempts == 10  # capped
+    assert policy.retriable_headers == {b"x-again"}
+    assert timeout == 0.25 and policy.per_try_timeout is None
+    assert policy.retries_response(200, [(b"x-again", b"1")])
+    assert not policy.retries_response(200, [(b"x-other", b"1")])
+    # A rate-limited answer is retried only on envoy-ratelimited (Envoy's rule).
+    assert not policy.retries_response(503, [(b"x-envoy-ratelimited", b"true")])
+    limited, _ = apply_overrides(policy, None, [(b"x-envoy-retry-on", b"envoy-ratelimited")])
+    assert limited.retries_response(429, [(b"x-envoy-ratelimited", b"true")])
+    _, off = apply_overrides(policy, 5.0, [(b"x-envoy-upstream-rq-timeout-ms", b"0")])
+    assert off is None  # 0 disables the route timeout
