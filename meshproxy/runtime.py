@@ -56,6 +56,7 @@ class Runtime:
         codec = resolve_codec_name(s.http1_codec)
         limits = _limits(snapshot)
         self.clusters = ClusterManager(PoolSettings(codec, limits, s.trust_domain))
+        self.metrics.cluster_counters = self.clusters.counters
         self.clusters.reconcile(snapshot.clusters, PoolSettings(codec, limits, s.trust_domain))
         self.ctx = ProxyContext(snapshot, self.clusters, self.metrics, limits, codec)
         self.listeners: dict[tuple[str, int], Listener] = {}

@@ -10,7 +10,7 @@ from __future__ import annotations
 import bisect
 import time
 from bisect import bisect_left
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -132,7 +132,31 @@ def _service_parts(host: str) -> tuple[str, str]:
 
 
 # Plain keyed counters each worker exports and the admin worker adds up.
-_SUMMED_COUNTERS = ("rejected", "h2_floods", "rbac", "tls", "retries", "mirrors", "rate_limits")
+_SUMMED_COUNTERS = (
+    "rejected",
+    "h2_floods",
+    "rbac",
+    "tls",
+    "retries",
+    "mirrors",
+    "rate_limits",
+    "clusters",
+)
+
+
+def _envoy_cluster_counters(counters: dict[tuple[str, str], int]) -> Iterator[Metric]:
+    """Envoy's names as Istio exports them (envoy_cluster_<stat>{cluster_name}). Typed
+    "untyped": prometheus_client would rename a counter's TYPE line to <name>_total, and the
+    exact names are what existing Envoy dashboards query."""
+    by_stat: dict[str, list[tuple[str, int]]] = {}
+    for (cluster, stat), n in sorted(counters.items()):
+        by_stat.setdefault(stat, []).append((cluster, n))
+    for stat, rows in by_stat.items():
+        name = f"envoy_cluster_{stat}"
+        metric = Metric(name, f"Envoy cluster counter {stat}", "unknown")
+        for cluster, n in rows:
+            metric.add_sample(name, {"cluster_name": cluster}, n)
+        yield metric
 
 
 class MeshMetrics(Collector):
@@ -154,6 +178,8 @@ class MeshMetrics(Collector):
         self.retries: dict[str, int] = {}
         self.mirrors: dict[tuple[str, str], int] = {}
         self.rate_limits: dict[str, int] = {}
+        # Envoy's cluster counters (overflows, ejections), read when exported
+        self.cluster_counters: Callable[[], dict[tuple[str, str], int]] = dict
         self.reloads_ok = 0
         self.reloads_failed = 0
         self.config_version = 0
@@ -338,6 +364,7 @@ class MeshMetrics(Collector):
             "retries": dict(self.retries),
             "mirrors": dict(self.mirrors),
             "rate_limits": dict(self.rate_limits),
+            "clusters": self.cluster_counters(),
             "cx_active": self.downstream_cx_active,
             "cx_total": self.downstream_cx_total,
         }
@@ -487,6 +514,7 @@ class MeshMetrics(Collector):
         for (cluster, result), n in sorted(merged["mirrors"].items()):
             mirrors.add_metric([cluster, result], n)
         yield mirrors
+        yield from _envoy_cluster_counters(merged["clusters"])
         limited = CounterMetricFamily(
             "meshproxy_local_rate_limited",
             "Requests refused by a ProxyConfig localRateLimits bucket, by its name",

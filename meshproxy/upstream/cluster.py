@@ -223,6 +223,18 @@ class Cluster:
                 if host.pool.wake_one():
                     break
 
+    def counters(self) -> dict[tuple[str, str], int]:
+        name, overflows = self.spec.name, self.breaker.overflows
+        out = {
+            (name, "upstream_cx_overflow"): overflows["cx"],
+            # Envoy counts both the pending queue's and max requests' overflows here.
+            (name, "upstream_rq_pending_overflow"): overflows["pending"] + overflows["rq"],
+            (name, "upstream_rq_retry_overflow"): overflows["retry"],
+        }
+        if self.outlier is not None:
+            out[(name, "outlier_detection_ejections_enforced_total")] = self.outlier.ejections_total
+        return {k: n for k, n in out.items() if n}
+
     def reserve_tcp_connection(self) -> bool:
         """Count a TCP-proxied connection against maxConnections, or raise overflow (UO),
         as Envoy's tcp_proxy does; True when a slot was taken (release it once)."""
@@ -345,6 +357,7 @@ class ClusterManager:
         self.clusters: dict[str, Cluster] = {}
         self.identity: IdentitySource = lambda: None  # set by the runtime
         self._contexts = TlsContexts()
+        self._retired: dict[tuple[str, str], int] = {}  # counters of replaced clusters
 
     def reconcile(self, specs: Mapping[str, ClusterSpec], settings: PoolSettings) -> None:
         if settings != self.settings:
@@ -354,6 +367,8 @@ class ClusterManager:
             kept = {name: c for name, c in self.clusters.items() if specs.get(name) == c.spec}
         for name, cluster in self.clusters.items():
             if kept.get(name) is not cluster:
+                for key, n in cluster.counters().items():  # counters outlive a cluster update
+                    self._retired[key] = self._retired.get(key, 0) + n
                 cluster.close()
         self.clusters = {
             name: kept.get(name) or Cluster(spec, settings, self._current_identity, self._contexts)
@@ -362,6 +377,14 @@ class ClusterManager:
 
     def _current_identity(self) -> WorkloadIdentity | None:
         return self.identity()
+
+    def counters(self) -> dict[tuple[str, str], int]:
+        """Envoy's per-cluster overflow and ejection counters, by (cluster, stat)."""
+        out = dict(self._retired)
+        for cluster in self.clusters.values():
+            for key, n in cluster.counters().items():
+                out[key] = out.get(key, 0) + n
+        return out
 
     def get(self, name: str) -> Cluster | None:
         return self.clusters.get(name)

@@ -66,6 +66,8 @@ def test_max_connections_and_pending_requests(tmp_path: Path) -> None:
             clusters = json.loads(http_get(f"http://127.0.0.1:{admin}/clusters?format=json")[1])
             cb = next(c for c in clusters["cluster_statuses"] if c["name"].startswith("outbound|"))
             assert cb["circuit_breakers"]["overflow"]["pending"] == 4
+            pending = f'envoy_cluster_upstream_rq_pending_overflow{{cluster_name="{cb["name"]}"}}'
+            assert f"{pending} 4.0" in proxy.metrics()
     finally:
         app.stop()
 
@@ -139,6 +141,9 @@ spec:
         clusters = json.loads(http_get(proxy.admin + "/clusters?format=json")[1])
         echo = next(c for c in clusters["cluster_statuses"] if "echo.test" in c["name"])
         assert echo["circuit_breakers"]["overflow"]["cx"] >= 1
+        cx = f'envoy_cluster_upstream_cx_overflow{{cluster_name="{echo["name"]}"}} '
+        (line,) = [x for x in proxy.metrics().splitlines() if x.startswith(cx)]
+        assert float(line.rsplit(" ", 1)[1]) >= 1
         deadline = time.monotonic() + 5
         while 'response_flags="UO"' not in proxy.metrics():
             assert time.monotonic() < deadline, proxy.metrics()

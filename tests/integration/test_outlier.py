@@ -60,10 +60,14 @@ spec:
         return "?"
 
     try:
-        with running_proxy(tmp_path, admin, resources):
+        with running_proxy(tmp_path, admin, resources) as proxy:
             first = statuses(6)  # round robin: the bad endpoint fails twice, then it is out
             assert first.count(500) == 2, first
             assert bad_health() == "ejected/1"
+            assert (
+                "envoy_cluster_outlier_detection_ejections_enforced_total"
+                f'{{cluster_name="outbound|{port}||svc.test"}} 1.0'
+            ) in proxy.metrics()
             assert statuses(20) == [200] * 20  # all traffic on the good endpoint
             time.sleep(1.3)  # baseEjectionTime x 1
             assert bad_health() == "healthy/1"
