@@ -412,8 +412,13 @@ def _make_cluster(
     upstream = upstream_protocol_of(sp.protocol, policy.connection_pool if policy else None)
     tls = _origination(policy, endpoints)
     outlier = _outlier(policy.outlier_detection if policy is not None else None)
+    balancer = policy.load_balancer if policy is not None else None
+    if balancer is not None and balancer.locality_setting:
+        ctx.warnings.append(
+            f"DestinationRule for {svc.host}: localityLbSetting is not applied (meshproxy "
+            "does not weigh endpoints by locality)"
+        )
     if policy is not None:
-        balancer = policy.load_balancer
         if balancer is not None and balancer.simple in ("ROUND_ROBIN", "RANDOM", "LEAST_REQUEST"):
             lb = LbPolicy(balancer.simple)
         pool = policy.connection_pool
@@ -446,7 +451,8 @@ def _make_cluster(
         tls,
         outlier,
         *limits,
-        policy.load_balancer.consistent_hash if policy and policy.load_balancer else None,
+        balancer.consistent_hash if balancer else None,
+        balancer.warmup if balancer else None,
     )
 
 

@@ -240,11 +240,22 @@ class ConsistentHash:
 
 
 @dataclass(frozen=True, slots=True)
+class Warmup:
+    """loadBalancer.warmup (or warmupDurationSecs): slow start for new endpoints."""
+
+    duration: float
+    minimum_percent: float = 10.0
+    aggression: float = 1.0
+
+
+@dataclass(frozen=True, slots=True)
 class LoadBalancerSettings:
-    """loadBalancer: Istio's oneof of `simple` and `consistentHash`."""
+    """loadBalancer: Istio's oneof of `simple` and `consistentHash`, and slow start."""
 
     simple: str | None = None
     consistent_hash: ConsistentHash | None = None
+    warmup: Warmup | None = None
+    locality_setting: bool = False  # localityLbSetting given (accepted, not applied)
 
 
 @dataclass(frozen=True, slots=True)

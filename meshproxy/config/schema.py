@@ -48,6 +48,7 @@ from meshproxy.config.resources import (
     TCPRoute,
     TrafficPolicy,
     VirtualService,
+    Warmup,
     WeightedDestination,
     WorkloadEndpoint,
 )
@@ -859,7 +860,44 @@ def _load_balancer(r: Reader, value: Any, path: Path_) -> LoadBalancerSettings |
         if lb.get("simple") is not None:
             r.error(path, "simple and consistentHash are exclusive (one load balancer)")
         chash = _consistent_hash(r, lb["consistentHash"], (*path, "consistentHash"))
-    return LoadBalancerSettings(simple, chash)
+    warmup = _warmup(r, lb, path)
+    if warmup is not None and (chash is not None or simple == "RANDOM"):
+        r.error(path, "warmup applies to ROUND_ROBIN and LEAST_REQUEST only (as in Istio)")
+    return LoadBalancerSettings(simple, chash, warmup, lb.get("localityLbSetting") is not None)
+
+
+def _warmup(r: Reader, lb: Mapping[str, Any], path: Path_) -> Warmup | None:
+    if lb.get("warmup") is not None:
+        if lb.get("warmupDurationSecs") is not None:
+            r.error(path, "warmup and warmupDurationSecs are exclusive")
+        wp = (*path, "warmup")
+        wm = r.mapping(
+            lb["warmup"], wp, ("duration", "minimumPercent", "aggression"), required=("duration",)
+        )
+        if wm is None:
+            return None
+        duration = r.duration(wm, "duration", wp)
+        minimum = wm.get("minimumPercent", {"value": 10})
+        minimum = minimum.get("value") if isinstance(minimum, dict) else minimum
+        if (
+            not isinstance(minimum, int | float)
+            or isinstance(minimum, bool)
+            or not (0 <= minimum <= 100)
+        ):
+            r.error((*wp, "minimumPercent"), "expected a number from 0 to 100")
+            return None
+        aggression = wm.get("aggression", {"value": 1.0})
+        aggression = aggression.get("value") if isinstance(aggression, dict) else aggression
+        if (
+            not isinstance(aggression, int | float)
+            or isinstance(aggression, bool)
+            or (aggression < 1)
+        ):
+            r.error((*wp, "aggression"), "expected a number of at least 1")
+            return None
+        return Warmup(duration, float(minimum), float(aggression)) if duration else None
+    duration = r.duration(lb, "warmupDurationSecs", path)
+    return Warmup(duration) if duration else None
 
 
 def _is_prime(n: int) -> bool:

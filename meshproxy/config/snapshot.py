@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
-from meshproxy.config.resources import ClientTls, ConsistentHash, ProxySettings
+from meshproxy.config.resources import ClientTls, ConsistentHash, ProxySettings, Warmup
 from meshproxy.routing.table import RateLimit, RouteTable
 from meshproxy.security.authz import Authorizer
 
@@ -95,6 +95,7 @@ class ClusterSpec:
     max_requests: int | None = None
     max_retries: int | None = None
     consistent_hash: ConsistentHash | None = None  # DestinationRule consistentHash
+    warmup: Warmup | None = None  # DestinationRule loadBalancer.warmup (slow start)
 
 
 @dataclass(frozen=True, slots=True)

@@ -305,6 +305,7 @@ class HttpStream:
                 self._deadline += delay  # the route timeout starts after the injected delay
             self.task = spawn(self._slow_path(delay=delay), name="http-stream-delayed")
             return
+        first: EndpointState | None = None  # picked here: the slow path must not pick again
         if cluster.spec.resolution is not Resolution.DNS:
             try:
                 host = cluster.pick_now(conn.original_dst, (), self._hash_key)
@@ -322,7 +323,8 @@ class HttpStream:
                     conn.ctx.deadlines.add(self, loop)
                 self._begin(host, up, reused=True)
                 return
-        self.task = spawn(self._slow_path(), name="http-stream")
+            first = host  # no idle connection to it: connect in the slow path
+        self.task = spawn(self._slow_path(first=first), name="http-stream")
 
     def _direct_reply(self, direct: DirectReply) -> LocalReply:
         """VirtualService directResponse / redirect: the proxy answers, nothing goes upstream."""
@@ -610,17 +612,21 @@ class HttpStream:
 
     # -- the slow path ---------------------------------------------------------------------
     async def _slow_path(
-        self, fresh: bool = False, backoff: bool = False, delay: float | None = None
+        self,
+        fresh: bool = False,
+        backoff: bool = False,
+        delay: float | None = None,
+        first: EndpointState | None = None,
     ) -> None:
         try:
             if delay is not None:
                 await asyncio.sleep(delay)  # fault injection: before the router, as Envoy
             if self._deadline is None:
-                await self._exchange(fresh, backoff)
+                await self._exchange(fresh, backoff, first)
             else:
                 self._leave_wheel()  # asyncio's timeout takes over from the wheel
                 async with asyncio.timeout_at(self._deadline) as self._timeout_cm:
-                    await self._exchange(fresh, backoff)
+                    await self._exchange(fresh, backoff, first)
         except LocalReply as reply:
             self._local_reply(reply.status, reply.body, reply.flag)
         except TimeoutError:
@@ -642,7 +648,9 @@ class HttpStream:
         finally:
             self._finish()
 
-    async def _exchange(self, fresh: bool, backoff: bool = False) -> None:
+    async def _exchange(
+        self, fresh: bool, backoff: bool = False, first: EndpointState | None = None
+    ) -> None:
         cluster = self._cluster
         assert cluster is not None
         loop = self.conn.loop
@@ -651,8 +659,11 @@ class HttpStream:
             if backoff:
                 await asyncio.sleep(retry_backoff(self._attempts - 1))
                 backoff = False
-            exclude = self._tried if self._retry.ignore_previous_hosts else ()
-            host = await cluster.pick(self.conn.original_dst, exclude, self._hash_key)
+            if first is not None:  # the fast path's pick (a balancer is asked once per try)
+                host, first = first, None
+            else:
+                exclude = self._tried if self._retry.ignore_previous_hosts else ()
+                host = await cluster.pick(self.conn.original_dst, exclude, self._hash_key)
             pool: UpstreamPool = host.h2_pool() if self._h2_upstream else host.pool
             try:
                 if fresh:

@@ -22,6 +22,7 @@ from meshproxy.upstream.lb import make_balancer
 from meshproxy.upstream.outlier import OutlierDetector
 from meshproxy.upstream.pool import Pool
 from meshproxy.upstream.tls import IdentitySource, TlsContexts, UpstreamTls, upstream_tls
+from meshproxy.upstream.warmup import WarmedView, warmed
 
 H1_ALPN = ("http/1.1",)
 H2_ALPN = ("h2",)
@@ -53,6 +54,7 @@ class EndpointState:
         "ejected",
         "ejections",
         "errors",
+        "joined_at",
         "pool",
         "port",
         "requests",
@@ -80,6 +82,7 @@ class EndpointState:
         self.ejections = 0
         self.consecutive_5xx = 0
         self.consecutive_gateway = 0
+        self.joined_at = time.monotonic()  # slow start counts the endpoint's age from here
 
     def h2_pool(self) -> Http2Pool:
         """The HTTP/2 connections to this host, created on first use."""
@@ -223,6 +226,13 @@ class Cluster:
                 if host.pool.wake_one():
                     break
 
+    def inherit_ages(self, previous: Cluster) -> None:
+        """A reloaded cluster's endpoints keep the age they had (slow start)."""
+        for key, host in previous._by_address.items():
+            mine = self._by_address.get(key)
+            if mine is not None:
+                mine.joined_at = host.joined_at
+
     def counters(self) -> dict[tuple[str, str], int]:
         name, overflows = self.spec.name, self.breaker.overflows
         out = {
@@ -294,7 +304,13 @@ class Cluster:
             if exclude:
                 others = [h for h in hosts if h not in exclude]
                 hosts = others or hosts
-            picked = self._lb.pick(hosts)
+            warmup = self.spec.warmup
+            views = warmed(hosts, warmup, time.monotonic()) if warmup is not None else None
+            if views is not None:
+                view = self._lb.pick(views)
+                picked = view.host if isinstance(view, WarmedView) else None
+            else:
+                picked = self._lb.pick(hosts)
         if picked is None:
             raise UpstreamError(
                 FailureKind.NO_HEALTHY, "no healthy upstream", flag="UH", request_bytes_sent=False
@@ -365,15 +381,20 @@ class ClusterManager:
             kept: dict[str, Cluster] = {}
         else:
             kept = {name: c for name, c in self.clusters.items() if specs.get(name) == c.spec}
-        for name, cluster in self.clusters.items():
-            if kept.get(name) is not cluster:
-                for key, n in cluster.counters().items():  # counters outlive a cluster update
+        for name, replaced in self.clusters.items():
+            if kept.get(name) is not replaced:
+                for key, n in replaced.counters().items():  # counters outlive a cluster update
                     self._retired[key] = self._retired.get(key, 0) + n
-                cluster.close()
-        self.clusters = {
-            name: kept.get(name) or Cluster(spec, settings, self._current_identity, self._contexts)
-            for name, spec in specs.items()
-        }
+                replaced.close()
+        old, self.clusters = self.clusters, {}
+        for name, spec in specs.items():
+            cluster: Cluster | None = kept.get(name)
+            if cluster is None:
+                cluster = Cluster(spec, settings, self._current_identity, self._contexts)
+                previous = old.get(name)
+                if previous is not None:
+                    cluster.inherit_ages(previous)
+            self.clusters[name] = cluster
 
     def _current_identity(self) -> WorkloadIdentity | None:
         return self.identity()

@@ -11,8 +11,11 @@ from meshproxy.config.snapshot import LbPolicy
 
 
 class Host(Protocol):
-    weight: int
-    active_requests: int
+    @property
+    def weight(self) -> float: ...
+
+    @property
+    def active_requests(self) -> int: ...
 
     @property
     def available(self) -> bool: ...
@@ -26,12 +29,12 @@ class RoundRobin:
     """Smooth weighted round robin (nginx's): even spread, weights honoured exactly."""
 
     def __init__(self) -> None:
-        self._current: dict[int, int] = {}
+        self._current: dict[int, float] = {}
 
     def pick(self, hosts: Sequence[Host]) -> Host | None:
         best = None
         best_i = -1
-        total = 0
+        total = 0.0
         current = self._current
         for i, h in enumerate(hosts):
             if not h.available:
@@ -80,7 +83,7 @@ class Random:
         if not live:
             return None
         cumulative = []
-        total = 0
+        total = 0.0
         for h in live:
             total += h.weight
             cumulative.append(total)

@@ -112,3 +112,28 @@ def test_subset_policy_overrides_field_by_field(tmp_path: Path) -> None:
     assert v1.lb is LbPolicy.ROUND_ROBIN and v1.max_retries == 3 and v1.max_requests is None
     # v2's own connectionPool replaces the DR's; its load balancer is still inherited.
     assert v2.lb is LbPolicy.ROUND_ROBIN and v2.max_requests == 7 and v2.max_retries is None
+
+
+def test_warmup_forms_and_errors(tmp_path: Path) -> None:
+    snap = load_snapshot(
+        with_policy(
+            tmp_path,
+            "loadBalancer: {simple: ROUND_ROBIN, warmup: {duration: 60s,"
+            " minimumPercent: {value: 20}, aggression: {value: 2}}}",
+        )
+    )
+    w = snap.clusters[V1].warmup
+    assert w is not None and (w.duration, w.minimum_percent, w.aggression) == (60, 20, 2)
+    snap = load_snapshot(with_policy(tmp_path, "loadBalancer: {warmupDurationSecs: 30s}"))
+    assert snap.clusters[V1].warmup is not None and snap.clusters[V1].warmup.duration == 30
+    text = "\n".join(
+        issues_of(with_policy(tmp_path, "loadBalancer: {simple: RANDOM, warmupDurationSecs: 5s}"))
+    )
+    assert "warmup applies to ROUND_ROBIN and LEAST_REQUEST only" in text
+
+
+def test_locality_setting_is_reported_as_not_applied(tmp_path: Path) -> None:
+    snap = load_snapshot(
+        with_policy(tmp_path, "loadBalancer: {localityLbSetting: {enabled: true}}")
+    )
+    assert any("localityLbSetting is not applied" in w for w in snap.warnings)
