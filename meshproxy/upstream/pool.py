@@ -182,17 +182,30 @@ class Pool:
     async def connect(self) -> UpstreamHttp1Connection:
         conn = UpstreamHttp1Connection(client_codec(self._codec, self._limits), self)
         self.connects += 1
+        on_change = self._on_change
+        if on_change:
+            on_change(1)  # counted from the connect on: a burst cannot pass maxConnections
         try:
             tls = self._tls() if self._tls is not None else None
             await open_connection(
                 conn, self.address, self.port, self.bind_source, self.connect_timeout, tls
             )
-        except UpstreamError:
-            self.connect_failures += 1
+        except BaseException as exc:  # a failure or a cancelled connect gives the slot back
+            if isinstance(exc, UpstreamError):
+                self.connect_failures += 1
+            if on_change:
+                on_change(-1)
             raise
+        if conn.closed:  # lost before it could be pooled: its close was never counted
+            if on_change:
+                on_change(-1)
+            raise UpstreamError(
+                FailureKind.RESET,
+                "connection closed after connect",
+                flag="UF",
+                request_bytes_sent=False,
+            )
         self.connections.add(conn)
-        if self._on_change:
-            self._on_change(1)
         return conn
 
     def release(self, conn: UpstreamHttp1Connection, reusable: bool) -> None:

@@ -5,9 +5,14 @@ from __future__ import annotations
 
 import http.client
 import json
+import re
+import shutil
+import subprocess
 import threading
 import time
 from pathlib import Path
+
+import pytest
 
 from tests.support.h2client import H2Client
 from tests.support.proxy import egress_sidecar, free_port, http_get, running_proxy, service_entry
@@ -148,3 +153,52 @@ spec:
         while 'response_flags="UO"' not in proxy.metrics():
             assert time.monotonic() < deadline, proxy.metrics()
             time.sleep(0.05)
+
+
+@pytest.mark.skipif(shutil.which("h2load") is None, reason="h2load (nghttp2-client) not installed")
+def test_a_flood_gets_fast_503s_and_memory_stays_flat(tmp_path: Path) -> None:
+    """100 clients against maxConnections 2 + 2 pending: the overflow is answered at once,
+    admitted requests succeed, nothing times out, and the proxy's memory does not grow with
+    a second flood (no queue grows without bound)."""
+    app = UpstreamServer("app").start()
+    admin, port = free_port(), free_port()
+    pool = "{tcp: {maxConnections: 2}, http: {http1MaxPendingRequests: 2}}"
+
+    def flood() -> dict[str, int]:
+        out = subprocess.run(
+            [
+                "h2load",
+                "--h1",
+                "-n",
+                "3000",
+                "-c",
+                "100",
+                "-T",
+                "10",
+                "-H",
+                ":authority: svc.test",
+                f"http://127.0.0.1:{port}/slow?ms=20",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        ).stdout
+        m = re.search(r"status codes: (\d+) 2xx, (\d+) 3xx, (\d+) 4xx, (\d+) 5xx", out)
+        done = re.search(r"requests: \d+ total, \d+ started, (\d+) done, (\d+) succeeded", out)
+        assert m and done, out
+        return {"2xx": int(m[1]), "5xx": int(m[4]), "done": int(done[1])}
+
+    try:
+        with running_proxy(tmp_path, admin, _resources(port, app.port, pool)) as proxy:
+            first = flood()
+            after_first = proxy.rss_kib()
+            second = flood()
+            after_second = proxy.rss_kib()
+            for result in (first, second):
+                assert result["done"] == 3000, result  # every request answered, none hung
+                assert result["2xx"] >= 20 and result["5xx"] >= 1500, result
+            assert app.state.connections <= 2 * 2  # two floods, two connections at a time
+            assert after_second - after_first < 10_000, (after_first, after_second)  # KiB
+    finally:
+        app.stop()
