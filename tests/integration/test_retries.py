@@ -96,6 +96,10 @@ spec:
     retries: {{attempts: 50, perTryTimeout: 100ms, retryOn: "5xx"}}
     rewrite: {{uri: /slow}}
     route: [{{destination: {{host: flaky.test}}}}]
+  - match: [{{uri: {{prefix: /rreset}}}}]
+    retries: {{attempts: 2, retryOn: reset}}
+    rewrite: {{uri: /fail}}
+    route: [{{destination: {{host: flaky.test}}}}]
   - match: [{{uri: {{prefix: /none}}}}]
     retries: {{attempts: 0}}
     rewrite: {{uri: /fail}}
@@ -203,3 +207,15 @@ def test_the_apps_envoy_retry_headers_are_honoured_and_removed(mesh: RetryMesh) 
         "/slow?ms=1500", headers={"x-envoy-upstream-rq-timeout-ms": "200"}
     )
     assert status == 504 and elapsed < 1.2
+
+
+def test_a_post_reset_after_its_body_is_replayed_only_when_retry_on_allows(
+    mesh: RetryMesh,
+) -> None:
+    # Istio's default outbound policy has no `reset`: the app may have acted on the POST.
+    status, body, _ = mesh.request("/fail?code=reset&times=1&key=j", "POST", b"order=1")
+    assert status == 503 and b"reset reason: connection termination" in body
+    assert mesh.app.state.failures["j"] == 1
+    # retryOn: reset says replaying is fine: the second try succeeds.
+    status, _, _ = mesh.request("/rreset?code=reset&times=1&key=k", "POST", b"order=2")
+    assert status == 200 and mesh.app.state.failures["k"] == 2

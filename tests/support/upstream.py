@@ -103,11 +103,15 @@ class _Conn(asyncio.Protocol):
             self._send(self.state.always, b'{"broken": true}', False)
             return
         if path == "/fail":
-            # /fail?code=503&times=N&key=K: `code` for the first N requests of key K, then 200.
+            # /fail?code=503&times=N&key=K: `code` (or `reset`) for the first N requests of
+            # key K, then 200.
             key = query.get("key", ["k"])[0]
             seen = self.state.failures.get(key, 0)
             self.state.failures[key] = seen + 1
             if seen < int(query.get("times", ["1"])[0]):
+                if query.get("code") == ["reset"]:  # the body was read; the answer is a reset
+                    t.abort()
+                    return
                 code = int(query.get("code", ["503"])[0])
                 # &header=NAME marks the failing answers with NAME: 1 (retriable-headers)
                 extra = [(query["header"][0], "1")] if "header" in query else None
