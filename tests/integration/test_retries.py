@@ -219,3 +219,44 @@ def test_a_post_reset_after_its_body_is_replayed_only_when_retry_on_allows(
     # retryOn: reset says replaying is fine: the second try succeeds.
     status, _, _ = mesh.request("/rreset?code=reset&times=1&key=k", "POST", b"order=2")
     assert status == 200 and mesh.app.state.failures["k"] == 2
+
+
+def test_grpc_unavailable_is_retried_by_istios_default_policy(tmp_path: Path) -> None:
+    import grpc
+
+    from tests.support.grpc_echo import GrpcEchoServer
+    from tests.support.proxy import egress_sidecar, service_entry
+
+    server = GrpcEchoServer().start()
+    admin, port = free_port(), free_port()
+    resources = (
+        service_entry("echo.grpc", port, [server.port], "GRPC")
+        + """
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: echo}
+spec:
+  hosts: [echo.grpc]
+  http:
+  - match: [{headers: {x-policy: {exact: none}}}]
+    retries: {attempts: 0}
+    route: [{destination: {host: echo.grpc}}]
+  - route: [{destination: {host: echo.grpc}}]
+---
+"""
+        + egress_sidecar(port, protocol="GRPC")
+    )
+    try:
+        with running_proxy(tmp_path, admin, resources):
+            options = [("grpc.default_authority", "echo.grpc"), ("grpc.enable_http_proxy", 0)]
+            with grpc.insecure_channel(f"127.0.0.1:{port}", options=options) as ch:
+                flaky = ch.unary_unary("/test.Echo/Flaky")
+                assert flaky(b"2", timeout=10) == b"ok:2"  # two UNAVAILABLE, then served
+                assert server.service.flaky_calls == 3
+                server.service.flaky_calls = 0
+                with pytest.raises(grpc.RpcError) as info:
+                    flaky(b"1", timeout=10, metadata=(("x-policy", "none"),))
+                assert info.value.code() is grpc.StatusCode.UNAVAILABLE
+                assert server.service.flaky_calls == 1  # attempts: 0 — not retried
+    finally:
+        server.stop()

@@ -2,7 +2,8 @@
 
 Service `test.Echo`: Unary echoes; ServerStream sends the request N times (N = its length);
 ClientStream joins what it got; Bidi echoes each message; Slow sleeps (cancellation is
-recorded); Fail aborts with PERMISSION_DENIED and a message.
+recorded); Fail aborts with PERMISSION_DENIED and a message; Flaky answers UNAVAILABLE to
+its first N calls (N = the request as a number), then echoes.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ class EchoService:
     def __init__(self) -> None:
         self.cancelled = threading.Event()
         self.seen_metadata: list[dict[str, str]] = []
+        self.flaky_calls = 0
 
     def unary(self, request: bytes, context: grpc.ServicerContext) -> bytes:
         self.seen_metadata.append({k: str(v) for k, v in context.invocation_metadata()})
@@ -47,6 +49,12 @@ class EchoService:
             time.sleep(0.02)
         return b"late"
 
+    def flaky(self, request: bytes, context: grpc.ServicerContext) -> bytes:
+        self.flaky_calls += 1
+        if self.flaky_calls <= int(request):
+            context.abort(grpc.StatusCode.UNAVAILABLE, "warming up")
+        return b"ok:" + request
+
     def fail(self, request: bytes, context: grpc.ServicerContext) -> bytes:
         context.abort(grpc.StatusCode.PERMISSION_DENIED, "not you: ünïcode")
         return b""
@@ -67,6 +75,7 @@ class GrpcEchoServer:
             "Bidi": grpc.stream_stream_rpc_method_handler(s.bidi),
             "Slow": grpc.unary_unary_rpc_method_handler(s.slow),
             "Fail": grpc.unary_unary_rpc_method_handler(s.fail),
+            "Flaky": grpc.unary_unary_rpc_method_handler(s.flaky),
         }
         server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
         server.add_generic_rpc_handlers(
