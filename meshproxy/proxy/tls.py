@@ -1,26 +1,35 @@
-"""Inbound TLS termination on an already accepted connection (memory BIOs, not start_tls).
+"""Inbound TLS termination on an already accepted connection whose first bytes were read.
 
-Why not loop.start_tls: on a PERMISSIVE port the first bytes have already been read to tell
-TLS from plaintext, and start_tls cannot be given bytes already taken off the socket. With
-memory BIOs the sniffed bytes go into the TLS engine like any others. The application protocol
-(HTTP/1.1, HTTP/2, TCP relay) then runs on a `TlsTransport` that looks like any transport.
+The MtlsGate reads the first bytes to tell TLS from plaintext (Envoy's tls_inspector), and
+loop.start_tls cannot be given bytes already taken off the socket. So the event loop's own
+TLS protocol (uvloop's SSLProtocol, in C; asyncio's otherwise) is put on the transport by hand
+and fed those bytes first; from there it reads the socket itself. When the handshake is done,
+the application protocol (HTTP/1.1, HTTP/2, TCP relay) is told who the peer is and takes over
+the decrypted transport.
 """
 
 from __future__ import annotations
 
 import asyncio
+import asyncio.sslproto
 import logging
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, cast
 
+import uvloop
+import uvloop.loop
+
 from meshproxy.security.spiffe import SpiffeId, spiffe_of
 
 logger = logging.getLogger(__name__)
 
 HANDSHAKE_TIMEOUT = 10.0
-READ_CHUNK = 256 * 1024
+
+# uvloop's TLS protocol runs the record layer in C; it drives only uvloop's own transports.
+# Not in uvloop's typed API, hence the lookup.
+_UVLOOP_SSL_PROTOCOL: Any = getattr(uvloop.loop, "SSLProtocol", None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,232 +45,69 @@ class PeerInfo:
         return self.spiffe_id.principal if self.spiffe_id else ""
 
 
-class TlsTransport(asyncio.Transport):
-    """The decrypted side of a TlsServerProtocol, for the application protocol."""
-
-    def __init__(self, tls: TlsServerProtocol) -> None:
-        super().__init__()
-        self._tls = tls
-
-    def write(self, data: bytes | bytearray | memoryview) -> None:
-        self._tls.app_write(bytes(data))
-
-    def writelines(self, list_of_data: Any) -> None:
-        self._tls.app_write(b"".join(list_of_data))
-
-    def can_write_eof(self) -> bool:
-        return False  # TLS has close_notify, not a half-close
-
-    def write_eof(self) -> None:
-        raise NotImplementedError
-
-    def close(self) -> None:
-        self._tls.app_close()
-
-    def abort(self) -> None:
-        self._tls.raw_abort()
-
-    def is_closing(self) -> bool:
-        return self._tls.closing
-
-    def pause_reading(self) -> None:
-        self._tls.app_pause_reading()
-
-    def resume_reading(self) -> None:
-        self._tls.app_resume_reading()
-
-    def is_reading(self) -> bool:
-        return not self._tls.app_paused
-
-    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
-        raw = self._tls.raw
-        if raw is not None:
-            raw.set_write_buffer_limits(high, low)
-
-    def get_write_buffer_size(self) -> int:
-        raw = self._tls.raw
-        return raw.get_write_buffer_size() if raw is not None else 0
-
-    def get_extra_info(self, name: str, default: Any = None) -> Any:
-        if name == "ssl_object":
-            return self._tls.sslobj
-        if name == "peercert":
-            return self._tls.sslobj.getpeercert()
-        if name == "peer":
-            return self._tls.peer
-        raw = self._tls.raw
-        return raw.get_extra_info(name, default) if raw is not None else default
-
-    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
-        self._tls.app = cast(asyncio.Protocol, protocol)
-
-    def get_protocol(self) -> asyncio.BaseProtocol:
-        return cast(asyncio.BaseProtocol, self._tls.app)
+AppFactory = Callable[[PeerInfo], asyncio.Protocol]
 
 
-class TlsServerProtocol(asyncio.Protocol):
-    """Handshake (client cert required), then hand the connection to `make_app(peer)`."""
+class _Handover(asyncio.Protocol):
+    """Stands in as the TLS protocol's application until the handshake is done, then puts
+    the real application on the decrypted transport (before any data is delivered)."""
 
-    def __init__(
-        self,
-        context: ssl.SSLContext,
-        make_app: Callable[[PeerInfo], asyncio.Protocol],
-        on_failure: Callable[[str], None],
-        first_bytes: bytes = b"",
-    ) -> None:
-        self._incoming = ssl.MemoryBIO()
-        self._outgoing = ssl.MemoryBIO()
-        self.sslobj = context.wrap_bio(self._incoming, self._outgoing, server_side=True)
+    def __init__(self, make_app: AppFactory) -> None:
         self._make_app = make_app
-        self._on_failure = on_failure
-        self._first = first_bytes
-        self.raw: asyncio.Transport | None = None
-        self.app: asyncio.Protocol | None = None
-        self.peer: PeerInfo | None = None
-        self.closing = False
-        self.app_paused = False
-        self._timer: asyncio.TimerHandle | None = None
-        self._eof = False
 
-    # -- raw side --------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.raw = cast(asyncio.Transport, transport)
-        self._timer = asyncio.get_running_loop().call_later(HANDSHAKE_TIMEOUT, self._too_slow)
-        if self._first:
-            first, self._first = self._first, b""
-            self.data_received(first)
-
-    def data_received(self, data: bytes) -> None:
-        self._incoming.write(data)
-        if self.app is None:
-            self._handshake()
-        else:
-            self._deliver()
-
-    def eof_received(self) -> bool | None:
-        self._incoming.write_eof()
-        self._eof = True
-        if self.app is not None:
-            self._deliver()
-            return self.app.eof_received()
-        return None
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.closing = True
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        if self.app is not None:
-            self.app.connection_lost(exc)
-
-    def pause_writing(self) -> None:
-        if self.app is not None:
-            self.app.pause_writing()
-
-    def resume_writing(self) -> None:
-        if self.app is not None:
-            self.app.resume_writing()
-
-    # -- handshake -------------------------------------------------------------------------
-    def _handshake(self) -> None:
-        try:
-            self.sslobj.do_handshake()
-        except ssl.SSLWantReadError:
-            self._flush()
-            return
-        except (ssl.SSLError, OSError) as exc:
-            self._flush()
-            reason = getattr(exc, "reason", None) or str(exc)
-            self._on_failure(str(reason))
-            self.raw_abort()
-            return
-        self._flush()
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        der = self.sslobj.getpeercert(binary_form=True) or b""
-        self.peer = PeerInfo(
-            spiffe_of(self.sslobj.getpeercert()), der, self.sslobj.selected_alpn_protocol()
+        tls = cast(asyncio.Transport, transport)
+        sslobj = tls.get_extra_info("ssl_object")
+        peer = PeerInfo(
+            spiffe_of(tls.get_extra_info("peercert")),
+            (sslobj.getpeercert(binary_form=True) if sslobj is not None else None) or b"",
+            sslobj.selected_alpn_protocol() if sslobj is not None else None,
         )
-        app = self._make_app(self.peer)
-        self.app = app
-        app.connection_made(TlsTransport(self))
-        self._deliver()
+        app = self._make_app(peer)
+        tls.set_protocol(app)
+        app.connection_made(tls)
 
-    def _too_slow(self) -> None:
-        self._timer = None
-        if self.app is None:
-            self._on_failure("handshake timeout")
-            self.raw_abort()
 
-    # -- application side ------------------------------------------------------------------
-    def _deliver(self) -> None:
-        app = self.app
-        while app is not None and not self.app_paused and not self.closing:
-            try:
-                data = self.sslobj.read(READ_CHUNK)
-            except ssl.SSLWantReadError:
-                break
-            except ssl.SSLZeroReturnError:
-                data = b""
-            except ssl.SSLError as exc:
-                logger.debug("TLS error from %s: %s", self.peer, exc)
-                self.raw_abort()
-                return
-            if not data:
-                # close_notify: the peer is done sending.
-                self._flush()
-                if not self._eof:
-                    self._eof = True
-                    if not app.eof_received():
-                        self.app_close()
-                return
-            app.data_received(data)
-            app = self.app
-        self._flush()  # renegotiation/key update records, if any
+def accept_tls(
+    transport: asyncio.Transport,
+    context: ssl.SSLContext,
+    first: bytes,
+    make_app: AppFactory,
+    on_failure: Callable[[str], None],
+) -> None:
+    """Run the server side of a TLS handshake on `transport`, starting with `first`."""
+    loop = asyncio.get_running_loop()
+    waiter: asyncio.Future[None] = loop.create_future()
+    protocol_class: Any = asyncio.sslproto.SSLProtocol
+    if _UVLOOP_SSL_PROTOCOL is not None and isinstance(loop, uvloop.Loop):
+        protocol_class = _UVLOOP_SSL_PROTOCOL
+    protocol = protocol_class(
+        loop,
+        _Handover(make_app),
+        context,
+        waiter,
+        server_side=True,
+        call_connection_made=True,
+        ssl_handshake_timeout=HANDSHAKE_TIMEOUT,
+    )
+    waiter.add_done_callback(lambda f: _report(f, on_failure))
+    transport.pause_reading()  # the read mode changes with the protocol (buffered reads)
+    transport.set_protocol(protocol)
+    protocol.connection_made(transport)
+    view = memoryview(first)
+    while view and not transport.is_closing():
+        buf = protocol.get_buffer(len(view))
+        n = min(len(buf), len(view))
+        buf[:n] = view[:n]
+        protocol.buffer_updated(n)
+        view = view[n:]
+    transport.resume_reading()
 
-    def app_write(self, data: bytes) -> None:
-        if self.closing or not data:
-            return
-        try:
-            self.sslobj.write(data)
-        except ssl.SSLError:
-            self.raw_abort()
-            return
-        self._flush()
 
-    def _flush(self) -> None:
-        out = self._outgoing.read()
-        raw = self.raw
-        if out and raw is not None and not raw.is_closing():
-            raw.write(out)
-
-    def app_close(self) -> None:
-        if self.closing:
-            return
-        self.closing = True
-        try:
-            self.sslobj.unwrap()
-        except (ssl.SSLError, OSError):
-            pass  # close_notify queued (or not possible); the socket closes either way
-        self._flush()
-        if self.raw is not None:
-            self.raw.close()
-
-    def raw_abort(self) -> None:
-        self.closing = True
-        if self.raw is not None:
-            self.raw.abort()
-
-    def app_pause_reading(self) -> None:
-        if not self.app_paused:
-            self.app_paused = True
-            if self.raw is not None:
-                self.raw.pause_reading()
-
-    def app_resume_reading(self) -> None:
-        if self.app_paused:
-            self.app_paused = False
-            if self.raw is not None:
-                self.raw.resume_reading()
-            self._deliver()
+def _report(done: asyncio.Future[None], on_failure: Callable[[str], None]) -> None:
+    if done.cancelled():
+        return
+    exc = done.exception()
+    if exc is not None:
+        reason = getattr(exc, "reason", None) or str(exc) or type(exc).__name__
+        on_failure(str(reason))
