@@ -37,6 +37,7 @@ class UpstreamState:
     failures: dict[str, int] = field(default_factory=dict)  # /fail: answers so far, per key
     always: int | None = None  # answer every request with this status (a broken endpoint)
     delay: float = 0.0  # wait this long before answering anything (a slow endpoint)
+    closed: int = 0  # connections that ended (closed or reset by the proxy or by us)
 
 
 class _Conn(asyncio.Protocol):
@@ -54,6 +55,9 @@ class _Conn(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.state.closed += 1
 
     def data_received(self, data: bytes) -> None:
         if self.idle is not None:
