@@ -100,6 +100,9 @@ class WorkloadIdentity:
 def _context(protocol: int, files: CertFiles) -> ssl.SSLContext:
     ctx = ssl.SSLContext(protocol)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    # A TLS 1.2 peer could otherwise make us redo a full handshake on demand (a CPU DoS);
+    # Envoy refuses renegotiation too.
+    ctx.options |= ssl.OP_NO_RENEGOTIATION
     try:
         ctx.load_cert_chain(str(files.cert_chain), str(files.private_key))
     except FileNotFoundError as exc:

@@ -57,6 +57,8 @@ class TlsContexts:
         ctx = self._cache.get(key)
         if ctx is None:
             ctx = ssl.create_default_context(cafile=tls.ca_certificates)
+            ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+            ctx.options |= ssl.OP_NO_RENEGOTIATION
             if tls.insecure_skip_verify:
                 ctx.check_hostname = False
                 ctx.verify_mode = ssl.CERT_NONE

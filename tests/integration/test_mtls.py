@@ -7,6 +7,7 @@ client app ─► client sidecar (egress :out, DestinationRule ISTIO_MUTUAL)
 from __future__ import annotations
 
 import json
+import shutil
 import socket
 import ssl
 import subprocess
@@ -659,3 +660,48 @@ def test_simple_origination_refuses_an_unknown_ca(tmp_path: Path) -> None:
             assert status == 503 and b"CERTIFICATE_VERIFY_FAILED" in body
     finally:
         app.close()
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl CLI not installed")
+def test_tls12_renegotiation_is_refused(pair: Pair) -> None:
+    """Catalog G10: a client asking to renegotiate would make us redo a full handshake on
+    demand; like Envoy, the proxy refuses (OpenSSL 3's default for client-initiated
+    renegotiation, and OP_NO_RENEGOTIATION on every context of ours)."""
+    certs = pair.tmp / "client"
+    proc = subprocess.Popen(
+        [
+            "openssl",
+            "s_client",
+            "-connect",
+            f"127.0.0.1:{pair.in_port}",
+            "-tls1_2",
+            "-cert",
+            str(certs / "cert-chain.pem"),
+            "-key",
+            str(certs / "key.pem"),
+            "-CAfile",
+            str(certs / "root-cert.pem"),
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    assert proc.stdin is not None
+    time.sleep(0.5)  # handshake done
+    proc.stdin.write("R\n")  # s_client: renegotiate
+    proc.stdin.flush()
+    time.sleep(0.5)
+    try:
+        proc.stdin.write("GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        proc.stdin.flush()
+    except BrokenPipeError:
+        pass  # s_client already gave up: the server refused
+    try:
+        out, _ = proc.communicate(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, _ = proc.communicate()
+    assert "RENEGOTIATING" in out
+    assert "no renegotiation" in out, out[-2000:]
+    assert "HTTP/1.1 " not in out  # the request after it never got an answer
