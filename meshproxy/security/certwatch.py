@@ -61,12 +61,21 @@ class IdentityManager:
         except CertError as exc:
             self.last_error = str(exc)
             self.reloads_failed += 1
-            level = logging.ERROR if self.current is not None else logging.WARNING
+            if self.current is not None:
+                level = logging.ERROR
+            elif not any(f.exists() for f in (self.files.cert_chain, self.files.private_key)):
+                # No certificate at all (a standalone proxy, the demo): not a fault, and the
+                # files are watched, so mTLS starts when they appear.
+                level = logging.INFO
+            else:
+                level = logging.WARNING
             logger.log(
                 level,
                 "workload certificate not loaded: %s%s",
                 exc,
-                "; keeping the previous one" if self.current is not None else "",
+                "; keeping the previous one"
+                if self.current is not None
+                else "; mesh mTLS is off until it loads",
             )
             return False
         self.current = identity
