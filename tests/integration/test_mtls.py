@@ -705,3 +705,18 @@ def test_tls12_renegotiation_is_refused(pair: Pair) -> None:
     assert "RENEGOTIATING" in out
     assert "no renegotiation" in out, out[-2000:]
     assert "HTTP/1.1 " not in out  # the request after it never got an answer
+
+
+def test_a_stalled_handshake_is_closed_and_blocks_no_one(pair: Pair) -> None:
+    """Catalog G08/G10: one byte of a ClientHello, then nothing: the connection is closed at
+    the 10 s handshake timeout, and other clients are served meanwhile."""
+    with socket.create_connection(("127.0.0.1", pair.in_port), timeout=15) as stalled:
+        stalled.sendall(b"\x16")
+        start = time.monotonic()
+        assert pair.get("/meanwhile")[0] == 200  # through the client sidecar, over mTLS
+        try:
+            data = stalled.recv(100)
+        except ConnectionResetError:
+            data = b""
+        waited = time.monotonic() - start
+    assert data == b"" and 9.0 < waited < 13.0, (data, waited)
