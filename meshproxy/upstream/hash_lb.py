@@ -42,6 +42,19 @@ def _normalized(hosts: Sequence[HashedHost]) -> list[float]:
     return [max(h.weight, 0) / total for h in hosts]
 
 
+def _first_available(
+    hosts: Sequence[HashedHost], owners: list[int], start: int
+) -> HashedHost | None:
+    """The owner at `start`, or the next available one going forward (wrapping): usually one
+    step, since the owner is available."""
+    size = len(owners)
+    for step in range(size):
+        host = hosts[owners[(start + step) % size]]
+        if host.available:
+            return host
+    return None
+
+
 MAX_RING_SIZE = 8 * 1024 * 1024  # Envoy's default maximum_ring_size
 
 
@@ -71,16 +84,7 @@ class RingHash:
         self._owners = [i for _, i in entries]
 
     def pick(self, key: int) -> HashedHost | None:
-        size = len(self._hashes)
-        if not size:
-            return None
-        start = bisect.bisect_left(self._hashes, key)
-        owners, hosts = self._owners, self.hosts
-        for step in range(size):  # usually one step: the owner is available
-            host = hosts[owners[(start + step) % size]]
-            if host.available:
-                return host
-        return None
+        return _first_available(self.hosts, self._owners, bisect.bisect_left(self._hashes, key))
 
     @property
     def size(self) -> int:
@@ -124,16 +128,7 @@ class Maglev:
 
     def pick(self, key: int) -> HashedHost | None:
         table = self._table
-        size = len(table)
-        if not size:
-            return None
-        start = key % size
-        hosts = self.hosts
-        for step in range(size):
-            host = hosts[table[(start + step) % size]]
-            if host.available:
-                return host
-        return None
+        return _first_available(self.hosts, table, key % len(table)) if table else None
 
     @property
     def size(self) -> int:
