@@ -83,6 +83,15 @@ class LocalReply(Exception):
 _XFCC_CACHE: dict[tuple[object, object], bytes] = {}
 
 
+def _h2_upstream(cluster: Cluster, downstream_http2: bool) -> bool:
+    """Whether a request to `cluster` goes upstream as HTTP/2 (h2UpgradePolicy, or
+    useClientProtocol with an HTTP/2 client)."""
+    protocol = cluster.spec.upstream_protocol
+    return protocol is UpstreamProtocol.HTTP2 or (
+        protocol is UpstreamProtocol.CLIENT and downstream_http2
+    )
+
+
 def new_request_id() -> bytes:
     """A random UUIDv4 as Envoy generates, without uuid.UUID's object overhead."""
     h = "%032x" % ((getrandbits(128) & _UUID4_CLEAR) | _UUID4_SET)
@@ -277,11 +286,7 @@ class HttpStream:
                 self._finish()
                 return
             self._admitted = True
-        protocol = cluster.spec.upstream_protocol
-        if (
-            protocol is UpstreamProtocol.HTTP2
-            or (protocol is UpstreamProtocol.CLIENT and conn.http2)
-        ) and not self.head.upgrade:
+        if _h2_upstream(cluster, conn.http2) and not self.head.upgrade:
             # WebSocket goes over HTTP/1.1 upstream (an h2 hop would need extended CONNECT
             # from the server: Istio #27078).
             self._h2_upstream = True
@@ -939,10 +944,7 @@ class HttpStream:
             cluster = conn.ctx.clusters.get(m.cluster)
             if cluster is None:
                 continue
-            protocol = cluster.spec.upstream_protocol
-            h2 = protocol is UpstreamProtocol.HTTP2 or (
-                protocol is UpstreamProtocol.CLIENT and conn.http2
-            )
+            h2 = _h2_upstream(cluster, conn.http2)
             mirror(
                 cluster,
                 outgoing,
