@@ -606,7 +606,8 @@ def _cors(r: Reader, m: Mapping[str, Any], path: Path_) -> CorsPolicy | None:
 MIRROR_FIELDS = ("mirror", "mirrorPercentage", "mirror_percent", "mirrorPercent", "mirrors")
 
 
-def _mirror_percent(r: Reader, m: Mapping[str, Any], key: str, path: Path_) -> float | None:
+def _percent(r: Reader, m: Mapping[str, Any], key: str, path: Path_) -> float | None:
+    """An Istio `Percent` field (`{value: 0-100}`); None when absent or wrong (reported)."""
     if m.get(key) is None:
         return None
     pm = r.mapping(m[key], (*path, key), ("value",))
@@ -625,7 +626,7 @@ def _mirrors(r: Reader, m: Mapping[str, Any], path: Path_) -> tuple[HTTPMirror, 
         if m.get("mirrors") is not None:
             r.error((*path, "mirrors"), "mirror and mirrors are exclusive")
         dest = _destination(r, m["mirror"], (*path, "mirror"))
-        percent = _mirror_percent(r, m, "mirrorPercentage", path)
+        percent = _percent(r, m, "mirrorPercentage", path)
         for legacy in ("mirror_percent", "mirrorPercent"):
             if percent is None and m.get(legacy) is not None:
                 percent = r.integer(m, legacy, path, minimum=0, maximum=100)
@@ -638,7 +639,7 @@ def _mirrors(r: Reader, m: Mapping[str, Any], path: Path_) -> tuple[HTTPMirror, 
         if mm is None or mm.get("destination") is None:
             continue
         dest = _destination(r, mm["destination"], (*item_path, "destination"))
-        percent = _mirror_percent(r, mm, "percentage", item_path)
+        percent = _percent(r, mm, "percentage", item_path)
         if dest is not None:
             out.append(HTTPMirror(dest, 100.0 if percent is None else percent))
     return tuple(out)
@@ -696,12 +697,8 @@ def _percentage(r: Reader, m: Mapping[str, Any], path: Path_) -> float | None:
     """`percentage: {value}` (0-100) or the deprecated integer `percent`; None when neither
     is given (Istio then sends Envoy an empty FractionalPercent: no request is faulted)."""
     if m.get("percentage") is not None:
-        pm = r.mapping(m["percentage"], (*path, "percentage"), ("value",))
-        value = pm.get("value") if pm else None
-        if isinstance(value, int | float) and not isinstance(value, bool) and 0 <= value <= 100:
-            return float(value)
-        r.error((*path, "percentage", "value"), "expected a number from 0 to 100")
-        return 0.0
+        value = _percent(r, m, "percentage", path)
+        return 0.0 if value is None else value
     percent = r.integer(m, "percent", path, minimum=0, maximum=100)
     return float(percent) if percent is not None else None
 
