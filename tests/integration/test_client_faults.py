@@ -5,20 +5,16 @@ from __future__ import annotations
 
 import socket
 import time
-from collections.abc import Callable
 from pathlib import Path
 
-from tests.support.proxy import egress_sidecar, free_port, running_proxy, service_entry
+from tests.support.proxy import (
+    egress_sidecar,
+    free_port,
+    running_proxy,
+    service_entry,
+    wait_for,
+)
 from tests.support.upstream import UpstreamServer
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float = 3.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return predicate()
 
 
 def test_client_leaving_cancels_the_upstream_request(tmp_path: Path) -> None:
@@ -30,10 +26,10 @@ def test_client_leaving_cancels_the_upstream_request(tmp_path: Path) -> None:
             # J01: waiting for an answer that never comes, the client goes away.
             with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
                 s.sendall(b"GET /hang HTTP/1.1\r\nHost: svc.test\r\n\r\n")
-                assert wait_for(lambda: len(app.state.requests) == 1)
+                assert wait_for(lambda: len(app.state.requests) == 1, 3.0)
                 time.sleep(0.1)
             assert wait_for(lambda: app.state.closed == 1, 1.5), "upstream request not cancelled"
-            assert wait_for(lambda: 'response_flags="DC"' in proxy.metrics())
+            assert wait_for(lambda: 'response_flags="DC"' in proxy.metrics(), 3.0)
 
             # J02: a body announced as 1 MB stops after 10 KiB and the client closes.
             with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
@@ -41,7 +37,7 @@ def test_client_leaving_cancels_the_upstream_request(tmp_path: Path) -> None:
                     b"POST /upload HTTP/1.1\r\nHost: svc.test\r\nContent-Length: 1000000\r\n\r\n"
                     + b"x" * 10240
                 )
-                assert wait_for(lambda: len(app.state.requests) == 2)
+                assert wait_for(lambda: len(app.state.requests) == 2, 3.0)
             assert wait_for(lambda: app.state.closed == 2, 1.5), "upstream not aborted"
             assert "/upload" not in app.state.completed  # never a complete message upstream
 

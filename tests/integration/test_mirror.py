@@ -7,7 +7,13 @@ import http.client
 import time
 from pathlib import Path
 
-from tests.support.proxy import egress_sidecar, free_port, running_proxy, service_entry
+from tests.support.proxy import (
+    egress_sidecar,
+    free_port,
+    running_proxy,
+    service_entry,
+    wait_for,
+)
 from tests.support.upstream import UpstreamServer
 
 
@@ -21,15 +27,6 @@ def request(
     resp.read()
     conn.close()
     return resp.status, time.monotonic() - start
-
-
-def wait_for(predicate, timeout: float = 5.0) -> bool:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return bool(predicate())
 
 
 def resources(port: int, app: int, mirror_ports: list[int], dead: int) -> str:
@@ -67,19 +64,19 @@ def test_mirror_copies_requests_and_never_delays_the_primary(tmp_path: Path) -> 
     try:
         with running_proxy(tmp_path, admin, resources(port, app.port, [shadow.port], dead)) as p:
             assert request(port, path="/a")[0] == 200
-            assert wait_for(lambda: len(shadow.state.requests) == 1)
+            assert wait_for(lambda: len(shadow.state.requests) == 1, 5.0)
             seen = shadow.state.requests[0]
             assert (seen.path, seen.headers["host"]) == ("/a", "svc.test-shadow")
             assert app.state.requests[0].headers["host"] == "svc.test"
 
             body = bytes(range(256)) * 200  # 50 KiB: within the replay buffer
             assert request(port, "POST", "/upload", body)[0] == 200
-            assert wait_for(lambda: "/upload" in shadow.state.completed)
+            assert wait_for(lambda: "/upload" in shadow.state.completed, 5.0)
             assert shadow.state.requests[-1].headers["content-length"] == str(len(body))
 
             # A body beyond the 64 KiB replay buffer is not mirrored (Envoy abandons it too).
             assert request(port, "POST", "/upload", b"x" * 100_000)[0] == 200
-            assert wait_for(lambda: 'result="abandoned"' in p.metrics())
+            assert wait_for(lambda: 'result="abandoned"' in p.metrics(), 5.0)
 
             shadow.state.delay = 2.0  # a slow mirror
             status, elapsed = request(port, path="/b")
@@ -88,12 +85,12 @@ def test_mirror_copies_requests_and_never_delays_the_primary(tmp_path: Path) -> 
 
             status, elapsed = request(port, path="/dead")  # one dead, one live mirror
             assert status == 200 and elapsed < 1.0
-            assert wait_for(lambda: any(r.path == "/dead" for r in shadow.state.requests))
+            assert wait_for(lambda: any(r.path == "/dead" for r in shadow.state.requests), 5.0)
             dead_failed = (
                 f'meshproxy_mirror_requests_total{{cluster="outbound|{port}||dead.test",'
                 'result="failed"}'
             )
-            assert wait_for(lambda: dead_failed in p.metrics()), p.metrics()
+            assert wait_for(lambda: dead_failed in p.metrics(), 5.0), p.metrics()
             live_sent = f'{{cluster="outbound|{port}||mirror.test",result="sent"}}'
             assert live_sent in p.metrics()
 

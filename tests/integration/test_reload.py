@@ -7,10 +7,9 @@ import json
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
 
 from tests.integration.conftest import MeshFactory, mesh_yaml, write_configmap
-from tests.support.proxy import http_get
+from tests.support.proxy import http_get, wait_for
 
 
 class Traffic:
@@ -45,15 +44,6 @@ class Traffic:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join(timeout=10)
-
-
-def wait_for(check: Callable[[], bool], timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def dump(admin: str) -> dict:  # type: ignore[type-arg]

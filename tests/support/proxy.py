@@ -11,7 +11,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 _handed_out: set[int] = set()
@@ -33,6 +33,16 @@ def free_port() -> int:
         _handed_out.add(port)
         return port
     raise RuntimeError("no free port found")
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
+    """Poll `predicate` until it holds or `timeout` seconds have passed; its last answer."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return bool(predicate())
 
 
 def http_get(url: str, timeout: float = 5.0) -> tuple[int, bytes]:
