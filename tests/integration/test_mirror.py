@@ -3,13 +3,13 @@ slow or dead mirror never touches the primary response; mirrorPercentage samples
 
 from __future__ import annotations
 
-import http.client
 import time
 from pathlib import Path
 
 from tests.support.proxy import (
     egress_sidecar,
     free_port,
+    request,
     running_proxy,
     service_entry,
     wait_for,
@@ -17,16 +17,11 @@ from tests.support.proxy import (
 from tests.support.upstream import UpstreamServer
 
 
-def request(
+def send(
     port: int, method: str = "GET", path: str = "/", body: bytes | None = None
 ) -> tuple[int, float]:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-    start = time.monotonic()
-    conn.request(method, path, body=body, headers={"Host": "svc.test"})
-    resp = conn.getresponse()
-    resp.read()
-    conn.close()
-    return resp.status, time.monotonic() - start
+    reply = request(port, path, method, body=body)
+    return reply.status, reply.elapsed
 
 
 def resources(port: int, app: int, mirror_ports: list[int], dead: int) -> str:
@@ -63,27 +58,27 @@ def test_mirror_copies_requests_and_never_delays_the_primary(tmp_path: Path) -> 
     admin, port = free_port(), free_port()
     try:
         with running_proxy(tmp_path, admin, resources(port, app.port, [shadow.port], dead)) as p:
-            assert request(port, path="/a")[0] == 200
+            assert send(port, path="/a")[0] == 200
             assert wait_for(lambda: len(shadow.state.requests) == 1, 5.0)
             seen = shadow.state.requests[0]
             assert (seen.path, seen.headers["host"]) == ("/a", "svc.test-shadow")
             assert app.state.requests[0].headers["host"] == "svc.test"
 
             body = bytes(range(256)) * 200  # 50 KiB: within the replay buffer
-            assert request(port, "POST", "/upload", body)[0] == 200
+            assert send(port, "POST", "/upload", body)[0] == 200
             assert wait_for(lambda: "/upload" in shadow.state.completed, 5.0)
             assert shadow.state.requests[-1].headers["content-length"] == str(len(body))
 
             # A body beyond the 64 KiB replay buffer is not mirrored (Envoy abandons it too).
-            assert request(port, "POST", "/upload", b"x" * 100_000)[0] == 200
+            assert send(port, "POST", "/upload", b"x" * 100_000)[0] == 200
             assert wait_for(lambda: 'result="abandoned"' in p.metrics(), 5.0)
 
             shadow.state.delay = 2.0  # a slow mirror
-            status, elapsed = request(port, path="/b")
+            status, elapsed = send(port, path="/b")
             assert status == 200 and elapsed < 1.0, elapsed
             shadow.state.delay = 0.0
 
-            status, elapsed = request(port, path="/dead")  # one dead, one live mirror
+            status, elapsed = send(port, path="/dead")  # one dead, one live mirror
             assert status == 200 and elapsed < 1.0
             assert wait_for(lambda: any(r.path == "/dead" for r in shadow.state.requests), 5.0)
             dead_failed = (
@@ -96,7 +91,7 @@ def test_mirror_copies_requests_and_never_delays_the_primary(tmp_path: Path) -> 
 
             before = sum(1 for r in shadow.state.requests if r.path.startswith("/half"))
             for i in range(200):
-                assert request(port, path=f"/half/{i}")[0] == 200
+                assert send(port, path=f"/half/{i}")[0] == 200
             time.sleep(0.3)
             mirrored = sum(1 for r in shadow.state.requests if r.path.startswith("/half")) - before
             assert 60 < mirrored < 140, mirrored  # 50 % of 200, generously

@@ -3,21 +3,22 @@
 
 from __future__ import annotations
 
-import http.client
 import time
 from pathlib import Path
 
-from tests.support.proxy import egress_sidecar, free_port, running_proxy, service_entry
+from tests.support.proxy import (
+    egress_sidecar,
+    free_port,
+    request,
+    running_proxy,
+    service_entry,
+)
 from tests.support.upstream import UpstreamServer
 
 
 def get(port: int, path: str) -> tuple[int, str | None, bytes]:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-    conn.request("GET", path, headers={"Host": "svc.test"})
-    resp = conn.getresponse()
-    body = resp.read()
-    conn.close()
-    return resp.status, resp.getheader("x-envoy-ratelimited"), body
+    reply = request(port, path)
+    return reply.status, reply.headers.get("x-envoy-ratelimited"), reply.body
 
 
 def test_port_and_route_buckets(tmp_path: Path) -> None:

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
-import http.client
 import json
 from pathlib import Path
 
-from tests.support.proxy import egress_sidecar, free_port, running_proxy, service_entry
+from tests.support.proxy import (
+    egress_sidecar,
+    free_port,
+    request,
+    running_proxy,
+    service_entry,
+)
 from tests.support.upstream import UpstreamServer
 
 ROOT = r"""
@@ -57,12 +62,8 @@ spec:
 def call(
     port: int, method: str, path: str, headers: dict[str, str] | None = None
 ) -> tuple[int, dict[str, str], bytes]:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-    conn.request(method, path, headers={"Host": "svc.test", **(headers or {})})
-    resp = conn.getresponse()
-    body = resp.read()
-    conn.close()
-    return resp.status, {k.lower(): v for k, v in resp.getheaders()}, body
+    reply = request(port, path, method, headers=headers)
+    return reply.status, reply.headers, reply.body
 
 
 def test_cors_regex_rewrite_and_delegate(tmp_path: Path) -> None:

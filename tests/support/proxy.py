@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import http.client
 import os
 import random
 import signal
@@ -12,6 +13,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 _handed_out: set[int] = set()
@@ -33,6 +35,39 @@ def free_port() -> int:
         _handed_out.add(port)
         return port
     raise RuntimeError("no free port found")
+
+
+@dataclass
+class Reply:
+    status: int
+    headers: dict[str, str]  # names lower-cased; a repeated header keeps its last value
+    body: bytes
+    elapsed: float  # seconds from sending the request to the end of the response
+
+
+def request(
+    port: int,
+    path: str = "/",
+    method: str = "GET",
+    host: str = "svc.test",
+    headers: dict[str, str] | None = None,
+    body: bytes | None = None,
+) -> Reply:
+    """One HTTP/1.1 request to a proxy listener on 127.0.0.1, on its own connection."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    start = time.monotonic()
+    try:
+        conn.request(method, path, body=body, headers={"Host": host, **(headers or {})})
+        resp = conn.getresponse()
+        data = resp.read()
+    finally:
+        conn.close()
+    return Reply(
+        resp.status,
+        {k.lower(): v for k, v in resp.getheaders()},
+        data,
+        time.monotonic() - start,
+    )
 
 
 def wait_for(predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
