@@ -688,10 +688,11 @@ def _port_rate_limits(
         if limit.port is not None:
             out[(limit.inbound, limit.port)] = _bucket(limit)
         elif limit.name not in ctx.rate_limited_routes:
+            namespace = limit.namespace or ctx.settings.namespace
             routes = sorted(
                 h.name
                 for vs in services
-                if vs.origin.name == limit.virtual_service
+                if (vs.origin.name, vs.origin.namespace) == (limit.virtual_service, namespace)
                 for h in vs.http
             )
             assert proxy_config is not None  # limits only come from a ProxyConfig
