@@ -122,7 +122,7 @@ class Runtime:
             for spec in specs:
                 if spec.key in self.listeners:
                     continue
-                listener = Listener(self.ctx, spec, self._log)
+                listener = Listener(self.ctx, spec, self.access_log)
                 await listener.start(reuse_port=self.role.reuse_port)
                 started.append(listener)
         except OSError:
@@ -138,10 +138,6 @@ class Runtime:
                 listener.spec.name,
                 listener.spec.kind.value,
             )
-
-    def _log(self, rec: StreamRecord) -> None:
-        if self.access_log is not None:
-            self.access_log(rec)
 
     async def run(self) -> int:
         """Run until SIGTERM/SIGINT or /quitquitquit, then drain; returns the exit code."""

@@ -8,17 +8,31 @@ from dataclasses import dataclass
 from urllib.parse import parse_qsl
 
 
-@dataclass(frozen=True, slots=True)
 class RequestView:
-    """What matching needs from a request: strings, headers lower-cased and joined by ','."""
+    """What matching needs from a request: strings, headers lower-cased and joined by ','.
 
-    method: str
-    path: str  # without the query string
-    query: str
-    authority: str
-    scheme: str
-    headers: Mapping[str, str]
-    port: int
+    A plain class, not a dataclass: one is made per request, and mypyc compiles only a
+    written-out __init__."""
+
+    __slots__ = ("authority", "headers", "method", "path", "port", "query", "scheme")
+
+    def __init__(
+        self,
+        method: str,
+        path: str,  # without the query string
+        query: str,
+        authority: str,
+        scheme: str,
+        headers: Mapping[str, str],
+        port: int,
+    ) -> None:
+        self.method = method
+        self.path = path
+        self.query = query
+        self.authority = authority
+        self.scheme = scheme
+        self.headers = headers
+        self.port = port
 
 
 @dataclass(frozen=True, slots=True)

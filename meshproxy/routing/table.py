@@ -216,11 +216,17 @@ class Route:
         return self.rewrite_uri
 
 
-@dataclass(frozen=True, slots=True)
 class RouteMatch:
-    route: Route
-    matcher: RequestMatcher | None
-    virtual_host: VirtualHost
+    """The route a request matched (a plain class: one per request, compiled __init__)."""
+
+    __slots__ = ("matcher", "route", "virtual_host")
+
+    def __init__(
+        self, route: Route, matcher: RequestMatcher | None, virtual_host: VirtualHost
+    ) -> None:
+        self.route = route
+        self.matcher = matcher
+        self.virtual_host = virtual_host
 
 
 @dataclass(frozen=True, slots=True)
