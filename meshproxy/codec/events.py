@@ -68,7 +68,6 @@ class ResponseHead:
         "content_length",
         "has_body",
         "headers",
-        "http_version",
         "keep_alive",
         "reason",
         "status",
@@ -80,7 +79,6 @@ class ResponseHead:
         status: int,
         headers: Headers,
         reason: bytes = b"",
-        http_version: bytes = b"1.1",
         keep_alive: bool = True,
         has_body: bool = True,
         content_length: int | None = None,
@@ -89,7 +87,6 @@ class ResponseHead:
         self.status = status
         self.headers = headers
         self.reason = reason
-        self.http_version = http_version
         self.keep_alive = keep_alive
         self.has_body = has_body
         self.content_length = content_length

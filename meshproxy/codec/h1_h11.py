@@ -287,7 +287,6 @@ class H11ClientCodec:
                         status=status,
                         headers=headers,
                         reason=ev.reason,
-                        http_version=ev.http_version,
                         keep_alive=keep and (chunked or length is not None or not has_body),
                         has_body=has_body,
                         content_length=length,

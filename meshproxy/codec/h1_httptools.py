@@ -6,6 +6,8 @@ state lives in slots and the output is a plain list joined once per write.
 
 from __future__ import annotations
 
+from typing import Final
+
 import httptools
 
 from meshproxy.codec.events import (
@@ -22,9 +24,9 @@ from meshproxy.codec.h1_serialize import last_chunk, reason_phrase
 from meshproxy.codec.headers import framing, is_websocket_upgrade, request_fields
 from meshproxy.errors import ProtocolError, ProtocolSide
 
-_DOWN = ProtocolSide.DOWNSTREAM
-_UP = ProtocolSide.UPSTREAM
-_END = EndOfMessage()
+_DOWN: Final = ProtocolSide.DOWNSTREAM
+_UP: Final = ProtocolSide.UPSTREAM
+_END: Final = EndOfMessage()
 
 
 def _callback_error(exc: BaseException) -> ProtocolError | None:
@@ -281,14 +283,12 @@ class HttptoolsClientCodec(_Side):
         has_body = not bodyless and (chunked or length is None or length > 0)
         eof_ends = has_body and not chunked and length is None
         self._eof_ends_message = eof_ends
-        version = p.get_http_version()
         self._events.append(
             ResponseHead(
                 status,
                 headers,
                 b"",
-                b"1.1" if version == "1.1" else version.encode(),
-                p.should_keep_alive() and not eof_ends,
+                p.should_keep_alive() and not eof_ends,  # llhttp knows HTTP/1.0's default
                 has_body,
                 length,
             )

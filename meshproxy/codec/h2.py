@@ -197,7 +197,7 @@ def response_head(headers: Headers, stream_id: int, end_stream: bool) -> Respons
             out.append((k, v))
     if len(out) > MAX_HEADERS:
         raise ProtocolError("too many response headers", ProtocolSide.UPSTREAM, status=502)
-    return ResponseHead(status, out, b"", b"2", True, not end_stream, content_length, stream_id)
+    return ResponseHead(status, out, b"", True, not end_stream, content_length, stream_id)
 
 
 def trailer_fields(headers: Headers) -> Headers:

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import re
+from typing import Final
 
 from meshproxy.codec.events import Headers
 from meshproxy.errors import ProtocolError, ProtocolSide
 
 # RFC 9110 §7.6.1 plus the legacy names every proxy strips; framing is re-done per hop.
-HOP_BY_HOP = frozenset(
+HOP_BY_HOP: Final = frozenset(
     {
         b"connection",
         b"keep-alive",
@@ -21,10 +22,10 @@ HOP_BY_HOP = frozenset(
         b"upgrade",
     }
 )
-_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
-_FIELD_VALUE = re.compile(rb"[\t\x20-\x7e\x80-\xff]*")
-_DIGITS = re.compile(rb"[0-9]{1,18}")
-IDEMPOTENT_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
+_TOKEN: Final = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_FIELD_VALUE: Final = re.compile(rb"[\t\x20-\x7e\x80-\xff]*")
+_MAX_DIGITS: Final = 18  # a Content-Length that still fits an int64
+IDEMPOTENT_METHODS: Final = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 
 
 def strip_hop_by_hop(headers: Headers) -> Headers:
@@ -90,9 +91,10 @@ def framing_values(
             raise ProtocolError(f"unsupported Transfer-Encoding {te[:40]!r}", side, status=501)
         return True, None
     if cl is not None:
-        cl = cl.strip(b" \t")
-        if not _DIGITS.fullmatch(cl):
-            raise ProtocolError(f"invalid Content-Length {cl[:40]!r}", side)
+        if not (cl.isdigit() and len(cl) <= _MAX_DIGITS):  # bytes.isdigit: ASCII 0-9 only
+            cl = cl.strip(b" \t")
+            if not (cl.isdigit() and len(cl) <= _MAX_DIGITS):
+                raise ProtocolError(f"invalid Content-Length {cl[:40]!r}", side)
         return False, int(cl)
     return False, None
 
@@ -123,7 +125,8 @@ def is_websocket_upgrade(headers: Headers) -> bool:
     return connection_upgrade and websocket
 
 
-_REQUEST_SPECIAL = frozenset({b"content-length", b"transfer-encoding", b"host", b"expect"})
+_DOWN: Final = ProtocolSide.DOWNSTREAM  # a compiled constant (read per request)
+_REQUEST_SPECIAL: Final = frozenset({b"content-length", b"transfer-encoding", b"host", b"expect"})
 
 
 def request_fields(headers: Headers) -> tuple[bool, int | None, bytes, bool]:
@@ -135,7 +138,7 @@ def request_fields(headers: Headers) -> tuple[bool, int | None, bytes, bool]:
     te: bytes | None = None
     host: bytes | None = None
     expect = False
-    side = ProtocolSide.DOWNSTREAM
+    side = _DOWN
     for k, v in headers:
         if k in _REQUEST_SPECIAL:
             if k == b"host":

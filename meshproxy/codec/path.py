@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import enum
 import re
+from typing import Final
 
 from meshproxy.errors import ProtocolError, ProtocolSide
 
@@ -22,6 +23,8 @@ class PathNormalization(enum.Enum):
     DECODE_AND_MERGE_SLASHES = "DECODE_AND_MERGE_SLASHES"  # and %2F %5C decoded to / \
 
 
+_PERCENT: Final = ord("%")
+_BACKSLASH: Final = ord("\\")
 _UNRESERVED = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
 _PCT = re.compile(rb"%([0-9A-Fa-f]{2})")
 _ESCAPED_SLASH = re.compile(rb"%(2[Ff]|5[Cc])")
@@ -57,13 +60,19 @@ def normalize_target(target: bytes, mode: PathNormalization) -> bytes:
     """The request target with its path normalized (the query is left as it is).
 
     Raises ProtocolError (400) for escaped slashes when the mode does not decode them.
-    Fast path: a path with no '%', no '.' segment and no '//' is returned as given.
+    Fast path: a target with no '%', '\\', '/.' or '//' (anywhere: one in the query only
+    costs the exact check below) is returned as given.
     """
     if mode is PathNormalization.NONE:
         return target
-    path, sep, query = target.partition(b"?")
-    if b"%" not in path and b"/." not in path and b"//" not in path and b"\\" not in path:
+    if (
+        _PERCENT not in target  # an int: `b"%" in` costs ~10x more (a buffer per check)
+        and _BACKSLASH not in target
+        and target.find(b"/.") < 0
+        and target.find(b"//") < 0
+    ):
         return target
+    path, sep, query = target.partition(b"?")
     if _ESCAPED_SLASH.search(path):
         if mode is not PathNormalization.DECODE_AND_MERGE_SLASHES:
             raise ProtocolError("escaped slash in path", ProtocolSide.DOWNSTREAM, 400)

@@ -12,7 +12,7 @@ import time
 from bisect import bisect_left
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import (
@@ -26,7 +26,7 @@ from prometheus_client.registry import Collector
 from meshproxy.observe.recorder import ConnRecord
 
 # Envoy's default histogram buckets (ms), which Istio uses.
-DURATION_BUCKETS = (
+DURATION_BUCKETS: Final = (
     0.5,
     1,
     5,
@@ -47,9 +47,9 @@ DURATION_BUCKETS = (
     1800000,
     3600000,
 )
-BYTES_BUCKETS = (1, 10, 100, 1000, 10000, 100000, 1000000, 10000000, 100000000)
+BYTES_BUCKETS: Final = (1, 10, 100, 1000, 10000, 100000, 1000000, 10000000, 100000000)
 
-HTTP_LABELS = (
+HTTP_LABELS: Final = (
     "reporter",
     "source_workload",
     "source_workload_namespace",
@@ -72,7 +72,9 @@ HTTP_LABELS = (
     "response_flags",
     "connection_security_policy",
 )
-TCP_LABELS = tuple(x for x in HTTP_LABELS if x not in ("response_code", "grpc_response_status"))
+TCP_LABELS: Final = tuple(
+    x for x in HTTP_LABELS if x not in ("response_code", "grpc_response_status")
+)
 
 
 @dataclass(slots=True)
@@ -132,7 +134,7 @@ def _service_parts(host: str) -> tuple[str, str]:
 
 
 # Plain keyed counters each worker exports and the admin worker adds up.
-_SUMMED_COUNTERS = (
+_SUMMED_COUNTERS: Final = (
     "rejected",
     "h2_floods",
     "rbac",

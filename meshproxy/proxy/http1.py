@@ -6,7 +6,7 @@ import asyncio
 import logging
 from collections import deque
 from collections.abc import Callable
-from typing import cast
+from typing import Final, cast
 
 from meshproxy.codec.events import (
     Data,
@@ -28,11 +28,11 @@ from meshproxy.proxy.tls import PeerInfo
 
 logger = logging.getLogger(__name__)
 
-HIGH_WATER = 64 * 1024
-MAX_QUEUED_EVENTS = 64  # pipelined requests waiting for the current response
+HIGH_WATER: Final = 64 * 1024
+MAX_QUEUED_EVENTS: Final = 64  # pipelined requests waiting for the current response
 
 
-class DownstreamHttp1(asyncio.Protocol):
+class DownstreamHttp1:
     def __init__(
         self,
         ctx: ProxyContext,

@@ -8,6 +8,7 @@ import socket
 from collections.abc import Callable
 from typing import cast
 
+from meshproxy._native import as_protocol
 from meshproxy.codec.h2 import PREFACE
 from meshproxy.config.compile import INBOUND_PASSTHROUGH, PASSTHROUGH
 from meshproxy.config.snapshot import L7, ListenerKind, ListenerSpec, PortBinding
@@ -213,7 +214,7 @@ class CaptureEntry(asyncio.Protocol):
             self.access_log,
             peer=self.peer,
         )
-        self._switch(conn)
+        self._switch(as_protocol(conn))
 
     def _switch(self, proto: asyncio.Protocol) -> None:
         transport = self.transport
@@ -358,7 +359,7 @@ class _HttpAuto(asyncio.Protocol):
         transport = self.transport
         if transport is None or transport.is_closing():
             return
-        transport.set_protocol(proto)
+        transport.set_protocol(as_protocol(proto))
         proto.connection_made(transport)
         proto.data_received(data)
 

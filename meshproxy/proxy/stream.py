@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import binascii
 import hashlib
 import logging
 import os
 import time
 from collections.abc import Iterator, Mapping
 from random import getrandbits, random
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from meshproxy._tasks import spawn
 from meshproxy.codec.events import Headers, RequestHead, ResponseHead
@@ -55,7 +56,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-_WATCHED_REQUEST_HEADERS = frozenset(
+_WATCHED_REQUEST_HEADERS: Final = frozenset(
     {
         b"expect",
         b"x-forwarded-proto",
@@ -65,8 +66,8 @@ _WATCHED_REQUEST_HEADERS = frozenset(
         *OVERRIDE_HEADERS,
     }
 )
-REPLAY_LIMIT = 64 * 1024  # request bytes kept to retry on a fresh connection
-BUFFER_HIGH_WATER = 64 * 1024
+REPLAY_LIMIT: Final = 64 * 1024  # request bytes kept to retry on a fresh connection
+BUFFER_HIGH_WATER: Final = 64 * 1024
 
 
 class LocalReply(Exception):
@@ -80,6 +81,11 @@ class LocalReply(Exception):
         self.headers = headers
 
 
+# Enum members of interpreted modules, as compiled constants (read per request).
+_HTTP2: Final = UpstreamProtocol.HTTP2
+_CLIENT_PROTOCOL: Final = UpstreamProtocol.CLIENT
+_DNS: Final = Resolution.DNS
+
 _XFCC_CACHE: dict[tuple[object, object], bytes] = {}
 
 
@@ -87,19 +93,17 @@ def _h2_upstream(cluster: Cluster, downstream_http2: bool) -> bool:
     """Whether a request to `cluster` goes upstream as HTTP/2 (h2UpgradePolicy, or
     useClientProtocol with an HTTP/2 client)."""
     protocol = cluster.spec.upstream_protocol
-    return protocol is UpstreamProtocol.HTTP2 or (
-        protocol is UpstreamProtocol.CLIENT and downstream_http2
-    )
+    return protocol is _HTTP2 or (protocol is _CLIENT_PROTOCOL and downstream_http2)
 
 
 def new_request_id() -> bytes:
     """A random UUIDv4 as Envoy generates, without uuid.UUID's object overhead."""
-    h = "%032x" % ((getrandbits(128) & _UUID4_CLEAR) | _UUID4_SET)
-    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}".encode()
+    h = binascii.hexlify(((getrandbits(128) & _UUID4_CLEAR) | _UUID4_SET).to_bytes(16, "big"))
+    return b"-".join((h[:8], h[8:12], h[12:16], h[16:20], h[20:]))
 
 
-_UUID4_CLEAR = ~((0xF000 << 64) | (0xC000 << 48)) & ((1 << 128) - 1)
-_UUID4_SET = (0x4000 << 64) | (0x8000 << 48)
+_UUID4_CLEAR: Final = ~((0xF000 << 64) | (0xC000 << 48)) & ((1 << 128) - 1)
+_UUID4_SET: Final = (0x4000 << 64) | (0x8000 << 48)
 
 
 class _LazyHeaders(Mapping[str, str]):
@@ -159,7 +163,7 @@ def _upgrade_head(head: RequestHead, target: bytes, out: Headers, from_h2: bool)
     )
 
 
-_PATH_MODES = {m.value: m for m in PathNormalization}
+_PATH_MODES: Final = {m.value: m for m in PathNormalization}
 
 
 def _header_str(head: RequestHead, name: str) -> str | None:
@@ -167,7 +171,7 @@ def _header_str(head: RequestHead, name: str) -> str | None:
     return value.decode("latin-1") if value is not None else None
 
 
-_CONNECT_FAILURES = frozenset(
+_CONNECT_FAILURES: Final = frozenset(
     {FailureKind.CONNECT_REFUSED, FailureKind.CONNECT_TIMEOUT, FailureKind.TLS}
 )
 
@@ -314,7 +318,7 @@ class HttpStream:
             self.task = spawn(self._slow_path(delay=delay), name="http-stream-delayed")
             return
         first: EndpointState | None = None  # picked here: the slow path must not pick again
-        if cluster.spec.resolution is not Resolution.DNS:
+        if cluster.spec.resolution is not _DNS:
             try:
                 host = cluster.pick_now(conn.original_dst, (), self._hash_key)
             except UpstreamError as err:

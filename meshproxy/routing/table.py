@@ -7,6 +7,7 @@ import random
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Final
 
 from meshproxy.routing.cors import Cors
 from meshproxy.routing.match import RequestMatcher, RequestView
@@ -34,7 +35,7 @@ class HeaderOps:
         return out
 
 
-NO_HEADER_OPS = HeaderOps()
+NO_HEADER_OPS: Final = HeaderOps()
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,7 +79,7 @@ class RetryPolicy:
 
 # Istio's policies when a route says nothing (istio/istio#50506 dropped 503 from the outbound
 # one: it replayed POSTs that had reached the app). gRPC codes: 1 cancelled, 14 unavailable.
-OUTBOUND_DEFAULT_RETRY = RetryPolicy(
+OUTBOUND_DEFAULT_RETRY: Final = RetryPolicy(
     2,
     None,
     frozenset(
@@ -87,8 +88,8 @@ OUTBOUND_DEFAULT_RETRY = RetryPolicy(
     frozenset(),
     frozenset({1, 14}),
 )
-INBOUND_DEFAULT_RETRY = RetryPolicy(2, None, frozenset({"reset-before-request"}))
-NO_RETRY = RetryPolicy(0)
+INBOUND_DEFAULT_RETRY: Final = RetryPolicy(2, None, frozenset({"reset-before-request"}))
+NO_RETRY: Final = RetryPolicy(0)
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,7 +8,7 @@ import socket
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Final, Protocol
 
 from meshproxy.codec.h1_limits import Limits
 from meshproxy.config.snapshot import ClusterSpec, Resolution
@@ -24,13 +24,16 @@ from meshproxy.upstream.pool import Pool
 from meshproxy.upstream.tls import IdentitySource, TlsContexts, UpstreamTls, upstream_tls
 from meshproxy.upstream.warmup import WarmedView, warmed
 
-H1_ALPN = ("http/1.1",)
-H2_ALPN = ("h2",)
+H1_ALPN: Final = ("http/1.1",)
+H2_ALPN: Final = ("h2",)
 
 logger = logging.getLogger(__name__)
 
-DNS_REFRESH_SECONDS = 5.0  # Envoy's dns_refresh_rate default
-MAX_ORIGINAL_DST_HOSTS = 1024
+DNS_REFRESH_SECONDS: Final = 5.0  # Envoy's dns_refresh_rate default
+MAX_ORIGINAL_DST_HOSTS: Final = 1024
+# Enum members of an interpreted module, as compiled constants (read per request).
+_DNS: Final = Resolution.DNS
+_ORIGINAL_DST: Final = Resolution.ORIGINAL_DST
 
 
 class UpstreamPool(Protocol):
@@ -268,7 +271,7 @@ class Cluster:
     ) -> EndpointState:
         """Choose an endpoint, resolving DNS when due; UH when none is left. A retry passes
         the hosts that failed it: another one is chosen while any other exists."""
-        if self.spec.resolution is Resolution.DNS:
+        if self.spec.resolution is _DNS:
             await self._refresh_dns()
         return self.pick_now(original_dst, exclude, hash_key)
 
@@ -282,7 +285,7 @@ class Cluster:
 
         Consistent hashing ignores `exclude`: Istio drops the previous-hosts retry predicate
         for it, so a retry stays on the hashed host while that host is available."""
-        if self.spec.resolution is Resolution.ORIGINAL_DST:
+        if self.spec.resolution is _ORIGINAL_DST:
             if original_dst is None:
                 raise UpstreamError(
                     FailureKind.NO_HEALTHY,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING, Protocol, cast
+from typing import TYPE_CHECKING, Final, Protocol, cast
 
 from meshproxy.codec.events import (
     Data,
@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from meshproxy.upstream.pool import Pool
 
 logger = logging.getLogger(__name__)
-MAX_INTERIM_RESPONSES = 10
+MAX_INTERIM_RESPONSES: Final = 10
 
 
 class ResponseSink(Protocol):
@@ -50,7 +50,7 @@ class UpstreamExchange(Protocol):
     def abort(self) -> None: ...
 
 
-class UpstreamHttp1Connection(asyncio.Protocol):
+class UpstreamHttp1Connection:
     """Carries one request at a time; reusable once both directions finished cleanly."""
 
     def __init__(self, codec: ClientCodec, pool: Pool) -> None:

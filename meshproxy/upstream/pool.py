@@ -9,6 +9,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 
+from meshproxy._native import as_protocol
 from meshproxy.codec.h1 import client_codec
 from meshproxy.codec.h1_limits import Limits
 from meshproxy.errors import FailureKind, UpstreamError
@@ -188,7 +189,12 @@ class Pool:
         try:
             tls = self._tls() if self._tls is not None else None
             await open_connection(
-                conn, self.address, self.port, self.bind_source, self.connect_timeout, tls
+                as_protocol(conn),
+                self.address,
+                self.port,
+                self.bind_source,
+                self.connect_timeout,
+                tls,
             )
         except BaseException as exc:  # a failure or a cancelled connect gives the slot back
             if isinstance(exc, UpstreamError):
