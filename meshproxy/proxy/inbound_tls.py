@@ -14,6 +14,7 @@ import logging
 from collections.abc import Callable
 from typing import cast
 
+from meshproxy._native import as_protocol
 from meshproxy.proxy.context import ProxyContext
 from meshproxy.proxy.tls import HANDSHAKE_TIMEOUT, PeerInfo, accept_tls
 
@@ -97,7 +98,6 @@ class MtlsGate(asyncio.Protocol):
         transport.set_protocol(proto)
         proto.connection_made(transport)
         if first:
-            # `proto` may have handed over to another protocol in connection_made.
-            current = transport.get_protocol()
-            if isinstance(current, asyncio.Protocol):
-                current.data_received(first)
+            # `proto` may have handed over to another protocol in connection_made (ours are
+            # all streaming protocols, some native classes that asyncio does not know).
+            as_protocol(transport.get_protocol()).data_received(first)

@@ -86,7 +86,7 @@ _HTTP2: Final = UpstreamProtocol.HTTP2
 _CLIENT_PROTOCOL: Final = UpstreamProtocol.CLIENT
 _DNS: Final = Resolution.DNS
 
-_XFCC_CACHE: dict[tuple[object, object], bytes] = {}
+_XFCC_CACHE: dict[tuple[str, PeerInfo], bytes] = {}
 
 
 def _h2_upstream(cluster: Cluster, downstream_http2: bool) -> bool:
@@ -1026,7 +1026,8 @@ class HttpStream:
         same for every request of a connection, so it is computed once (hashing the peer's
         certificate per request cost ~10 µs)."""
         identity = self.conn.ctx.identity
-        key = (identity.spiffe_id if identity is not None else None, peer)
+        own = identity.spiffe_id if identity is not None else None
+        key = (own.principal if own is not None else "", peer)  # PeerInfo hashes by identity
         cached = _XFCC_CACHE.get(key)
         if cached is not None:
             return cached

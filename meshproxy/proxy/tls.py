@@ -15,7 +15,7 @@ import asyncio.sslproto
 import logging
 import ssl
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, cast
 
 import uvloop
@@ -32,17 +32,19 @@ HANDSHAKE_TIMEOUT = 10.0
 _UVLOOP_SSL_PROTOCOL: Any = getattr(uvloop.loop, "SSLProtocol", None)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, eq=False)
 class PeerInfo:
-    """Who is on the other end of a mesh TLS connection."""
+    """Who is on the other end of a mesh TLS connection (one per connection: compared and
+    hashed by identity, which keeps per-request lookups keyed on it cheap)."""
 
     spiffe_id: SpiffeId | None
     cert_der: bytes
     alpn: str | None
+    principal: str = field(init=False)  # read per request (metrics, authorization)
 
-    @property
-    def principal(self) -> str:
-        return self.spiffe_id.principal if self.spiffe_id else ""
+    def __post_init__(self) -> None:
+        principal = self.spiffe_id.principal if self.spiffe_id else ""
+        object.__setattr__(self, "principal", principal)
 
 
 AppFactory = Callable[[PeerInfo], asyncio.Protocol]
