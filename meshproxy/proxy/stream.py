@@ -1054,9 +1054,7 @@ class HttpStream:
 
     def _send_response_head(self, head: ResponseHead) -> None:
         self.status = head.status
-        headers = strip_hop_by_hop(head.headers)
-        if headers is head.headers:
-            headers = list(headers)
+        headers = strip_hop_by_hop(head.headers)  # the codec's fresh list: ours to extend
         elapsed = int((time.monotonic() - self._sent_at) * 1000)
         headers.append((b"x-envoy-upstream-service-time", b"%d" % elapsed))
         if self._set_cookie is not None:

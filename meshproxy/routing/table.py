@@ -20,15 +20,18 @@ class HeaderOps:
     set: tuple[tuple[bytes, bytes], ...] = ()
     add: tuple[tuple[bytes, bytes], ...] = ()
     remove: frozenset[bytes] = frozenset()
+    # Derived once here, not per request: the names a set or remove takes out.
+    _drop: frozenset[bytes] = field(init=False, repr=False, compare=False)
+    empty: bool = field(init=False, repr=False, compare=False)
 
-    @property
-    def empty(self) -> bool:
-        return not (self.set or self.add or self.remove)
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_drop", self.remove | {name for name, _ in self.set})
+        object.__setattr__(self, "empty", not (self.set or self.add or self.remove))
 
     def apply(self, headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
         if self.empty:
             return headers
-        drop = self.remove | {name for name, _ in self.set}
+        drop = self._drop
         out = [h for h in headers if h[0] not in drop] if drop else list(headers)
         out.extend(self.set)
         out.extend(self.add)
