@@ -30,6 +30,7 @@ def _run_loop(coro_factory: object) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from meshproxy.config.loader import load_snapshot
     from meshproxy.errors import ConfigError
+    from meshproxy.observe.accesslog import AccessLogError
     from meshproxy.runtime import Runtime
 
     path = Path(args.config)
@@ -49,9 +50,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     role = fork_workers(worker_count(snapshot.settings.concurrency))
 
     async def main() -> int:
-        runtime = Runtime(path, snapshot, role)
         try:
-            return await runtime.run()
+            return await Runtime(path, snapshot, role).run()
+        except AccessLogError as exc:
+            print(f"meshproxy: cannot start: {exc}", file=sys.stderr)
+            return 3
         except OSError as exc:
             print(f"meshproxy: cannot start: {exc}", file=sys.stderr)
             return 3

@@ -21,7 +21,7 @@ from meshproxy.config.snapshot import ListenerSpec, Snapshot
 from meshproxy.config.source import fingerprint
 from meshproxy.config.watch import watch_config
 from meshproxy.errors import ConfigError
-from meshproxy.observe.accesslog import open_access_log
+from meshproxy.observe.accesslog import AccessLogError, open_access_log
 from meshproxy.observe.admin import start_admin
 from meshproxy.observe.metrics import MeshMetrics
 from meshproxy.observe.recorder import StreamRecord
@@ -218,6 +218,9 @@ class Runtime:
                 return False
             try:
                 await self.apply(snapshot)
+            except AccessLogError as exc:
+                self._reject([str(exc)])
+                return False
             except OSError as exc:
                 self._reject([f"cannot bind a listener: {exc}"])
                 return False
@@ -234,7 +237,15 @@ class Runtime:
 
     async def apply(self, snapshot: Snapshot) -> None:
         old = self.ctx.snapshot
-        await self._start_listeners(snapshot.listeners)  # may raise: nothing swapped yet
+        old_log = self.access_log
+        path = snapshot.settings.access_log_file
+        if path != old.settings.access_log_file:
+            self.access_log = open_access_log(path)  # may raise: nothing swapped yet
+        try:
+            await self._start_listeners(snapshot.listeners)  # may raise: nothing swapped yet
+        except OSError:
+            self.access_log = old_log
+            raise
         codec = resolve_codec_name(snapshot.settings.http1_codec)
         limits = _limits(snapshot)
         self.clusters.reconcile(
@@ -248,6 +259,7 @@ class Runtime:
         for key, listener in list(self.listeners.items()):
             if key in wanted:
                 listener.update(wanted[key])
+                listener.access_log = self.access_log  # new connections log where it says
             else:
                 await listener.close()
                 del self.listeners[key]

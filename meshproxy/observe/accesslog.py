@@ -7,6 +7,7 @@ import time
 from collections.abc import Callable
 from typing import TextIO
 
+from meshproxy.errors import MeshproxyError
 from meshproxy.observe.recorder import StreamRecord
 
 
@@ -29,8 +30,13 @@ def format_line(rec: StreamRecord) -> str:
     )
 
 
+class AccessLogError(MeshproxyError):
+    pass
+
+
 def open_access_log(path: str) -> Callable[[StreamRecord], None] | None:
-    """A writer for ProxyConfig accessLogFile ("" = off, "/dev/stdout" = stdout)."""
+    """A writer for ProxyConfig accessLogFile ("" = off, "/dev/stdout" = stdout); an
+    AccessLogError names the file when it cannot be opened for appending."""
     if not path:
         return None
     stream: TextIO
@@ -39,7 +45,10 @@ def open_access_log(path: str) -> Callable[[StreamRecord], None] | None:
     elif path == "/dev/stderr":
         stream = sys.stderr
     else:
-        stream = open(path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115
+        try:
+            stream = open(path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115
+        except OSError as exc:
+            raise AccessLogError(f"accessLogFile {path}: {exc.strerror or exc}") from None
 
     def write(rec: StreamRecord) -> None:
         stream.write(format_line(rec))

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import http.client
 import json
+import subprocess
+import sys
 import time
 import urllib.request
 from pathlib import Path
 
-from tests.integration.conftest import MeshFactory
-from tests.support.proxy import http_get
+from tests.integration.conftest import MeshFactory, mesh_yaml
+from tests.support.proxy import free_port, http_get, wait_for
 
 
 def test_access_log_line_per_request(make_mesh: MeshFactory, tmp_path: Path) -> None:
@@ -60,3 +62,67 @@ def test_admin_endpoints(make_mesh: MeshFactory) -> None:
     with urllib.request.urlopen(req, timeout=5) as resp:
         assert resp.status == 200
     assert mesh.proxy.proc.wait(timeout=10) == 0
+
+
+def _logged(path: Path) -> list[str]:
+    return path.read_text().splitlines() if path.exists() else []
+
+
+def test_access_log_file_follows_a_reload_and_a_bad_one_is_rejected(
+    make_mesh: MeshFactory, tmp_path: Path
+) -> None:
+    first, second = tmp_path / "first.log", tmp_path / "second.log"
+    mesh = make_mesh(extra_spec=f"  accessLogFile: {first}")
+    params = dict(mesh.params)  # type: ignore[attr-defined]
+    params.pop("extra_spec", None)
+    config = mesh.config_dir / "mesh.yaml"
+    admin = mesh.proxy.admin
+
+    def get(path: str) -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", mesh.http_port, timeout=5)
+        conn.request("GET", path, headers={"Host": "hello.test"})
+        assert conn.getresponse().status == 200
+        conn.close()
+
+    get("/one")
+    assert wait_for(lambda: len(_logged(first)) == 1)
+    version = json.loads(http_get(admin + "/config_dump")[1])["version"]
+    config.write_text(mesh_yaml(**params, extra_spec=f"  accessLogFile: {second}"))
+    assert wait_for(lambda: json.loads(http_get(admin + "/config_dump")[1])["version"] > version), (
+        mesh.proxy.log()
+    )
+    get("/two")
+    assert wait_for(lambda: len(_logged(second)) == 1)
+    assert '"GET /two HTTP/1.1" 200' in _logged(second)[0]
+    assert len(_logged(first)) == 1  # new requests no longer go to the old file
+
+    missing = tmp_path / "no-such-dir" / "third.log"
+    config.write_text(mesh_yaml(**params, extra_spec=f"  accessLogFile: {missing}"))
+    assert wait_for(
+        lambda: json.loads(http_get(admin + "/config_dump")[1])["last_failed_reload"] is not None
+    )
+    errors = json.loads(http_get(admin + "/config_dump")[1])["last_failed_reload"]["errors"]
+    assert errors == [f"accessLogFile {missing}: No such file or directory"], errors
+    get("/three")  # the last good config, and its log, stay in use
+    assert wait_for(lambda: len(_logged(second)) == 2)
+    assert mesh.proxy.proc.poll() is None
+
+
+def test_unopenable_access_log_refuses_to_start(tmp_path: Path) -> None:
+    config = tmp_path / "mesh.yaml"
+    missing = tmp_path / "no-such-dir" / "access.log"
+    config.write_text(
+        "apiVersion: meshproxy.io/v1alpha1\nkind: ProxyConfig\nmetadata: {name: p}\n"
+        f"spec: {{interceptionMode: NONE, proxyAdminPort: {free_port()}, statusPort: 0,"
+        f" accessLogFile: {missing}}}\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-m", "meshproxy", "run", "-c", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        stdin=subprocess.DEVNULL,
+    )
+    assert out.returncode == 3, out.stderr
+    assert f"cannot start: accessLogFile {missing}: No such file or directory" in out.stderr
+    assert "Traceback" not in out.stderr
