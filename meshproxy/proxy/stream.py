@@ -1124,27 +1124,32 @@ class HttpStream:
         head = self.head
         service = match.virtual_host.service if match is not None else cluster
         reporter = "destination" if conn.inbound else "source"
-        values = (
+        duration_ms = duration * 1000.0
+        peer = conn.peer
+        # Arguments written out: a *tuple call is a generic Python call even when compiled.
+        conn.ctx.metrics.record_http(
             reporter,
             service,
             self.status,
             self.flag,
-            duration * 1000.0,
+            duration_ms,
             self.request_bytes,
             self.response_bytes,
+            "grpc" if self.grpc else "http",
+            self.grpc_status,
+            peer.principal if peer is not None else "",
         )
-        peer = conn.peer
-        if peer is not None:
-            conn.ctx.metrics.record_http(
-                *values, "grpc" if self.grpc else "http", self.grpc_status, peer.principal
-            )
-        elif self.grpc:
-            conn.ctx.metrics.record_http(*values, "grpc", self.grpc_status)
-        else:
-            conn.ctx.metrics.record_http(*values)
         log = conn.access_log
         if log is not None:
-            rec = StreamRecord(*values)
+            rec = StreamRecord(
+                reporter,
+                service,
+                self.status,
+                self.flag,
+                duration_ms,
+                self.request_bytes,
+                self.response_bytes,
+            )
             rec.method = head.method.decode("latin-1")
             rec.path = head.target.decode("latin-1")
             rec.authority = (head.header(b"host") or b"").decode("latin-1")
