@@ -372,6 +372,24 @@ def report(results: list[list[Result]], args: argparse.Namespace) -> None:
             f"{med([r.p50_ms for r in rs]):>9.3f}{med([r.p99_ms for r in rs]):>9.3f}"
             f"{cpu_s:>12}{cpu_10k:>11}{sum(r.errors for r in rs):>8}"
         )
+    # Each run measures nginx and meshproxy minutes apart at most: the per-run ratio is what
+    # the VM's drift between runs disturbs least.
+    for name in by_name:
+        if not name.startswith("meshproxy"):
+            continue
+        ratios = [
+            mine.rps / ref.rps
+            for run in results
+            for mine in run
+            if mine.name == name
+            for ref in run
+            if ref.name == ("nginx c1" if name.endswith(" c1") else "nginx")
+        ]
+        print(
+            f"x nginx per run, {name}: median {med(ratios):.2f} ("
+            + ", ".join(f"{x:.2f}" for x in ratios)
+            + ")"
+        )
     print(
         f"\nreproduce: python -m benchmarks.load --duration {args.duration} "
         f"--connections {args.connections} --runs {args.runs}"
