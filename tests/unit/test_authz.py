@@ -163,6 +163,9 @@ def test_selector_and_root_namespace(tmp_path: Path) -> None:
         (b"/a/b/../../../admin", b"/admin"),
         (b"/admin%3f", b"/admin%3F"),  # reserved stays encoded (canonical upper case)
         (b"\\admin", b"/admin"),
+        # A '//', '%' or '/.' only in the query takes the exact path and leaves it as it is.
+        (b"/a?next=http://x//%2F/./y", b"/a?next=http://x//%2F/./y"),
+        (b"/a.b/c?q=1", b"/a.b/c?q=1"),
     ],
 )
 def test_path_normalization(target: bytes, normalized: bytes) -> None:
