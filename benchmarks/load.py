@@ -374,17 +374,12 @@ def report(results: list[list[Result]], args: argparse.Namespace) -> None:
         )
     # Each run measures nginx and meshproxy minutes apart at most: the per-run ratio is what
     # the VM's drift between runs disturbs least.
+    runs = [{r.name: r for r in run} for run in results]
     for name in by_name:
         if not name.startswith("meshproxy"):
             continue
-        ratios = [
-            mine.rps / ref.rps
-            for run in results
-            for mine in run
-            if mine.name == name
-            for ref in run
-            if ref.name == ("nginx c1" if name.endswith(" c1") else "nginx")
-        ]
+        ref = "nginx c1" if name.endswith(" c1") else "nginx"
+        ratios = [run[name].rps / run[ref].rps for run in runs if name in run and ref in run]
         print(
             f"x nginx per run, {name}: median {med(ratios):.2f} ("
             + ", ".join(f"{x:.2f}" for x in ratios)

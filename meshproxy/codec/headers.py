@@ -91,10 +91,9 @@ def framing_values(
             raise ProtocolError(f"unsupported Transfer-Encoding {te[:40]!r}", side, status=501)
         return True, None
     if cl is not None:
+        cl = cl.strip(b" \t")
         if not (cl.isdigit() and len(cl) <= _MAX_DIGITS):  # bytes.isdigit: ASCII 0-9 only
-            cl = cl.strip(b" \t")
-            if not (cl.isdigit() and len(cl) <= _MAX_DIGITS):
-                raise ProtocolError(f"invalid Content-Length {cl[:40]!r}", side)
+            raise ProtocolError(f"invalid Content-Length {cl[:40]!r}", side)
         return False, int(cl)
     return False, None
 
