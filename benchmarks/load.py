@@ -196,13 +196,13 @@ spec:
 """
 
 
-def meshproxy_cmd(config: Path) -> list[str]:
+def meshproxy_cmd(config: Path, python: str = sys.executable) -> list[str]:
     """`meshproxy run` pinned to CPU 1 (the proxies' core in every harness)."""
     return [
         "taskset",
         "-c",
         "1",
-        sys.executable,
+        python,
         "-m",
         "meshproxy",
         "--log-level",

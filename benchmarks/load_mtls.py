@@ -2,6 +2,7 @@
 and full TLS handshakes per second on one worker.
 
     python -m benchmarks.load_mtls [--duration 8] [--runs 1] [--handshake-seconds 8] [--mypyc]
+                                   [--python PATH]
 
 wrk (keep-alive, -c50) → client sidecar (egress) → server sidecar (ingress) → nginx. With
 mTLS the hop between the sidecars is ISTIO_MUTUAL / PeerAuthentication STRICT, certificates
@@ -9,6 +10,9 @@ from meshproxy's CA (ECDSA P-256). Both sidecars are pinned to CPU 1, wrk and ng
 Handshakes: parallel `openssl s_time -new` clients (CPU 0, presenting a client certificate)
 against the server sidecar alone (CPU 1); its CPU time per handshake is reported too.
 --mypyc runs the sidecars with the hot path compiled (what the container image ships).
+--python runs the sidecars with another interpreter: scripts/openssl-python.sh writes one that
+links OpenSSL 3.5, as the container image does, on a machine whose own OpenSSL is 3.0 (whose
+record layer and handshakes cost markedly more).
 Each run measures plaintext then mTLS back to back; the ratio reported is the median of the
 per-run ratios, which the VM's drift between runs disturbs least.
 """
@@ -108,7 +112,7 @@ def ca(*args: str) -> None:
 
 
 def pair(
-    procs: Processes, tmp: Path, up: int, mtls: bool, cwd: str | None
+    procs: Processes, tmp: Path, up: int, mtls: bool, cwd: str | None, python: str
 ) -> tuple[int, list[int]]:
     name = "mtls" if mtls else "plain"
     s_port, c_port = free_port(), free_port()
@@ -132,8 +136,8 @@ def pair(
             tls="ISTIO_MUTUAL" if mtls else "DISABLE",
         )
     )
-    server = procs.start(meshproxy_cmd(tmp / f"s-{name}"), cwd)
-    client = procs.start(meshproxy_cmd(tmp / f"c-{name}"), cwd)
+    server = procs.start(meshproxy_cmd(tmp / f"s-{name}", python), cwd)
+    client = procs.start(meshproxy_cmd(tmp / f"c-{name}", python), cwd)
     wait_port(s_port)
     wait_port(c_port)
     return c_port, [server.pid, client.pid]
@@ -171,6 +175,18 @@ def handshakes(tmp: Path, port: int, pid: int, seconds: int, clients: int) -> tu
     return total / seconds, (cpu / total * 1e6 if total else 0.0)
 
 
+def openssl_version(python: str) -> str:
+    """The OpenSSL the sidecars' interpreter is linked against (it sets their TLS costs)."""
+    out = subprocess.run(
+        [python, "-c", "import ssl; print(ssl.OPENSSL_VERSION)"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
+    return " ".join(out.stdout.split()[:2])
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--duration", type=int, default=8)
@@ -178,6 +194,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--handshake-seconds", type=int, default=8)
     ap.add_argument("--handshake-clients", type=int, default=4)
     ap.add_argument("--mypyc", action="store_true", help="sidecars with the compiled hot path")
+    ap.add_argument(
+        "--python",
+        default=sys.executable,
+        help="the interpreter that runs the sidecars (one linked against another OpenSSL: "
+        "scripts/openssl-python.sh); default: this one",
+    )
     args = ap.parse_args(argv)
     for tool in ("wrk", "nginx", "taskset", "openssl"):
         if shutil.which(tool) is None:
@@ -215,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
         wait_port(up)
         for _ in range(args.runs):
             for label, mtls in (("plaintext", False), ("mTLS", True)):
-                port, pids = pair(procs, tmp, up, mtls, cwd)
+                port, pids = pair(procs, tmp, up, mtls, cwd, args.python)
                 run_wrk(port, 2, 50, "0")
                 before = sum(tree_cpu_seconds(p) for p in pids)
                 rps, _p50, p99, total, errors = run_wrk(port, args.duration, 50, "0")
@@ -233,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
                 admin=free_port(), certs=tmp / "server", mode="STRICT", port=s_port, upstream=up
             )
         )
-        server = procs.start(meshproxy_cmd(tmp / "s-hs"), cwd)
+        server = procs.start(meshproxy_cmd(tmp / "s-hs", args.python), cwd)
         wait_port(s_port)
         time.sleep(0.5)
         hs, hs_cpu = handshakes(
@@ -245,7 +267,8 @@ def main(argv: list[str] | None = None) -> int:
     ratios = [m[0] / p[0] for p, m in zip(rows["plaintext"], rows["mTLS"], strict=True)]
     print(
         f"\nwrk -c50 -d{args.duration}s through two sidecars ({'mypyc' if cwd else 'interpreted'}"
-        f" build), median of {args.runs} run(s); sidecars pinned to CPU 1, wrk and nginx to CPU 0"
+        f" build, {openssl_version(args.python)}), median of {args.runs} run(s); sidecars pinned"
+        " to CPU 1, wrk and nginx to CPU 0"
     )
     print(
         f"{'hop between sidecars':<24}{'req/s':>10}{'x plain':>9}{'p99 ms':>9}"
@@ -266,6 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"\nreproduce: python -m benchmarks.load_mtls --duration {args.duration} --runs {args.runs}"
         + (" --mypyc" if cwd else "")
+        + (f" --python {args.python}" if args.python != sys.executable else "")
     )
     return 0
 
