@@ -7,7 +7,6 @@ import contextlib
 import logging
 import signal
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +20,9 @@ from meshproxy.config.snapshot import ListenerSpec, Snapshot
 from meshproxy.config.source import fingerprint
 from meshproxy.config.watch import watch_config
 from meshproxy.errors import ConfigError
-from meshproxy.observe.accesslog import AccessLogError, open_access_log
+from meshproxy.observe.accesslog import AccessLog, AccessLogError, open_access_log
 from meshproxy.observe.admin import start_admin
 from meshproxy.observe.metrics import MeshMetrics
-from meshproxy.observe.recorder import StreamRecord
 from meshproxy.proxy.context import ProxyContext
 from meshproxy.proxy.listener import Listener
 from meshproxy.security.certwatch import IdentityManager, files_of
@@ -60,7 +58,7 @@ class Runtime:
         self.clusters.reconcile(snapshot.clusters, PoolSettings(codec, limits, s.trust_domain))
         self.ctx = ProxyContext(snapshot, self.clusters, self.metrics, limits, codec)
         self.listeners: dict[tuple[str, int], Listener] = {}
-        self.access_log: Callable[[StreamRecord], None] | None = open_access_log(s.access_log_file)
+        self.access_log: AccessLog | None = open_access_log(s.access_log_file)
         self.ready = False
         self.started_at = time.time()
         self.last_good = {"version": snapshot.version, "time": time.time()}
@@ -244,6 +242,8 @@ class Runtime:
         try:
             await self._start_listeners(snapshot.listeners)  # may raise: nothing swapped yet
         except OSError:
+            if self.access_log is not old_log and self.access_log is not None:
+                self.access_log.close()  # opened for the rejected config only
             self.access_log = old_log
             raise
         codec = resolve_codec_name(snapshot.settings.http1_codec)

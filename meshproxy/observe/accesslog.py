@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Callable
 from typing import TextIO
 
 from meshproxy.errors import MeshproxyError
@@ -34,23 +33,36 @@ class AccessLogError(MeshproxyError):
     pass
 
 
-def open_access_log(path: str) -> Callable[[StreamRecord], None] | None:
+class AccessLog:
+    """Appends one line per stream. Connections hold the log they started with, so after a
+    reload the old file closes when its last connection drops it; `close` is for a log that
+    was opened for a config that was then rejected."""
+
+    __slots__ = ("_owned", "_stream")
+
+    def __init__(self, stream: TextIO, owned: bool) -> None:
+        self._stream = stream
+        self._owned = owned  # stdout and stderr are not ours to close
+
+    def __call__(self, rec: StreamRecord) -> None:
+        self._stream.write(format_line(rec))
+
+    def close(self) -> None:
+        if self._owned:
+            self._stream.close()
+
+
+def open_access_log(path: str) -> AccessLog | None:
     """A writer for ProxyConfig accessLogFile ("" = off, "/dev/stdout" = stdout); an
     AccessLogError names the file when it cannot be opened for appending."""
     if not path:
         return None
-    stream: TextIO
     if path in ("/dev/stdout", "-"):
-        stream = sys.stdout
-    elif path == "/dev/stderr":
-        stream = sys.stderr
-    else:
-        try:
-            stream = open(path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115
-        except OSError as exc:
-            raise AccessLogError(f"accessLogFile {path}: {exc.strerror or exc}") from None
-
-    def write(rec: StreamRecord) -> None:
-        stream.write(format_line(rec))
-
-    return write
+        return AccessLog(sys.stdout, owned=False)
+    if path == "/dev/stderr":
+        return AccessLog(sys.stderr, owned=False)
+    try:
+        stream = open(path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115
+    except OSError as exc:
+        raise AccessLogError(f"accessLogFile {path}: {exc.strerror or exc}") from None
+    return AccessLog(stream, owned=True)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
+import socket
 import subprocess
 import sys
 import time
@@ -106,6 +108,29 @@ def test_access_log_file_follows_a_reload_and_a_bad_one_is_rejected(
     get("/three")  # the last good config, and its log, stay in use
     assert wait_for(lambda: len(_logged(second)) == 2)
     assert mesh.proxy.proc.poll() is None
+
+    # A reload that opens a new log and then cannot bind its listener is rejected, and the
+    # file it opened is closed again (no descriptor left behind per bad reload).
+    third = tmp_path / "third.log"
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        failed_before = json.loads(http_get(admin + "/config_dump")[1])["last_failed_reload"]
+        occupied = {**params, "http_port": taken.getsockname()[1]}
+        config.write_text(mesh_yaml(**occupied, extra_spec=f"  accessLogFile: {third}"))
+        assert wait_for(
+            lambda: (
+                json.loads(http_get(admin + "/config_dump")[1])["last_failed_reload"]
+                != failed_before
+            )
+        ), mesh.proxy.log()
+    errors = json.loads(http_get(admin + "/config_dump")[1])["last_failed_reload"]["errors"]
+    assert errors[0].startswith("cannot bind a listener"), errors
+    assert third.exists()  # it was opened...
+    open_files = {os.readlink(fd) for fd in Path(f"/proc/{mesh.proxy.proc.pid}/fd").iterdir()}
+    assert str(third) not in open_files and str(second) in open_files  # ...and closed again
+    get("/four")
+    assert wait_for(lambda: len(_logged(second)) == 3)
 
 
 def test_unopenable_access_log_refuses_to_start(tmp_path: Path) -> None:
