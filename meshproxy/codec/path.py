@@ -25,6 +25,7 @@ class PathNormalization(enum.Enum):
 
 _PERCENT: Final = ord("%")
 _BACKSLASH: Final = ord("\\")
+_HASH: Final = ord("#")
 _UNRESERVED = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
 _PCT = re.compile(rb"%([0-9A-Fa-f]{2})")
 _ESCAPED_SLASH = re.compile(rb"%(2[Ff]|5[Cc])")
@@ -59,10 +60,15 @@ def _remove_dot_segments(path: bytes) -> bytes:
 def normalize_target(target: bytes, mode: PathNormalization) -> bytes:
     """The request target with its path normalized (the query is left as it is).
 
+    A fragment ('#...': clients must not send one, some do) is stripped first, in every
+    mode, as Envoy does: otherwise `/admin#x` would miss a rule on `/admin` and still reach
+    the app as `/admin` (CVE-2021-32779).
     Raises ProtocolError (400) for escaped slashes when the mode does not decode them.
     Fast path: a target with no '%', '\\', '/.' or '//' (anywhere: one in the query only
     costs the exact check below) is returned as given.
     """
+    if _HASH in target:
+        target = target[: target.index(_HASH)]
     if mode is PathNormalization.NONE:
         return target
     if (

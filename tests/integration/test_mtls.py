@@ -480,6 +480,8 @@ def test_authorization_policy_over_mtls(tmp_path: Path) -> None:
             "//admin",
             "/public/%2e%2e/admin/x",
             "/ADMIN/../admin",
+            "/admin#x",  # a fragment is no part of the path (CVE-2021-32779)
+            "/admin#/../ok",
         ):
             reply = _raw_get(p.out_port, bypass)
             assert reply.startswith(b"HTTP/1.1 403"), (bypass, reply[:100])
@@ -492,8 +494,10 @@ def test_authorization_policy_over_mtls(tmp_path: Path) -> None:
         assert _raw_get(p.in_port, "/ok").startswith(b"HTTP/1.1 403")
         # An escaped slash is refused before any policy could be fooled by it.
         assert _raw_get(p.out_port, "/x%2F..%2Fadmin").startswith(b"HTTP/1.1 400")
+        assert _raw_get(p.out_port, "/ok#section").startswith(b"HTTP/1.1 200")
         paths = [r.path for r in p.app.state.requests]
         assert not any("admin" in x for x in paths), paths
+        assert paths[-1] == "/ok", paths  # the fragment is not forwarded either
         metrics = p.server.metrics()
         assert 'meshproxy_rbac_total{protocol="http",result="denied"}' in metrics
     finally:

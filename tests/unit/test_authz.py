@@ -166,6 +166,10 @@ def test_selector_and_root_namespace(tmp_path: Path) -> None:
         # A '//', '%' or '/.' only in the query takes the exact path and leaves it as it is.
         (b"/a?next=http://x//%2F/./y", b"/a?next=http://x//%2F/./y"),
         (b"/a.b/c?q=1", b"/a.b/c?q=1"),
+        # A fragment is stripped, query and all behind it.
+        (b"/admin#x", b"/admin"),
+        (b"/a?q=1#f?g", b"/a?q=1"),
+        (b"/public/..#/x", b"/"),
     ],
 )
 def test_path_normalization(target: bytes, normalized: bytes) -> None:
@@ -178,6 +182,7 @@ def test_escaped_slashes_rejected_or_decoded() -> None:
     decoded = normalize_target(b"/public%2F..%2Fadmin", PathNormalization.DECODE_AND_MERGE_SLASHES)
     assert decoded == b"/admin"
     assert normalize_target(b"//a", PathNormalization.BASE) == b"//a"
+    assert normalize_target(b"//a#/../b", PathNormalization.NONE) == b"//a"  # in every mode
 
 
 @given(st.lists(st.sampled_from(["a", "..", ".", "", "%2e", "%2E%2e", "b%41"]), max_size=8))
