@@ -370,6 +370,8 @@ class ProxySettings:
     labels: tuple[tuple[str, str], ...] = ()  # this workload's labels (policy selectors)
     root_namespace: str = "istio-system"  # MeshConfig rootNamespace: mesh-wide policies
     path_normalization: str = "MERGE_SLASHES"  # NONE | BASE | MERGE_SLASHES | DECODE_AND_...
+    # Envoy's names. Not Envoy's default (ALLOW): `X_User` reaches a CGI/WSGI app as X-User.
+    headers_with_underscores_action: str = "DROP_HEADER"  # ALLOW | REJECT_REQUEST | DROP_HEADER
     local_rate_limits: tuple[LocalRateLimit, ...] = ()
 
 

@@ -1257,6 +1257,7 @@ _PROXY_FIELDS = {
     "outboundTrafficPolicy": "outbound_traffic_policy",
     "trustDomain": "trust_domain",
     "pathNormalization": "path_normalization",
+    "headersWithUnderscoresAction": "headers_with_underscores_action",
     "certificates": "certificates",
     "labels": "labels",
     "localRateLimits": "local_rate_limits",
@@ -1389,6 +1390,8 @@ def _proxy_config(r: Reader, origin: Origin, spec: Any) -> ProxyConfigResource |
             v = r.choice(
                 m, key, path, ("NONE", "BASE", "MERGE_SLASHES", "DECODE_AND_MERGE_SLASHES")
             )
+        elif key == "headersWithUnderscoresAction":
+            v = r.choice(m, key, path, ("ALLOW", "REJECT_REQUEST", "DROP_HEADER"))
         elif key == "trustDomain":
             v = r.string(m, key, path)
             if v is not None and not re.fullmatch(r"[a-z0-9._-]{1,255}", v):

@@ -136,6 +136,7 @@ def _service_parts(host: str) -> tuple[str, str]:
 # Plain keyed counters each worker exports and the admin worker adds up.
 _SUMMED_COUNTERS: Final = (
     "rejected",
+    "dropped_headers",
     "h2_floods",
     "rbac",
     "tls",
@@ -172,6 +173,7 @@ class MeshMetrics(Collector):
         self._label_cache: dict[tuple[str, str, int, str, str, str, str], tuple[str, ...]] = {}
         self._series_by_key: dict[tuple[str, str, int, str, str, str, str], _HttpSeries] = {}
         self.rejected: dict[str, int] = {}
+        self.dropped_headers: dict[str, int] = {}
         self.h2_floods: dict[str, int] = {}
         self.cert_expiry: float | None = None
         self.cert_reloads = (0, 0)
@@ -309,6 +311,9 @@ class MeshMetrics(Collector):
     def downstream_rejected(self, reason: str) -> None:
         self.rejected[reason] = self.rejected.get(reason, 0) + 1
 
+    def downstream_headers_dropped(self, reason: str, n: int) -> None:
+        self.dropped_headers[reason] = self.dropped_headers.get(reason, 0) + n
+
     def cert_state(self, expiry: float | None, ok: int, failed: int) -> None:
         self.cert_expiry = expiry
         self.cert_reloads = (ok, failed)
@@ -360,6 +365,7 @@ class MeshMetrics(Collector):
             "http": http,
             "tcp": tcp,
             "rejected": dict(self.rejected),
+            "dropped_headers": dict(self.dropped_headers),
             "h2_floods": dict(self.h2_floods),
             "rbac": dict(self.rbac_counts),
             "tls": dict(self.tls_handshake_failures),
@@ -472,6 +478,14 @@ class MeshMetrics(Collector):
         for reason, n in sorted(merged["rejected"].items()):
             rejected.add_metric([reason], n)
         yield rejected
+        dropped = CounterMetricFamily(
+            "meshproxy_downstream_headers_dropped",
+            "Client request headers removed before routing (headersWithUnderscoresAction)",
+            labels=("reason",),
+        )
+        for reason, n in sorted(merged["dropped_headers"].items()):
+            dropped.add_metric([reason], n)
+        yield dropped
         floods = CounterMetricFamily(
             "meshproxy_http2_flood",
             "HTTP/2 connections closed for frame abuse (rapid reset, PING/SETTINGS/empty frames)",

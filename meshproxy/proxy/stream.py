@@ -164,6 +164,7 @@ def _upgrade_head(head: RequestHead, target: bytes, out: Headers, from_h2: bool)
 
 
 _PATH_MODES: Final = {m.value: m for m in PathNormalization}
+_UNDERSCORE: Final = ord("_")
 
 
 def _header_str(head: RequestHead, name: str) -> str | None:
@@ -364,11 +365,31 @@ class HttpStream:
             return fault.delay
         return None
 
+    def _screen_underscores(self, head: RequestHead, reject: bool) -> None:
+        """Envoy's headers_with_underscores_action for the client's headers (not for ours)."""
+        headers = head.headers
+        for name, _ in headers:
+            if _UNDERSCORE in name:
+                break
+        else:
+            return
+        metrics = self.conn.ctx.metrics
+        if reject:
+            metrics.downstream_rejected("headers_with_underscores")
+            raise LocalReply(400, "header name with underscores", "DPE")
+        kept = [(n, v) for n, v in headers if _UNDERSCORE not in n]
+        metrics.downstream_headers_dropped("underscores", len(headers) - len(kept))
+        head.headers = kept
+
     def _admit(self, snapshot: Snapshot) -> None:
-        """Normalize the path (what policy matches is what the app gets), then apply the
-        AuthorizationPolicies of this workload to inbound requests; LocalReply if refused."""
+        """Screen header names with underscores, normalize the path (what policy matches is
+        what the app gets), then apply the AuthorizationPolicies of this workload to inbound
+        requests; LocalReply if refused."""
         conn = self.conn
         head = self.head
+        underscores = snapshot.settings.headers_with_underscores_action
+        if underscores != "ALLOW":
+            self._screen_underscores(head, underscores == "REJECT_REQUEST")
         mode = _PATH_MODES[snapshot.settings.path_normalization]
         try:
             head.target = normalize_target(head.target, mode)

@@ -337,3 +337,52 @@ def test_interim_responses_are_dropped_and_floods_cut(
     assert got == status
     if status == 200:
         assert body == b"ok"
+
+
+def test_header_names_with_underscores_are_dropped_by_default(
+    make_mesh: MeshFactory, codec: str
+) -> None:
+    """`X_User` would reach a CGI/WSGI app as HTTP_X_USER, like `X-User`: by default it is
+    removed (Envoy's DROP_HEADER) and counted; the request goes on (catalog B02)."""
+    mesh = make_mesh(codec)
+    status, _, body = request(
+        mesh.http_port, "GET", "/u", {"X_User": "admin", "X-User": "alice", "x_b": "1"}
+    )
+    assert status == 200, body
+    seen = json.loads(body)["headers"]
+    assert seen["x-user"] == "alice" and not any("_" in name for name in seen), seen
+    assert 'meshproxy_downstream_headers_dropped_total{reason="underscores"} 2.0' in (
+        mesh.proxy.metrics()
+    )
+    if CURL is not None:  # the same over HTTP/2 (h2c, prior knowledge)
+        h2 = curl(
+            "--http2-prior-knowledge",
+            "-H",
+            "X_User: admin",
+            "-H",
+            "Host: hello.test",
+            f"{mesh.url}/u2",
+        )
+        seen = json.loads(h2.stdout)["headers"]
+        assert "x_user" not in seen, seen
+        assert 'headers_dropped_total{reason="underscores"} 3.0' in mesh.proxy.metrics()
+
+
+@pytest.mark.parametrize(
+    ("action", "expected"), [("REJECT_REQUEST", 400), ("ALLOW", 200), ("DROP_HEADER", 200)]
+)
+def test_headers_with_underscores_action(
+    make_mesh: MeshFactory, action: str, expected: int
+) -> None:
+    mesh = make_mesh(extra_spec=f"  headersWithUnderscoresAction: {action}")
+    status, _, body = request(mesh.http_port, "GET", "/u", {"X_User": "admin"})
+    assert status == expected, body
+    upstream = [r.headers for r in mesh.v1.state.requests + mesh.v2.state.requests]
+    if action == "REJECT_REQUEST":
+        assert upstream == []
+        assert (
+            'meshproxy_downstream_rq_rejected_total{reason="headers_with_underscores"} 1.0'
+            in mesh.proxy.metrics()
+        )
+    else:
+        assert ("x_user" in upstream[0]) == (action == "ALLOW"), upstream

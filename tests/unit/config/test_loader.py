@@ -301,3 +301,20 @@ spec: {proxyAdminPort: 15001}
 """,
     )
     assert any("already used by proxyAdminPort" in i for i in issues_of(path))
+
+
+def test_headers_with_underscores_action_is_checked(tmp_path: Path) -> None:
+    assert load_snapshot(write(tmp_path, SE)).settings.headers_with_underscores_action == (
+        "DROP_HEADER"
+    )
+    path = write(
+        tmp_path,
+        """
+apiVersion: meshproxy.io/v1alpha1
+kind: ProxyConfig
+metadata: {name: p}
+spec: {headersWithUnderscoresAction: DROP_HEADERS}
+""",
+    )
+    (issue,) = [i for i in issues_of(path) if "headersWithUnderscoresAction" in i]
+    assert "must be one of" in issue and 'did you mean "DROP_HEADER"' in issue, issue
