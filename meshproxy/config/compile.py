@@ -61,6 +61,7 @@ from meshproxy.config.snapshot import (
 from meshproxy.errors import ConfigIssue
 from meshproxy.routing.cors import Cors
 from meshproxy.routing.match import RequestMatcher, StringMatcher
+from meshproxy.routing.regex import Regex
 from meshproxy.routing.table import (
     INBOUND_DEFAULT_RETRY,
     NO_HEADER_OPS,
@@ -719,12 +720,12 @@ def _cors(policy: CorsPolicy | None) -> Cors | None:
     )
 
 
-def _regex_rewrite(rewrite: tuple[str, str] | None) -> tuple[re.Pattern[str], str] | None:
+def _regex_rewrite(rewrite: tuple[str, str] | None) -> tuple[Regex, str] | None:
     """RE2's substitution syntax (\\0 … \\9) in Python's: \\0 is the whole match."""
     if rewrite is None:
         return None
     pattern, replacement = rewrite
-    return re.compile(pattern), re.sub(r"\\0(?!\d)", r"\\g<0>", replacement)
+    return Regex(pattern), re.sub(r"\\0(?!\d)", r"\\g<0>", replacement)
 
 
 def retry_policy(retries: HTTPRetry | None, route_timeout: float | None) -> RetryPolicy:

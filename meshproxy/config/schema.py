@@ -54,6 +54,7 @@ from meshproxy.config.resources import (
 )
 from meshproxy.config.source import Document, Path_
 from meshproxy.errors import ConfigIssue
+from meshproxy.routing.regex import Regex, RegexError
 
 ISTIO_NETWORKING_VERSIONS = (
     "networking.istio.io/v1",
@@ -186,9 +187,9 @@ def _string_match(r: Reader, value: Any, path: Path_) -> StringMatch | None:
         return None
     if kind == "regex":
         try:
-            re.compile(text)
-        except re.error as exc:
-            r.error((*path, kind), f"invalid regular expression: {exc}")
+            Regex(text)
+        except RegexError as exc:
+            r.error((*path, kind), f"invalid regular expression (RE2 syntax): {exc}")
             return None
     return StringMatch(kind, text)
 
@@ -544,9 +545,9 @@ def _uri_regex_rewrite(r: Reader, rw: Mapping[str, Any], path: Path_) -> tuple[s
     if pattern is None or replacement is None:
         return None
     try:
-        compiled = re.compile(pattern)
-    except re.error as exc:
-        r.error((*rp, "match"), f"invalid regular expression: {exc}")
+        compiled = Regex(pattern)
+    except RegexError as exc:
+        r.error((*rp, "match"), f"invalid regular expression (RE2 syntax): {exc}")
         return None
     for group in re.findall(r"\\(\d+)", replacement):
         if int(group) > compiled.groups:

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from urllib.parse import parse_qsl
+
+from meshproxy.routing.regex import Regex
 
 
 class RequestView:
@@ -40,11 +41,11 @@ class StringMatcher:
     kind: str  # exact | prefix | regex | present
     value: str
     ignore_case: bool = False
-    pattern: re.Pattern[str] | None = None
+    pattern: Regex | None = None
 
     @staticmethod
     def build(kind: str, value: str, ignore_case: bool = False) -> StringMatcher:
-        pattern = re.compile(value) if kind == "regex" else None
+        pattern = Regex(value) if kind == "regex" else None
         if ignore_case and kind in ("exact", "prefix"):
             value = value.lower()
         return StringMatcher(kind, value, ignore_case, pattern)
@@ -61,7 +62,7 @@ class StringMatcher:
             return text.startswith(self.value)
         if kind == "regex":
             assert self.pattern is not None
-            return self.pattern.fullmatch(text) is not None
+            return self.pattern.fullmatch(text)
         return True  # present
 
 

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import bisect
 import random
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Final
 
 from meshproxy.routing.cors import Cors
 from meshproxy.routing.match import RequestMatcher, RequestView
+from meshproxy.routing.regex import Regex
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,7 +171,7 @@ class Route:
     mirrors: tuple[Mirror, ...] = ()
     cors: Cors | None = None
     rate_limit: RateLimit | None = None  # replaces the port's bucket for this route (Envoy)
-    rewrite_regex: tuple[re.Pattern[str], str] | None = None  # uriRegexRewrite (all matches)
+    rewrite_regex: tuple[Regex, str] | None = None  # uriRegexRewrite (all matches)
     _cumulative: tuple[int, ...] = field(default=(), compare=False)
 
     def __post_init__(self) -> None:

@@ -215,11 +215,19 @@ spec:
   - match: [{uri: {regex: "(unclosed"}}]
     route: [{destination: {host: reviews}}]
     timeout: 10 seconds
+  # Valid for Python's re, not for RE2 (Istio's and Envoy's regex engine):
+  - match: [{uri: {regex: '(a)\\1'}}, {headers: {x-a: {regex: "(?=x)x"}}}]
+    route: [{destination: {host: reviews}}]
 """,
     )
     text = "\n".join(issues_of(path))
     assert "spec.http[0].match[0].uri.regex: invalid regular expression" in text
     assert "spec.http[0].timeout: expected a duration" in text
+    assert (
+        "spec.http[1].match[0].uri.regex: invalid regular expression (RE2 syntax): "
+        "invalid escape sequence: \\1" in text
+    ), text
+    assert "spec.http[1].match[1].headers.x-a.regex: invalid regular expression" in text, text
 
 
 @pytest.mark.parametrize(
