@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import bisect
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -124,6 +124,16 @@ class _TcpSeries:
     closed: int = 0
     sent: int = 0
     received: int = 0
+
+
+def _keyed_counter(
+    name: str, documentation: str, labels: tuple[str, ...], counts: Mapping[Any, int]
+) -> CounterMetricFamily:
+    """One counter family from a dict of counts keyed by a label value or a tuple of them."""
+    family = CounterMetricFamily(name, documentation, labels=labels)
+    for key, n in sorted(counts.items()):
+        family.add_metric(list(key) if isinstance(key, tuple) else [key], n)
+    return family
 
 
 def _service_parts(host: str) -> tuple[str, str]:
@@ -470,30 +480,24 @@ class MeshMetrics(Collector):
             "Worker processes (ProxyConfig concurrency) whose counters these are",
             value=1 + len(self.peers),
         )
-        rejected = CounterMetricFamily(
+        yield _keyed_counter(
             "meshproxy_downstream_rq_rejected",
             "Downstream requests rejected before routing",
-            labels=("reason",),
+            ("reason",),
+            merged["rejected"],
         )
-        for reason, n in sorted(merged["rejected"].items()):
-            rejected.add_metric([reason], n)
-        yield rejected
-        dropped = CounterMetricFamily(
+        yield _keyed_counter(
             "meshproxy_downstream_headers_dropped",
             "Client request headers removed before routing (headersWithUnderscoresAction)",
-            labels=("reason",),
+            ("reason",),
+            merged["dropped_headers"],
         )
-        for reason, n in sorted(merged["dropped_headers"].items()):
-            dropped.add_metric([reason], n)
-        yield dropped
-        floods = CounterMetricFamily(
+        yield _keyed_counter(
             "meshproxy_http2_flood",
             "HTTP/2 connections closed for frame abuse (rapid reset, PING/SETTINGS/empty frames)",
-            labels=("kind",),
+            ("kind",),
+            merged["h2_floods"],
         )
-        for kind, n in sorted(merged["h2_floods"].items()):
-            floods.add_metric([kind], n)
-        yield floods
         if self.cert_expiry is not None:
             yield GaugeMetricFamily(
                 "meshproxy_workload_cert_expiry_timestamp_seconds",
@@ -506,47 +510,37 @@ class MeshMetrics(Collector):
         certs.add_metric(["ok"], self.cert_reloads[0])
         certs.add_metric(["error"], self.cert_reloads[1])
         yield certs
-        rbac = CounterMetricFamily(
+        yield _keyed_counter(
             "meshproxy_rbac",
             "AuthorizationPolicy decisions on inbound requests and connections",
-            labels=("result", "protocol"),
+            ("result", "protocol"),
+            merged["rbac"],
         )
-        for (result, protocol), n in sorted(merged["rbac"].items()):
-            rbac.add_metric([result, protocol], n)
-        yield rbac
-        retries = CounterMetricFamily(
+        yield _keyed_counter(
             "meshproxy_upstream_rq_retry",
             "Requests tried again by the retry policy, by cluster",
-            labels=("cluster",),
+            ("cluster",),
+            merged["retries"],
         )
-        for cluster, n in sorted(merged["retries"].items()):
-            retries.add_metric([cluster], n)
-        yield retries
-        mirrors = CounterMetricFamily(
+        yield _keyed_counter(
             "meshproxy_mirror_requests",
             "Shadow requests of VirtualService mirrors, by cluster and outcome",
-            labels=("cluster", "result"),
+            ("cluster", "result"),
+            merged["mirrors"],
         )
-        for (cluster, result), n in sorted(merged["mirrors"].items()):
-            mirrors.add_metric([cluster, result], n)
-        yield mirrors
         yield from _envoy_cluster_counters(merged["clusters"])
-        limited = CounterMetricFamily(
+        yield _keyed_counter(
             "meshproxy_local_rate_limited",
             "Requests refused by a ProxyConfig localRateLimits bucket, by its name",
-            labels=("name",),
+            ("name",),
+            merged["rate_limits"],
         )
-        for name, n in sorted(merged["rate_limits"].items()):
-            limited.add_metric([name], n)
-        yield limited
-        tls = CounterMetricFamily(
+        yield _keyed_counter(
             "meshproxy_tls_handshake_failed",
             "Inbound TLS handshakes that failed, by reason",
-            labels=("reason",),
+            ("reason",),
+            merged["tls"],
         )
-        for reason, n in sorted(merged["tls"].items()):
-            tls.add_metric([reason], n)
-        yield tls
         yield GaugeMetricFamily(
             "meshproxy_downstream_cx_active",
             "Open downstream connections",
