@@ -5,7 +5,18 @@ from __future__ import annotations
 from typing import Protocol
 
 from meshproxy.codec.events import Headers, ReceivedEvent, RequestHead, ResponseHead
+from meshproxy.codec.h1_h11 import H11ClientCodec, H11ServerCodec
 from meshproxy.codec.h1_limits import Limits
+
+# Both codecs are imported here, at start-up, not on a connection's first request: at the
+# process's file-descriptor limit an import cannot open its module file and would kill the
+# connection that needed it (catalog H04).
+try:
+    from meshproxy.codec.h1_httptools import HttptoolsClientCodec, HttptoolsServerCodec
+
+    _HTTPTOOLS = True
+except ImportError:  # httptools is not installed: `auto` means h11
+    _HTTPTOOLS = False
 
 
 class ServerCodec(Protocol):
@@ -36,11 +47,7 @@ class ClientCodec(Protocol):
 
 
 def httptools_available() -> bool:
-    try:
-        import httptools  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return _HTTPTOOLS
 
 
 def resolve_codec_name(name: str) -> str:
@@ -50,20 +57,12 @@ def resolve_codec_name(name: str) -> str:
 
 
 def server_codec(name: str, limits: Limits) -> ServerCodec:
-    if resolve_codec_name(name) == "httptools":
-        from meshproxy.codec.h1_httptools import HttptoolsServerCodec
-
+    if resolve_codec_name(name) == "httptools" and _HTTPTOOLS:
         return HttptoolsServerCodec(limits)
-    from meshproxy.codec.h1_h11 import H11ServerCodec
-
     return H11ServerCodec(limits)
 
 
 def client_codec(name: str, limits: Limits) -> ClientCodec:
-    if resolve_codec_name(name) == "httptools":
-        from meshproxy.codec.h1_httptools import HttptoolsClientCodec
-
+    if resolve_codec_name(name) == "httptools" and _HTTPTOOLS:
         return HttptoolsClientCodec(limits)
-    from meshproxy.codec.h1_h11 import H11ClientCodec
-
     return H11ClientCodec(limits)

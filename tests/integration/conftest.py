@@ -155,7 +155,13 @@ class MeshFactory:
         self.echo_port = echo_port
         self.started: list[tuple[ProxyProcess, list[UpstreamServer]]] = []
 
-    def __call__(self, codec: str = "auto", configmap: bool = False, **opts: object) -> Mesh:
+    def __call__(
+        self,
+        codec: str = "auto",
+        configmap: bool = False,
+        max_open_files: int | None = None,
+        **opts: object,
+    ) -> Mesh:
         v1 = UpstreamServer("v1").start()
         v2 = UpstreamServer("v2").start()
         admin, http_port, tcp_port, dead = free_port(), free_port(), free_port(), free_port()
@@ -177,7 +183,7 @@ class MeshFactory:
             write_configmap(config_dir, text, "..2026_01_01_00_00_00.1")
         else:
             (config_dir / "mesh.yaml").write_text(text)
-        proxy = ProxyProcess(config_dir, admin, self.tmp_path / "proxy.log")
+        proxy = ProxyProcess(config_dir, admin, self.tmp_path / "proxy.log", max_open_files)
         self.started.append((proxy, [v1, v2]))
         proxy.wait_ready()
         mesh = Mesh(proxy, http_port, tcp_port, v1, v2, config_dir)

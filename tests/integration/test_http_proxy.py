@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 import shutil
 import socket
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
 from tests.integration.conftest import MeshFactory
-from tests.support.proxy import env_without_proxy, http_get
+from tests.support.proxy import env_without_proxy, http_get, wait_for
 
 CURL = shutil.which("curl")
 needs_curl = pytest.mark.skipif(CURL is None, reason="curl is not installed (.ci/run installs it)")
@@ -326,6 +328,60 @@ def test_connection_limit(make_mesh: MeshFactory) -> None:
     finally:
         for s in held:
             s.close()
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _answer(s: socket.socket) -> bytes:
+    s.sendall(b"GET / HTTP/1.1\r\nHost: hello.test\r\n\r\n")
+    reply = b""
+    while b"\r\n\r\n" not in reply:
+        chunk = s.recv(65536)
+        if not chunk:
+            break
+        reply += chunk
+    return reply
+
+
+def test_out_of_file_descriptors_no_busy_loop_and_service_resumes(
+    make_mesh: MeshFactory, codec: str
+) -> None:
+    """Catalog H04: 300 connections against a proxy allowed 64 open files. At EMFILE the
+    proxy sheds what it cannot accept without spinning, a connection it holds still gets an
+    HTTP answer (its first request, whose codec must not need a file then), and once clients
+    leave, new connections are served again. Nothing is logged as a crash."""
+    mesh = make_mesh(codec, max_open_files=64)
+    pid = mesh.proxy.proc.pid
+    flood: list[socket.socket] = []
+    try:
+        for _ in range(300):
+            try:
+                flood.append(socket.create_connection(("127.0.0.1", mesh.http_port), timeout=5))
+            except OSError:
+                break  # the backlog is full: as refused as it gets
+        time.sleep(0.5)
+        cpu = _cpu_seconds(pid)
+        time.sleep(2)
+        assert _cpu_seconds(pid) - cpu < 0.5, "the proxy spins at the file-descriptor limit"
+        # the first connection was accepted: it is answered (200, or 503 if no file is left
+        # for the upstream connection), not dropped
+        assert _answer(flood[0]).split(b" ")[1] in (b"200", b"503"), mesh.proxy.log()
+    finally:
+        for s in flood:
+            s.close()
+    assert wait_for(lambda: status_of_new_connection(mesh.http_port) == b"200"), mesh.proxy.log()
+    assert "Traceback" not in mesh.proxy.log()
+
+
+def status_of_new_connection(port: int) -> bytes:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+            return _answer(s).split(b" ")[1]
+    except (OSError, IndexError):
+        return b""
 
 
 @pytest.mark.parametrize(("n", "status"), [(2, 200), (50, 502)])

@@ -6,6 +6,7 @@ import contextlib
 import http.client
 import os
 import random
+import resource
 import signal
 import socket
 import subprocess
@@ -88,8 +89,15 @@ def http_get(url: str, timeout: float = 5.0) -> tuple[int, bytes]:
         return exc.code, exc.read()
 
 
+def _limit_open_files(n: int) -> Callable[[], None]:
+    """For Popen's preexec_fn: the child's RLIMIT_NOFILE, as `prlimit --nofile=n`."""
+    return lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (n, n))
+
+
 class ProxyProcess:
-    def __init__(self, config: Path, admin_port: int, log: Path) -> None:
+    def __init__(
+        self, config: Path, admin_port: int, log: Path, max_open_files: int | None = None
+    ) -> None:
         self.config = config
         self.admin_port = admin_port
         self.log_path = log
@@ -99,6 +107,7 @@ class ProxyProcess:
             stdout=self._log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
+            preexec_fn=None if max_open_files is None else _limit_open_files(max_open_files),
         )
 
     @property
