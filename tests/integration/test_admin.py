@@ -151,3 +151,40 @@ def test_unopenable_access_log_refuses_to_start(tmp_path: Path) -> None:
     assert out.returncode == 3, out.stderr
     assert f"cannot start: accessLogFile {missing}: No such file or directory" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def _series(metrics: str) -> set[str]:
+    return {line.rsplit(" ", 1)[0] for line in metrics.splitlines() if line.startswith("istio_")}
+
+
+def test_unique_hosts_paths_and_methods_add_no_metric_series(make_mesh: MeshFactory) -> None:
+    """Catalog H07: a client inventing a Host, path and method per request must not grow the
+    scrape. Labels come from config (service, cluster) and fixed sets, never from the request."""
+    mesh = make_mesh()
+
+    def burst(first: int, count: int) -> None:
+        with socket.create_connection(("127.0.0.1", mesh.http_port), timeout=5) as s:
+            for i in range(first, first + count):
+                method = ("GET", "DELETE", "PURGE", f"X{i}")[i % 4]
+                host = "hello.test" if i % 2 else f"h{i}.invented.test"
+                s.sendall(f"{method} /p{i}?q={i} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+                reply = b""
+                while b"\r\n\r\n" not in reply:
+                    chunk = s.recv(65536)
+                    assert chunk, f"connection closed after {reply!r}"
+                    reply += chunk
+                if b"connection: close" in reply.lower():  # a rejected method ends it
+                    return
+
+    def churn(first: int, count: int) -> None:
+        for start in range(first, first + count, 4):
+            burst(start, 4)
+
+    churn(0, 40)  # every kind of answer once: 200, 404 NR, 400 for an unknown method
+    before = mesh.proxy.metrics()
+    churn(1000, 400)
+    after = mesh.proxy.metrics()
+    assert _series(after) == _series(before)
+    assert len(after) < 1.2 * len(before)  # counts grow by digits, not by lines
+    for token in ("invented", "/p1", "X1001", "PURGE"):
+        assert token not in after
