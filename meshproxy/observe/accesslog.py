@@ -10,7 +10,6 @@ from typing import TextIO
 from meshproxy.errors import MeshproxyError
 from meshproxy.observe.recorder import StreamRecord
 
-
 # Looked up now, not on the first request: at the file-descriptor limit the codec's module
 # could not be imported then, and the log line would be lost with the request (catalog H04).
 codecs.lookup("unicode_escape")
