@@ -28,6 +28,7 @@ def _run_loop(coro_factory: object) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from meshproxy.collector import freeze_startup_heap, without_collection
     from meshproxy.config.loader import load_snapshot
     from meshproxy.errors import ConfigError
     from meshproxy.observe.accesslog import AccessLogError
@@ -35,7 +36,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     path = Path(args.config)
     try:
-        snapshot = load_snapshot(path)
+        snapshot = without_collection(lambda: load_snapshot(path))
     except ConfigError as exc:
         print(
             f"meshproxy: refusing to start, the config has {len(exc.issues)} problem(s):",
@@ -47,6 +48,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     from meshproxy.workers import fork_workers, worker_count
 
+    freeze_startup_heap()
     role = fork_workers(worker_count(snapshot.settings.concurrency))
 
     async def main() -> int:

@@ -15,6 +15,7 @@ from meshproxy._tasks import spawn
 from meshproxy.buildinfo import describe
 from meshproxy.codec.h1 import resolve_codec_name
 from meshproxy.codec.h1_limits import Limits
+from meshproxy.collector import without_collection
 from meshproxy.config.loader import load_snapshot
 from meshproxy.config.snapshot import ListenerSpec, Snapshot
 from meshproxy.config.source import fingerprint
@@ -207,7 +208,9 @@ class Runtime:
                 return True  # an event elsewhere in the directory: nothing of ours changed
             self._fingerprint = digest
             try:
-                snapshot = await asyncio.to_thread(load_snapshot, self.config_path)
+                snapshot = await asyncio.to_thread(
+                    without_collection, lambda: load_snapshot(self.config_path)
+                )
             except ConfigError as exc:
                 self._reject([str(i) for i in exc.issues])
                 return False

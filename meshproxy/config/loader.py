@@ -19,7 +19,18 @@ _versions = itertools.count(1)
 def load_snapshot(path: Path | str) -> Snapshot:
     """Load, validate and compile the config at `path`; raise ConfigError with every issue."""
     docs, issues = read_sources(Path(path))
-    return build_snapshot(docs, issues)
+    try:
+        return build_snapshot(docs, issues)
+    finally:
+        release(docs)
+
+
+def release(items: list[Any]) -> None:
+    """Drop a large list's items one by one. Freed at once, a big config's parsed documents
+    are one deallocation cascade that holds the GIL for a tenth of a second while the event
+    loop waits (this runs in the reload thread); item by item, the loop gets its turns."""
+    while items:
+        items.pop()
 
 
 def build_snapshot(docs: list[Document], issues: list[ConfigIssue]) -> Snapshot:
@@ -79,6 +90,8 @@ def build_snapshot(docs: list[Document], issues: list[ConfigIssue]) -> Snapshot:
             )
         )
     snapshot = compile_snapshot(resources, settings, 0, source, issues)
+    seen.clear()
+    release(resources)
     if issues or snapshot is None:
         unique = list(dict.fromkeys(issues))
         raise ConfigError(
