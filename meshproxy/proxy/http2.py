@@ -36,6 +36,7 @@ from meshproxy.codec.h2 import (
 )
 from meshproxy.config.snapshot import ListenerKind, PortBinding, Snapshot
 from meshproxy.errors import ProtocolError
+from meshproxy.observe.lograte import RateLimitedLog
 from meshproxy.observe.recorder import StreamRecord
 from meshproxy.proxy.context import ProxyContext
 from meshproxy.proxy.downstream import BindingLookup
@@ -43,6 +44,7 @@ from meshproxy.proxy.stream import HttpStream
 from meshproxy.proxy.tls import PeerInfo
 
 logger = logging.getLogger(__name__)
+remote_caused = RateLimitedLog(logger)  # lines a client can cause: a few per interval
 
 STREAM_HIGH_WATER = 256 * 1024  # response bytes waiting for the client's window, per stream
 STREAM_LOW_WATER = 64 * 1024
@@ -478,7 +480,7 @@ class DownstreamHttp2(asyncio.Protocol):
         self._close()
 
     def _flooded(self, kind: str) -> None:
-        logger.warning("closing HTTP/2 connection from %s: %s", self.peer_ip, kind)
+        remote_caused.warning(kind, "closing HTTP/2 connection from %s: %s", self.peer_ip, kind)
         self.ctx.metrics.h2_flood(kind)
         try:
             self.h2.close_connection(error_code=h2.errors.ErrorCodes.ENHANCE_YOUR_CALM)

@@ -15,10 +15,12 @@ from collections.abc import Callable
 from typing import cast
 
 from meshproxy._native import as_protocol
+from meshproxy.observe.lograte import RateLimitedLog
 from meshproxy.proxy.context import ProxyContext
 from meshproxy.proxy.tls import HANDSHAKE_TIMEOUT, PeerInfo, accept_tls
 
 logger = logging.getLogger(__name__)
+remote_caused = RateLimitedLog(logger)  # lines a client can cause: a few per interval
 
 TLS_HANDSHAKE_RECORD = 0x16
 AppFactory = Callable[[PeerInfo | None], asyncio.Protocol]
@@ -75,7 +77,9 @@ class MtlsGate(asyncio.Protocol):
 
     def _no_identity(self) -> None:
         self.ctx.metrics.tls_failed("no workload certificate")
-        logger.warning("inbound TLS refused: no workload certificate is loaded")
+        remote_caused.warning(
+            "no-identity", "inbound TLS refused: no workload certificate is loaded"
+        )
         if self.transport is not None:
             self.transport.abort()
 

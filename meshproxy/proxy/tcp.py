@@ -7,6 +7,7 @@ import logging
 from typing import cast
 
 from meshproxy.errors import UpstreamError
+from meshproxy.observe.lograte import RateLimitedLog
 from meshproxy.observe.recorder import ConnRecord
 from meshproxy.proxy.context import ProxyContext
 from meshproxy.upstream.cluster import Cluster
@@ -14,6 +15,7 @@ from meshproxy.upstream.hash_lb import hash64
 from meshproxy.upstream.pool import open_connection
 
 logger = logging.getLogger(__name__)
+remote_caused = RateLimitedLog(logger)  # lines a client can cause: a few per interval
 HIGH_WATER = 64 * 1024
 
 
@@ -101,7 +103,10 @@ class TcpRelay(asyncio.Protocol):
             )
             self.record.upstream_host = f"{host.address}:{host.port}"
         except (OSError, TimeoutError, UpstreamError) as exc:
-            logger.info("tcp %s: upstream connect failed: %s", self.record.cluster, exc)
+            cluster_name = self.record.cluster
+            remote_caused.info(
+                cluster_name, "tcp %s: upstream connect failed: %s", cluster_name, exc
+            )
             self.record.response_flags = "UF" if not isinstance(exc, UpstreamError) else exc.flag
             self._release_slot()
             self._close_downstream()

@@ -15,7 +15,7 @@ import pytest
 
 from tests.support.h2client import PREFACE, H2Client
 from tests.support.h2server import H2Server
-from tests.support.proxy import ProxyProcess, free_port, proxy_config_yaml
+from tests.support.proxy import ProxyProcess, free_port, proxy_config_yaml, wait_for
 from tests.support.upstream import UpstreamServer
 
 
@@ -345,6 +345,22 @@ def test_rapid_reset_is_cut_off(mesh: H2Mesh) -> None:
     assert c.wait_closed()
     assert 'meshproxy_http2_flood_total{kind="premature_reset"}' in mesh.metrics()
     assert H2Client(mesh.h1_port).get("/ok").status == 200
+
+
+def test_a_flood_from_many_connections_writes_few_log_lines(mesh: H2Mesh) -> None:
+    """Catalog L07: every flooding connection is counted, but the log gets one line and then
+    at most one per 10 s saying how many it held back, not one per connection."""
+    for _ in range(20):
+        c = _raw(mesh.h1_port)
+        try:
+            for _ in range(400):
+                c.reset(c.request("/hang"))
+        except OSError:
+            pass
+        assert c.wait_closed()
+    metric = 'meshproxy_http2_flood_total{kind="premature_reset"} '
+    assert wait_for(lambda: metric + "20.0" in mesh.metrics()), mesh.metrics()
+    assert mesh.proxy.log().count("closing HTTP/2 connection from") == 1
 
 
 def test_empty_data_frame_flood_is_cut_off(mesh: H2Mesh) -> None:
