@@ -1,8 +1,11 @@
 """Watch a config path with inotify (watchfiles) and call back after changes settle.
 
 A file is watched through its directory, so editors that replace files and Kubernetes
-ConfigMap updates (an atomic rename of the `..data` symlink) are both seen. Nothing runs while
-nothing changes.
+ConfigMap updates (an atomic rename of the `..data` symlink) are both seen. While nothing
+changes, only watchfiles' thread wakes, every STEP_MS, to see whether it was told to stop and
+whether pending changes have settled: 4 wake-ups a second cost ≈ 0.05 % of a CPU (its default
+of 50 ms, 20 a second, measured 0.17 % for the whole idle proxy), and bound how long a settled
+change waits before the reload starts.
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ from pathlib import Path
 from watchfiles import awatch
 
 logger = logging.getLogger(__name__)
+
+STEP_MS = 250
 
 
 async def watch_config(
@@ -29,7 +34,7 @@ async def watch_config(
     async for _changes in awatch(
         target,
         debounce=debounce_ms,
-        step=50,
+        step=STEP_MS,
         stop_event=stop,
         recursive=True,
         rust_timeout=0,
