@@ -248,6 +248,16 @@ def test_unsafe_or_broken_yaml_is_rejected(tmp_path: Path, text: str, expected: 
     assert any(expected in i for i in issues_of(write(tmp_path, text)))
 
 
+def test_an_oversized_file_is_refused_before_it_is_read(tmp_path: Path) -> None:
+    """Catalog K03: a 50 MB file is not parsed (nor read): the cap is 8 MiB per file."""
+    path = tmp_path / "huge.yaml"
+    with open(path, "wb") as f:
+        f.truncate(50 * 1024 * 1024)  # sparse: NUL bytes, not YAML, never looked at
+    write(tmp_path, "apiVersion: networking.istio.io/v1\n", "other.yaml")
+    issues = issues_of(tmp_path)
+    assert any("huge.yaml" in i and "larger than 8388608 bytes" in i for i in issues), issues
+
+
 @pytest.mark.parametrize(
     ("spec", "expected"),
     [
