@@ -21,9 +21,12 @@ from typing import Any, cast
 import uvloop
 import uvloop.loop
 
+from meshproxy.observe.lograte import RateLimitedLog
 from meshproxy.security.spiffe import SpiffeId, spiffe_of
+from meshproxy.security.svid import svid_violation
 
 logger = logging.getLogger(__name__)
+remote_caused = RateLimitedLog(logger)  # lines a client can cause: a few per interval
 
 HANDSHAKE_TIMEOUT = 10.0
 
@@ -52,17 +55,26 @@ AppFactory = Callable[[PeerInfo], asyncio.Protocol]
 
 class _Handover(asyncio.Protocol):
     """Stands in as the TLS protocol's application until the handshake is done, then puts
-    the real application on the decrypted transport (before any data is delivered)."""
+    the real application on the decrypted transport (before any data is delivered). A peer
+    whose certificate verified but is no well-formed SVID is refused here."""
 
-    def __init__(self, make_app: AppFactory) -> None:
+    def __init__(self, make_app: AppFactory, on_failure: Callable[[str], None]) -> None:
         self._make_app = make_app
+        self._on_failure = on_failure
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         tls = cast(asyncio.Transport, transport)
         sslobj = tls.get_extra_info("ssl_object")
+        der = (sslobj.getpeercert(binary_form=True) if sslobj is not None else None) or b""
+        problem = svid_violation(der)
+        if problem is not None:
+            self._on_failure("invalid SVID")
+            remote_caused.warning("invalid-svid", "inbound TLS refused: %s", problem)
+            tls.abort()
+            return
         peer = PeerInfo(
             spiffe_of(tls.get_extra_info("peercert")),
-            (sslobj.getpeercert(binary_form=True) if sslobj is not None else None) or b"",
+            der,
             sslobj.selected_alpn_protocol() if sslobj is not None else None,
         )
         app = self._make_app(peer)
@@ -85,7 +97,7 @@ def accept_tls(
         protocol_class = _UVLOOP_SSL_PROTOCOL
     protocol = protocol_class(
         loop,
-        _Handover(make_app),
+        _Handover(make_app, on_failure),
         context,
         waiter,
         server_side=True,

@@ -74,7 +74,9 @@ async def open_connection(
             request_bytes_sent=False,
         ) from None
     if tls is not None:
-        problem = tls.check_peer(transport.get_extra_info("peercert"))
+        sslobj = transport.get_extra_info("ssl_object")
+        der = (sslobj.getpeercert(binary_form=True) if sslobj is not None else None) or b""
+        problem = tls.check_peer(transport.get_extra_info("peercert"), der)
         if problem is not None:
             transport.abort()
             raise UpstreamError(

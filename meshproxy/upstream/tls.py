@@ -10,6 +10,7 @@ from meshproxy.config.resources import ClientTls
 from meshproxy.errors import FailureKind, UpstreamError
 from meshproxy.security.identity import WorkloadIdentity
 from meshproxy.security.spiffe import spiffe_of, uri_sans
+from meshproxy.security.svid import svid_violation
 
 IdentitySource = Callable[[], WorkloadIdentity | None]
 
@@ -23,12 +24,15 @@ class UpstreamTls:
     tls: ClientTls
     trust_domain: str
 
-    def check_peer(self, peercert: Mapping[str, object] | None) -> str | None:
+    def check_peer(self, peercert: Mapping[str, object] | None, der: bytes) -> str | None:
         """Why the server's certificate is not the one expected, or None when it is."""
         if self.tls.insecure_skip_verify:
             return None
         wanted = self.tls.subject_alt_names
         if self.tls.mode == "ISTIO_MUTUAL":
+            problem = svid_violation(der)
+            if problem is not None:
+                return f"server certificate is no valid SVID: {problem}"
             peer = spiffe_of(peercert)
             if peer is None:
                 return "server certificate has no SPIFFE ID"

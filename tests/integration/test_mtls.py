@@ -20,6 +20,8 @@ from pathlib import Path
 
 import pytest
 
+from meshproxy.security.ca import load_root
+from tests.support.certs import leaf, write_leaf
 from tests.support.proxy import (
     ProxyProcess,
     egress_sidecar,
@@ -297,6 +299,41 @@ def test_strict_refuses_a_cert_from_another_ca(pair: Pair) -> None:
             refused = True
     assert refused
     assert "meshproxy_tls_handshake_failed_total" in pair.server.metrics()
+
+
+def test_strict_refuses_mesh_signed_certs_that_are_no_svid(pair: Pair) -> None:
+    """Catalog G04/G05: the mesh CA signed them, OpenSSL accepts them, but none is a
+    workload identity (two URI SANs, a trust domain only, a DNS name only, a CA leaf, a
+    leaf that may sign certificates): refused before any byte reaches the app."""
+    root = load_root(pair.tmp / "ca")
+    shapes = {
+        "two": leaf(root, [CLIENT_ID, "spiffe://cluster.local/ns/evil/sa/x"]),
+        "domain": leaf(root, ["spiffe://cluster.local"]),
+        "dns": leaf(root, [], dns=["client.default.svc"]),
+        "ca": leaf(root, [CLIENT_ID], ca=True),
+        "signer": leaf(root, [CLIENT_ID], key_cert_sign=True),
+    }
+    seen = len(pair.app.state.requests)
+    for name, (cert, key) in shapes.items():
+        d = write_leaf(pair.tmp / f"shape-{name}", cert, key)
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.check_hostname = False
+        ctx.load_verify_locations(str(pair.tmp / "ca" / "root-cert.pem"))
+        ctx.load_cert_chain(str(d / "cert.pem"), str(d / "key.pem"))
+        refused = False
+        with socket.create_connection(("127.0.0.1", pair.in_port), timeout=5) as raw:
+            try:
+                with ctx.wrap_socket(raw) as s:
+                    s.sendall(b"GET /shape HTTP/1.1\r\nHost: x\r\n\r\n")
+                    refused = s.recv(100) == b""
+            except (ssl.SSLError, ConnectionResetError, BrokenPipeError):
+                refused = True
+        assert refused, name
+    assert len(pair.app.state.requests) == seen
+    assert 'meshproxy_tls_handshake_failed_total{reason="invalid SVID"} 5.0' in (
+        pair.server.metrics()
+    )
+    assert pair.get()[0] == 200  # a real SVID still gets through
 
 
 def test_curl_http2_over_mtls_to_the_server_sidecar(pair: Pair) -> None:
