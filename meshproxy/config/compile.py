@@ -19,6 +19,7 @@ from meshproxy.codec.grpc import GRPC_RETRY_ON
 from meshproxy.config.delegate import expand_delegates
 from meshproxy.config.reader import Reader, did_you_mean
 from meshproxy.config.resources import (
+    ANY_SOURCE,
     AuthorizationPolicy,
     ClientTls,
     ConnectionPool,
@@ -39,6 +40,7 @@ from meshproxy.config.resources import (
     ServiceEntry,
     ServicePort,
     Sidecar,
+    SourceMatch,
     StringMatch,
     TrafficPolicy,
     VirtualService,
@@ -82,6 +84,7 @@ from meshproxy.security.authz import Authorizer, applicable
 
 CLUSTER_SUFFIX = ".svc.cluster.local"
 INBOUND_SOURCE_ADDRESS = "127.0.0.6"
+MESH_GATEWAY = "mesh"  # Istio's reserved gateway name: every sidecar
 PASSTHROUGH = "PassthroughCluster"  # Istio's names for "wherever it was going"
 INBOUND_PASSTHROUGH = "InboundPassthroughCluster"
 
@@ -166,7 +169,7 @@ def compile_snapshot(
     ctx = _Context(settings, issues)
     entries = [r for r in resources if isinstance(r, ServiceEntry)]
     rules = [r for r in resources if isinstance(r, DestinationRule)]
-    services_vs = [r for r in resources if isinstance(r, VirtualService)]
+    services_vs = [r for r in resources if isinstance(r, VirtualService) and _for_sidecars(r)]
     services_vs = expand_delegates(services_vs, ctx.reader, ctx.warnings)
     sidecars = [r for r in resources if isinstance(r, Sidecar)]
     peer_authns = [r for r in resources if isinstance(r, PeerAuthentication)]
@@ -612,16 +615,36 @@ def _resolve_destination(
     return cluster_name("outbound", port, subset, svc.host)
 
 
+def _from_here(source: SourceMatch, settings: ProxySettings) -> bool:
+    """Whether this sidecar's own workload is the caller a match's source conditions name."""
+    if source is ANY_SOURCE:
+        return True
+    if source.gateways and MESH_GATEWAY not in source.gateways:
+        return False
+    if source.namespace is not None and source.namespace != settings.namespace:
+        return False
+    labels = dict(settings.labels)
+    return all(labels.get(k) == v for k, v in source.labels)
+
+
+def _for_sidecars(vs: VirtualService) -> bool:
+    """A VirtualService bound to gateways only (no "mesh" among them) configures those
+    gateways, not sidecars: Istio leaves it out of every sidecar's routes."""
+    return not vs.gateways or MESH_GATEWAY in vs.gateways
+
+
 def _routes_for(ctx: _Context, vs: VirtualService, port: int | None) -> list[Route]:
     r = ctx.reader(vs.origin)
     ns = vs.origin.namespace
     routes = []
     for http in vs.http:
         matchers = tuple(
-            _request_matcher(m) for m in http.matches if m.port is None or m.port == port
+            _request_matcher(m)
+            for m in http.matches
+            if (m.port is None or m.port == port) and _from_here(m.source, ctx.settings)
         )
         if http.matches and not matchers:
-            continue  # every match entry names another port
+            continue  # every match entry names another port or another caller
         targets = []
         for wd in http.route:
             cluster = _resolve_destination(ctx, r, wd.destination, ns, port)
@@ -923,7 +946,8 @@ def _tcp_cluster(ctx: _Context, svc: _Service, port: int, tcp_vs: TcpVirtualServ
     for vs in tcp_vs.get(svc.host, ()):
         r = ctx.reader(vs.origin)
         for tcp in vs.tcp:
-            if tcp.ports and port not in tcp.ports:
+            here = [m for m in tcp.matches if _from_here(m.source, ctx.settings)]
+            if tcp.matches and not any(m.port is None or m.port == port for m in here):
                 continue
             if tcp.route:
                 # Weighted TCP splits pick the heaviest destination (weighted TCP is a later issue).

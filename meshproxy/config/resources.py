@@ -63,6 +63,20 @@ class StringMatch:
 
 
 @dataclass(frozen=True, slots=True)
+class SourceMatch:
+    """A match's conditions on the calling workload (Istio's sourceLabels, sourceNamespace,
+    gateways). For a sidecar the caller is its own workload, so they are decided once, at
+    compile time, against ProxyConfig labels and namespace; "mesh" names all sidecars."""
+
+    labels: tuple[tuple[str, str], ...] = ()
+    namespace: str | None = None
+    gateways: tuple[str, ...] = ()
+
+
+ANY_SOURCE = SourceMatch()
+
+
+@dataclass(frozen=True, slots=True)
 class HTTPMatch:
     path: Path_
     uri: StringMatch | None
@@ -74,6 +88,7 @@ class HTTPMatch:
     query_params: tuple[tuple[str, StringMatch], ...]
     port: int | None
     ignore_uri_case: bool
+    source: SourceMatch = ANY_SOURCE
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,9 +188,15 @@ class HTTPRoute:
 
 
 @dataclass(frozen=True, slots=True)
+class TCPMatch:
+    port: int | None
+    source: SourceMatch = ANY_SOURCE
+
+
+@dataclass(frozen=True, slots=True)
 class TCPRoute:
     path: Path_
-    ports: tuple[int, ...]
+    matches: tuple[TCPMatch, ...]
     route: tuple[WeightedDestination, ...]
 
 
@@ -185,6 +206,7 @@ class VirtualService:
     hosts: tuple[str, ...]
     http: tuple[HTTPRoute, ...]
     tcp: tuple[TCPRoute, ...]
+    gateways: tuple[str, ...] = ()  # empty or with "mesh": applies to sidecars
 
 
 # ---- DestinationRule ----------------------------------------------------------------------------

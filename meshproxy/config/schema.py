@@ -10,6 +10,7 @@ from typing import Any
 
 from meshproxy.config.reader import Reader, did_you_mean
 from meshproxy.config.resources import (
+    ANY_SOURCE,
     AuthorizationPolicy,
     AuthzCondition,
     AuthzOperation,
@@ -43,8 +44,10 @@ from meshproxy.config.resources import (
     ServicePort,
     Sidecar,
     SidecarPort,
+    SourceMatch,
     StringMatch,
     Subset,
+    TCPMatch,
     TCPRoute,
     TrafficPolicy,
     VirtualService,
@@ -454,7 +457,17 @@ def _http_match(r: Reader, value: Any, path: Path_) -> HTTPMatch | None:
         query_params=_match_map(r, m, "queryParams", path, lower_keys=False),
         port=r.port(m, "port", path),
         ignore_uri_case=r.boolean(m, "ignoreUriCase", path),
+        source=_source_match(r, m, path),
     )
+
+
+def _source_match(r: Reader, m: Mapping[str, Any], path: Path_) -> SourceMatch:
+    labels = r.string_map(m, "sourceLabels", path)
+    namespace = r.string(m, "sourceNamespace", path)
+    gateways = r.strings(m, "gateways", path)
+    if not labels and namespace is None and not gateways:
+        return ANY_SOURCE
+    return SourceMatch(tuple(sorted(labels.items())), namespace, gateways)
 
 
 def _http_route(r: Reader, value: Any, path: Path_, index: int) -> HTTPRoute | None:
@@ -801,6 +814,7 @@ def _virtual_service(r: Reader, origin: Origin, spec: Any) -> VirtualService | N
     m = r.mapping(spec, path, ("hosts", "gateways", "http", "tcp", "tls", "exportTo"))
     if m is None:
         return None
+    gateways = r.strings(m, "gateways", path)
     hosts = r.strings(m, "hosts", path)
     for i, h in enumerate(hosts):
         _host(r, h, (*path, "hosts", i))
@@ -816,7 +830,7 @@ def _virtual_service(r: Reader, origin: Origin, spec: Any) -> VirtualService | N
         tm = r.mapping(item, item_path, ("match", "route"), required=("route",))
         if tm is None:
             continue
-        ports = []
+        matches = []
         for mp, mv in r.items(tm, "match", item_path):
             mm = r.mapping(
                 mv,
@@ -824,11 +838,9 @@ def _virtual_service(r: Reader, origin: Origin, spec: Any) -> VirtualService | N
                 ("port", "destinationSubnets", "sourceLabels", "gateways", "sourceNamespace"),
             )
             if mm:
-                p = r.port(mm, "port", mp)
-                if p is not None:
-                    ports.append(p)
-        tcp.append(TCPRoute(item_path, tuple(ports), _weighted(r, tm, "route", item_path)))
-    return VirtualService(origin, hosts, tuple(http), tuple(tcp))
+                matches.append(TCPMatch(r.port(mm, "port", mp), _source_match(r, mm, mp)))
+        tcp.append(TCPRoute(item_path, tuple(matches), _weighted(r, tm, "route", item_path)))
+    return VirtualService(origin, hosts, tuple(http), tuple(tcp), gateways)
 
 
 # ---- DestinationRule ----------------------------------------------------------------------------

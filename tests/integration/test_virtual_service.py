@@ -167,3 +167,45 @@ def test_route_regexes_run_in_linear_time(tmp_path: Path) -> None:
             assert json.loads(body)["path"] == "/bbb"  # the rewrite itself works
     finally:
         app.stop()
+
+
+SOURCES = """
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: svc, namespace: default}
+spec:
+  hosts: [svc.test]
+  http:
+  - match: [{sourceLabels: {app: ratings}}]  # another workload's route: not this sidecar's
+    headers: {response: {set: {x-route: ratings}}}
+    route: [{destination: {host: svc.test}}]
+  - match: [{headers: {end-user: {exact: jason}}, sourceLabels: {app: productpage}}]
+    headers: {response: {set: {x-route: jason}}}
+    route: [{destination: {host: svc.test}}]
+  - headers: {response: {set: {x-route: default}}}
+    route: [{destination: {host: svc.test}}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: edge, namespace: default}
+spec:
+  hosts: ["*"]
+  gateways: [istio-system/ingressgateway]  # the ingress gateway's, not a sidecar's
+  http:
+  - route: [{destination: {host: productpage.default.svc.cluster.local}}]
+---
+"""
+
+
+def test_routes_for_other_callers_and_gateways_are_not_this_sidecars(tmp_path: Path) -> None:
+    """Bookinfo's shape: a route keyed on the caller's labels, and a gateway's
+    VirtualService in the same config. Through a real proxy labelled app=productpage."""
+    app = UpstreamServer("app").start()
+    admin, port = free_port(), free_port()
+    resources = service_entry("svc.test", port, [app.port]) + SOURCES + egress_sidecar(port)
+    try:
+        with running_proxy(tmp_path, admin, resources, labels="{app: productpage}"):
+            assert call(port, "GET", "/")[1]["x-route"] == "default"
+            assert call(port, "GET", "/", {"end-user": "jason"})[1]["x-route"] == "jason"
+    finally:
+        app.stop()

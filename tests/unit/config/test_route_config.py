@@ -251,3 +251,96 @@ def test_local_rate_limits_compile_to_port_and_route_buckets(tmp_path: Path) -> 
     route_limit = routes(path)["main"].rate_limit
     assert route_limit is not None and (route_limit.max_tokens, route_limit.status) == (2, 503)
     assert len(snap.rate_limits) == 3
+
+
+PRODUCTPAGE = """
+---
+apiVersion: meshproxy.io/v1alpha1
+kind: ProxyConfig
+metadata: {name: p}
+spec: {namespace: shop, labels: {app: productpage, version: v1}}
+"""
+
+
+def test_source_conditions_are_decided_for_this_workload(tmp_path: Path) -> None:
+    """sourceLabels, sourceNamespace and gateways name the caller; for a sidecar that is its
+    own workload (ProxyConfig labels and namespace), so a match naming another caller is
+    left out, as Istio leaves it out of this sidecar's routes, instead of matching anyone."""
+    text = vs(
+        """
+  - name: mine
+    match: [{headers: {end-user: {exact: jason}}, sourceLabels: {app: productpage}}]
+    route: [{destination: {host: reviews, subset: v2}}]
+  - name: theirs
+    match: [{sourceLabels: {app: ratings}}, {sourceNamespace: other}, {gateways: [edge]}]
+    route: [{destination: {host: reviews, subset: v2}}]
+  - name: mixed
+    match:
+    - {sourceLabels: {app: ratings}, uri: {prefix: /r}}
+    - {uri: {prefix: /m}, gateways: [mesh, edge]}
+    route: [{destination: {host: reviews, subset: v1}}]
+  - name: rest
+    route: [{destination: {host: reviews, subset: v1}}]
+"""
+    )
+    got = routes(write(tmp_path, text + PRODUCTPAGE))
+    assert list(got) == ["mine", "mixed", "rest"]
+    assert len(got["mine"].matchers) == 1 and len(got["mixed"].matchers) == 1
+    # The same config on another workload: "mine" is not its route.
+    other = text + PRODUCTPAGE.replace("app: productpage", "app: details")
+    assert list(routes(write(tmp_path, other))) == ["mixed", "rest"]
+
+
+def test_a_gateway_only_virtual_service_is_not_a_sidecar_route(tmp_path: Path) -> None:
+    """gateways without "mesh": the VirtualService configures those gateways; sidecars leave
+    it out, dangling hosts included (they are the gateway's business)."""
+    gateway_vs = """
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: bookinfo, namespace: shop}
+spec:
+  hosts: ["*"]
+  gateways: [bookinfo-gateway]
+  http:
+  - match: [{uri: {exact: /productpage}}]
+    route: [{destination: {host: productpage, port: {number: 9080}}}]
+"""
+    both = (
+        gateway_vs.replace("[bookinfo-gateway]", "[bookinfo-gateway, mesh]")
+        .replace("name: bookinfo", "name: both")
+        .replace('hosts: ["*"]', "hosts: [reviews]")
+        .replace("host: productpage", "host: reviews")
+    )
+    snap = load_snapshot(write(tmp_path, SE + gateway_vs + both))
+    binding = snap.outbound_binding("10.0.0.5", 9080)
+    assert binding is not None and binding.route_table is not None
+    vh = binding.route_table.find_host("reviews.shop.svc.cluster.local")
+    assert vh is not None and len(vh.routes) == 1 and vh.routes[0].matchers
+    assert binding.route_table.find_host("anything.example.com") is None
+
+
+def test_tcp_source_conditions_pick_the_route_for_this_workload(tmp_path: Path) -> None:
+    text = (
+        SE
+        + """
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: db, namespace: shop}
+spec:
+  hosts: [reviews]
+  tcp:
+  - match: [{port: 9090, sourceLabels: {app: ratings}}]
+    route: [{destination: {host: reviews, subset: v2}}]
+  - match: [{port: 9090, sourceNamespace: shop}]
+    route: [{destination: {host: reviews, subset: v1}}]
+"""
+        + PRODUCTPAGE
+    )
+    snap = load_snapshot(write(tmp_path, text))
+    binding = snap.outbound_binding("10.0.0.5", 9090)
+    assert (
+        binding is not None
+        and binding.tcp_cluster == "outbound|9090|v1|reviews.shop.svc.cluster.local"
+    )
