@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from meshproxy.security.ca import load_root
-from tests.support.certs import leaf, write_leaf
+from meshproxy.security.ca import load_root, write_workload
+from tests.support.certs import leaf
 from tests.support.proxy import (
     ProxyProcess,
     egress_sidecar,
@@ -315,11 +315,8 @@ def test_strict_refuses_mesh_signed_certs_that_are_no_svid(pair: Pair) -> None:
     }
     seen = len(pair.app.state.requests)
     for name, (cert, key) in shapes.items():
-        d = write_leaf(pair.tmp / f"shape-{name}", cert, key)
-        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-        ctx.check_hostname = False
-        ctx.load_verify_locations(str(pair.tmp / "ca" / "root-cert.pem"))
-        ctx.load_cert_chain(str(d / "cert.pem"), str(d / "key.pem"))
+        write_workload(pair.tmp / f"shape-{name}", cert, key, [root.cert])
+        ctx = _tls_client(pair.tmp / f"shape-{name}")
         refused = False
         with socket.create_connection(("127.0.0.1", pair.in_port), timeout=5) as raw:
             try:

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import datetime as dt
-from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from meshproxy.security.ca import Root, new_key
+from meshproxy.security.ca import PrivateKey, Root, new_key
 
 BOTH_AUTH = (ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH)
 
@@ -21,7 +20,7 @@ def leaf(
     ca: bool = False,
     key_cert_sign: bool = False,
     digital_signature: bool = True,
-) -> tuple[x509.Certificate, object]:
+) -> tuple[x509.Certificate, PrivateKey]:
     """A one-hour leaf with these SANs and flags; everything else as a mesh SVID has it."""
     key = new_key()
     start = dt.datetime.now(dt.UTC) - dt.timedelta(minutes=1)
@@ -53,19 +52,6 @@ def leaf(
         .sign(root.key, hashes.SHA256())
     )
     return cert, key
-
-
-def write_leaf(out: Path, cert: x509.Certificate, key: object) -> Path:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    (out / "key.pem").write_bytes(
-        key.private_bytes(  # type: ignore[attr-defined]
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return out
 
 
 def der(cert: x509.Certificate) -> bytes:
