@@ -181,4 +181,6 @@ def test_a_storm_of_swaps_and_partial_writes_settles_on_the_last(make_mesh: Mesh
         assert after["version"] == before + 1  # only the whole file was applied
         assert "invalid YAML" in after["last_failed_reload"]["errors"][0]
     assert not traffic.errors and set(traffic.statuses) == {200}
-    assert _open_fds(pid) <= fds + 2  # no watcher or file left open per event
+    # No watcher or file left open per event (that would be ~100): a few more are the
+    # client's and the upstream pools' keep-alive connections, still open.
+    assert _open_fds(pid) < fds + 10
