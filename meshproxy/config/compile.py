@@ -44,6 +44,7 @@ from meshproxy.config.resources import (
     StringMatch,
     TrafficPolicy,
     VirtualService,
+    selects,
 )
 from meshproxy.config.schema import GRPC_STATUS_NAMES
 from meshproxy.config.snapshot import (
@@ -284,7 +285,7 @@ def _mtls_policy(settings: ProxySettings, policies: list[PeerAuthentication]) ->
             if p.origin.namespace == settings.namespace
             and p.selector is not None
             and p.selector
-            and all(labels.get(k) == v for k, v in p.selector)
+            and selects(p.selector, labels)
         ),
         None,
     )
@@ -623,8 +624,7 @@ def _from_here(source: SourceMatch, settings: ProxySettings) -> bool:
         return False
     if source.namespace is not None and source.namespace != settings.namespace:
         return False
-    labels = dict(settings.labels)
-    return all(labels.get(k) == v for k, v in source.labels)
+    return selects(source.labels, dict(settings.labels))
 
 
 def _for_sidecars(vs: VirtualService) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -74,6 +75,11 @@ class SourceMatch:
 
 
 ANY_SOURCE = SourceMatch()
+
+
+def selects(selector: Iterable[tuple[str, str]], labels: Mapping[str, str]) -> bool:
+    """Whether a label selector (every pair must match) selects a workload with `labels`."""
+    return all(labels.get(k) == v for k, v in selector)
 
 
 @dataclass(frozen=True, slots=True)

@@ -24,6 +24,7 @@ from meshproxy.config.resources import (
     AuthzOperation,
     AuthzRule,
     AuthzSource,
+    selects,
 )
 
 IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -247,5 +248,5 @@ def applicable(
         p
         for p in policies
         if p.origin.namespace in (namespace, root_namespace)
-        and (p.selector is None or all(labels.get(k) == v for k, v in p.selector))
+        and (p.selector is None or selects(p.selector, labels))
     ]
