@@ -12,7 +12,7 @@ from typing import Any
 
 from meshproxy import __version__
 from meshproxy._tasks import spawn
-from meshproxy.buildinfo import describe
+from meshproxy.buildinfo import describe, interpreted_build_warning
 from meshproxy.codec.h1 import resolve_codec_name
 from meshproxy.codec.h1_limits import Limits
 from meshproxy.collector import without_collection
@@ -103,6 +103,9 @@ class Runtime:
         self.ready = True
         for w in snap.warnings:
             logger.warning("%s", w)
+        build_warning = interpreted_build_warning()
+        if build_warning is not None:
+            logger.warning("%s", build_warning)
         logger.info(
             "meshproxy %s ready: config version %d, %d listeners, %d clusters, codec %s, "
             "hot path %s, %d worker(s)",

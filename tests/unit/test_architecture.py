@@ -7,7 +7,11 @@ from pathlib import Path
 
 import pytest
 
-PACKAGE = Path(__file__).resolve().parents[2] / "meshproxy"
+import meshproxy
+
+# The package under test, wherever it is installed (CI's second pass runs these tests against
+# the wheel in site-packages, whose .py files sit beside the compiled modules).
+PACKAGE = Path(meshproxy.__file__).resolve().parent
 PURE = ("codec", "routing", "config")
 HIGHER = (
     "meshproxy.proxy",
