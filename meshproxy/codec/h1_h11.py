@@ -19,7 +19,13 @@ from meshproxy.codec.events import (
     RequestHead,
     ResponseHead,
 )
-from meshproxy.codec.h1_limits import Limits, check_request_head
+from meshproxy.codec.h1_limits import (
+    ChunkExtensionBudget,
+    Limits,
+    check_request_head,
+    fields_size,
+    request_head_size,
+)
 from meshproxy.codec.h1_serialize import reason_phrase
 from meshproxy.codec.headers import (
     check_field_syntax,
@@ -89,10 +95,42 @@ class H11ServerCodec:
         self._out: list[bytes] = []
         self._head: RequestHead | None = None
         self.failed = False
+        # Chunked bodies: h11 discards extensions, so what a read consumed beyond data, head
+        # and trailers is charged to the message's budget (h1_limits.ChunkExtensionBudget).
+        self._chunk_budget = ChunkExtensionBudget(_DOWN, 400)
+        self._chunked_body = False
+        self._chunks = 0
+        self._explained = 0
 
     @property
     def head_pending(self) -> bool:
         return self._conn.their_state is h11.IDLE and bool(self._conn.trailing_data[0])
+
+    def _buffered(self) -> int:
+        return len(self._conn._receive_buffer)  # type: ignore[attr-defined]  # h11's own buffer
+
+    def _drain_charged(self, events: list[ReceivedEvent]) -> None:
+        """_drain, then charge a chunked body's unexplained bytes to its extension budget."""
+        before = self._buffered()
+        in_chunked_body = self._chunked_body
+        self._chunks = self._explained = 0
+        try:
+            self._drain(events)
+        except h11.RemoteProtocolError as exc:
+            if self._chunked_body and exc.error_status_hint == 431:
+                # h11's line limit met a chunk line: that is an extension too long, not a head.
+                events.clear()
+                self._chunk_budget.check_pending(self._buffered())
+            raise
+        if in_chunked_body or self._chunked_body or self._chunks:
+            pending = self._buffered()
+            try:
+                self._chunk_budget.charge(before - pending, self._explained, self._chunks)
+                if self._chunked_body:
+                    self._chunk_budget.check_pending(pending)
+            except ProtocolError:
+                events.clear()  # h11 parses one request per cycle: all of it is the offender
+                raise
 
     def receive(self, data: bytes) -> list[ReceivedEvent]:
         if self.failed:
@@ -102,7 +140,7 @@ class H11ServerCodec:
             if self._conn.their_state is h11.IDLE:
                 self._scan.feed(data)
             self._conn.receive_data(data)
-            self._drain(events)
+            self._drain_charged(events)
         except h11.RemoteProtocolError as exc:
             status = exc.error_status_hint
             events.append(ParseFailure(ProtocolError(f"malformed request: {exc}", _DOWN, status)))
@@ -142,10 +180,18 @@ class H11ServerCodec:
                 check_request_head(head, host)
                 self._head = head
                 events.append(head)
+                if chunked:
+                    self._chunked_body = True
+                    self._chunk_budget.spent = 0
+                    self._explained += request_head_size(head)
             elif isinstance(ev, h11.Data):
                 events.append(Data(bytes(ev.data)))
+                self._explained += len(ev.data)
+                self._chunks += ev.chunk_start
             elif isinstance(ev, h11.EndOfMessage):
                 events.append(EndOfMessage())  # h1 request trailers are dropped (Envoy default)
+                self._explained += fields_size(_headers(ev.headers))
+                self._chunked_body = False
             elif isinstance(ev, h11.ConnectionClosed):
                 return
 
@@ -176,7 +222,7 @@ class H11ServerCodec:
             conn.start_next_cycle()
             try:
                 self._scan.restart(conn.trailing_data[0])
-                self._drain(events)
+                self._drain_charged(events)
             except h11.RemoteProtocolError as exc:
                 events.append(
                     ParseFailure(

@@ -19,7 +19,13 @@ from meshproxy.codec.events import (
     RequestHead,
     ResponseHead,
 )
-from meshproxy.codec.h1_limits import Limits, check_request_head
+from meshproxy.codec.h1_limits import (
+    ChunkExtensionBudget,
+    Limits,
+    check_request_head,
+    fields_size,
+    request_head_size,
+)
 from meshproxy.codec.h1_serialize import last_chunk, reason_phrase
 from meshproxy.codec.headers import framing, is_websocket_upgrade, request_fields
 from meshproxy.errors import ProtocolError, ProtocolSide
@@ -42,6 +48,7 @@ class _Side:
     with the framing of the message being sent."""
 
     __slots__ = (
+        "_began",
         "_chunk_len",
         "_chunked",
         "_events",
@@ -60,11 +67,24 @@ class _Side:
         self._headers: Headers = []
         self._head_bytes = 0
         self._in_head = False
+        self._began = False  # a message began during the current feed
         self._upgrade_rest = b""
         self._chunk_len = 0
         self.failed = False
         self._out: list[bytes] = []
         self._chunked = False
+
+    def _count_unfinished_head(self, data: bytes) -> None:
+        """Bound what llhttp buffers for a head that has not ended after this read.
+
+        Only a head that was already in progress before this read owns all of `data`; one
+        that began inside it (after pipelined messages, or a body) owns an unknown tail of
+        it, so it is counted from the next read on: at most one read's worth goes uncounted.
+        """
+        if self._began:
+            self._head_bytes = 0
+        else:
+            self._head_bytes += len(data)
 
     def send_data(self, data: bytes) -> None:
         if data:
@@ -86,12 +106,28 @@ class _Side:
 class HttptoolsServerCodec(_Side):
     """Downstream side: parses requests, serializes responses."""
 
-    __slots__ = ("_parser", "_url")
+    __slots__ = (
+        "_chunk_budget",
+        "_chunked_body",
+        "_chunked_seen",
+        "_chunks",
+        "_first_chunked",
+        "_parser",
+        "_trailer_bytes",
+        "_url",
+    )
 
     def __init__(self, limits: Limits) -> None:
         super().__init__(limits)
         self._parser = httptools.HttpRequestParser(self)
         self._url = b""
+        # Chunked bodies only: what bounds their extensions (see _charge_chunk_framing).
+        self._chunk_budget = ChunkExtensionBudget(_DOWN, 400)
+        self._chunked_body = False  # a chunked body is being received
+        self._chunked_seen = False  # one started during the current read
+        self._chunks = 0
+        self._first_chunked = -1  # index in this read's events of its first chunked message
+        self._trailer_bytes = 0
 
     @property
     def head_pending(self) -> bool:
@@ -104,13 +140,17 @@ class HttptoolsServerCodec(_Side):
             return []
         events = self._events
         self._chunk_len = len(data)
+        self._began = False
+        in_chunked_body = self._chunked_body
+        self._first_chunked = 0 if in_chunked_body else -1
         try:
             self._parser.feed_data(data)
             if self._in_head:
-                # A head still incomplete after this read: bound what llhttp buffers for it.
-                self._head_bytes += len(data)
+                self._count_unfinished_head(data)
                 if self._head_bytes > self._limits.max_header_bytes:
                     raise ProtocolError("request headers too large", _DOWN, 431)
+            if in_chunked_body or self._chunked_seen:
+                self._charge_chunk_framing(data, events)
         except httptools.HttpParserUpgrade as exc:
             rest = data[exc.args[0] :] if exc.args and isinstance(exc.args[0], int) else b""
             self._events = []
@@ -141,15 +181,36 @@ class HttptoolsServerCodec(_Side):
         self._events = []
         return events
 
+    def _charge_chunk_framing(self, data: bytes, events: list[ReceivedEvent]) -> None:
+        """Charge this read's unexplained bytes to the chunked message's extension budget."""
+        explained = self._trailer_bytes
+        for ev in events:
+            if type(ev) is Data:
+                explained += len(ev.data)
+            elif type(ev) is RequestHead:
+                explained += request_head_size(ev)
+        if self._in_head and self._began:
+            explained += self._limits.max_header_bytes  # a next head's unknown first part
+        if self._chunked_body:
+            explained += fields_size(self._headers)  # trailers so far
+        try:
+            self._chunk_budget.charge(len(data), explained, self._chunks)
+        except ProtocolError:
+            del events[self._first_chunked :]  # none of the offending message goes onward
+            raise
+        self._chunked_seen = False
+        self._chunks = 0
+        self._trailer_bytes = 0
+
     def on_message_begin(self) -> None:
         self._in_head = True
+        self._began = True
         self._head_bytes = 0
         self._headers = []
         self._url = b""
 
     def on_url(self, url: bytes) -> None:
         self._url += url
-        self._head_bytes += len(url)
 
     def on_header(self, name: bytes, value: bytes) -> None:
         # Kept minimal: llhttp already validated the bytes; sizes are checked in receive().
@@ -183,11 +244,25 @@ class HttptoolsServerCodec(_Side):
         )
         check_request_head(head, host)
         self._events.append(head)
+        # Trailers (llhttp reports them as headers) go to a list of their own and are
+        # dropped: never merged into the head above, which is not yet sent (catalog B08).
+        self._headers = []
+        if chunked:
+            self._chunked_body = self._chunked_seen = True
+            self._chunk_budget.spent = 0
+            if self._first_chunked < 0:
+                self._first_chunked = len(self._events) - 1
 
     def on_body(self, body: bytes) -> None:
         self._events.append(Data(body))
 
+    def on_chunk_header(self) -> None:
+        self._chunks += 1
+
     def on_message_complete(self) -> None:
+        if self._chunked_body:
+            self._chunked_body = False
+            self._trailer_bytes += fields_size(self._headers)
         self._events.append(_END)
 
     def start_next(self) -> list[ReceivedEvent]:
@@ -231,10 +306,11 @@ class HttptoolsClientCodec(_Side):
             return []
         events = self._events
         self._chunk_len = len(data)
+        self._began = False
         try:
             self._parser.feed_data(data)
             if self._in_head:
-                self._head_bytes += len(data)
+                self._count_unfinished_head(data)
                 if self._head_bytes > self._limits.max_header_bytes:
                     raise ProtocolError("response headers too large", _UP, 502)
         except httptools.HttpParserUpgrade as exc:
@@ -259,6 +335,7 @@ class HttptoolsClientCodec(_Side):
 
     def on_message_begin(self) -> None:
         self._in_head = True
+        self._began = True
         self._head_bytes = 0
         self._headers = []
 
@@ -293,6 +370,7 @@ class HttptoolsClientCodec(_Side):
                 length,
             )
         )
+        self._headers = []  # trailers, dropped: never merged into the head above
         if head_request and status >= 200:
             # llhttp cannot be told the request was HEAD; the message ends with its head.
             self._events.append(_END)

@@ -40,3 +40,50 @@ def check_request_head(head: RequestHead, host: bytes) -> None:
             raise ProtocolError("request target must be origin-form (/path)", side)
     if not host or _SPACE in host or _AT in host or _SLASH in host:
         raise ProtocolError("invalid Host header", side)
+
+
+# Chunk extensions (`5;name=value\r\n`) carry nothing a proxy uses, and neither parser reports
+# them, so an endless one would be read forever: cap them per message, as Node does since
+# CVE-2024-22019 (16 KiB). Measured as what a read consumed beyond its data, its heads, its
+# trailers and a bare size line per chunk (hex digits and CRLFs: at most 24 bytes).
+MAX_CHUNK_EXTENSION_BYTES: Final = 16 * 1024
+_CHUNK_FRAMING: Final = 24
+
+
+class ChunkExtensionBudget:
+    """The chunk-extension bytes one chunked message has spent so far."""
+
+    __slots__ = ("_side", "_status", "spent")
+
+    def __init__(self, side: ProtocolSide, status: int) -> None:
+        self._side = side
+        self._status = status
+        self.spent = 0
+
+    def charge(self, consumed: int, explained: int, chunks: int) -> None:
+        """`consumed` bytes were read, of which `explained` were data, heads and trailers."""
+        extra = consumed - explained - _CHUNK_FRAMING * (chunks + 1)
+        if extra > 0:
+            self.spent += extra
+            if self.spent > MAX_CHUNK_EXTENSION_BYTES:
+                self._refuse()
+
+    def check_pending(self, pending: int) -> None:
+        """A parser holding `pending` bytes of a chunk line it cannot end yet."""
+        if self.spent + pending - _CHUNK_FRAMING > MAX_CHUNK_EXTENSION_BYTES:
+            self._refuse()
+
+    def _refuse(self) -> None:
+        raise ProtocolError(
+            f"chunk extensions over {MAX_CHUNK_EXTENSION_BYTES} bytes", self._side, self._status
+        )
+
+
+def fields_size(headers: list[tuple[bytes, bytes]]) -> int:
+    """Bytes of header (or trailer) lines as `name: value\\r\\n`."""
+    return sum(len(k) + len(v) + 4 for k, v in headers)
+
+
+def request_head_size(head: RequestHead) -> int:
+    """Bytes of a request head as sent without optional whitespace."""
+    return len(head.method) + len(head.target) + 13 + fields_size(head.headers)

@@ -230,3 +230,64 @@ def test_websocket_upgrade_stops_parsing_and_keeps_the_rest_as_tunnel_bytes(code
     assert isinstance(head, RequestHead) and head.upgrade and head.target == b"/ws"
     assert c.take_upgrade_bytes() == b"GET /blockedz HTTP/1.1\r\nHost: a\r\n\r\n"
     assert c.receive(b"more") == []
+
+
+def receive_all(codec: str, reads: list[bytes]) -> list[object]:
+    c = server_codec(codec, Limits())
+    out: list[object] = []
+    for data in reads:
+        out += c.receive(data)
+    return out
+
+
+CHUNKED_HEAD = b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
+
+
+@pytest.mark.parametrize("codec", CODECS)
+@pytest.mark.parametrize("split", [False, True], ids=["one-read", "8k-reads"])
+def test_chunk_extensions_are_capped_per_message(codec: str, split: bool) -> None:
+    body = b"5;" + b"a" * (256 * 1024) + b"\r\nhello\r\n0\r\n\r\n"
+    data = CHUNKED_HEAD + body
+    reads = [data[i : i + 8192] for i in range(0, len(data), 8192)] if split else [data]
+    events = receive_all(codec, reads)
+    assert failure_status(events) == 400
+    # Nothing of the offending message beyond (at most) its head goes onward.
+    assert not [e for e in events if isinstance(e, Data | EndOfMessage)]
+
+
+@pytest.mark.parametrize("codec", CODECS)
+def test_many_small_chunk_extensions_add_up_to_the_cap(codec: str) -> None:
+    chunk = b"1;" + b"e" * 100 + b"\r\nx\r\n"
+    events = receive_all(codec, [CHUNKED_HEAD + chunk * 300 + b"0\r\n\r\n"])
+    assert failure_status(events) == 400
+
+
+@pytest.mark.parametrize("codec", CODECS)
+def test_modest_chunk_extensions_and_tiny_chunks_pass(codec: str) -> None:
+    body = b"5;" + b"a" * 8192 + b"\r\nhello\r\n"
+    body += b"".join(b"1;a=b\r\nx\r\n" for _ in range(20_000)) + b"0\r\nx-t: 1\r\n\r\n"
+    events = receive_all(codec, [CHUNKED_HEAD + body])
+    assert failure_status(events) is None
+    assert b"".join(e.data for e in events if isinstance(e, Data)) == b"hello" + b"x" * 20_000
+    assert isinstance(events[-1], EndOfMessage)
+
+
+@pytest.mark.parametrize("codec", CODECS)
+def test_trailers_never_join_the_request_head(codec: str) -> None:
+    """Catalog B08: head and trailers in one read; the trailers must not become headers."""
+    events = receive_all(codec, [CHUNKED_HEAD + b"5\r\nhello\r\n0\r\nHost: evil\r\nX-T: 1\r\n\r\n"])
+    (head,) = [e for e in events if isinstance(e, RequestHead)]
+    assert head.headers == [(b"host", b"a"), (b"transfer-encoding", b"chunked")]
+    assert isinstance(events[-1], EndOfMessage) and events[-1].trailers == []
+
+
+def test_pipelined_requests_ending_in_a_partial_head_are_not_too_large() -> None:
+    """A read of many pipelined requests whose last head is cut off: only that head's own
+    bytes count against the header limit (they were once charged the whole read: 431)."""
+    request = b"GET /p HTTP/1.1\r\nHost: a\r\n\r\n"
+    c = server_codec("httptools", Limits())
+    events = c.receive(request * 3000 + b"GET /p HTTP/1.1\r\nHo")
+    assert failure_status(events) is None
+    assert sum(isinstance(e, RequestHead) for e in events) == 3000
+    events = c.receive(b"st: a\r\n\r\n")
+    assert [type(e) for e in events] == [RequestHead, EndOfMessage]
