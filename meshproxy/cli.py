@@ -7,8 +7,10 @@ import asyncio
 import logging
 import sys
 from pathlib import Path
+from typing import TextIO
 
 from meshproxy import __version__
+from meshproxy.errors import ConfigError
 
 
 def _configure_logging(level: str) -> None:
@@ -30,7 +32,6 @@ def _run_loop(coro_factory: object) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from meshproxy.collector import freeze_startup_heap, without_collection
     from meshproxy.config.loader import load_snapshot
-    from meshproxy.errors import ConfigError
     from meshproxy.observe.accesslog import AccessLogError
     from meshproxy.runtime import Runtime
 
@@ -42,8 +43,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             f"meshproxy: refusing to start, the config has {len(exc.issues)} problem(s):",
             file=sys.stderr,
         )
-        for issue in exc.issues:
-            print(f"  {issue}", file=sys.stderr)
+        _print_config_error(exc, sys.stderr)
         return 2
 
     from meshproxy.workers import fork_workers, worker_count
@@ -64,24 +64,42 @@ def cmd_run(args: argparse.Namespace) -> int:
     return _run_loop(main)
 
 
+def _print_config_error(exc: ConfigError, file: TextIO) -> None:
+    for issue in exc.issues:
+        print(f"  {issue}" if file is sys.stderr else issue, file=file)
+    if exc.withheld:
+        print(
+            f"({exc.withheld} cross-reference problem(s) not shown: they may follow from the "
+            "above; fix those first)",
+            file=file,
+        )
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
     from meshproxy.config.loader import load_snapshot
-    from meshproxy.errors import ConfigError
+    from meshproxy.config.source import config_roots
 
-    try:
-        snapshot = load_snapshot(Path(args.config))
-    except ConfigError as exc:
-        for issue in exc.issues:
-            print(issue)
-        print(f"{len(exc.issues)} problem(s) found", file=sys.stderr)
-        return 1
-    for w in snapshot.warnings:
-        print(f"warning: {w}")
-    print(
-        f"{args.config}: OK ({len(snapshot.listeners)} listeners, "
-        f"{len(snapshot.clusters)} clusters)"
-    )
-    return 0
+    failed = 0
+    for arg in args.config:
+        roots = config_roots(Path(arg))
+        if not roots:
+            print(f"{arg}: no *.yaml files found (in it or in any directory below it)")
+            failed += 1
+        for root in roots:
+            try:
+                snapshot = load_snapshot(root)
+            except ConfigError as exc:
+                _print_config_error(exc, sys.stdout)
+                print(f"{root}: {len(exc.issues)} problem(s) found")
+                failed += 1
+                continue
+            for w in snapshot.warnings:
+                print(f"warning: {w}")
+            print(
+                f"{root}: OK ({len(snapshot.listeners)} listeners, "
+                f"{len(snapshot.clusters)} clusters)"
+            )
+    return 1 if failed else 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -125,6 +143,16 @@ def _ports(text: str) -> list[int]:
     if any(not 0 < p < 65536 for p in ports):
         raise argparse.ArgumentTypeError(f"ports must be 1-65535, got {text!r}")
     return ports
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def _duration(text: str) -> float:
@@ -186,55 +214,132 @@ def cmd_version(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="meshproxy", description=__doc__)
-    parser.add_argument(
-        "--log-level", default="info", choices=["debug", "info", "warning", "error"]
+EXIT_CODES = """\
+exit codes:
+  0  success (run: a clean shutdown after SIGTERM or POST /quitquitquit)
+  1  validate found problems; iptables, ca or demo failed
+  2  a usage error (bad flag or value); run refused an invalid config
+  3  run could not start (a port in use, an access log that cannot be opened, ...)
+"""
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Every option's default in its help (where it has one), epilogs kept as written."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.required or action.default in (None, False, [], argparse.SUPPRESS):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _sub(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser], name: str, text: str
+) -> argparse.ArgumentParser:
+    return sub.add_parser(name, help=text, description=text, formatter_class=_HelpFormatter)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="meshproxy",
+        description="A service-mesh sidecar proxy that reads Istio's resource YAML.",
+        epilog=EXIT_CODES,
+        formatter_class=_HelpFormatter,
     )
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("run", help="run the proxy with a config file or directory")
-    p.add_argument("-c", "--config", required=True, help="YAML file or directory of YAML files")
+    parser.add_argument(
+        "--version", action="version", version=f"meshproxy {__version__}", help="print the version"
+    )
+    parser.add_argument(
+        "--log-level",
+        default="info",
+        choices=["debug", "info", "warning", "error"],
+        help="log verbosity (stderr)",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = _sub(sub, "run", "run the proxy with a config file or directory (watched for changes)")
+    p.add_argument(
+        "-c", "--config", required=True, help="a YAML file, or a directory of *.yaml files"
+    )
     p.set_defaults(func=cmd_run)
-    p = sub.add_parser("validate", help="check a config and print every problem")
-    p.add_argument("config")
+
+    p = _sub(sub, "validate", "check configs and print every problem with file:line")
+    p.add_argument(
+        "config",
+        nargs="+",
+        help="YAML files or directories; a directory without YAML files of its own is "
+        "searched for directories that have some, each validated as one config",
+    )
     p.set_defaults(func=cmd_validate)
-    p = sub.add_parser("demo", help="start demo backends and the proxy, drive traffic, report")
-    p.add_argument("--requests", type=int, default=200)
-    p.add_argument("--linger", type=float, default=20.0, help="seconds to keep serving")
+
+    p = _sub(sub, "demo", "start demo backends and the proxy, drive traffic, report")
+    p.add_argument("--requests", type=_positive_int, default=200, help="requests to send")
+    p.add_argument(
+        "--linger",
+        type=float,
+        default=20.0,
+        help="seconds to keep serving after the report, for a look at the admin port "
+        "(0 exits at once)",
+    )
     p.set_defaults(func=cmd_demo)
-    p = sub.add_parser("iptables", help="print (or --apply) Istio's REDIRECT capture rules")
+
+    p = _sub(sub, "iptables", "print (or --apply) Istio's REDIRECT capture rules")
     p.add_argument("--apply", action="store_true", help="load them with iptables-restore")
     p.add_argument("--netns", help="with --apply: inside this network namespace")
-    p.add_argument("--proxy-uid", type=int, default=1337)
-    p.add_argument("--proxy-gid", type=int, default=1337)
-    p.add_argument("--outbound-port", type=int, default=15001)
-    p.add_argument("--inbound-port", type=int, default=15006)
-    p.add_argument("--exclude-inbound-ports", type=_ports, default=[15000, 15020, 15021, 15090])
-    p.add_argument("--exclude-outbound-ports", type=_ports, default=[])
-    p.add_argument("--include-outbound-cidrs", type=lambda s: s.split(","), default=["0.0.0.0/0"])
+    p.add_argument("--proxy-uid", type=int, default=1337, help="the proxy's uid (not captured)")
+    p.add_argument("--proxy-gid", type=int, default=1337, help="the proxy's gid (not captured)")
+    p.add_argument(
+        "--outbound-port", type=int, default=15001, help="where outbound traffic is redirected"
+    )
+    p.add_argument(
+        "--inbound-port", type=int, default=15006, help="where inbound traffic is redirected"
+    )
+    p.add_argument(
+        "--exclude-inbound-ports",
+        type=_ports,
+        default=[15000, 15020, 15021, 15090],
+        help="comma-separated inbound ports left uncaptured",
+    )
+    p.add_argument(
+        "--exclude-outbound-ports",
+        type=_ports,
+        default=[],
+        help="comma-separated outbound destination ports left uncaptured",
+    )
+    p.add_argument(
+        "--include-outbound-cidrs",
+        type=lambda text: text.split(","),
+        default=["0.0.0.0/0"],
+        help="comma-separated destination CIDRs whose outbound traffic is captured",
+    )
     p.add_argument("--no-inbound", action="store_true", help="capture outbound traffic only")
     p.set_defaults(func=cmd_iptables)
-    p = sub.add_parser("ca", help="a development mesh CA: init a root, issue workload certs")
-    ca = p.add_subparsers(dest="ca_command", required=True)
-    q = ca.add_parser("init", help="create a root CA (root-cert.pem, root-key.pem) in --dir")
-    q.add_argument("--dir", required=True)
-    q.add_argument("--trust-domain", default="cluster.local")
-    q.add_argument("--ttl", type=_duration, default=_duration("87600h"), help="e.g. 87600h")
-    q.add_argument("--algorithm", choices=["ecdsa", "rsa"], default="ecdsa")
+
+    p = _sub(sub, "ca", "a development mesh CA: init a root, issue workload certs")
+    ca = p.add_subparsers(dest="ca_command", required=True, metavar="COMMAND")
+    q = _sub(ca, "init", "create a root CA (root-cert.pem, root-key.pem) in --dir")
+    q.add_argument("--dir", required=True, help="where to write the root CA")
+    q.add_argument("--trust-domain", default="cluster.local", help="the SPIFFE trust domain")
+    q.add_argument("--ttl", type=_duration, default="87600h", help="validity, e.g. 87600h")
+    q.add_argument("--algorithm", choices=["ecdsa", "rsa"], default="ecdsa", help="key type")
     q.set_defaults(func=cmd_ca_init)
-    q = ca.add_parser("issue", help="issue a SPIFFE workload cert in Istio's file layout")
+    q = _sub(ca, "issue", "issue a SPIFFE workload cert in Istio's file layout")
     q.add_argument("--ca", required=True, help="the directory `ca init` wrote")
     q.add_argument(
         "--spiffe-id", required=True, help="e.g. spiffe://cluster.local/ns/default/sa/reviews"
     )
     q.add_argument("--out", required=True, help="writes cert-chain.pem, key.pem, root-cert.pem")
-    q.add_argument("--ttl", type=_duration, default=_duration("24h"))
-    q.add_argument("--dns", action="append", help="an extra DNS SAN (repeatable)")
-    q.add_argument("--algorithm", choices=["ecdsa", "rsa"], default="ecdsa")
+    q.add_argument("--ttl", type=_duration, default="24h", help="validity, e.g. 24h")
+    q.add_argument("--dns", action="append", default=[], help="an extra DNS SAN (repeatable)")
+    q.add_argument("--algorithm", choices=["ecdsa", "rsa"], default="ecdsa", help="key type")
     q.set_defaults(func=cmd_ca_issue)
-    p = sub.add_parser("version", help="print the version")
+
+    p = _sub(sub, "version", "print the version and which build of the hot path runs")
     p.set_defaults(func=cmd_version)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     _configure_logging(args.log_level)
     return int(args.func(args))
 

@@ -42,8 +42,12 @@ class ConfigIssue:
 class ConfigError(MeshproxyError):
     """The configuration is invalid; carries every issue found, not just the first."""
 
-    def __init__(self, issues: list[ConfigIssue]) -> None:
+    def __init__(self, issues: list[ConfigIssue], withheld: int = 0) -> None:
         self.issues = issues
+        # Cross-reference checks not reported because resources failed to read: most would
+        # be knock-on effects of the issues above (a mistyped kind leaves every reference to
+        # what it declared dangling), so they wait until these are fixed.
+        self.withheld = withheld
         super().__init__("\n".join(str(i) for i in issues))
 
 

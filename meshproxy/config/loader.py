@@ -37,8 +37,11 @@ def build_snapshot(docs: list[Document], issues: list[ConfigIssue]) -> Snapshot:
     resources: list[Resource] = []
     source: dict[str, list[Any]] = {}
     seen: dict[tuple[str, str, str], Document] = {}
+    misread = bool(issues)  # a file or document that did not read as written
     for doc in docs:
+        before = len(issues)
         res = parse_resource(doc, issues)
+        misread = misread or len(issues) > before
         if res is None:
             continue
         o = res.origin
@@ -89,13 +92,18 @@ def build_snapshot(docs: list[Document], issues: list[ConfigIssue]) -> Snapshot:
                 "only one Sidecar is allowed (this proxy is one workload)",
             )
         )
-    snapshot = compile_snapshot(resources, settings, 0, source, issues)
+    # Resources that did not read as written leave references to them dangling: when there
+    # are such, what the compiler finds is withheld as likely knock-on (ConfigError.withheld).
+    reference_issues: list[ConfigIssue] = [] if misread else issues
+    snapshot = compile_snapshot(resources, settings, 0, source, reference_issues)
     seen.clear()
     release(resources)
     if issues or snapshot is None:
         unique = list(dict.fromkeys(issues))
+        withheld = len(dict.fromkeys(reference_issues)) if reference_issues is not issues else 0
         raise ConfigError(
-            unique or [ConfigIssue("<config>", None, None, None, None, "invalid configuration")]
+            unique or [ConfigIssue("<config>", None, None, None, None, "invalid configuration")],
+            withheld,
         )
     return _with_version(snapshot)
 

@@ -38,9 +38,14 @@ def parse_duration(text: str) -> float | None:
     return total if pos == len(text) else None
 
 
-def did_you_mean(word: str, choices: Iterable[str]) -> str:
+def closest(word: str, choices: Iterable[str]) -> str | None:
     close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
-    return f' (did you mean "{close[0]}"?)' if close else ""
+    return close[0] if close else None
+
+
+def did_you_mean(word: str, choices: Iterable[str]) -> str:
+    close = closest(word, choices)
+    return f' (did you mean "{close}"?)' if close else ""
 
 
 class Reader:
@@ -73,11 +78,16 @@ class Reader:
             self.error(path, f"expected a mapping, got {_kind(value)}")
             return None
         allowed = tuple(allowed)
+        suggested = set()
         for key in value:
             if key not in allowed:
-                self.error((*path, key), f"unknown field{did_you_mean(key, allowed)}")
+                close = closest(key, allowed)
+                suggested.add(close)
+                hint = f' (did you mean "{close}"?)' if close else ""
+                self.error((*path, key), f"unknown field{hint}")
         for key in required:
-            if value.get(key) is None:
+            # A misspelt required field is one mistake: the "did you mean" above says it.
+            if value.get(key) is None and key not in suggested:
                 self.error((*path, key), "required field is missing")
         return value
 

@@ -129,6 +129,18 @@ def config_files(path: Path) -> list[Path]:
     return [path]
 
 
+def config_roots(path: Path) -> list[Path]:
+    """The configs under `path`, for `validate`: a file; a directory holding YAML files; or
+    else each directory below it that does (`validate config` finds config/demo, ...)."""
+    if not path.is_dir() or config_files(path):
+        return [path]
+    roots: list[Path] = []
+    for child in sorted(path.iterdir()):
+        if child.is_dir() and not child.name.startswith("."):
+            roots += [r for r in config_roots(child) if r.is_dir() and config_files(r)]
+    return roots
+
+
 def fingerprint(path: Path) -> bytes:
     """A digest of every config file's name and content, to skip reloads that change nothing."""
     import hashlib
@@ -172,4 +184,8 @@ def read_sources(path: Path) -> tuple[list[Document], list[ConfigIssue]]:
         file_docs, file_issues = parse_documents(text, name)
         docs.extend(file_docs)
         issues.extend(file_issues)
+    if not docs and not issues:
+        issues.append(
+            ConfigIssue(str(path), None, None, None, None, "empty: no YAML documents in it")
+        )
     return docs, issues
