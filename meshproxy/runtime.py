@@ -70,7 +70,9 @@ class Runtime:
         self._reload_lock = asyncio.Lock()
         self._fingerprint = fingerprint(config_path)
         self.metrics.config_reloaded(True, snapshot.version)
-        self.identity = IdentityManager(files_of(s), self._publish_identity)
+        self.identity = IdentityManager(
+            files_of(s), self._publish_identity, lambda: self.ctx.snapshot.uses_mesh_mtls()
+        )
         self.identity.load()
         self.clusters.identity = lambda: self.ctx.identity
 

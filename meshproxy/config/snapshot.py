@@ -155,6 +155,17 @@ class Snapshot:
     )
     rate_limits: frozenset[RateLimit] = frozenset()  # every bucket, port and route
 
+    def uses_mesh_mtls(self) -> bool:
+        """Whether the workload certificate matters: a capturing sidecar (its PERMISSIVE ports
+        serve mTLS peers), a STRICT port, or ISTIO_MUTUAL origination (explicit or auto)."""
+        if self.settings.interception_mode == "REDIRECT":
+            return True
+        if "STRICT" in (self.mtls.default, *self.mtls.ports.values()):
+            return True
+        return any(
+            c.tls is not None and c.tls.mode == "ISTIO_MUTUAL" for c in self.clusters.values()
+        )
+
     def binding_for(
         self, kind: ListenerKind, key: tuple[str, int], original_dst: tuple[str, int] | None
     ) -> PortBinding | None:

@@ -6,6 +6,7 @@ import asyncio
 import json
 import logging
 from collections.abc import Callable
+from http import HTTPStatus
 from typing import Any, Protocol, cast
 
 import h11
@@ -61,7 +62,29 @@ def _certs(src: AdminSource, query: str) -> tuple[int, str, bytes]:
     return 200, "application/json", json.dumps(src.certs(), indent=2, default=str).encode()
 
 
+# What `/` lists, as Envoy's admin home page does: every route with what it is for.
+ROUTE_HELP: dict[str, str] = {
+    "/": "this list",
+    "/ready": "200 LIVE once the proxy serves (503 before, and while draining)",
+    "/healthz/ready": "the same (Istio's readiness path; also on the status port)",
+    "/stats/prometheus": "metrics in Prometheus' text format (Istio's names and labels)",
+    "/metrics": "the same",
+    "/config_dump": "the active resources and settings, and the last good and failed reloads",
+    "/clusters": "clusters, endpoints, health and counters (?format=json)",
+    "/certs": "the workload identity: SPIFFE ID, validity, roots, last load error",
+    "/quitquitquit": "POST: drain and exit",
+    "/drain_listeners": "POST: stop accepting new connections and drain",
+}
+
+
+def _home(src: AdminSource, query: str) -> tuple[int, str, bytes]:
+    width = max(map(len, ROUTE_HELP))
+    lines = [f"{path:<{width}}  {text}" for path, text in ROUTE_HELP.items()]
+    return 200, "text/plain", ("meshproxy admin\n\n" + "\n".join(lines) + "\n").encode()
+
+
 GET_ROUTES: dict[str, Handler] = {
+    "/": _home,
     "/certs": _certs,
     "/ready": _ready,
     "/healthz/ready": _ready,
@@ -142,13 +165,16 @@ class AdminProtocol(asyncio.Protocol):
             ("content-length", str(len(body))),
             ("connection", "close"),
         ]
+        reason = HTTPStatus(status).phrase
         try:
-            out = self.conn.send(h11.Response(status_code=status, headers=headers)) or b""
+            response = h11.Response(status_code=status, headers=headers, reason=reason)
+            out = self.conn.send(response) or b""
             out += self.conn.send(h11.Data(data=body)) or b""
             out += self.conn.send(h11.EndOfMessage()) or b""
         except h11.LocalProtocolError:
             out = (
-                f"HTTP/1.1 {status} \r\ncontent-length: {len(body)}\r\nconnection: close\r\n\r\n"
+                f"HTTP/1.1 {status} {reason}\r\ncontent-length: {len(body)}\r\n"
+                "connection: close\r\n\r\n"
             ).encode() + body
         self.transport.write(out)
         self.transport.close()

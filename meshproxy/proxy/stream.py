@@ -208,6 +208,7 @@ class HttpStream:
         self._replay_bytes = 0
         self.request_bytes = 0
         self.response_bytes = 0
+        self.request_id = b""  # the x-request-id this proxy generated, if it did
         self.upstream: UpstreamExchange | None = None
         self.response_head_sent = False
         self.response_complete = False
@@ -1013,7 +1014,8 @@ class HttpStream:
         if not has_proto:
             append((b"x-forwarded-proto", b"http"))
         if not has_id:
-            append((b"x-request-id", new_request_id()))
+            self.request_id = new_request_id()
+            append((b"x-request-id", self.request_id))
         if not inbound:
             append((b"x-envoy-attempt-count", b"1"))  # Istio turns this on for outbound
         if inbound:
@@ -1125,14 +1127,17 @@ class HttpStream:
             self.conn.send_local_reply(200, b"", self, grpc_reply_headers(code, body))
             return
         self.status = status
+        data = body.encode("latin-1") if headers is not None else body.encode()
+        if self.head.method != b"HEAD":
+            self.response_bytes += len(data)  # %BYTES_SENT% and istio_response_bytes count it
         if headers is not None:
-            self.conn.send_local_reply(status, body.encode("latin-1"), self, headers)
+            self.conn.send_local_reply(status, data, self, headers)
             return
         if self._overloaded:
             extra: Headers = [(b"content-type", b"text/plain"), (b"x-envoy-overloaded", b"true")]
-            self.conn.send_local_reply(status, body.encode(), self, extra)
+            self.conn.send_local_reply(status, data, self, extra)
             return
-        self.conn.send_local_reply(status, body.encode(), self)
+        self.conn.send_local_reply(status, data, self)
 
     def _record(
         self,
@@ -1177,7 +1182,10 @@ class HttpStream:
             rec.route_name = match.route.name if match is not None else ""
             rec.cluster = cluster
             rec.upstream_host = f"{host.address}:{host.port}" if host is not None else ""
-            rec.request_id = (head.header(b"x-request-id") or b"").decode("latin-1")
+            # The client's id, else the one generated for the upstream; a request answered
+            # before it was forwarded gets one here, as Envoy gives every request one.
+            request_id = head.header(b"x-request-id") or self.request_id or new_request_id()
+            rec.request_id = request_id.decode("latin-1")
             rec.user_agent = (head.header(b"user-agent") or b"").decode("latin-1")
             rec.x_forwarded_for = (head.header(b"x-forwarded-for") or b"").decode("latin-1")
             rec.downstream_remote = conn.peer_ip

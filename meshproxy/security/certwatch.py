@@ -35,9 +35,15 @@ def _digest(files: CertFiles) -> str:
 class IdentityManager:
     """`current` is the identity new handshakes use; None until files load successfully."""
 
-    def __init__(self, files: CertFiles, on_update: Callable[[], None] | None = None) -> None:
+    def __init__(
+        self,
+        files: CertFiles,
+        on_update: Callable[[], None] | None = None,
+        wanted: Callable[[], bool] = lambda: True,
+    ) -> None:
         self.files = files
         self._on_update = on_update
+        self._wanted = wanted  # whether the config uses mesh mTLS (else a missing cert is fine)
         self.current: WorkloadIdentity | None = None
         self.last_error: str | None = None
         self.reloads_ok = 0
@@ -64,9 +70,10 @@ class IdentityManager:
             if self.current is not None:
                 level = logging.ERROR
             elif not any(f.exists() for f in (self.files.cert_chain, self.files.private_key)):
-                # No certificate at all (a standalone proxy, the demo): not a fault, and the
-                # files are watched, so mTLS starts when they appear.
-                level = logging.INFO
+                # No certificate at all: not a fault, and the files are watched, so mTLS
+                # starts when they appear. Said only where the config uses mesh mTLS (not
+                # for a standalone proxy or the demo).
+                level = logging.INFO if self._wanted() else logging.DEBUG
             else:
                 level = logging.WARNING
             logger.log(

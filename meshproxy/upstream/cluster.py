@@ -244,9 +244,10 @@ class Cluster:
             (name, "upstream_rq_pending_overflow"): overflows["pending"] + overflows["rq"],
             (name, "upstream_rq_retry_overflow"): overflows["retry"],
         }
-        if self.outlier is not None:
-            out[(name, "outlier_detection_ejections_enforced_total")] = self.outlier.ejections_total
-        return {k: n for k, n in out.items() if n}
+        # Every cluster has every counter from the start, at 0, as Envoy exports them.
+        ejections = self.outlier.ejections_total if self.outlier is not None else 0
+        out[(name, "outlier_detection_ejections_enforced_total")] = ejections
+        return out
 
     def reserve_tcp_connection(self) -> bool:
         """Count a TCP-proxied connection against maxConnections, or raise overflow (UO),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -12,8 +13,32 @@ import time
 import urllib.request
 from pathlib import Path
 
+from meshproxy.observe.admin import GET_ROUTES, POST_ROUTES, ROUTE_HELP
 from tests.integration.conftest import MeshFactory, mesh_yaml
+from tests.support.metrics import scrape, value
 from tests.support.proxy import free_port, http_get, wait_for
+
+# Envoy's default text format, as meshproxy writes it (observe/accesslog.py).
+LOG_LINE = re.compile(
+    r'\[(?P<start>[^\]]+)\] "(?P<method>\S+) (?P<path>\S+) (?P<protocol>\S+)" '
+    r"(?P<code>\d+) (?P<flags>\S+) (?P<received>\d+) (?P<sent>\d+) (?P<duration>\d+) "
+    r'"(?P<xff>[^"]*)" "(?P<user_agent>[^"]*)" "(?P<request_id>[^"]*)" '
+    r'"(?P<authority>[^"]*)" "(?P<upstream>[^"]*)" (?P<cluster>\S+) (?P<route>\S+)$'
+)
+
+
+def log_fields(path: Path, count: int) -> list[dict[str, str]]:
+    deadline = time.monotonic() + 5
+    while len(_logged(path)) < count and time.monotonic() < deadline:
+        time.sleep(0.05)
+    lines = _logged(path)
+    assert len(lines) == count, lines
+    fields = []
+    for line in lines:
+        m = LOG_LINE.match(line)
+        assert m, line
+        fields.append(m.groupdict())
+    return fields
 
 
 def test_access_log_line_per_request(make_mesh: MeshFactory, tmp_path: Path) -> None:
@@ -25,19 +50,68 @@ def test_access_log_line_per_request(make_mesh: MeshFactory, tmp_path: Path) -> 
         "/logged?x=1",
         headers={"Host": "hello.test", "User-Agent": "probe/1", "X-Forwarded-For": "10.1.2.3"},
     )
-    conn.getresponse().read()
-    conn.request("GET", "/dead", headers={"Host": "hello.test"})
-    conn.getresponse().read()
-    deadline = time.monotonic() + 5
-    while (
-        not log.exists() or len(log.read_text().splitlines()) < 2
-    ) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    first, second = log.read_text().splitlines()[:2]
-    assert '"GET /logged?x=1 HTTP/1.1" 200 - ' in first
-    assert '"10.1.2.3" "probe/1"' in first
-    assert '"probe/1"' in first and '"hello.test"' in first and "outbound|" in first
-    assert '"GET /dead HTTP/1.1" 503 UF,URX ' in second
+    first_body = conn.getresponse().read()
+    conn.request("GET", "/dead", headers={"Host": "hello.test", "X-Request-Id": "rid-2"})
+    dead = conn.getresponse()
+    dead_body = dead.read()
+    conn.request("GET", "/", headers={"Host": "unknown.test"})
+    unrouted = conn.getresponse()
+    unrouted_body = unrouted.read()
+    first, second, third = log_fields(log, 3)
+    forwarded = json.loads(first_body)["headers"]
+    assert first["method"] == "GET" and first["path"] == "/logged?x=1"
+    assert first["protocol"] == "HTTP/1.1" and first["code"] == "200" and first["flags"] == "-"
+    assert (first["xff"], first["user_agent"]) == ("10.1.2.3", "probe/1")
+    # The id the proxy generated is the one the upstream got (it was logged as "-").
+    assert first["request_id"] == forwarded["x-request-id"] != "-"
+    assert first["authority"] == "hello.test"
+    assert first["upstream"] in (f"127.0.0.1:{mesh.v1.port}", f"127.0.0.1:{mesh.v2.port}")
+    assert first["cluster"].startswith(f"outbound|{mesh.http_port}|")
+    assert int(first["sent"]) == len(first_body) and first["received"] == "0"
+    assert second["code"] == "503" and second["flags"] == "UF,URX"
+    assert second["request_id"] == "rid-2"
+    # A local reply's body is counted as sent, as the client received it (it was 0).
+    assert int(second["sent"]) == len(dead_body) > 0
+    assert (third["code"], third["flags"]) == (str(unrouted.status), "NR")
+    assert int(third["sent"]) == len(unrouted_body)
+    assert third["request_id"] not in ("", "-")
+
+
+def test_envoy_cluster_counters_exist_at_zero(make_mesh: MeshFactory) -> None:
+    """As Envoy exports them: every cluster, every counter, before anything happened."""
+    mesh = make_mesh()
+    samples = scrape(mesh.proxy.admin)
+    cluster = f"outbound|{mesh.http_port}|v1|hello.test"
+    for stat in (
+        "upstream_cx_overflow",
+        "upstream_rq_pending_overflow",
+        "upstream_rq_retry_overflow",
+        "outlier_detection_ejections_enforced_total",
+    ):
+        assert value(samples, f"envoy_cluster_{stat}", cluster_name=cluster) == 0.0, stat
+
+
+CERT_NOTICE = "workload certificate not loaded"
+
+
+def test_no_certificate_notice_where_mesh_mtls_is_not_used(
+    make_mesh: MeshFactory, tmp_path: Path
+) -> None:
+    """An explicit-listener proxy with no STRICT port and no ISTIO_MUTUAL: the missing
+    workload certificate is nothing to report. Made STRICT, it is."""
+    missing = tmp_path / "certs"
+    certs = (
+        f"  certificates: {{certChain: {missing}/c.pem, privateKey: {missing}/k.pem,"
+        f" rootCert: {missing}/r.pem}}"
+    )
+    mesh = make_mesh(extra_spec=certs)
+    assert CERT_NOTICE not in mesh.proxy.log()
+    mesh.proxy.terminate()
+    strict = make_mesh(
+        extra_spec=certs + "\n---\napiVersion: security.istio.io/v1\nkind: PeerAuthentication\n"
+        "metadata: {name: default, namespace: istio-system}\nspec: {mtls: {mode: STRICT}}"
+    )
+    assert CERT_NOTICE in strict.proxy.log()
 
 
 def test_admin_endpoints(make_mesh: MeshFactory) -> None:
@@ -56,6 +130,18 @@ def test_admin_endpoints(make_mesh: MeshFactory) -> None:
     )
     status, _ = http_get(mesh.proxy.admin + "/nope")
     assert status == 404
+    # `/` lists every route, as Envoy's admin home does; status lines carry their reason.
+    status, body = http_get(mesh.proxy.admin + "/")
+    listed = [line.split()[0] for line in body.decode().splitlines()[2:]]
+    assert status == 200 and listed == list(ROUTE_HELP)
+    assert set(listed) == set(GET_ROUTES) | set(POST_ROUTES)
+    for path, expected in (
+        ("/ready", b"HTTP/1.1 200 OK\r\n"),
+        ("/nope", b"HTTP/1.1 404 Not Found\r\n"),
+    ):
+        with socket.create_connection(("127.0.0.1", mesh.proxy.admin_port), timeout=5) as s:
+            s.sendall(b"GET %b HTTP/1.1\r\nHost: admin\r\n\r\n" % path.encode())
+            assert s.recv(65536).startswith(expected)
     # Mutations are POST-only, as Envoy's admin.
     status, _ = http_get(mesh.proxy.admin + "/quitquitquit")
     assert status == 405
