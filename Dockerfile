@@ -8,14 +8,18 @@ WORKDIR /src
 COPY pyproject.toml setup.py hot-modules.txt README.md ./
 COPY buildsupport ./buildsupport
 COPY meshproxy ./meshproxy
+COPY config ./config
 # The default build compiles the hot path; MESHPROXY_MYPYC=1 makes a failure to compile fatal.
-RUN MESHPROXY_MYPYC=1 pip wheel --no-cache-dir --no-deps -w /wheels .
+# The example configs are copied with symlinks resolved (config/demo points into the package).
+RUN MESHPROXY_MYPYC=1 pip wheel --no-cache-dir --no-deps -w /wheels . \
+ && cp -rL config /examples
 
 FROM python:3.11-slim-trixie
 COPY --from=build /wheels /wheels
 RUN pip install --no-cache-dir /wheels/*.whl \
  && groupadd -g 1337 istio-proxy && useradd -u 1337 -g 1337 -M -s /usr/sbin/nologin istio-proxy
-COPY config /etc/meshproxy-examples
+COPY --from=build /examples /etc/meshproxy-examples
 USER 1337:1337
-EXPOSE 15000 15001 15006 15021
+# 15001/15006: capture listeners, 15021: readiness. The admin port (15000) binds 127.0.0.1 only.
+EXPOSE 15001 15006 15021
 ENTRYPOINT ["meshproxy", "run", "-c", "/etc/meshproxy"]
