@@ -5,8 +5,8 @@
 Starts an nginx upstream (`return 200 "hello"`), nginx as a reverse proxy (one worker,
 keep-alive upstream: the C reference), and `meshproxy run` once per codec, then drives each with
 wrk. Prints req/s, p50/p99, proxy CPU per request, and ratios against direct and nginx measured
-in this run. Proxies are pinned to CPU 1, wrk and the upstream to CPU 0 (2-core box), as in
-../shared/reference/performance-anchors.md. Every process started here is stopped by its PID.
+in this run. Proxies are pinned to CPU 1, wrk and the upstream to CPU 0 (2-core box), as the
+project's performance anchors were measured. Every process started here is stopped by its PID.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
     python -m benchmarks.minimal_relay LISTEN_PORT UPSTREAM_PORT
 
-What ../shared/reference/performance-anchors.md calls "py httptools L7": uvloop Protocols,
+What the performance anchors call "py httptools L7": uvloop Protocols,
 httptools (llhttp) parsing both ways, hand-written serialization, one keep-alive upstream
 connection per downstream connection, hop-by-hop headers stripped, bodies re-framed, reads
 paused while a request waits. No routing, no load balancing, no metrics, no limits: the floor

@@ -17,7 +17,12 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 SOURCES = (
-    "pyproject.toml", "setup.py", "hot-modules.txt", "README.md", "buildsupport", "meshproxy",
+    "pyproject.toml",
+    "setup.py",
+    "hot-modules.txt",
+    "README.md",
+    "buildsupport",
+    "meshproxy",
 )
 
 
