@@ -307,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         if not args.no_relay:
             relay_port = free_port()
-            relay = [sys.executable, "-m", "benchmarks.minimal_relay", str(relay_port)]
+            relay = [sys.executable, "-m", "meshproxy.bench.relay", str(relay_port)]
             root = str(Path(__file__).resolve().parents[1])
             targets.append((RELAY, ["taskset", "-c", "1", *relay, str(up_port)], relay_port, root))
         for variant in args.codecs.split(","):

@@ -1,4 +1,4 @@
-"""Command line: run, validate, demo, iptables, ca, version."""
+"""Command line: run, validate, demo, bench, iptables, ca, version."""
 
 from __future__ import annotations
 
@@ -207,6 +207,12 @@ def cmd_ca_issue(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from meshproxy.bench.harness import main as bench
+
+    return bench(args)
+
+
 def cmd_version(args: argparse.Namespace) -> int:
     from meshproxy.buildinfo import describe
 
@@ -332,6 +338,16 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--dns", action="append", default=[], help="an extra DNS SAN (repeatable)")
     q.add_argument("--algorithm", choices=["ecdsa", "rsa"], default="ecdsa", help="key type")
     q.set_defaults(func=cmd_ca_issue)
+
+    p = _sub(
+        sub,
+        "bench",
+        "benchmark meshproxy against direct calls, nginx and a bare relay, in one run",
+    )
+    from meshproxy.bench.harness import add_arguments
+
+    add_arguments(p)
+    p.set_defaults(func=cmd_bench)
 
     p = _sub(sub, "version", "print the version and which build of the hot path runs")
     p.set_defaults(func=cmd_version)

@@ -25,7 +25,7 @@ def relay() -> Iterator[tuple[int, UpstreamServer]]:
     upstream = UpstreamServer("app").start()
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "benchmarks.minimal_relay", str(port), str(upstream.port)],
+        [sys.executable, "-m", "meshproxy.bench.relay", str(port), str(upstream.port)],
         cwd=ROOT,
         stdin=subprocess.DEVNULL,
     )

@@ -1,13 +1,12 @@
-"""The bare HTTP/1.1 relay the issue's CPU target was set against, as a same-run baseline.
+"""The bare HTTP/1.1 relay meshproxy's CPU per request is measured against, in the same run.
 
-    python -m benchmarks.minimal_relay LISTEN_PORT UPSTREAM_PORT
+    python -m meshproxy.bench.relay LISTEN_PORT UPSTREAM_PORT [UPSTREAM_HOST]
 
-What the performance anchors call "py httptools L7": uvloop Protocols,
-httptools (llhttp) parsing both ways, hand-written serialization, one keep-alive upstream
-connection per downstream connection, hop-by-hop headers stripped, bodies re-framed, reads
-paused while a request waits. No routing, no load balancing, no metrics, no limits: the floor
-a Python proxy of this design stands on, so meshproxy's cost is read as a multiple of it
-(the anchors measured it at 16 µs CPU per request when nginx took 9.9 µs).
+A "py httptools L7" relay: uvloop Protocols, httptools (llhttp) parsing both ways,
+hand-written serialization, one keep-alive upstream connection per downstream connection,
+hop-by-hop headers stripped, bodies re-framed, reads paused while a request waits. No
+routing, no load balancing, no metrics, no limits: the floor a Python proxy of this design
+stands on, so meshproxy's cost is read as a multiple of it.
 """
 
 from __future__ import annotations
@@ -95,8 +94,9 @@ class Upstream(asyncio.Protocol):
 
 
 class Downstream(asyncio.Protocol):
-    def __init__(self, upstream_port: int) -> None:
+    def __init__(self, upstream_port: int, upstream_host: str = "127.0.0.1") -> None:
         self.upstream_port = upstream_port
+        self.upstream_host = upstream_host
         self.parser = httptools.HttpRequestParser(self)
         self.transport: asyncio.Transport | None = None
         self.upstream: Upstream | None = None
@@ -149,7 +149,9 @@ class Downstream(asyncio.Protocol):
             self.upstream = Upstream(self)
             loop = asyncio.get_running_loop()
             upstream = self.upstream
-            connect = loop.create_connection(lambda: upstream, "127.0.0.1", self.upstream_port)
+            connect = loop.create_connection(
+                lambda: upstream, self.upstream_host, self.upstream_port
+            )
             # held: the loop keeps only a weak reference to a task
             self.connecting = loop.create_task(connect)
         self.upstream.send(head)
@@ -165,18 +167,23 @@ class Downstream(asyncio.Protocol):
             self.transport.pause_reading()  # one request at a time, as a keep-alive relay does
 
 
-async def serve(listen_port: int, upstream_port: int) -> None:
+async def serve(listen_port: int, upstream_port: int, upstream_host: str = "127.0.0.1") -> None:
     loop = asyncio.get_running_loop()
-    server = await loop.create_server(lambda: Downstream(upstream_port), "127.0.0.1", listen_port)
+    server = await loop.create_server(
+        lambda: Downstream(upstream_port, upstream_host), "127.0.0.1", listen_port
+    )
     async with server:
         await server.serve_forever()
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) != 2 or not all(a.isdigit() for a in argv):
-        print("usage: python -m benchmarks.minimal_relay LISTEN UPSTREAM (ports)", file=sys.stderr)
+    if len(argv) not in (2, 3) or not all(a.isdigit() for a in argv[:2]):
+        print(
+            "usage: python -m meshproxy.bench.relay LISTEN_PORT UPSTREAM_PORT [UPSTREAM_HOST]",
+            file=sys.stderr,
+        )
         return 2
-    uvloop.run(serve(int(argv[0]), int(argv[1])))
+    uvloop.run(serve(int(argv[0]), int(argv[1]), *argv[2:]))
     return 0
 
 

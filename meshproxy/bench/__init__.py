@@ -1,0 +1,1 @@
+"""`meshproxy bench`: the installed benchmark harness (upstream, proxies, load, same-run table)."""
