@@ -46,7 +46,7 @@ from meshproxy.config.resources import (
     VirtualService,
     selects,
 )
-from meshproxy.config.schema import GRPC_STATUS_NAMES
+from meshproxy.config.schema.virtual_service import GRPC_STATUS_NAMES
 from meshproxy.config.snapshot import (
     L7,
     ClusterSpec,
