@@ -53,6 +53,7 @@ class _Side:
         "_chunked",
         "_events",
         "_head_bytes",
+        "_head_upper",
         "_headers",
         "_in_head",
         "_limits",
@@ -65,7 +66,8 @@ class _Side:
         self._limits = limits
         self._events: list[ReceivedEvent] = []
         self._headers: Headers = []
-        self._head_bytes = 0
+        self._head_bytes = 0  # of an unfinished head: at least this many bytes (the limit)
+        self._head_upper = 0  # ... and at most this many (when to measure it exactly)
         self._in_head = False
         self._began = False  # a message began during the current feed
         self._upgrade_rest = b""
@@ -83,8 +85,10 @@ class _Side:
         """
         if self._began:
             self._head_bytes = 0
+            self._head_upper = len(data)
         else:
             self._head_bytes += len(data)
+            self._head_upper += len(data)
 
     def send_data(self, data: bytes) -> None:
         if data:
@@ -205,7 +209,7 @@ class HttptoolsServerCodec(_Side):
     def on_message_begin(self) -> None:
         self._in_head = True
         self._began = True
-        self._head_bytes = 0
+        self._head_bytes = self._head_upper = 0
         self._headers = []
         self._url = b""
 
@@ -223,7 +227,7 @@ class HttptoolsServerCodec(_Side):
         limits = self._limits
         if len(headers) > limits.max_headers:
             raise ProtocolError("too many request headers", _DOWN, 431)
-        if self._head_bytes + self._chunk_len > limits.max_header_bytes:
+        if self._head_upper + self._chunk_len > limits.max_header_bytes:
             # Only a head this large can be over the limit: measure it exactly.
             size = len(self._url) + sum(len(k) + len(v) + 4 for k, v in headers)
             if size > limits.max_header_bytes:
@@ -336,7 +340,7 @@ class HttptoolsClientCodec(_Side):
     def on_message_begin(self) -> None:
         self._in_head = True
         self._began = True
-        self._head_bytes = 0
+        self._head_bytes = self._head_upper = 0
         self._headers = []
 
     def on_header(self, name: bytes, value: bytes) -> None:
@@ -349,7 +353,7 @@ class HttptoolsClientCodec(_Side):
         limits = self._limits
         if len(headers) > limits.max_response_headers:
             raise ProtocolError("too many response headers", _UP, 502)
-        if self._head_bytes + self._chunk_len > limits.max_header_bytes:
+        if self._head_upper + self._chunk_len > limits.max_header_bytes:
             size = sum(len(k) + len(v) + 4 for k, v in headers)
             if size > limits.max_header_bytes:
                 raise ProtocolError("response headers too large", _UP, 502)

@@ -308,18 +308,25 @@ class DownstreamHttp1:
             self._queue.extend(events)
         queue = self._queue
         while queue and not self._closing:
-            current: HttpStream | None = self.stream
+            current = self._current_stream()
             if current is not None and (
                 type(queue[0]) is RequestHead
                 or (current.request_done and type(queue[0]) is ParseFailure)
             ):
                 break
             self._dispatch(queue.popleft())
-        if self.stream is None and not self._closing:
+        if self._current_stream() is None and not self._closing:
             self._arm_idle()
             if self.codec.head_pending:
                 self._arm_header_timer()
         self.resume_reading()
+
+    def _current_stream(self) -> HttpStream | None:
+        """self.stream, read through a call: after `self.stream = None` mypy narrows the
+        attribute to None for the rest of the function, and the compiled code then refused
+        the stream a dispatch had just set (a TypeError that killed the upstream connection
+        of every pipelined request's predecessor)."""
+        return self.stream
 
     # -- timers ----------------------------------------------------------------------------
     def _arm_header_timer(self) -> None:

@@ -291,3 +291,14 @@ def test_pipelined_requests_ending_in_a_partial_head_are_not_too_large() -> None
     assert sum(isinstance(e, RequestHead) for e in events) == 3000
     events = c.receive(b"st: a\r\n\r\n")
     assert [type(e) for e in events] == [RequestHead, EndOfMessage]
+
+
+@pytest.mark.parametrize("split", [1024, 32 * 1024])
+def test_a_too_large_head_split_over_reads_is_refused(split: int) -> None:
+    """A 61 KiB head whose first part came with the end of a pipelined request: still 431
+    (the head's first read must count towards when it is measured exactly)."""
+    head = b"GET /b HTTP/1.1\r\nHost: a\r\nx-big: " + b"a" * (61 * 1024) + b"\r\n\r\n"
+    data = b"GET /a HTTP/1.1\r\nHost: a\r\n\r\n" + head
+    c = server_codec("httptools", Limits())
+    events = c.receive(data[:split]) + c.receive(data[split:])
+    assert failure_status(events) == 431
