@@ -25,7 +25,7 @@ from setuptools.build_meta import (  # noqa: F401  (the hooks a PEP 517 backend 
     prepare_metadata_for_build_wheel,
 )
 
-COMPILER_REQUIREMENTS = ["mypy>=1.8", "types-PyYAML"]
+COMPILER_REQUIREMENTS = ["mypy>=1.8", "types-PyYAML", "types-protobuf"]
 
 
 def _runtime_requirements() -> list[str]:

@@ -24,6 +24,9 @@ from meshproxy.errors import ConfigError
 from meshproxy.observe.accesslog import AccessLog, AccessLogError, open_access_log
 from meshproxy.observe.admin import start_admin
 from meshproxy.observe.metrics import MeshMetrics
+from meshproxy.observe.workload import encode as encode_peer_metadata
+from meshproxy.observe.workload import encode_id as encode_peer_metadata_id
+from meshproxy.observe.workload import local_workload
 from meshproxy.proxy.context import ProxyContext
 from meshproxy.proxy.listener import Listener
 from meshproxy.security.certwatch import IdentityManager, files_of
@@ -85,6 +88,17 @@ class Runtime:
             self.identity.reloads_ok,
             self.identity.reloads_failed,
         )
+        self._publish_workload()
+
+    def _publish_workload(self) -> None:
+        """This workload's facts for metrics and for the metadata sent to mesh peers."""
+        settings = self.ctx.snapshot.settings
+        current = self.ctx.identity
+        spiffe = current.spiffe_id if current is not None else None
+        local = local_workload(settings, str(spiffe) if spiffe is not None else "")
+        self.metrics.set_local(local)
+        self.ctx.peer_metadata = encode_peer_metadata(local, settings.labels)
+        self.ctx.peer_metadata_id = encode_peer_metadata_id(local)
 
     # -- lifecycle -------------------------------------------------------------------------
     async def start(self) -> None:
@@ -102,6 +116,10 @@ class Runtime:
                     self, "0.0.0.0", s.status_port, only=frozenset({"/healthz/ready"})
                 )
             )
+        stats_port = s.prometheus_port
+        if stats_port and stats_port not in (s.proxy_admin_port, s.status_port):
+            only = frozenset({"/stats/prometheus"})
+            self._servers.append(await start_admin(self, "0.0.0.0", stats_port, only=only))
         self.ready = True
         for w in snap.warnings:
             logger.warning("%s", w)
@@ -262,6 +280,7 @@ class Runtime:
         self.ctx.codec = codec
         self.ctx.limits = limits
         self.ctx.snapshot = snapshot  # the swap: new streams see the new config from here on
+        self._publish_workload()
         self.ctx.rate_limiters.retain(set(snapshot.rate_limits))
         wanted = {spec.key: spec for spec in snapshot.listeners}
         for key, listener in list(self.listeners.items()):

@@ -253,6 +253,7 @@ def compile_snapshot(
         authz=_authorizer(settings, authz_policies),
         port_rate_limits=MappingProxyType(port_rate_limits),
         rate_limits=frozenset(_bucket(limit) for limit in settings.local_rate_limits),
+        service_hosts=frozenset(ctx.services),
     )
 
 

@@ -374,6 +374,10 @@ class ProxySettings:
     proxy_admin_port: int = 15000
     admin_bind: str = "127.0.0.1"
     status_port: int = 15021
+    # Envoy's Prometheus listener in Istio's sidecars, 0.0.0.0:15090 /stats/prometheus; None:
+    # 15090 when capturing (a sidecar), off otherwise (the admin port serves the same).
+    stats_port: int | None = None
+    tcp_reporting_duration: float = 15.0  # Istio's stats filter tcp_reporting_duration
     proxy_listen_port: int = 15001
     proxy_inbound_listen_port: int = 15006
     interception_mode: str = "REDIRECT"  # REDIRECT | NONE (no capture listeners)
@@ -401,6 +405,15 @@ class ProxySettings:
     # Envoy's names. Not Envoy's default (ALLOW): `X_User` reaches a CGI/WSGI app as X-User.
     headers_with_underscores_action: str = "DROP_HEADER"  # ALLOW | REJECT_REQUEST | DROP_HEADER
     local_rate_limits: tuple[LocalRateLimit, ...] = ()
+    @property
+    def prometheus_port(self) -> int:
+        if self.stats_port is not None:
+            return self.stats_port
+        return 15090 if self.interception_mode == "REDIRECT" else 0
+
+    # Istio's workload facts for telemetry: the pod's owner (WORKLOAD_NAME) and cluster id.
+    workload_name: str = ""  # "" : the canonical service name, else "unknown"
+    cluster_id: str = "Kubernetes"  # Istio's default CLUSTER_ID
 
 
 @dataclass(frozen=True, slots=True)

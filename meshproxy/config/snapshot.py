@@ -154,6 +154,24 @@ class Snapshot:
         default_factory=lambda: MappingProxyType({})
     )
     rate_limits: frozenset[RateLimit] = frozenset()  # every bucket, port and route
+    service_hosts: frozenset[str] = frozenset()  # every ServiceEntry host (FQDN)
+
+    def inbound_service(self, authority: str) -> str:
+        """Istio's destination_service for a request this workload serves: the service its
+        Host names (short names expanded in this namespace), when the mesh knows it."""
+        host = authority.rpartition(":")[0] if authority.count(":") == 1 else authority
+        host = host.lower().rstrip(".")
+        if host in self.service_hosts:
+            return host
+        dots = host.count(".")
+        ns = self.settings.namespace
+        expanded = f"{host}.{ns}.svc.cluster.local" if dots == 0 else f"{host}.svc.cluster.local"
+        return expanded if dots <= 1 and expanded in self.service_hosts else "unknown"
+
+    def is_mesh_cluster(self, name: str) -> bool:
+        """Whether requests to cluster `name` go over mesh mTLS (ISTIO_MUTUAL)."""
+        spec = self.clusters.get(name)
+        return spec is not None and spec.tls is not None and spec.tls.mode == "ISTIO_MUTUAL"
 
     def uses_mesh_mtls(self) -> bool:
         """Whether the workload certificate matters: a capturing sidecar (its PERMISSIVE ports

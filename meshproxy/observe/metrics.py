@@ -22,7 +22,18 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
+from meshproxy.config.resources import ProxySettings
 from meshproxy.observe.recorder import ConnRecord
+from meshproxy.observe.workload import NO_PEER, UNKNOWN, PeerCache, WorkloadInfo, local_workload
+
+# What one request's series is found by: reporter, service, code, flags, protocol, gRPC
+# status, and the peer (interned, hashed by identity).
+_SeriesKey = tuple[str, str, int, str, str, str, WorkloadInfo]
+
+
+def _spiffe(principal: str) -> str:
+    """Istio's principal labels carry the URI form: spiffe://<trust domain>/ns/.../sa/..."""
+    return "spiffe://" + principal if principal and "://" not in principal else principal
 
 # Envoy's default histogram buckets (ms), which Istio uses.
 _bisect_left: Final = bisect.bisect_left  # a compiled constant, not a global lookup
@@ -52,20 +63,24 @@ BYTES_BUCKETS: Final = (1, 10, 100, 1000, 10000, 100000, 1000000, 10000000, 1000
 HTTP_LABELS: Final = (
     "reporter",
     "source_workload",
+    "source_canonical_service",
+    "source_canonical_revision",
     "source_workload_namespace",
     "source_principal",
     "source_app",
     "source_version",
-    "source_canonical_service",
+    "source_cluster",
     "destination_workload",
     "destination_workload_namespace",
     "destination_principal",
     "destination_app",
     "destination_version",
     "destination_service",
+    "destination_canonical_service",
+    "destination_canonical_revision",
     "destination_service_name",
     "destination_service_namespace",
-    "destination_canonical_service",
+    "destination_cluster",
     "request_protocol",
     "response_code",
     "grpc_response_status",
@@ -119,7 +134,7 @@ class _HttpSeries:
 
 
 @dataclass(slots=True)
-class _TcpSeries:
+class TcpSeries:
     opened: int = 0
     closed: int = 0
     sent: int = 0
@@ -179,9 +194,11 @@ class MeshMetrics(Collector):
         self.namespace = namespace
         self.workload = workload
         self._http: dict[tuple[str, ...], _HttpSeries] = {}
-        self._tcp: dict[tuple[str, ...], _TcpSeries] = {}
-        self._label_cache: dict[tuple[str, str, int, str, str, str, str], tuple[str, ...]] = {}
-        self._series_by_key: dict[tuple[str, str, int, str, str, str, str], _HttpSeries] = {}
+        self._tcp: dict[tuple[str, ...], TcpSeries] = {}
+        self.local = local_workload(ProxySettings(namespace=namespace, workload_name=workload))
+        self._tcp_peers = PeerCache()  # TCP peers: known by their certificate only
+        self._label_cache: dict[_SeriesKey, tuple[str, ...]] = {}
+        self._series_by_key: dict[_SeriesKey, _HttpSeries] = {}
         self.rejected: dict[str, int] = {}
         self.dropped_headers: dict[str, int] = {}
         self.h2_floods: dict[str, int] = {}
@@ -213,37 +230,41 @@ class MeshMetrics(Collector):
         code: int,
         flags: str,
         protocol: str,
-        grpc_status: str = "-",
-        principal: str = "",
+        grpc_status: str,
+        peer: WorkloadInfo,
     ) -> tuple[str, ...]:
-        key = (reporter, service, code, flags, protocol, grpc_status, principal)
+        key = (reporter, service, code, flags, protocol, grpc_status, peer)
         labels = self._label_cache.get(key)
         if labels is None:
             name, ns = _service_parts(service)
             outbound = reporter == "source"
-            src_ns = self.namespace if outbound else "unknown"
-            src_wl = self.workload if outbound else "unknown"
-            dst_ns = ns if outbound else self.namespace
-            dst_wl = "unknown" if outbound else self.workload
+            # The source reports itself as source and the peer as destination; the
+            # destination the other way round (Istio's reporter semantics).
+            src, dst = (self.local, peer) if outbound else (peer, self.local)
             # Istio: mutual_tls when the peer was authenticated; a source report cannot know.
-            security = "mutual_tls" if principal else ("unknown" if outbound else "none")
+            mtls = peer.principal != UNKNOWN
+            security = "unknown" if outbound else ("mutual_tls" if mtls else "none")
             labels = (
                 reporter,
-                src_wl,
-                src_ns,
-                principal or "unknown",
-                "unknown",
-                "unknown",
-                src_wl,
-                dst_wl,
-                dst_ns,
-                "unknown",
-                "unknown",
-                "unknown",
-                service or "unknown",
-                name or "unknown",
+                src.workload,
+                src.canonical_service,
+                src.canonical_revision,
+                src.namespace,
+                src.principal,
+                src.app,
+                src.version,
+                src.cluster,
+                dst.workload,
+                dst.namespace,
+                dst.principal,
+                dst.app,
+                dst.version,
+                service or UNKNOWN,
+                dst.canonical_service,
+                dst.canonical_revision,
+                name or UNKNOWN,
                 ns,
-                name or "unknown",
+                dst.cluster,
                 protocol,
                 str(code),
                 grpc_status,
@@ -253,6 +274,13 @@ class MeshMetrics(Collector):
             if len(self._label_cache) < 10_000:  # bounded: label values come from config
                 self._label_cache[key] = labels
         return labels
+
+    def set_local(self, local: WorkloadInfo) -> None:
+        """This workload's facts changed (config or certificate): new series from now on."""
+        if local is not self.local:
+            self.local = local
+            self._label_cache.clear()
+            self._series_by_key.clear()
 
     def record_http(
         self,
@@ -265,13 +293,13 @@ class MeshMetrics(Collector):
         response_bytes: int,
         protocol: str = "http",
         grpc_status: str = "-",
-        principal: str = "",
+        peer: WorkloadInfo = NO_PEER,
     ) -> None:
         """The per-request hot path: a dict lookup and three bisects."""
-        key = (reporter, service, code, flags, protocol, grpc_status, principal)
+        key = (reporter, service, code, flags, protocol, grpc_status, peer)
         series = self._series_by_key.get(key)
         if series is None:
-            labels = self._labels(reporter, service, code, flags, protocol, grpc_status, principal)
+            labels = self._labels(reporter, service, code, flags, protocol, grpc_status, peer)
             series = self._http.get(labels)
             if series is None:
                 series = self._http[labels] = _HttpSeries()
@@ -291,7 +319,7 @@ class MeshMetrics(Collector):
         h.count += 1
         h.total += response_bytes
 
-    def _tcp_series(self, rec: ConnRecord) -> _TcpSeries:
+    def _tcp_series(self, rec: ConnRecord) -> TcpSeries:
         labels = self._labels(
             rec.reporter,
             rec.destination_service,
@@ -299,24 +327,27 @@ class MeshMetrics(Collector):
             rec.response_flags,
             "tcp",
             "-",
-            rec.source_principal,
+            self._tcp_peers.get(None, _spiffe(rec.source_principal)),
         )
         key = tuple(v for name, v in zip(HTTP_LABELS, labels, strict=True) if name in TCP_LABELS)
         series = self._tcp.get(key)
         if series is None:
-            series = self._tcp[key] = _TcpSeries()
+            series = self._tcp[key] = TcpSeries()
         return series
 
-    def tcp_opened(self, rec: ConnRecord) -> None:
-        self._tcp_series(rec).opened += 1
+    def tcp_opened(self, rec: ConnRecord) -> TcpSeries:
+        """A TCP connection opened: the series its bytes and its close are counted in (one
+        series for the connection's whole life, as Istio reports it)."""
+        series = self._tcp_series(rec)
+        series.opened += 1
+        return series
 
-    def tcp_bytes(self, rec: ConnRecord, sent: int, received: int) -> None:
-        s = self._tcp_series(rec)
-        s.sent += sent
-        s.received += received
+    def tcp_bytes(self, series: TcpSeries, sent: int, received: int) -> None:
+        series.sent += sent
+        series.received += received
 
-    def tcp_closed(self, rec: ConnRecord) -> None:
-        self._tcp_series(rec).closed += 1
+    def tcp_closed(self, series: TcpSeries) -> None:
+        series.closed += 1
 
     def downstream_rejected(self, reason: str) -> None:
         self.rejected[reason] = self.rejected.get(reason, 0) + 1

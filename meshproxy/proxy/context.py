@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from meshproxy.codec.h1_limits import Limits
 from meshproxy.config.snapshot import Snapshot
 from meshproxy.observe.metrics import MeshMetrics
+from meshproxy.observe.workload import PeerCache
 from meshproxy.proxy.deadlines import DeadlineWheel
 from meshproxy.proxy.ratelimit import RateLimiters
 from meshproxy.security.identity import WorkloadIdentity
@@ -27,3 +28,8 @@ class ProxyContext:
     identity: WorkloadIdentity | None = None  # replaced (one assignment) on rotation
     deadlines: DeadlineWheel = field(default_factory=DeadlineWheel)
     rate_limiters: RateLimiters = field(default_factory=RateLimiters)
+    # Istio's metadata exchange: what this sidecar sends to mesh peers (kept current by the
+    # runtime on config and certificate changes), and the peers' decoded facts.
+    peer_metadata: bytes = b""
+    peer_metadata_id: bytes = b""
+    peers: PeerCache = field(default_factory=PeerCache)

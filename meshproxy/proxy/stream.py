@@ -30,6 +30,7 @@ from meshproxy.config.compile import PASSTHROUGH
 from meshproxy.config.snapshot import Resolution, Snapshot, UpstreamProtocol
 from meshproxy.errors import FailureKind, ProtocolError, UpstreamError
 from meshproxy.observe.recorder import StreamRecord
+from meshproxy.observe.workload import PEER_METADATA, PEER_METADATA_ID
 from meshproxy.proxy.hash_key import request_hash
 from meshproxy.proxy.mirror import mirror
 from meshproxy.proxy.retry_headers import OVERRIDE_HEADERS, apply_overrides
@@ -63,6 +64,8 @@ _WATCHED_REQUEST_HEADERS: Final = frozenset(
         b"x-request-id",
         b"x-forwarded-for",
         b"x-forwarded-client-cert",  # only the proxy sets it: never what a client sent
+        PEER_METADATA,  # Istio's metadata exchange: read from mesh peers, never passed on
+        PEER_METADATA_ID,
         *OVERRIDE_HEADERS,
     }
 )
@@ -209,6 +212,11 @@ class HttpStream:
         self.request_bytes = 0
         self.response_bytes = 0
         self.request_id = b""  # the x-request-id this proxy generated, if it did
+        # Istio's metadata exchange: the peer sidecar's x-envoy-peer-metadata (from the
+        # request inbound, the response outbound; only over mesh mTLS), and whether the
+        # upstream is a mesh peer (ISTIO_MUTUAL) that gets ours.
+        self._peer_metadata: bytes | None = None
+        self._mesh_upstream = False
         self.upstream: UpstreamExchange | None = None
         self.response_head_sent = False
         self.response_complete = False
@@ -926,6 +934,7 @@ class HttpStream:
         self._target_ops = target.response_headers
         if match.route.mirrors and not head.upgrade:
             self._mirrors = match.route.mirrors
+        self._mesh_upstream = not conn.inbound and snapshot.is_mesh_cluster(target.cluster)
         return match, target.cluster, self._upstream_head(head, match, target.request_headers)
 
     def _rate_limit(self, snapshot: Snapshot) -> None:
@@ -1006,6 +1015,9 @@ class HttpStream:
                     xff = item[1]
                 else:
                     append(item)
+            elif k == PEER_METADATA:
+                if inbound and conn.peer is not None:  # a mesh peer's, proven by its cert
+                    self._peer_metadata = item[1]
             elif k in OVERRIDE_HEADERS and not inbound:
                 if self._overrides is None:
                     self._overrides = []
@@ -1018,6 +1030,10 @@ class HttpStream:
             append((b"x-request-id", self.request_id))
         if not inbound:
             append((b"x-envoy-attempt-count", b"1"))  # Istio turns this on for outbound
+            if self._mesh_upstream:
+                ctx = conn.ctx
+                append((PEER_METADATA_ID, ctx.peer_metadata_id))
+                append((PEER_METADATA, ctx.peer_metadata))
         if inbound:
             # The edge of the mesh appends the peer, as Envoy does with use_remote_address.
             peer = conn.peer_ip.encode()
@@ -1078,6 +1094,7 @@ class HttpStream:
     def _send_response_head(self, head: ResponseHead) -> None:
         self.status = head.status
         headers = strip_hop_by_hop(head.headers)  # the codec's fresh list: ours to extend
+        headers = self._exchange_metadata(headers)
         elapsed = int((time.monotonic() - self._sent_at) * 1000)
         headers.append((b"x-envoy-upstream-service-time", b"%d" % elapsed))
         if self._set_cookie is not None:
@@ -1093,6 +1110,20 @@ class HttpStream:
         head.headers = headers
         self.response_head_sent = True
         self.conn.send_response_head(head, self)
+
+    def _exchange_metadata(self, headers: Headers) -> Headers:
+        """Istio's metadata exchange on the response: a mesh upstream's facts are kept (and
+        never shown to the app); a mesh client that sent its own gets ours."""
+        kept = [h for h in headers if h[0] != PEER_METADATA and h[0] != PEER_METADATA_ID]
+        if len(kept) != len(headers) and self._mesh_upstream:
+            for k, v in headers:
+                if k == PEER_METADATA:
+                    self._peer_metadata = v
+        elif self.conn.inbound and self._peer_metadata is not None:
+            ctx = self.conn.ctx
+            kept.append((PEER_METADATA_ID, ctx.peer_metadata_id))
+            kept.append((PEER_METADATA, ctx.peer_metadata))
+        return kept
 
     def _abort_upstream(self) -> None:
         up = self.upstream
@@ -1148,10 +1179,21 @@ class HttpStream:
     ) -> None:
         conn = self.conn
         head = self.head
-        service = match.virtual_host.service if match is not None else cluster
-        reporter = "destination" if conn.inbound else "source"
+        ctx = conn.ctx
+        if conn.inbound:
+            reporter = "destination"
+            authority = head.authority or head.header(b"host") or b""
+            service = ctx.snapshot.inbound_service(authority.decode("latin-1"))
+            tls_peer = conn.peer
+            spiffe = tls_peer.spiffe_id if tls_peer is not None else None
+            principal = str(spiffe) if spiffe is not None else ""
+        else:
+            reporter = "source"
+            service = match.virtual_host.service if match is not None else cluster
+            up = self.upstream
+            principal = up.peer_principal if up is not None else ""
+        peer = ctx.peers.get(self._peer_metadata, principal)
         duration_ms = duration * 1000.0
-        peer = conn.peer
         # Arguments written out: a *tuple call is a generic Python call even when compiled.
         conn.ctx.metrics.record_http(
             reporter,
@@ -1163,7 +1205,7 @@ class HttpStream:
             self.response_bytes,
             "grpc" if self.grpc else "http",
             self.grpc_status,
-            peer.principal if peer is not None else "",
+            peer,
         )
         log = conn.access_log
         if log is not None:

@@ -8,6 +8,7 @@ from typing import cast
 
 from meshproxy.errors import UpstreamError
 from meshproxy.observe.lograte import RateLimitedLog
+from meshproxy.observe.metrics import TcpSeries
 from meshproxy.observe.recorder import ConnRecord
 from meshproxy.proxy.context import ProxyContext
 from meshproxy.upstream.cluster import Cluster
@@ -70,6 +71,9 @@ class TcpRelay(asyncio.Protocol):
         self._down_eof = False
         self._up_eof = False
         self._holds_slot = False  # counted in the cluster's connections (maxConnections)
+        self._series: TcpSeries | None = None
+        self._report_timer: asyncio.TimerHandle | None = None
+        self._report_every = 15.0
 
     def _source_hash(self, cluster: Cluster) -> int | None:
         """Istio gives the TCP proxy a hash policy only for useSourceIp; others pick randomly."""
@@ -81,7 +85,12 @@ class TcpRelay(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport = cast(asyncio.Transport, transport)
         transport.set_write_buffer_limits(high=HIGH_WATER)
-        self.ctx.metrics.tcp_opened(self.record)
+        self._series = self.ctx.metrics.tcp_opened(self.record)
+        # Bytes are reported while the connection lives (Istio's tcp_reporting_duration),
+        # not only when it closes: a long stream shows on dashboards as it flows.
+        loop = asyncio.get_running_loop()
+        self._report_every = self.ctx.snapshot.settings.tcp_reporting_duration
+        self._report_timer = loop.call_later(self._report_every, self._report_periodically)
         transport.pause_reading()
         self._connect_task = asyncio.get_running_loop().create_task(self._connect())
 
@@ -163,8 +172,12 @@ class TcpRelay(asyncio.Protocol):
                 up.transport.abort()
             else:
                 up.transport.close()
+        if self._report_timer is not None:
+            self._report_timer.cancel()
+            self._report_timer = None
         self._report()
-        self.ctx.metrics.tcp_closed(self.record)
+        if self._series is not None:
+            self.ctx.metrics.tcp_closed(self._series)
 
     def pause_writing(self) -> None:
         up = self.upstream
@@ -214,11 +227,18 @@ class TcpRelay(asyncio.Protocol):
         if self.transport is not None:
             self.transport.close()
 
+    def _report_periodically(self) -> None:
+        self._report()
+        if not self._closed:
+            loop = asyncio.get_running_loop()
+            self._report_timer = loop.call_later(self._report_every, self._report_periodically)
+
     def _report(self) -> None:
         if self._unreported_sent or self._unreported_received:
             self.record.sent_bytes += self._unreported_sent
             self.record.received_bytes += self._unreported_received
-            self.ctx.metrics.tcp_bytes(
-                self.record, self._unreported_sent, self._unreported_received
-            )
+            if self._series is not None:
+                self.ctx.metrics.tcp_bytes(
+                    self._series, self._unreported_sent, self._unreported_received
+                )
             self._unreported_sent = self._unreported_received = 0

@@ -41,6 +41,7 @@ class UpstreamExchange(Protocol):
 
     request_done: bool
     response_done: bool
+    peer_principal: str  # the upstream's verified SPIFFE ID (ISTIO_MUTUAL), else ""
 
     def start(self, head: RequestHead, sink: ResponseSink, grpc: bool = False) -> None: ...
     def send_data(self, data: bytes) -> None: ...
@@ -70,6 +71,7 @@ class UpstreamHttp1Connection:
         self._interim_count = 0
         self._upgrading = False  # the request asked for a WebSocket upgrade
         self.tunnel = False  # a 101 came: bytes both ways are the tunnel's
+        self.peer_principal = ""  # set by the pool after a verified ISTIO_MUTUAL handshake
 
     # -- asyncio.Protocol ------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:

@@ -41,6 +41,7 @@ class Http2Exchange:
 
     def __init__(self, conn: UpstreamHttp2Connection) -> None:
         self.conn = conn
+        self.peer_principal = conn.peer_principal
         self.stream_id = 0
         self.sink: ResponseSink | None = None
         self.request_done = False
@@ -186,6 +187,7 @@ class UpstreamHttp2Connection(asyncio.Protocol):
         self.goaway = False  # no new streams on this connection
         self.write_paused = False
         self.idle_since = time.monotonic()
+        self.peer_principal = ""  # set by the pool after a verified ISTIO_MUTUAL handshake
         self._flood = FloodGuard()
         self._cork = 0
         self._flush_scheduled = False

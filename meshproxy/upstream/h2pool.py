@@ -80,7 +80,7 @@ class Http2Pool:
         try:
             async with asyncio.timeout(self.connect_timeout):
                 tls = self._tls() if self._tls is not None else None
-                await open_connection(
+                conn.peer_principal = await open_connection(
                     conn, self.address, self.port, self.bind_source, self.connect_timeout, tls
                 )
                 await conn.ready  # the server's SETTINGS: its stream limit

@@ -24,6 +24,13 @@ class UpstreamTls:
     tls: ClientTls
     trust_domain: str
 
+    def peer_identity(self, peercert: Mapping[str, object] | None) -> str:
+        """The verified mesh peer's SPIFFE ID (ISTIO_MUTUAL only), or ""."""
+        if self.tls.mode != "ISTIO_MUTUAL":
+            return ""
+        peer = spiffe_of(peercert)
+        return str(peer) if peer is not None else ""
+
     def check_peer(self, peercert: Mapping[str, object] | None, der: bytes) -> str | None:
         """Why the server's certificate is not the one expected, or None when it is."""
         if self.tls.insecure_skip_verify:

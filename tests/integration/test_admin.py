@@ -114,6 +114,47 @@ def test_no_certificate_notice_where_mesh_mtls_is_not_used(
     assert CERT_NOTICE in strict.proxy.log()
 
 
+def test_prometheus_port_serves_the_scrape_alone(make_mesh: MeshFactory) -> None:
+    """Istio's 15090 (here a free port: statsPort) on all interfaces: /stats/prometheus only."""
+    port = free_port()
+    mesh = make_mesh(extra_spec=f"  statsPort: {port}")
+    http.client.HTTPConnection("127.0.0.1", mesh.http_port, timeout=5).request(
+        "GET", "/", headers={"Host": "hello.test"}
+    )
+    assert wait_for(
+        lambda: value(scrape(mesh.proxy.admin), "istio_requests_total", reporter="source") == 1
+    )
+    stats = scrape(f"http://127.0.0.1:{port}")
+    assert value(stats, "istio_requests_total", reporter="source") == 1
+    for path in ("/", "/config_dump", "/quitquitquit", "/clusters"):
+        assert http_get(f"http://127.0.0.1:{port}{path}")[0] == 404, path
+    listening = {conn.laddr for conn in _listening_sockets(mesh.proxy.proc.pid)}
+    assert ("0.0.0.0", port) in listening
+
+
+def _listening_sockets(pid: int) -> list[object]:
+    """The process's listening TCP sockets, from /proc (no psutil here)."""
+    import collections
+
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    Sock = collections.namedtuple("Sock", "laddr")
+    out = []
+    for line in Path(f"/proc/{pid}/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if fields[3] == "0A" and fields[9] in inodes:  # LISTEN
+            hex_ip, hex_port = fields[1].split(":")
+            ip = ".".join(str(int(hex_ip[i : i + 2], 16)) for i in (6, 4, 2, 0))
+            out.append(Sock((ip, int(hex_port, 16))))
+    return out
+
+
 def test_admin_endpoints(make_mesh: MeshFactory) -> None:
     mesh = make_mesh()
     status, body = http_get(mesh.proxy.admin + "/ready")
@@ -274,3 +315,38 @@ def test_unique_hosts_paths_and_methods_add_no_metric_series(make_mesh: MeshFact
     assert len(after) < 1.2 * len(before)  # counts grow by digits, not by lines
     for token in ("invented", "/p1", "X1001", "PURGE"):
         assert token not in after
+
+
+def test_tcp_bytes_are_reported_while_the_connection_lives(make_mesh: MeshFactory) -> None:
+    """tcpReportingDuration: a long-lived TCP connection's bytes show before it closes, and
+    its open, bytes and close are counted in one series."""
+    mesh = make_mesh(extra_spec="  tcpReportingDuration: 200ms")
+    labels = {"reporter": "source", "request_protocol": "tcp"}
+    with socket.create_connection(("127.0.0.1", mesh.tcp_port), timeout=5) as s:
+        s.sendall(b"x" * 1000)
+        got = b""
+        while len(got) < 1000:
+            got += s.recv(4096)
+
+        def reported() -> bool:
+            samples = scrape(mesh.proxy.admin)
+            return value(samples, "istio_tcp_received_bytes_total", **labels) == 1000
+
+        assert wait_for(reported, timeout=10)
+        samples = scrape(mesh.proxy.admin)
+        assert value(samples, "istio_tcp_sent_bytes_total", **labels) == 1000
+        assert value(samples, "istio_tcp_connections_opened_total", **labels) == 1
+        assert value(samples, "istio_tcp_connections_closed_total", **labels) == 0
+        s.shutdown(socket.SHUT_WR)  # the echo server answers "bye" and closes
+        rest = b""
+        while chunk := s.recv(4096):
+            rest += chunk
+        assert rest == b"bye"
+    assert wait_for(
+        lambda: value(scrape(mesh.proxy.admin), "istio_tcp_connections_closed_total", **labels)
+        == 1
+    )
+    samples = scrape(mesh.proxy.admin)
+    # The echo server's "bye" came on top: still the one series.
+    assert value(samples, "istio_tcp_sent_bytes_total", **labels) == 1003
+    assert value(samples, "istio_tcp_connections_opened_total", **labels) == 1

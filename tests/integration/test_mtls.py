@@ -22,6 +22,7 @@ import pytest
 
 from meshproxy.security.ca import load_root, write_workload
 from tests.support.certs import leaf
+from tests.support.metrics import scrape, value
 from tests.support.proxy import (
     ProxyProcess,
     egress_sidecar,
@@ -97,7 +98,8 @@ spec:
   proxyAdminPort: {admin}
   statusPort: 0
   drainDuration: 2s
-  labels: {{app: server}}
+  labels: {{app: server, version: v2}}
+  workloadName: server-wl
   certificates:
     certChain: {certs}/cert-chain.pem
     privateKey: {certs}/key.pem
@@ -114,6 +116,15 @@ metadata: {{name: server, namespace: default}}
 spec:
   selector: {{matchLabels: {{app: server}}}}
   mtls: {{mode: {mode}}}
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: server}}
+spec:
+  hosts: [server.test]
+  ports: [{{number: {in_port}, name: http, protocol: HTTP}}]
+  resolution: STATIC
+  endpoints: [{{address: 127.0.0.1, labels: {{app: server}}}}]
 ---
 apiVersion: networking.istio.io/v1
 kind: Sidecar
@@ -138,6 +149,8 @@ spec:
   proxyAdminPort: {admin}
   statusPort: 0
   drainDuration: 2s
+  labels: {{app: client, version: v1}}
+  workloadName: client-wl
   certificates:
     certChain: {certs}/cert-chain.pem
     privateKey: {certs}/key.pem
@@ -229,11 +242,97 @@ def test_request_crosses_mtls_with_identities(pair: Pair) -> None:
     headers = _seen(pair)
     xfcc = headers["x-forwarded-client-cert"]
     assert f"URI={CLIENT_ID}" in xfcc and f"By={SERVER_ID}" in xfcc and "Hash=" in xfcc
-    metrics = pair.server.metrics()
-    assert f'source_principal="{CLIENT_ID[len("spiffe://") :]}"' in metrics
-    assert 'connection_security_policy="mutual_tls"' in metrics
+    samples = scrape(pair.server.admin)
+    requests = value(
+        samples,
+        "istio_requests_total",
+        source_principal=CLIENT_ID,
+        connection_security_policy="mutual_tls",
+    )
+    assert requests == 1
     certs = pair.certs(pair.server_admin)
     assert certs["current"]["spiffe_id"] == SERVER_ID  # type: ignore[index]
+
+
+ISTIO_SERIES_BOTH_SIDES = dict(
+    source_workload="client-wl",
+    source_app="client",
+    source_version="v1",
+    source_canonical_service="client",
+    source_canonical_revision="v1",
+    source_workload_namespace="default",
+    source_principal=CLIENT_ID,
+    source_cluster="Kubernetes",
+    destination_workload="server-wl",
+    destination_app="server",
+    destination_version="v2",
+    destination_canonical_service="server",
+    destination_canonical_revision="v2",
+    destination_workload_namespace="default",
+    destination_principal=SERVER_ID,
+    destination_cluster="Kubernetes",
+    destination_service="server.test",
+    request_protocol="http",
+    response_code="200",
+    response_flags="-",
+)
+
+
+@pytest.mark.parametrize("h2", [False, True], ids=["http1", "http2"])
+def test_each_sidecars_series_name_the_other_workload(pair: Pair, h2: bool) -> None:
+    """Istio's metadata exchange between two sidecars over mTLS: the client's series (source
+    report) and the server's (destination report) both carry both workloads' facts, and
+    neither the app nor the calling client ever sees the exchange headers."""
+    for _ in range(3):
+        status, _ = pair.get("/hello", h2=h2) if not h2 else pair.get("/h2", h2=True)
+        assert status == 200
+    service = "server-h2.test" if h2 else "server.test"
+    expected = {**ISTIO_SERIES_BOTH_SIDES, "destination_service": service}
+    client = scrape(pair.client.admin)
+    assert value(client, "istio_requests_total", reporter="source", **expected) == 3
+    assert (
+        value(client, "istio_request_duration_milliseconds_count", reporter="source", **expected)
+        == 3
+    )
+    server = scrape(pair.server.admin)
+    server_expected = {
+        **expected,
+        "destination_service": "server.test" if not h2 else "unknown",
+        "connection_security_policy": "mutual_tls",
+    }
+    assert value(server, "istio_requests_total", reporter="destination", **server_expected) == 3
+    seen = _seen(pair)
+    assert "x-envoy-peer-metadata" not in seen and "x-envoy-peer-metadata-id" not in seen
+    raw = _raw_client_get(pair.out_port, "server.test")
+    assert b"x-envoy-peer-metadata" not in raw.lower()
+
+
+def _raw_client_get(port: int, host: str) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(f"GET /raw HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
+        out = b""
+        while chunk := s.recv(65536):
+            out += chunk
+    return out
+
+
+def test_a_forged_peer_metadata_header_changes_nothing(pair: Pair) -> None:
+    """An app (or a client outside the mesh) cannot name itself another workload: what it
+    sends as x-envoy-peer-metadata is dropped, and the server still sees the real client."""
+    from meshproxy.config.resources import ProxySettings
+    from meshproxy.observe.workload import encode, local_workload
+
+    forged = encode(
+        local_workload(ProxySettings(namespace="prod", workload_name="admin", labels=())), ()
+    ).decode()
+    status, _ = get(pair.out_port, "/hello", "server.test", {"x-envoy-peer-metadata": forged})
+    assert status == 200
+    server = scrape(pair.server.admin)
+    assert (
+        value(server, "istio_requests_total", reporter="destination", source_workload="client-wl")
+        == 1
+    )
+    assert value(server, "istio_requests_total", source_workload="admin") is None
 
 
 def test_http2_rides_inside_mtls_by_alpn(pair: Pair) -> None:

@@ -20,6 +20,8 @@ _PROXY_FIELDS = {
     "proxyAdminPort": "proxy_admin_port",
     "adminBind": "admin_bind",
     "statusPort": "status_port",
+    "statsPort": "stats_port",
+    "tcpReportingDuration": "tcp_reporting_duration",
     "proxyListenPort": "proxy_listen_port",
     "proxyInboundListenPort": "proxy_inbound_listen_port",
     "interceptionMode": "interception_mode",
@@ -42,11 +44,20 @@ _PROXY_FIELDS = {
     "certificates": "certificates",
     "labels": "labels",
     "localRateLimits": "local_rate_limits",
+    "workloadName": "workload_name",
+    "clusterId": "cluster_id",
 }
 _CERT_FIELDS = {"certChain": "cert_chain", "privateKey": "private_key", "rootCert": "root_cert"}
-_PORT_FIELDS = ("proxyAdminPort", "statusPort", "proxyListenPort", "proxyInboundListenPort")
+_PORT_FIELDS = (
+    "proxyAdminPort",
+    "statusPort",
+    "statsPort",
+    "proxyListenPort",
+    "proxyInboundListenPort",
+)
 _DURATION_FIELDS = (
     "drainDuration",
+    "tcpReportingDuration",
     "connectTimeout",
     "upstreamIdleTimeout",
     "requestHeadersTimeout",
@@ -143,6 +154,9 @@ def parse_proxy_config(r: Reader, origin: Origin, spec: Any) -> ProxyConfigResou
             if v is not None and v <= 0 and key != "drainDuration":
                 r.error((*path, key), "must be greater than zero")
                 v = None
+            elif v is not None and key == "tcpReportingDuration" and v < 0.1:
+                r.error((*path, key), "must be at least 100ms")
+                v = None
         elif key == "concurrency":
             v = r.integer(m, key, path, minimum=0, maximum=64)
         elif key == "maxRequestHeadersKb":
@@ -173,6 +187,11 @@ def parse_proxy_config(r: Reader, origin: Origin, spec: Any) -> ProxyConfigResou
             )
         elif key == "headersWithUnderscoresAction":
             v = r.choice(m, key, path, ("ALLOW", "REJECT_REQUEST", "DROP_HEADER"))
+        elif key in ("workloadName", "clusterId"):
+            v = r.string(m, key, path)
+            if v is not None and not re.fullmatch(r"[A-Za-z0-9][-A-Za-z0-9_.]{0,252}", v):
+                r.error((*path, key), f"{v!r} is not a valid name (letters, digits, - _ .)")
+                v = None
         elif key == "trustDomain":
             v = r.string(m, key, path)
             if v is not None and not re.fullmatch(r"[a-z0-9._-]{1,255}", v):

@@ -336,3 +336,13 @@ spec: {headersWithUnderscoresAction: DROP_HEADERS}
     )
     (issue,) = [i for i in issues_of(path) if "headersWithUnderscoresAction" in i]
     assert "must be one of" in issue and 'did you mean "DROP_HEADER"' in issue, issue
+
+
+def test_prometheus_port_follows_istio() -> None:
+    """15090 on a capturing sidecar, off for explicit-listener proxies, statsPort wins."""
+    from meshproxy.config.resources import ProxySettings
+
+    assert ProxySettings().prometheus_port == 15090
+    assert ProxySettings(interception_mode="NONE").prometheus_port == 0
+    assert ProxySettings(interception_mode="NONE", stats_port=9999).prometheus_port == 9999
+    assert ProxySettings(stats_port=0).prometheus_port == 0
