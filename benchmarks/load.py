@@ -12,54 +12,27 @@ project's performance anchors were measured. Every process started here is stopp
 from __future__ import annotations
 
 import argparse
-import os
-import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
-CLK_TCK = os.sysconf("SC_CLK_TCK")
+from meshproxy.bench import processes
+from meshproxy.bench.loadgen import parse_wrk
+from meshproxy.bench.processes import NGINX_PROXY, NGINX_UPSTREAM, free_port
+from meshproxy.bench.processes import cpu_seconds as tree_cpu_seconds
+
+__all__ = ["NGINX_UPSTREAM", "free_port", "tree_cpu_seconds"]  # load_h2 and load_mtls use them
+
 R = TypeVar("R")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def wait_port(port: int, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise TimeoutError(f"port {port} not listening after {timeout}s")
-
-
-def tree_cpu_seconds(pid: int) -> float:
-    """utime+stime of a process and its children (nginx master + worker)."""
-    pids = [pid]
-    children = Path(f"/proc/{pid}/task/{pid}/children")
-    if children.exists():
-        pids += [int(p) for p in children.read_text().split()]
-    total = 0
-    for p in pids:
-        try:
-            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        total += int(fields[11]) + int(fields[12])
-    return total / CLK_TCK
+    processes.wait_port("127.0.0.1", port, timeout)
 
 
 @dataclass
@@ -75,39 +48,13 @@ class Result:
 def run_wrk(
     port: int, duration: int, connections: int, cpu: str
 ) -> tuple[float, float, float, int, int]:
-    cmd = [
-        "taskset",
-        "-c",
-        cpu,
-        "wrk",
-        "-t1",
-        f"-c{connections}",
-        f"-d{duration}s",
-        "--latency",
-        "-H",
-        "Host: bench.local",
-        f"http://127.0.0.1:{port}/",
-    ]
+    cmd = ["taskset", "-c", cpu, "wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--latency"]
+    cmd += ["-H", "Host: bench.local", f"http://127.0.0.1:{port}/"]
     out = subprocess.run(
         cmd, capture_output=True, text=True, timeout=duration + 60, check=True
     ).stdout
-    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
-    total = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
-
-    def pct(label: str) -> float:
-        m = re.search(rf"{label}%\s+([\d.]+)(us|ms|s)", out)
-        assert m, out
-        value, unit = float(m.group(1)), m.group(2)
-        return value / 1000 if unit == "us" else value * 1000 if unit == "s" else value
-
-    errors = 0
-    m = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-    if m:
-        errors += int(m.group(1))
-    m = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
-    if m:
-        errors += sum(int(x) for x in m.groups())
-    return rps, pct("50"), pct("99"), total, errors
+    r = parse_wrk(out, duration)
+    return r.rps, r.p50_ms, r.p99_ms, r.requests, r.errors
 
 
 def measure(
@@ -120,21 +67,6 @@ def measure(
     return Result(name, rps, p50, p99, cpu_us, errors)
 
 
-NGINX_UPSTREAM = """
-worker_processes 1; daemon off; pid {dir}/up.pid; error_log {dir}/up.err;
-events {{ worker_connections 4096; }}
-http {{ access_log off; keepalive_requests 1000000;
-  server {{ listen 127.0.0.1:{port}; location / {{ return 200 "hello"; }} }} }}
-"""
-NGINX_PROXY = """
-worker_processes 1; daemon off; pid {dir}/px.pid; error_log {dir}/px.err;
-events {{ worker_connections 4096; }}
-http {{ access_log off; keepalive_requests 1000000;
-  upstream up {{ server 127.0.0.1:{upstream}; keepalive 256; keepalive_requests 1000000; }}
-  server {{ listen 127.0.0.1:{port};
-    location / {{ proxy_pass http://up; proxy_http_version 1.1;
-      proxy_set_header Connection ""; proxy_max_temp_file_size 0; }} }} }}
-"""
 MESH = """
 apiVersion: meshproxy.io/v1alpha1
 kind: ProxyConfig
@@ -296,7 +228,8 @@ def main(argv: list[str] | None = None) -> int:
             ("direct", None, up_port, None)
         ]
         ng_port = free_port()
-        (tmp / "px.conf").write_text(NGINX_PROXY.format(dir=tmp, port=ng_port, upstream=up_port))
+        upstream = f"127.0.0.1:{up_port}"
+        (tmp / "px.conf").write_text(NGINX_PROXY.format(dir=tmp, port=ng_port, upstream=upstream))
         targets.append(
             (
                 "nginx",

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from meshproxy.errors import ConfigError
 from meshproxy.observe.accesslog import AccessLog, AccessLogError, open_access_log
 from meshproxy.observe.admin import start_admin
 from meshproxy.observe.metrics import MeshMetrics
+from meshproxy.observe.tracing import Tracing
 from meshproxy.observe.workload import encode as encode_peer_metadata
 from meshproxy.observe.workload import encode_id as encode_peer_metadata_id
 from meshproxy.observe.workload import local_workload
@@ -99,6 +101,29 @@ class Runtime:
         self.metrics.set_local(local)
         self.ctx.peer_metadata = encode_peer_metadata(local, settings.labels)
         self.ctx.peer_metadata_id = encode_peer_metadata_id(local)
+        self._publish_tracing()
+
+    def _publish_tracing(self) -> None:
+        """The snapshot's tracing at work: the export pipeline is rebuilt only when its
+        provider or this workload's service name changed (sampling and tags apply in place)."""
+        config = self.ctx.snapshot.tracing
+        local = self.metrics.local
+        current = self.ctx.tracing
+        if config is None:
+            self.ctx.tracing = None
+        elif current is not None and current.same_as(config, local.service_name):
+            current.with_config(config)
+            return
+        else:
+            try:
+                self.ctx.tracing = Tracing(
+                    config, local.service_name, local.namespace, self.metrics.span_counts
+                )
+            except Exception as exc:  # the SDK refusing its OTEL_* environment, say
+                logger.error("tracing is off: its exporter could not be set up: %s", exc)
+                self.ctx.tracing = None
+        if current is not None:  # flushing blocks: not on the event loop
+            threading.Thread(target=current.shutdown, name="trace-flush", daemon=True).start()
 
     # -- lifecycle -------------------------------------------------------------------------
     async def start(self) -> None:
@@ -220,6 +245,10 @@ class Runtime:
         for server in self._servers:
             server.close()
         self.clusters.close()
+        tracing, self.ctx.tracing = self.ctx.tracing, None
+        if tracing is not None:  # the spans still queued go out (the SDK bounds the wait)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.to_thread(tracing.shutdown), 10)
         logger.info("drained; %d connections left open", len(self.ctx.connections))
 
     # -- live reload -----------------------------------------------------------------------

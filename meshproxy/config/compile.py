@@ -61,6 +61,8 @@ from meshproxy.config.snapshot import (
     Snapshot,
     UpstreamProtocol,
 )
+from meshproxy.config.telemetry import Telemetry
+from meshproxy.config.telemetry_resolve import resolve_tracing
 from meshproxy.errors import ConfigIssue
 from meshproxy.routing.cors import Cors
 from meshproxy.routing.match import RequestMatcher, StringMatcher
@@ -175,7 +177,9 @@ def compile_snapshot(
     sidecars = [r for r in resources if isinstance(r, Sidecar)]
     peer_authns = [r for r in resources if isinstance(r, PeerAuthentication)]
     authz_policies = [r for r in resources if isinstance(r, AuthorizationPolicy)]
+    telemetries = [r for r in resources if isinstance(r, Telemetry)]
     before = len(issues)
+    tracing = resolve_tracing(settings, telemetries, issues)
 
     _index_services(ctx, entries)
     _index_rules(ctx, rules)
@@ -254,6 +258,7 @@ def compile_snapshot(
         port_rate_limits=MappingProxyType(port_rate_limits),
         rate_limits=frozenset(_bucket(limit) for limit in settings.local_rate_limits),
         service_hosts=frozenset(ctx.services),
+        tracing=tracing,
     )
 
 

@@ -7,6 +7,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from meshproxy.config.source import Document, Path_
+from meshproxy.config.telemetry import (
+    PROMETHEUS_PROVIDER,
+    DefaultProviders,
+    ExtensionProvider,
+    Telemetry,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -405,6 +411,7 @@ class ProxySettings:
     # Envoy's names. Not Envoy's default (ALLOW): `X_User` reaches a CGI/WSGI app as X-User.
     headers_with_underscores_action: str = "DROP_HEADER"  # ALLOW | REJECT_REQUEST | DROP_HEADER
     local_rate_limits: tuple[LocalRateLimit, ...] = ()
+
     @property
     def prometheus_port(self) -> int:
         if self.stats_port is not None:
@@ -414,6 +421,15 @@ class ProxySettings:
     # Istio's workload facts for telemetry: the pod's owner (WORKLOAD_NAME) and cluster id.
     workload_name: str = ""  # "" : the canonical service name, else "unknown"
     cluster_id: str = "Kubernetes"  # Istio's default CLUSTER_ID
+    # MeshConfig's extensionProviders and defaultProviders (telemetry backends by name).
+    extension_providers: tuple[ExtensionProvider, ...] = ()
+    default_providers: DefaultProviders = field(default_factory=DefaultProviders)
+
+    def provider(self, name: str) -> ExtensionProvider | None:
+        for p in self.extension_providers:
+            if p.name == name:
+                return p
+        return PROMETHEUS_PROVIDER if name == PROMETHEUS_PROVIDER.name else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -485,4 +501,5 @@ Resource = (
     | ProxyConfigResource
     | PeerAuthentication
     | AuthorizationPolicy
+    | Telemetry
 )

@@ -24,6 +24,7 @@ from prometheus_client.registry import Collector
 
 from meshproxy.config.resources import ProxySettings
 from meshproxy.observe.recorder import ConnRecord
+from meshproxy.observe.tracing import SpanCounts
 from meshproxy.observe.workload import NO_PEER, UNKNOWN, PeerCache, WorkloadInfo, local_workload
 
 # What one request's series is found by: reporter, service, code, flags, protocol, gRPC
@@ -169,6 +170,7 @@ _SUMMED_COUNTERS: Final = (
     "mirrors",
     "rate_limits",
     "clusters",
+    "spans",
 )
 
 
@@ -197,6 +199,7 @@ class MeshMetrics(Collector):
         self._tcp: dict[tuple[str, ...], TcpSeries] = {}
         self.local = local_workload(ProxySettings(namespace=namespace, workload_name=workload))
         self._tcp_peers = PeerCache()  # TCP peers: known by their certificate only
+        self.span_counts = SpanCounts()
         self._label_cache: dict[_SeriesKey, tuple[str, ...]] = {}
         self._series_by_key: dict[_SeriesKey, _HttpSeries] = {}
         self.rejected: dict[str, int] = {}
@@ -414,6 +417,7 @@ class MeshMetrics(Collector):
             "mirrors": dict(self.mirrors),
             "rate_limits": dict(self.rate_limits),
             "clusters": self.cluster_counters(),
+            "spans": {"queued": self.span_counts.queued, "dropped": self.span_counts.dropped},
             "cx_active": self.downstream_cx_active,
             "cx_total": self.downstream_cx_total,
         }
@@ -560,6 +564,12 @@ class MeshMetrics(Collector):
             merged["mirrors"],
         )
         yield from _envoy_cluster_counters(merged["clusters"])
+        yield _keyed_counter(
+            "meshproxy_tracing_spans",
+            "Sampled spans queued for export, and dropped because the queue was full",
+            ("result",),
+            merged["spans"],
+        )
         yield _keyed_counter(
             "meshproxy_local_rate_limited",
             "Requests refused by a ProxyConfig localRateLimits bucket, by its name",

@@ -45,6 +45,11 @@ class WorkloadInfo:
     principal: str = UNKNOWN  # spiffe://..., from the verified certificate, never a header
     instance: str = ""  # NAME: the pod
 
+    @property
+    def service_name(self) -> str:
+        """The OpenTelemetry service.name Istio gives this workload's spans."""
+        return f"{self.canonical_service}.{self.namespace}"
+
     def with_principal(self, principal: str) -> WorkloadInfo:
         return WorkloadInfo(
             self.namespace,

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from meshproxy.codec.h1_limits import Limits
 from meshproxy.config.snapshot import Snapshot
 from meshproxy.observe.metrics import MeshMetrics
+from meshproxy.observe.tracing import Tracing
 from meshproxy.observe.workload import PeerCache
 from meshproxy.proxy.deadlines import DeadlineWheel
 from meshproxy.proxy.ratelimit import RateLimiters
@@ -33,3 +34,4 @@ class ProxyContext:
     peer_metadata: bytes = b""
     peer_metadata_id: bytes = b""
     peers: PeerCache = field(default_factory=PeerCache)
+    tracing: Tracing | None = None  # the snapshot's TracingConfig at work, None: off

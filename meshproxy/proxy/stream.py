@@ -30,6 +30,15 @@ from meshproxy.config.compile import PASSTHROUGH
 from meshproxy.config.snapshot import Resolution, Snapshot, UpstreamProtocol
 from meshproxy.errors import FailureKind, ProtocolError, UpstreamError
 from meshproxy.observe.recorder import StreamRecord
+from meshproxy.observe.tracing import (
+    CLIENT,
+    SERVER,
+    TRACE_HEADERS,
+    RequestTrace,
+    finish,
+    parse_incoming,
+    upstream_headers,
+)
 from meshproxy.observe.workload import PEER_METADATA, PEER_METADATA_ID
 from meshproxy.proxy.hash_key import request_hash
 from meshproxy.proxy.mirror import mirror
@@ -66,6 +75,7 @@ _WATCHED_REQUEST_HEADERS: Final = frozenset(
         b"x-forwarded-client-cert",  # only the proxy sets it: never what a client sent
         PEER_METADATA,  # Istio's metadata exchange: read from mesh peers, never passed on
         PEER_METADATA_ID,
+        *TRACE_HEADERS,  # replaced by this proxy's span when tracing, else passed on
         *OVERRIDE_HEADERS,
     }
 )
@@ -217,6 +227,7 @@ class HttpStream:
         # upstream is a mesh peer (ISTIO_MUTUAL) that gets ours.
         self._peer_metadata: bytes | None = None
         self._mesh_upstream = False
+        self._trace: RequestTrace | None = None  # when the snapshot traces
         self.upstream: UpstreamExchange | None = None
         self.response_head_sent = False
         self.response_complete = False
@@ -998,6 +1009,8 @@ class HttpStream:
         inbound = conn.inbound
         has_proto = has_id = False
         xff: bytes | None = None
+        tracing = conn.ctx.tracing
+        trace_fields: dict[bytes, bytes] | None = None
         out: Headers = []
         append = out.append
         for item in strip_hop_by_hop(head.headers):
@@ -1018,6 +1031,13 @@ class HttpStream:
             elif k == PEER_METADATA:
                 if inbound and conn.peer is not None:  # a mesh peer's, proven by its cert
                     self._peer_metadata = item[1]
+            elif k in TRACE_HEADERS:
+                if tracing is None:
+                    append(item)
+                else:
+                    if trace_fields is None:
+                        trace_fields = {}
+                    trace_fields[k] = item[1]
             elif k in OVERRIDE_HEADERS and not inbound:
                 if self._overrides is None:
                     self._overrides = []
@@ -1028,6 +1048,8 @@ class HttpStream:
         if not has_id:
             self.request_id = new_request_id()
             append((b"x-request-id", self.request_id))
+        if tracing is not None:
+            out.extend(upstream_headers(self._begin_trace(trace_fields, match)))
         if not inbound:
             append((b"x-envoy-attempt-count", b"1"))  # Istio turns this on for outbound
             if self._mesh_upstream:
@@ -1111,6 +1133,82 @@ class HttpStream:
         self.response_head_sent = True
         self.conn.send_response_head(head, self)
 
+    def _begin_trace(
+        self, fields: dict[bytes, bytes] | None, match: RouteMatch | None
+    ) -> RequestTrace:
+        """This request's span (a sampled one is an SDK span from the request's start)."""
+        trace = self._trace
+        if trace is not None:
+            return trace  # a retry or a second upstream head: one span per request
+        tracing = self.conn.ctx.tracing
+        assert tracing is not None
+        conn = self.conn
+        incoming = parse_incoming(fields, b"") if fields else None
+        name = f"{self._service(match, self._cluster_name)}:{conn.local_port}/*"
+        start_ns = time.time_ns() - int((time.monotonic() - self._start) * 1e9)
+        trace = tracing.begin(incoming, name, SERVER if conn.inbound else CLIENT, start_ns)
+        self._trace = trace
+        return trace
+
+    def _service(self, match: RouteMatch | None, cluster: str) -> str:
+        """Istio's destination_service: the route's service outbound, the Host's inbound."""
+        conn = self.conn
+        if conn.inbound:
+            head = self.head
+            authority = head.authority or head.header(b"host") or b""
+            return conn.ctx.snapshot.inbound_service(authority.decode("latin-1"))
+        return match.virtual_host.service if match is not None else cluster
+
+    def _end_trace(self, service: str, cluster: str) -> None:
+        trace = self._trace
+        if trace is None:
+            # Answered before it was routed (404, 400): the request still gets its span.
+            fields = {k: v for k, v in self.head.headers if k in TRACE_HEADERS}
+            trace = self._begin_trace(fields, self._match)
+        if trace.span is None:
+            return
+        tracing = self.conn.ctx.tracing
+        if tracing is None:
+            return
+        conn = self.conn
+        head = self.head
+        local = conn.ctx.metrics.local
+        status = self.status
+        authority = (head.authority or head.header(b"host") or b"").decode("latin-1")
+        attributes: dict[str, str | int] = {
+            "http.request.method": head.method.decode("latin-1"),
+            "url.path": head.target.partition(b"?")[0].decode("latin-1"),
+            "server.address": authority.rpartition(":")[0] or authority
+            if authority.count(":") == 1
+            else authority,
+            "network.peer.address": conn.peer_ip,
+            "user_agent.original": (head.header(b"user-agent") or b"").decode("latin-1"),
+            "istio.canonical_service": local.canonical_service,
+            "istio.canonical_revision": local.canonical_revision,
+            "istio.namespace": local.namespace,
+            "istio.destination_service": service,
+            "upstream_cluster": cluster,
+            "response_flags": self.flag,
+            "guid:x-request-id": (head.header(b"x-request-id") or self.request_id or b"").decode(
+                "latin-1"
+            ),
+            "component": "proxy",
+        }
+        if status:
+            attributes["http.response.status_code"] = status
+        if self.grpc:
+            attributes["grpc.status_code"] = self.grpc_status
+        for tag in tracing.config.custom_tags:
+            if tag.kind == "literal":
+                attributes[tag.name] = tag.value
+            elif tag.kind == "header":
+                value = head.header(tag.value.encode("latin-1"))
+                attributes[tag.name] = value.decode("latin-1") if value else tag.default
+            else:
+                attributes[tag.name] = os.environ.get(tag.value, tag.default)
+        error = status == 0 or status >= 500 or (status >= 400 and not conn.inbound)
+        finish(trace, attributes, error, time.time_ns())
+
     def _exchange_metadata(self, headers: Headers) -> Headers:
         """Istio's metadata exchange on the response: a mesh upstream's facts are kept (and
         never shown to the app); a mesh client that sent its own gets ours."""
@@ -1192,6 +1290,8 @@ class HttpStream:
             service = match.virtual_host.service if match is not None else cluster
             up = self.upstream
             principal = up.peer_principal if up is not None else ""
+        if ctx.tracing is not None:
+            self._end_trace(service, cluster)
         peer = ctx.peers.get(self._peer_metadata, principal)
         duration_ms = duration * 1000.0
         # Arguments written out: a *tuple call is a generic Python call even when compiled.

@@ -85,12 +85,6 @@ class TcpRelay(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport = cast(asyncio.Transport, transport)
         transport.set_write_buffer_limits(high=HIGH_WATER)
-        self._series = self.ctx.metrics.tcp_opened(self.record)
-        # Bytes are reported while the connection lives (Istio's tcp_reporting_duration),
-        # not only when it closes: a long stream shows on dashboards as it flows.
-        loop = asyncio.get_running_loop()
-        self._report_every = self.ctx.snapshot.settings.tcp_reporting_duration
-        self._report_timer = loop.call_later(self._report_every, self._report_periodically)
         transport.pause_reading()
         self._connect_task = asyncio.get_running_loop().create_task(self._connect())
 
@@ -117,12 +111,14 @@ class TcpRelay(asyncio.Protocol):
                 cluster_name, "tcp %s: upstream connect failed: %s", cluster_name, exc
             )
             self.record.response_flags = "UF" if not isinstance(exc, UpstreamError) else exc.flag
+            self._open_series()
             self._release_slot()
             self._close_downstream()
             return
         if self._closed:
             side.transport.close() if side.transport else None
             return
+        self._open_series()
         self.upstream = side
         assert side.transport is not None
         if self._pending:
@@ -175,9 +171,9 @@ class TcpRelay(asyncio.Protocol):
         if self._report_timer is not None:
             self._report_timer.cancel()
             self._report_timer = None
+        series = self._open_series()  # closed before the upstream answered: still counted
         self._report()
-        if self._series is not None:
-            self.ctx.metrics.tcp_closed(self._series)
+        self.ctx.metrics.tcp_closed(series)
 
     def pause_writing(self) -> None:
         up = self.upstream
@@ -226,6 +222,22 @@ class TcpRelay(asyncio.Protocol):
     def _close_downstream(self) -> None:
         if self.transport is not None:
             self.transport.close()
+
+    def _open_series(self) -> TcpSeries:
+        """Count the connection as opened, in the one series its bytes and close go to. Done
+        once the upstream outcome is known, so a refused one (UF, UO) carries its flag."""
+        series = self._series
+        if series is None:
+            series = self._series = self.ctx.metrics.tcp_opened(self.record)
+            if not self._closed:
+                # Bytes are reported while the connection lives (Istio's
+                # tcp_reporting_duration), not only when it closes.
+                self._report_every = self.ctx.snapshot.settings.tcp_reporting_duration
+                loop = asyncio.get_running_loop()
+                self._report_timer = loop.call_later(
+                    self._report_every, self._report_periodically
+                )
+        return series
 
     def _report_periodically(self) -> None:
         self._report()

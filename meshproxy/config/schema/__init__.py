@@ -15,6 +15,7 @@ from meshproxy.config.schema.proxy_config import parse_proxy_config
 from meshproxy.config.schema.security import parse_authorization_policy, parse_peer_authentication
 from meshproxy.config.schema.service_entry import parse_service_entry
 from meshproxy.config.schema.sidecar import parse_sidecar
+from meshproxy.config.schema.telemetry import parse_telemetry
 from meshproxy.config.schema.virtual_service import parse_virtual_service
 from meshproxy.config.source import Document
 from meshproxy.errors import ConfigIssue
@@ -26,6 +27,7 @@ ISTIO_NETWORKING_VERSIONS = (
 )
 ISTIO_SECURITY_VERSIONS = ("security.istio.io/v1", "security.istio.io/v1beta1")
 MESHPROXY_VERSIONS = ("meshproxy.io/v1alpha1",)
+TELEMETRY_VERSIONS = ("telemetry.istio.io/v1", "telemetry.istio.io/v1alpha1")
 
 
 KINDS = (
@@ -36,6 +38,7 @@ KINDS = (
     "ProxyConfig",
     "PeerAuthentication",
     "AuthorizationPolicy",
+    "Telemetry",
 )
 _VERSIONS = {
     "ServiceEntry": ISTIO_NETWORKING_VERSIONS,
@@ -45,6 +48,7 @@ _VERSIONS = {
     "PeerAuthentication": ISTIO_SECURITY_VERSIONS,
     "AuthorizationPolicy": ISTIO_SECURITY_VERSIONS,
     "ProxyConfig": MESHPROXY_VERSIONS,
+    "Telemetry": TELEMETRY_VERSIONS,
 }
 
 
@@ -56,6 +60,7 @@ _PARSERS: dict[str, Any] = {
     "ProxyConfig": parse_proxy_config,
     "PeerAuthentication": parse_peer_authentication,
     "AuthorizationPolicy": parse_authorization_policy,
+    "Telemetry": parse_telemetry,
 }
 
 

@@ -162,3 +162,18 @@ def weighted_destinations(
     if len(out) > 1 and any(d.weight is None for d in out):
         r.error((*path, key), "when a route has several destinations each needs a weight")
     return tuple(out)
+
+
+def workload_selector(
+    r: Reader, m: Mapping[str, Any], path: Path_, target_refs: bool = True
+) -> tuple[tuple[str, str], ...] | None:
+    """`selector.matchLabels` as sorted pairs (None: no selector, the namespace or mesh);
+    targetRef(s), which apply to gateways and waypoints, are refused."""
+    selector = None
+    if m.get("selector") is not None:
+        sm = r.mapping(m["selector"], (*path, "selector"), ("matchLabels",))
+        selector = tuple(sorted(r.string_map(sm or {}, "matchLabels", (*path, "selector")).items()))
+    for key in ("targetRef", "targetRefs") if target_refs else ():
+        if m.get(key) is not None:
+            r.error((*path, key), "targetRef applies to gateways/waypoints; use selector")
+    return selector

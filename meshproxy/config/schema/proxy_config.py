@@ -14,6 +14,10 @@ from meshproxy.config.resources import (
     ProxyConfigResource,
     ProxySettings,
 )
+from meshproxy.config.schema.mesh_config import (
+    parse_default_providers,
+    parse_extension_providers,
+)
 from meshproxy.config.source import Path_
 
 _PROXY_FIELDS = {
@@ -46,6 +50,8 @@ _PROXY_FIELDS = {
     "localRateLimits": "local_rate_limits",
     "workloadName": "workload_name",
     "clusterId": "cluster_id",
+    "extensionProviders": "extension_providers",
+    "defaultProviders": "default_providers",
 }
 _CERT_FIELDS = {"certChain": "cert_chain", "privateKey": "private_key", "rootCert": "root_cert"}
 _PORT_FIELDS = (
@@ -187,6 +193,10 @@ def parse_proxy_config(r: Reader, origin: Origin, spec: Any) -> ProxyConfigResou
             )
         elif key == "headersWithUnderscoresAction":
             v = r.choice(m, key, path, ("ALLOW", "REJECT_REQUEST", "DROP_HEADER"))
+        elif key == "extensionProviders":
+            v = parse_extension_providers(r, m, path) or None
+        elif key == "defaultProviders":
+            v = parse_default_providers(r, m, path, values.get("extension_providers", ()))
         elif key in ("workloadName", "clusterId"):
             v = r.string(m, key, path)
             if v is not None and not re.fullmatch(r"[A-Za-z0-9][-A-Za-z0-9_.]{0,252}", v):

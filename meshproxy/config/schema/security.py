@@ -16,6 +16,7 @@ from meshproxy.config.resources import (
     Origin,
     PeerAuthentication,
 )
+from meshproxy.config.schema.common import workload_selector
 from meshproxy.config.source import Path_
 
 MTLS_MODES = ("UNSET", "STRICT", "PERMISSIVE", "DISABLE")
@@ -34,10 +35,7 @@ def parse_peer_authentication(r: Reader, origin: Origin, spec: Any) -> PeerAuthe
     m = r.mapping(spec, path, ("selector", "mtls", "portLevelMtls"))
     if m is None:
         return None
-    selector = None
-    if m.get("selector") is not None:
-        sm = r.mapping(m["selector"], (*path, "selector"), ("matchLabels",))
-        selector = tuple(sorted(r.string_map(sm or {}, "matchLabels", (*path, "selector")).items()))
+    selector = workload_selector(r, m, path, target_refs=False)
     mode = _mtls_mode(r, m.get("mtls"), (*path, "mtls"))
     ports: list[tuple[int, str]] = []
     plm = m.get("portLevelMtls")
@@ -179,13 +177,7 @@ def parse_authorization_policy(r: Reader, origin: Origin, spec: Any) -> Authoriz
     )
     if m is None:
         return None
-    selector = None
-    if m.get("selector") is not None:
-        sm = r.mapping(m["selector"], (*path, "selector"), ("matchLabels",))
-        selector = tuple(sorted(r.string_map(sm or {}, "matchLabels", (*path, "selector")).items()))
-    for key in ("targetRef", "targetRefs"):
-        if m.get(key) is not None:
-            r.error((*path, key), "targetRef applies to gateways/waypoints; use selector")
+    selector = workload_selector(r, m, path)
     action = r.choice(m, "action", path, ("ALLOW", "DENY", "AUDIT", "CUSTOM"), "ALLOW")
     if action == "CUSTOM":
         r.error((*path, "action"), "CUSTOM (external authorization) is not supported")

@@ -1,0 +1,83 @@
+"""Which tracing this sidecar does: Telemetry resources resolved as Istio resolves them.
+
+Levels, widest first: the root namespace's Telemetry without a selector (mesh-wide), this
+workload's namespace's without one, then those whose selector matches its labels. Each
+level's tracing entry overrides the fields it sets (providers, sampling, span reporting,
+custom tags) of the levels before; without any, MeshConfig defaultProviders.tracing turns
+tracing on at Istio's 1 % sampling.
+"""
+
+from __future__ import annotations
+
+from meshproxy.config.reader import Reader
+from meshproxy.config.resources import ProxySettings, selects
+from meshproxy.config.telemetry import (
+    DEFAULT_SAMPLING_PERCENT,
+    Telemetry,
+    TracingConfig,
+    TracingRule,
+)
+from meshproxy.errors import ConfigIssue
+
+
+def resolve_tracing(
+    settings: ProxySettings, telemetries: list[Telemetry], issues: list[ConfigIssue]
+) -> TracingConfig | None:
+    for t in telemetries:
+        _check_providers(settings, t, issues)
+    labels = dict(settings.labels)
+    mesh = [t for t in telemetries if t.origin.namespace == settings.root_namespace]
+    local = [t for t in telemetries if t.origin.namespace == settings.namespace]
+    levels = [
+        [t for t in mesh if t.selector is None],
+        [t for t in local if t.selector is None and t not in mesh],
+        [t for t in local if t.selector is not None and selects(t.selector, labels)],
+    ]
+    merged = TracingRule(providers=settings.default_providers.tracing or None)
+    for level in levels:
+        for telemetry in level:
+            for rule in telemetry.tracing:
+                merged = _override(merged, rule)
+    names = merged.providers or ()
+    if not names:
+        return None
+    name = names[0]  # Istio uses the first provider of a tracing entry
+    provider = settings.provider(name)
+    if provider is None or provider.opentelemetry is None:
+        return None  # reported by _check_providers
+    return TracingConfig(
+        name,
+        provider.opentelemetry,
+        merged.sampling_percent
+        if merged.sampling_percent is not None
+        else DEFAULT_SAMPLING_PERCENT,
+        bool(merged.disable_span_reporting),
+        merged.custom_tags or (),
+    )
+
+
+def _override(base: TracingRule, rule: TracingRule) -> TracingRule:
+    return TracingRule(
+        rule.providers if rule.providers is not None else base.providers,
+        rule.sampling_percent if rule.sampling_percent is not None else base.sampling_percent,
+        rule.disable_span_reporting
+        if rule.disable_span_reporting is not None
+        else base.disable_span_reporting,
+        rule.custom_tags if rule.custom_tags is not None else base.custom_tags,
+    )
+
+
+def _check_providers(settings: ProxySettings, t: Telemetry, issues: list[ConfigIssue]) -> None:
+    """Every provider a Telemetry names is a declared opentelemetry one."""
+    from meshproxy.config.reader import did_you_mean
+
+    r = Reader(t.origin.doc, t.origin.label, issues)
+    declared = [p.name for p in settings.extension_providers]
+    for i, rule in enumerate(t.tracing):
+        for j, name in enumerate(rule.providers or ()):
+            path = ("spec", "tracing", i, "providers", j, "name")
+            provider = settings.provider(name)
+            if provider is None:
+                r.error(path, f"no extension provider {name!r}{did_you_mean(name, declared)}")
+            elif provider.opentelemetry is None:
+                r.error(path, f"provider {name!r} is {provider.kind}, not opentelemetry")
