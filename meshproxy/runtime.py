@@ -361,6 +361,38 @@ class Runtime:
             "warnings": list(snap.warnings),
         }
 
+    def listener_statuses(self) -> list[dict[str, Any]]:
+        specs = [listener.spec for listener in self.listeners.values()]
+        return [
+            {"name": s.name, "local_address": f"{s.address}:{s.port}", "kind": s.kind.value}
+            for s in specs
+        ]
+
+    def server_info(self) -> dict[str, Any]:
+        settings = self.ctx.snapshot.settings
+        state = "DRAINING" if self.ctx.draining else ("LIVE" if self.ready else "PRE_INITIALIZING")
+        identity = self.ctx.identity
+        spiffe = identity.spiffe_id if identity is not None else None
+        return {
+            "version": __version__,
+            "state": state,
+            "hot_path": describe(),
+            "uptime_current_epoch": f"{time.time() - self.started_at:.0f}s",
+            "config_version": self.ctx.snapshot.version,
+            "command_line_options": {
+                "config_path": str(self.config_path),
+                "concurrency": self.role.count,
+                "drain_time_s": settings.drain_duration,
+            },
+            "node": {
+                "id": self.ctx.peer_metadata_id.decode("latin-1"),
+                "workload": self.metrics.local.workload,
+                "namespace": settings.namespace,
+                "identity": str(spiffe) if spiffe is not None else None,
+                "cluster": settings.cluster_id,
+            },
+        }
+
     def certs(self) -> dict[str, Any]:
         return self.identity.describe()
 

@@ -8,8 +8,10 @@ import logging
 from collections.abc import Callable
 from http import HTTPStatus
 from typing import Any, Protocol, cast
+from urllib.parse import parse_qs
 
 import h11
+import re2
 
 logger = logging.getLogger(__name__)
 MAX_ADMIN_REQUEST = 16 * 1024
@@ -23,6 +25,8 @@ class AdminSource(Protocol):
     def prometheus(self) -> bytes: ...
     def request_quit(self) -> None: ...
     def request_drain(self) -> None: ...
+    def listener_statuses(self) -> list[dict[str, Any]]: ...
+    def server_info(self) -> dict[str, Any]: ...
 
 
 Handler = Callable[[AdminSource, str], tuple[int, str, bytes]]
@@ -58,6 +62,116 @@ def _clusters(src: AdminSource, query: str) -> tuple[int, str, bytes]:
     return 200, "text/plain", ("\n".join(lines) + "\n").encode()
 
 
+def _stats(src: AdminSource, query: str) -> tuple[int, str, bytes]:
+    """Envoy's plain /stats: one `name: value` line per counter and gauge (Istio's tagged
+    names as `tag=value;...;name`), `?filter=REGEX` (RE2) and `?usedonly` as in Envoy."""
+    params = parse_qs(query, keep_blank_values=True)
+    pattern = params.get("filter", [""])[0]
+    try:
+        matcher = re2.compile(pattern) if pattern else None
+    except re2.error as exc:
+        return 400, "text/plain", f"invalid filter: {exc}\n".encode()
+    used_only = "usedonly" in params
+    lines = []
+    for name, value in plain_stats(src.prometheus().decode()):
+        if used_only and not value:
+            continue
+        if matcher is not None and not matcher.search(name):
+            continue
+        lines.append(f"{name}: {value:g}")
+    return 200, "text/plain", ("\n".join(lines) + "\n").encode()
+
+
+def plain_stats(text: str) -> list[tuple[str, float]]:
+    """The Prometheus exposition as Envoy's plain stat names (histograms left out: Envoy
+    prints them apart)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out: list[tuple[str, float]] = []
+    for family in text_string_to_metric_families(text):
+        if family.type in ("histogram", "summary"):
+            continue
+        for sample in family.samples:
+            if sample.name.endswith("_created"):
+                continue
+            labels = sample.labels
+            if family.name.startswith("envoy_cluster_") and "cluster_name" in labels:
+                stat = sample.name[len("envoy_cluster_") :]
+                out.append((f"cluster.{labels['cluster_name']}.{stat}", sample.value))
+                continue
+            tags = "".join(f"{k}={v};" for k, v in sorted(labels.items()))
+            out.append((f"{tags}{sample.name}", sample.value))
+    return sorted(out)
+
+
+def _listeners(src: AdminSource, query: str) -> tuple[int, str, bytes]:
+    listeners = src.listener_statuses()
+    if "format=json" in query:
+        return (
+            200,
+            "application/json",
+            json.dumps({"listener_statuses": listeners}, indent=2).encode(),
+        )
+    lines = [f"{item['name']}::{item['local_address']}" for item in listeners]
+    return 200, "text/plain", ("\n".join(lines) + "\n").encode()
+
+
+def _server_info(src: AdminSource, query: str) -> tuple[int, str, bytes]:
+    return 200, "application/json", json.dumps(src.server_info(), indent=2).encode()
+
+
+LEVELS = ("trace", "debug", "info", "warning", "error", "critical", "off")
+_PYTHON_LEVEL = {
+    "trace": logging.DEBUG,
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+    "critical": logging.CRITICAL,
+    "off": logging.CRITICAL + 10,
+}
+
+
+def _logger_names() -> list[str]:
+    names = ["meshproxy"]
+    names += sorted(
+        n
+        for n in logging.Logger.manager.loggerDict
+        if n.startswith("meshproxy.") and "." not in n[10:]
+    )
+    return names
+
+
+def _logging(src: AdminSource, query: str) -> tuple[int, str, bytes]:
+    """GET lists the loggers and their levels (Envoy's /logging)."""
+    lines = ["active loggers:"]
+    for name in _logger_names():
+        level = logging.getLevelName(logging.getLogger(name).getEffectiveLevel()).lower()
+        lines.append(f"  {name}: {level}")
+    return 200, "text/plain", ("\n".join(lines) + "\n").encode()
+
+
+def set_log_levels(query: str) -> tuple[int, bytes]:
+    """POST /logging?level=L sets every logger, ?NAME=L one (meshproxy.proxy, ...), live."""
+    params = parse_qs(query, keep_blank_values=True)
+    if not params:
+        return 400, b"usage: POST /logging?level=LEVEL or /logging?LOGGER=LEVEL\n"
+    changes: list[tuple[logging.Logger, int]] = []
+    for key, values in params.items():
+        level = values[-1].lower()
+        if level not in _PYTHON_LEVEL:
+            return 400, f"unknown level {level!r} (one of {', '.join(LEVELS)})\n".encode()
+        name = "meshproxy" if key == "level" else key
+        if name not in _logger_names():
+            return 404, f"unknown logger {name!r}\n".encode()
+        changes.append((logging.getLogger(name), _PYTHON_LEVEL[level]))
+    for logger_, level_ in changes:
+        logger_.setLevel(level_)
+        if logger_.name == "meshproxy":
+            logging.getLogger().setLevel(level_)  # the handler's threshold, on the root
+    return 200, b"OK\n"
+
+
 def _certs(src: AdminSource, query: str) -> tuple[int, str, bytes]:
     return 200, "application/json", json.dumps(src.certs(), indent=2, default=str).encode()
 
@@ -72,6 +186,10 @@ ROUTE_HELP: dict[str, str] = {
     "/config_dump": "the active resources and settings, and the last good and failed reloads",
     "/clusters": "clusters, endpoints, health and counters (?format=json)",
     "/certs": "the workload identity: SPIFFE ID, validity, roots, last load error",
+    "/stats": "counters and gauges as Envoy prints them (?filter=RE2, ?usedonly)",
+    "/listeners": "listeners and their addresses (?format=json)",
+    "/server_info": "version, state, uptime, build and settings (JSON)",
+    "/logging": "loggers and levels; POST ?level=LEVEL or ?LOGGER=LEVEL changes them",
     "/quitquitquit": "POST: drain and exit",
     "/drain_listeners": "POST: stop accepting new connections and drain",
 }
@@ -86,6 +204,10 @@ def _home(src: AdminSource, query: str) -> tuple[int, str, bytes]:
 GET_ROUTES: dict[str, Handler] = {
     "/": _home,
     "/certs": _certs,
+    "/stats": _stats,
+    "/listeners": _listeners,
+    "/server_info": _server_info,
+    "/logging": _logging,
     "/ready": _ready,
     "/healthz/ready": _ready,
     "/stats/prometheus": _prom,
@@ -131,6 +253,10 @@ class AdminProtocol(asyncio.Protocol):
         method = req.method.decode()
         if self.only is not None and path not in self.only:
             self._respond(404, "text/plain", b"not found\n")
+            return
+        if path == "/logging" and method == "POST":
+            status, body = set_log_levels(query)
+            self._respond(status, "text/plain", body)
             return
         if path in POST_ROUTES:
             if method != "POST":

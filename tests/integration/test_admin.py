@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -343,10 +344,64 @@ def test_tcp_bytes_are_reported_while_the_connection_lives(make_mesh: MeshFactor
             rest += chunk
         assert rest == b"bye"
     assert wait_for(
-        lambda: value(scrape(mesh.proxy.admin), "istio_tcp_connections_closed_total", **labels)
-        == 1
+        lambda: value(scrape(mesh.proxy.admin), "istio_tcp_connections_closed_total", **labels) == 1
     )
     samples = scrape(mesh.proxy.admin)
     # The echo server's "bye" came on top: still the one series.
     assert value(samples, "istio_tcp_sent_bytes_total", **labels) == 1003
     assert value(samples, "istio_tcp_connections_opened_total", **labels) == 1
+
+
+def _post(url: str) -> tuple[int, bytes]:
+    req = urllib.request.Request(url, method="POST")
+    try:
+        with urllib.request.urlopen(req, timeout=5) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def test_envoy_stats_listeners_server_info_and_live_logging(make_mesh: MeshFactory) -> None:
+    mesh = make_mesh(extra_spec="  workloadName: shop-v1")
+    conn = http.client.HTTPConnection("127.0.0.1", mesh.http_port, timeout=5)
+    conn.request("GET", "/", headers={"Host": "hello.test"})
+    conn.getresponse().read()
+    admin = mesh.proxy.admin
+    assert wait_for(lambda: value(scrape(admin), "istio_requests_total", reporter="source") == 1)
+    status, body = http_get(admin + "/stats")
+    stats = dict(line.rsplit(": ", 1) for line in body.decode().splitlines())
+    cluster = f"outbound|{mesh.http_port}|v1|hello.test"
+    assert stats[f"cluster.{cluster}.upstream_cx_overflow"] == "0"
+    (requests,) = [k for k in stats if k.endswith(";istio_requests_total")]
+    assert "reporter=source;" in requests and stats[requests] == "1"
+    _, body = http_get(admin + "/stats?filter=^cluster%5C..*overflow&usedonly")
+    assert body.strip() == b""  # nothing overflowed: usedonly leaves all out
+    status, _ = http_get(admin + "/stats?filter=(")
+    assert status == 400
+    _, body = http_get(admin + "/listeners")
+    assert f"127.0.0.1:{mesh.http_port}" in body.decode()
+    listeners = json.loads(http_get(admin + "/listeners?format=json")[1])["listener_statuses"]
+    assert {item["local_address"] for item in listeners} == {
+        f"127.0.0.1:{mesh.http_port}",
+        f"127.0.0.1:{mesh.tcp_port}",
+    }
+    info = json.loads(http_get(admin + "/server_info")[1])
+    assert info["state"] == "LIVE" and info["node"]["workload"] == "shop-v1"
+    assert info["version"].startswith("0.")
+    # Live log levels: POST only, checked, effective at once.
+    assert _post(admin + "/logging?level=debug")[0] == 200
+    _, body = http_get(admin + "/logging")
+    assert "  meshproxy: debug" in body.decode()
+    assert _post(admin + "/logging?level=loud")[0] == 400
+    assert _post(admin + "/logging?nosuchlogger=info")[0] == 404
+    # At error level a reload's INFO line is not written; back at info, the next one is.
+    assert _post(admin + "/logging?level=error")[0] == 200
+    config = mesh.config_dir / "mesh.yaml"
+    config.write_text(config.read_text() + "\n# touched 1\n")
+    assert wait_for(
+        lambda: value(scrape(admin), "meshproxy_config_reload_total", result="success") == 2
+    )
+    assert "applied (was 1)" not in mesh.proxy.log()
+    assert _post(admin + "/logging?level=info")[0] == 200
+    config.write_text(config.read_text() + "\n# touched 2\n")
+    assert wait_for(lambda: "applied (was 2)" in mesh.proxy.log())
