@@ -48,6 +48,33 @@ def strip_hop_by_hop(headers: Headers) -> Headers:
     return [h for h in headers if h[0] not in drop]
 
 
+# Istio's metadata exchange between sidecars (observe/workload.py): never shown to a client.
+PEER_METADATA: Final = b"x-envoy-peer-metadata"
+PEER_METADATA_ID: Final = b"x-envoy-peer-metadata-id"
+_RESPONSE_DROP: Final = HOP_BY_HOP | {PEER_METADATA, PEER_METADATA_ID}
+
+
+def strip_response_headers(headers: Headers) -> tuple[Headers, bytes | None]:
+    """strip_hop_by_hop for a response, in the same one pass also removing the metadata
+    exchange headers; returns the x-envoy-peer-metadata value it removed, if any."""
+    drop: frozenset[bytes] | set[bytes] | None = None
+    metadata: bytes | None = None
+    for k, v in headers:
+        if k in _RESPONSE_DROP:
+            if drop is None:
+                drop = _RESPONSE_DROP
+            if k == b"connection":
+                lowered = v.lower()
+                if lowered != b"keep-alive" and lowered != b"close":
+                    drop = set(drop)
+                    drop.update(t.strip() for t in lowered.split(b","))
+            elif k == PEER_METADATA:
+                metadata = v
+    if drop is None:
+        return headers, None
+    return [h for h in headers if h[0] not in drop], metadata
+
+
 def check_field_syntax(headers: Headers, side: ProtocolSide) -> None:
     """Reject names that are not tokens and values with CTLs (NUL, CR, LF and friends)."""
     for k, v in headers:

@@ -21,8 +21,6 @@ from google.protobuf.message import DecodeError
 
 from meshproxy.config.resources import ProxySettings
 
-PEER_METADATA: Final = b"x-envoy-peer-metadata"
-PEER_METADATA_ID: Final = b"x-envoy-peer-metadata-id"
 MAX_PEER_METADATA: Final = 8 * 1024  # bytes of header value decoded at most
 CANONICAL_NAME: Final = "service.istio.io/canonical-name"
 CANONICAL_REVISION: Final = "service.istio.io/canonical-revision"

@@ -24,7 +24,13 @@ from meshproxy.codec.grpc import (
     is_grpc,
     with_grpc_timeout,
 )
-from meshproxy.codec.headers import IDEMPOTENT_METHODS, strip_hop_by_hop
+from meshproxy.codec.headers import (
+    IDEMPOTENT_METHODS,
+    PEER_METADATA,
+    PEER_METADATA_ID,
+    strip_hop_by_hop,
+    strip_response_headers,
+)
 from meshproxy.codec.path import PathNormalization, normalize_target
 from meshproxy.config.compile import PASSTHROUGH
 from meshproxy.config.snapshot import Resolution, Snapshot, UpstreamProtocol
@@ -39,7 +45,7 @@ from meshproxy.observe.tracing import (
     parse_incoming,
     upstream_headers,
 )
-from meshproxy.observe.workload import PEER_METADATA, PEER_METADATA_ID
+from meshproxy.observe.workload import NO_PEER
 from meshproxy.proxy.hash_key import request_hash
 from meshproxy.proxy.mirror import mirror
 from meshproxy.proxy.retry_headers import OVERRIDE_HEADERS, apply_overrides
@@ -1115,8 +1121,14 @@ class HttpStream:
 
     def _send_response_head(self, head: ResponseHead) -> None:
         self.status = head.status
-        headers = strip_hop_by_hop(head.headers)  # the codec's fresh list: ours to extend
-        headers = self._exchange_metadata(headers)
+        # The codec's fresh list: ours to extend. Istio's exchange headers leave it too.
+        headers, metadata = strip_response_headers(head.headers)
+        if metadata is not None and self._mesh_upstream:
+            self._peer_metadata = metadata  # a mesh upstream's facts, over mTLS
+        elif self._peer_metadata is not None and self.conn.inbound:
+            ctx = self.conn.ctx  # a mesh client sent its own: it gets ours
+            headers.append((PEER_METADATA_ID, ctx.peer_metadata_id))
+            headers.append((PEER_METADATA, ctx.peer_metadata))
         elapsed = int((time.monotonic() - self._sent_at) * 1000)
         headers.append((b"x-envoy-upstream-service-time", b"%d" % elapsed))
         if self._set_cookie is not None:
@@ -1209,20 +1221,6 @@ class HttpStream:
         error = status == 0 or status >= 500 or (status >= 400 and not conn.inbound)
         finish(trace, attributes, error, time.time_ns())
 
-    def _exchange_metadata(self, headers: Headers) -> Headers:
-        """Istio's metadata exchange on the response: a mesh upstream's facts are kept (and
-        never shown to the app); a mesh client that sent its own gets ours."""
-        kept = [h for h in headers if h[0] != PEER_METADATA and h[0] != PEER_METADATA_ID]
-        if len(kept) != len(headers) and self._mesh_upstream:
-            for k, v in headers:
-                if k == PEER_METADATA:
-                    self._peer_metadata = v
-        elif self.conn.inbound and self._peer_metadata is not None:
-            ctx = self.conn.ctx
-            kept.append((PEER_METADATA_ID, ctx.peer_metadata_id))
-            kept.append((PEER_METADATA, ctx.peer_metadata))
-        return kept
-
     def _abort_upstream(self) -> None:
         up = self.upstream
         if up is not None and not up.response_done:
@@ -1292,7 +1290,8 @@ class HttpStream:
             principal = up.peer_principal if up is not None else ""
         if ctx.tracing is not None:
             self._end_trace(service, cluster)
-        peer = ctx.peers.get(self._peer_metadata, principal)
+        metadata = self._peer_metadata
+        peer = ctx.peers.get(metadata, principal) if metadata or principal else NO_PEER
         duration_ms = duration * 1000.0
         # Arguments written out: a *tuple call is a generic Python call even when compiled.
         conn.ctx.metrics.record_http(
