@@ -22,7 +22,7 @@ from meshproxy.config.snapshot import ListenerSpec, Snapshot
 from meshproxy.config.source import fingerprint
 from meshproxy.config.watch import watch_config
 from meshproxy.errors import ConfigError
-from meshproxy.observe.accesslog import AccessLog, AccessLogError, open_access_log
+from meshproxy.observe.accesslog import AccessLogError, AccessLogs, LogWriter, open_access_logs
 from meshproxy.observe.admin import start_admin
 from meshproxy.observe.metrics import MeshMetrics
 from meshproxy.observe.tracing import Tracing
@@ -64,7 +64,10 @@ class Runtime:
         self.clusters.reconcile(snapshot.clusters, PoolSettings(codec, limits, s.trust_domain))
         self.ctx = ProxyContext(snapshot, self.clusters, self.metrics, limits, codec)
         self.listeners: dict[tuple[str, int], Listener] = {}
-        self.access_log: AccessLog | None = open_access_log(s.access_log_file)
+        self._log_writers: dict[str, LogWriter] = {}  # open access-log files, by path
+        self.access_log: AccessLogs | None = open_access_logs(
+            snapshot.access_logs, self.metrics.log_counts, self._log_writers
+        )
         self.ready = False
         self.started_at = time.time()
         self.last_good = {"version": snapshot.version, "time": time.time()}
@@ -245,6 +248,9 @@ class Runtime:
         for server in self._servers:
             server.close()
         self.clusters.close()
+        for writer in list(self._log_writers.values()):
+            writer.close()  # what is queued is written, then the file closes
+        self._log_writers.clear()
         tracing, self.ctx.tracing = self.ctx.tracing, None
         if tracing is not None:  # the spans still queued go out (the SDK bounds the wait)
             with contextlib.suppress(TimeoutError):
@@ -279,6 +285,14 @@ class Runtime:
                 return False
             return True
 
+    def _close_writers(self, paths: set[str]) -> None:
+        """Close access-log writers by path, unless a later reload took them up again."""
+        in_use = {s.writer.path for s in self.access_log.sinks} if self.access_log else set()
+        for path in paths - in_use:
+            writer = self._log_writers.pop(path, None)
+            if writer is not None:
+                writer.close()
+
     def _reject(self, errors: list[str]) -> None:
         self.last_failed = {"time": time.time(), "errors": errors}
         self.metrics.config_reloaded(False, self.ctx.snapshot.version)
@@ -291,15 +305,17 @@ class Runtime:
     async def apply(self, snapshot: Snapshot) -> None:
         old = self.ctx.snapshot
         old_log = self.access_log
-        path = snapshot.settings.access_log_file
-        if path != old.settings.access_log_file:
-            self.access_log = open_access_log(path)  # may raise: nothing swapped yet
+        known = set(self._log_writers)
+        if snapshot.access_logs != old.access_logs:
+            # May raise (a path that cannot be opened): nothing is swapped yet.
+            self.access_log = open_access_logs(
+                snapshot.access_logs, self.metrics.log_counts, self._log_writers
+            )
         try:
             await self._start_listeners(snapshot.listeners)  # may raise: nothing swapped yet
         except OSError:
-            if self.access_log is not old_log and self.access_log is not None:
-                self.access_log.close()  # opened for the rejected config only
             self.access_log = old_log
+            self._close_writers(set(self._log_writers) - known)  # opened for this one only
             raise
         codec = resolve_codec_name(snapshot.settings.http1_codec)
         limits = _limits(snapshot)
@@ -319,6 +335,12 @@ class Runtime:
             else:
                 await listener.close()
                 del self.listeners[key]
+        in_use = {s.writer.path for s in self.access_log.sinks} if self.access_log else set()
+        if set(self._log_writers) - in_use:
+            # Connections opened before this reload still log to the old files for a while.
+            grace = snapshot.settings.drain_duration + 1
+            unused = set(self._log_writers) - in_use
+            asyncio.get_running_loop().call_later(grace, self._close_writers, unused)
         self.last_good = {"version": snapshot.version, "time": time.time()}
         self.metrics.config_reloaded(True, snapshot.version)
         for w in snapshot.warnings:

@@ -62,7 +62,7 @@ from meshproxy.config.snapshot import (
     UpstreamProtocol,
 )
 from meshproxy.config.telemetry import Telemetry
-from meshproxy.config.telemetry_resolve import resolve_tracing
+from meshproxy.config.telemetry_resolve import resolve_access_logs, resolve_tracing
 from meshproxy.errors import ConfigIssue
 from meshproxy.routing.cors import Cors
 from meshproxy.routing.match import RequestMatcher, StringMatcher
@@ -259,6 +259,7 @@ def compile_snapshot(
         rate_limits=frozenset(_bucket(limit) for limit in settings.local_rate_limits),
         service_hosts=frozenset(ctx.services),
         tracing=tracing,
+        access_logs=resolve_access_logs(settings, telemetries, issues),
     )
 
 

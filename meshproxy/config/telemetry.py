@@ -79,10 +79,33 @@ class TracingRule:
 
 
 @dataclass(frozen=True, slots=True)
+class AccessLoggingRule:
+    """One Telemetry.accessLogging[] entry; a field left out is inherited."""
+
+    providers: tuple[str, ...] | None = None
+    disabled: bool | None = None
+    filter: str | None = None  # CEL, checked when the config is read
+    mode: str | None = None  # CLIENT_AND_SERVER | CLIENT (outbound) | SERVER (inbound)
+
+
+@dataclass(frozen=True, slots=True)
 class Telemetry:
     origin: Origin
     selector: tuple[tuple[str, str], ...] | None  # matchLabels; None: namespace/mesh wide
     tracing: tuple[TracingRule, ...] = ()
+    access_logging: tuple[AccessLoggingRule, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class AccessLogSpec:
+    """One access log this sidecar writes: where, in which format, for which streams."""
+
+    path: str
+    text: str | None = None  # Envoy command operators; None with labels None: Istio's format
+    labels: tuple[tuple[str, str], ...] | None = None  # JSON object
+    filter: str | None = None  # CEL over Istio's attributes (Telemetry filter.expression)
+    source: str = "accessLogFile"  # where it was configured, for messages
+    mode: str = "CLIENT_AND_SERVER"  # CLIENT: outbound streams only, SERVER: inbound only
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,6 +13,8 @@ from meshproxy.config.reader import Reader
 from meshproxy.config.resources import ProxySettings, selects
 from meshproxy.config.telemetry import (
     DEFAULT_SAMPLING_PERCENT,
+    AccessLoggingRule,
+    AccessLogSpec,
     Telemetry,
     TracingConfig,
     TracingRule,
@@ -25,14 +27,7 @@ def resolve_tracing(
 ) -> TracingConfig | None:
     for t in telemetries:
         _check_providers(settings, t, issues)
-    labels = dict(settings.labels)
-    mesh = [t for t in telemetries if t.origin.namespace == settings.root_namespace]
-    local = [t for t in telemetries if t.origin.namespace == settings.namespace]
-    levels = [
-        [t for t in mesh if t.selector is None],
-        [t for t in local if t.selector is None and t not in mesh],
-        [t for t in local if t.selector is not None and selects(t.selector, labels)],
-    ]
+    levels = _levels(settings, telemetries)
     merged = TracingRule(providers=settings.default_providers.tracing or None)
     for level in levels:
         for telemetry in level:
@@ -81,3 +76,64 @@ def _check_providers(settings: ProxySettings, t: Telemetry, issues: list[ConfigI
                 r.error(path, f"no extension provider {name!r}{did_you_mean(name, declared)}")
             elif provider.opentelemetry is None:
                 r.error(path, f"provider {name!r} is {provider.kind}, not opentelemetry")
+
+
+def resolve_access_logs(
+    settings: ProxySettings, telemetries: list[Telemetry], issues: list[ConfigIssue]
+) -> tuple[AccessLogSpec, ...]:
+    """ProxyConfig accessLogFile (Istio's default format), then the envoyFileAccessLog
+    providers: those the most specific Telemetry accessLogging names (with its filter and
+    mode; `disabled` turns them off), else MeshConfig defaultProviders.accessLogging."""
+    out: list[AccessLogSpec] = []
+    if settings.access_log_file:
+        out.append(AccessLogSpec(settings.access_log_file))
+    for t in telemetries:
+        _check_log_providers(settings, t, issues)
+    merged = AccessLoggingRule(providers=settings.default_providers.access_logging or None)
+    for level in _levels(settings, telemetries):
+        for telemetry in level:
+            for rule in telemetry.access_logging:
+                merged = AccessLoggingRule(
+                    rule.providers if rule.providers is not None else merged.providers,
+                    rule.disabled if rule.disabled is not None else merged.disabled,
+                    rule.filter if rule.filter is not None else merged.filter,
+                    rule.mode if rule.mode is not None else merged.mode,
+                )
+    if merged.disabled:
+        return tuple(out)
+    for name in merged.providers or ():
+        provider = settings.provider(name)
+        log = provider.file_access_log if provider is not None else None
+        if log is not None:
+            source = f"envoyFileAccessLog provider {name!r}:"
+            mode = merged.mode or "CLIENT_AND_SERVER"
+            spec = AccessLogSpec(log.path, log.text, log.labels, merged.filter, source, mode)
+            out.append(spec)
+    return tuple(out)
+
+
+def _levels(settings: ProxySettings, telemetries: list[Telemetry]) -> list[list[Telemetry]]:
+    """Mesh-wide, namespace-wide, then workload-selecting Telemetry resources."""
+    labels = dict(settings.labels)
+    mesh = [t for t in telemetries if t.origin.namespace == settings.root_namespace]
+    local = [t for t in telemetries if t.origin.namespace == settings.namespace]
+    return [
+        [t for t in mesh if t.selector is None],
+        [t for t in local if t.selector is None and t not in mesh],
+        [t for t in local if t.selector is not None and selects(t.selector, labels)],
+    ]
+
+
+def _check_log_providers(settings: ProxySettings, t: Telemetry, issues: list[ConfigIssue]) -> None:
+    from meshproxy.config.reader import did_you_mean
+
+    r = Reader(t.origin.doc, t.origin.label, issues)
+    declared = [p.name for p in settings.extension_providers]
+    for i, rule in enumerate(t.access_logging):
+        for j, name in enumerate(rule.providers or ()):
+            path = ("spec", "accessLogging", i, "providers", j, "name")
+            provider = settings.provider(name)
+            if provider is None:
+                r.error(path, f"no extension provider {name!r}{did_you_mean(name, declared)}")
+            elif provider.file_access_log is None:
+                r.error(path, f"provider {name!r} is {provider.kind}, not envoyFileAccessLog")

@@ -1,73 +1,168 @@
-"""Access log lines in Envoy's default text format, one per stream."""
+"""Access logs: each configured log a format (observe/logformat.py) and a writer thread.
+
+The event loop only renders a line and hands it to a bounded queue; a thread of the log's
+own writes it. A file or a terminal that cannot keep up costs the requests nothing: lines it
+cannot take are dropped and counted (`meshproxy_access_log_dropped_total`).
+"""
 
 from __future__ import annotations
 
 import codecs
+import logging
+import queue
 import sys
-import time
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import TextIO
 
+from meshproxy.config.cel import compile_filter
+from meshproxy.config.logformat import (
+    ISTIO_TEXT_FORMAT,
+    FormatError,
+    LogFormat,
+    compile_labels,
+    compile_text,
+)
+from meshproxy.config.telemetry import AccessLogSpec
 from meshproxy.errors import MeshproxyError
 from meshproxy.observe.recorder import StreamRecord
+
+logger = logging.getLogger(__name__)
 
 # Looked up now, not on the first request: at the file-descriptor limit the codec's module
 # could not be imported then, and the log line would be lost with the request (catalog H04).
 codecs.lookup("unicode_escape")
 
-
-def _q(value: str) -> str:
-    # Control bytes are escaped so one request is always one line (CVE-2024-45808 class).
-    if not value:
-        return "-"
-    return value.encode("unicode_escape").decode("ascii").replace('"', '\\"')
-
-
-def format_line(rec: StreamRecord) -> str:
-    start = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(rec.start_time))
-    ms = int((rec.start_time % 1) * 1000)
-    return (
-        f'[{start}.{ms:03d}Z] "{_q(rec.method)} {_q(rec.path)} {rec.request_protocol}" '
-        f"{rec.response_code} {rec.response_flags} {rec.request_bytes} {rec.response_bytes} "
-        f'{int(rec.duration_ms)} "{_q(rec.x_forwarded_for)}" "{_q(rec.user_agent)}" '
-        f'"{_q(rec.request_id)}" "{_q(rec.authority)}" "{_q(rec.upstream_host)}" '
-        f"{_q(rec.cluster)} {_q(rec.route_name)}\n"
-    )
+QUEUE_LINES = 10_000  # lines a writer holds before it drops
 
 
 class AccessLogError(MeshproxyError):
     pass
 
 
-class AccessLog:
-    """Appends one line per stream. Connections hold the log they started with, so after a
-    reload the old file closes when its last connection drops it; `close` is for a log that
-    was opened for a config that was then rejected."""
+@dataclass
+class LogCounts:
+    written: int = 0
+    dropped: int = 0
 
-    __slots__ = ("_owned", "_stream")
 
-    def __init__(self, stream: TextIO, owned: bool) -> None:
-        self._stream = stream
-        self._owned = owned  # stdout and stderr are not ours to close
+class LogWriter:
+    """Appends lines to one path from a thread of its own (stdout and stderr are not closed)."""
 
-    def __call__(self, rec: StreamRecord) -> None:
-        self._stream.write(format_line(rec))
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._owned = path not in ("/dev/stdout", "-", "/dev/stderr")
+        if path in ("/dev/stdout", "-"):
+            self._stream: TextIO = sys.stdout
+        elif path == "/dev/stderr":
+            self._stream = sys.stderr
+        else:
+            try:
+                self._stream = open(path, "a", encoding="utf-8")  # noqa: SIM115
+            except OSError as exc:
+                raise AccessLogError(f"{path}: {exc.strerror or exc}") from None
+        self._queue: queue.Queue[str | None] = queue.Queue(QUEUE_LINES)
+        self._thread = threading.Thread(target=self._run, name="access-log", daemon=True)
+        self._thread.start()
+
+    def write(self, line: str) -> bool:
+        """Queue a line; False when the queue is full (the line is dropped)."""
+        try:
+            self._queue.put_nowait(line)
+        except queue.Full:
+            return False
+        return True
+
+    def _run(self) -> None:
+        stream = self._stream
+        while True:
+            line = self._queue.get()
+            batch = []
+            while line is not None:
+                batch.append(line)
+                try:
+                    line = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+            try:
+                stream.write("".join(batch))
+                stream.flush()
+            except (OSError, ValueError) as exc:
+                logger.error("access log %s: cannot write: %s", self.path, exc)
+            if line is None:
+                if self._owned:
+                    stream.close()
+                return
 
     def close(self) -> None:
-        if self._owned:
-            self._stream.close()
+        """Write what is queued, then close (from a thread: this may wait on the disk)."""
+        self._queue.put(None)
 
 
-def open_access_log(path: str) -> AccessLog | None:
-    """A writer for ProxyConfig accessLogFile ("" = off, "/dev/stdout" = stdout); an
-    AccessLogError names the file when it cannot be opened for appending."""
-    if not path:
+@dataclass(frozen=True)
+class LogSink:
+    writer: LogWriter
+    format: LogFormat
+    filter: Callable[[StreamRecord], bool] | None = None  # Telemetry filter.expression
+    reporter: str | None = None  # "source": outbound streams only, "destination": inbound
+
+
+class AccessLogs:
+    """Every access log a stream goes to (ProxyConfig accessLogFile, the accessLogging
+    providers); called once per HTTP stream or TCP connection."""
+
+    def __init__(self, sinks: Sequence[LogSink], counts: LogCounts) -> None:
+        self.sinks = tuple(sinks)
+        self.counts = counts
+
+    def __call__(self, rec: StreamRecord) -> None:
+        for sink in self.sinks:
+            if sink.reporter is not None and sink.reporter != rec.reporter:
+                continue
+            check = sink.filter
+            if check is not None and not check(rec):
+                continue
+            if sink.writer.write(sink.format.render(rec)):
+                self.counts.written += 1
+            else:
+                self.counts.dropped += 1
+
+    def close(self) -> None:
+        for writer in {id(s.writer): s.writer for s in self.sinks}.values():
+            writer.close()
+
+
+def open_access_logs(
+    specs: Sequence[AccessLogSpec], counts: LogCounts, writers: dict[str, LogWriter]
+) -> AccessLogs | None:
+    """The logs `specs` name, reusing the open writers in `writers` by path (a reload keeps
+    a file open) and adding new ones to it; AccessLogError names a path that cannot open."""
+    if not specs:
         return None
-    if path in ("/dev/stdout", "-"):
-        return AccessLog(sys.stdout, owned=False)
-    if path == "/dev/stderr":
-        return AccessLog(sys.stderr, owned=False)
+    created: list[LogWriter] = []
+    sinks = []
     try:
-        stream = open(path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115
-    except OSError as exc:
-        raise AccessLogError(f"accessLogFile {path}: {exc.strerror or exc}") from None
-    return AccessLog(stream, owned=True)
+        for spec in specs:
+            writer = writers.get(spec.path)
+            if writer is None:
+                try:
+                    writer = LogWriter(spec.path)
+                except AccessLogError as exc:
+                    raise AccessLogError(f"{spec.source} {exc}") from None
+                created.append(writer)
+                writers[spec.path] = writer
+            fmt = (
+                compile_labels(spec.labels)
+                if spec.labels is not None
+                else compile_text(spec.text or ISTIO_TEXT_FORMAT)
+            )
+            check = compile_filter(spec.filter) if spec.filter else None
+            side = {"CLIENT": "source", "SERVER": "destination"}.get(spec.mode)
+            sinks.append(LogSink(writer, fmt, check, side))
+    except (AccessLogError, FormatError) as exc:
+        for writer in created:
+            writers.pop(writer.path, None)
+            writer.close()
+        raise AccessLogError(str(exc)) from None
+    return AccessLogs(sinks, counts)

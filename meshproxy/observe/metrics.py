@@ -23,6 +23,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from meshproxy.config.resources import ProxySettings
+from meshproxy.observe.accesslog import LogCounts
 from meshproxy.observe.recorder import ConnRecord
 from meshproxy.observe.tracing import SpanCounts
 from meshproxy.observe.workload import NO_PEER, UNKNOWN, PeerCache, WorkloadInfo, local_workload
@@ -35,6 +36,7 @@ _SeriesKey = tuple[str, str, int, str, str, str, WorkloadInfo]
 def _spiffe(principal: str) -> str:
     """Istio's principal labels carry the URI form: spiffe://<trust domain>/ns/.../sa/..."""
     return "spiffe://" + principal if principal and "://" not in principal else principal
+
 
 # Envoy's default histogram buckets (ms), which Istio uses.
 _bisect_left: Final = bisect.bisect_left  # a compiled constant, not a global lookup
@@ -171,6 +173,7 @@ _SUMMED_COUNTERS: Final = (
     "rate_limits",
     "clusters",
     "spans",
+    "logs",
 )
 
 
@@ -200,6 +203,7 @@ class MeshMetrics(Collector):
         self.local = local_workload(ProxySettings(namespace=namespace, workload_name=workload))
         self._tcp_peers = PeerCache()  # TCP peers: known by their certificate only
         self.span_counts = SpanCounts()
+        self.log_counts = LogCounts()
         self._label_cache: dict[_SeriesKey, tuple[str, ...]] = {}
         self._series_by_key: dict[_SeriesKey, _HttpSeries] = {}
         self.rejected: dict[str, int] = {}
@@ -418,6 +422,7 @@ class MeshMetrics(Collector):
             "rate_limits": dict(self.rate_limits),
             "clusters": self.cluster_counters(),
             "spans": {"queued": self.span_counts.queued, "dropped": self.span_counts.dropped},
+            "logs": {"written": self.log_counts.written, "dropped": self.log_counts.dropped},
             "cx_active": self.downstream_cx_active,
             "cx_total": self.downstream_cx_total,
         }
@@ -564,6 +569,12 @@ class MeshMetrics(Collector):
             merged["mirrors"],
         )
         yield from _envoy_cluster_counters(merged["clusters"])
+        yield _keyed_counter(
+            "meshproxy_access_log_lines",
+            "Access-log lines queued for writing, and dropped because a writer fell behind",
+            ("result",),
+            merged["logs"],
+        )
         yield _keyed_counter(
             "meshproxy_tracing_spans",
             "Sampled spans queued for export, and dropped because the queue was full",

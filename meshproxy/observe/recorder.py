@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass(slots=True)
@@ -25,7 +25,22 @@ class StreamRecord:
     x_forwarded_for: str = ""
     downstream_remote: str = ""
     start_time: float = 0.0
-    request_protocol: str = "HTTP/1.1"  # %PROTOCOL% in the access log
+    request_protocol: str = "HTTP/1.1"  # %PROTOCOL% in the access log ("" for TCP)
+    # What the access log's command operators read (observe/logformat.py).
+    request_headers: list[tuple[bytes, bytes]] = field(default_factory=list)
+    response_headers: list[tuple[bytes, bytes]] = field(default_factory=list)
+    response_code_details: str = ""  # via_upstream, route_not_found, ...
+    connection_termination_details: str = ""
+    upstream_transport_failure_reason: str = ""
+    upstream_local_address: str = ""
+    downstream_local_address: str = ""
+    downstream_remote_address: str = ""  # ip:port
+    downstream_peer_uri_san: str = ""
+    requested_server_name: str = ""
+    trace_id: str = ""
+
+
+LogEntry = StreamRecord  # one record type for HTTP streams and TCP connections alike
 
 
 @dataclass(slots=True)

@@ -216,9 +216,7 @@ class Tracing:
         self.config = config
         self.service_name = service_name
         self._threshold = config.sampling_percent / 100.0
-        resource = Resource.create(
-            {"service.name": service_name, "service.namespace": namespace}
-        )
+        resource = Resource.create({"service.name": service_name, "service.namespace": namespace})
         self.provider = TracerProvider(resource=resource)
         # The SDK's own settings apply (OTEL_BSP_MAX_QUEUE_SIZE, default 2,048 spans, ...).
         self.processor = CountingBatchSpanProcessor(

@@ -99,7 +99,9 @@ def encode(info: WorkloadInfo, labels: tuple[tuple[str, str], ...]) -> bytes:
     label_struct.fields[CANONICAL_NAME].string_value = info.canonical_service
     label_struct.fields[CANONICAL_REVISION].string_value = info.canonical_revision
     if info.namespace != UNKNOWN and info.workload != UNKNOWN:
-        struct.fields["OWNER"].string_value = (
+        struct.fields[
+            "OWNER"
+        ].string_value = (
             f"kubernetes://apis/apps/v1/namespaces/{info.namespace}/deployments/{info.workload}"
         )
     return base64.b64encode(struct.SerializeToString(deterministic=True))

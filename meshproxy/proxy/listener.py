@@ -66,6 +66,7 @@ def _tcp(
     peer: str,
     identity: PeerInfo | None = None,
     port: int = 0,
+    access_log: Callable[[StreamRecord], None] | None = None,
 ) -> asyncio.Protocol:
     principal = identity.principal if identity is not None else ""
     authz = ctx.snapshot.authz
@@ -86,7 +87,7 @@ def _tcp(
         "destination" if kind.inbound else "source", service or cluster_name, cluster_name, "", peer
     )
     record.source_principal = principal
-    return TcpRelay(ctx, ctx.clusters.get(cluster_name), record, original_dst)
+    return TcpRelay(ctx, ctx.clusters.get(cluster_name), record, original_dst, access_log)
 
 
 class CaptureEntry(asyncio.Protocol):
@@ -197,7 +198,14 @@ class CaptureEntry(asyncio.Protocol):
 
     def _hand_over_tcp(self, cluster: str, service: str) -> None:
         relay = _tcp(
-            self.ctx, self.spec.kind, cluster, service, self.original_dst, self._peer, self.peer
+            self.ctx,
+            self.spec.kind,
+            cluster,
+            service,
+            self.original_dst,
+            self._peer,
+            self.peer,
+            access_log=self.access_log,
         )
         self._switch(relay)
 
@@ -289,7 +297,7 @@ class Listener:
     ) -> asyncio.Protocol:
         if binding.protocol is L7.HTTP:
             return _HttpAuto(self.ctx, spec, binding, self.access_log, peer)
-        return _LazyTcp(self.ctx, spec, binding, peer)
+        return _LazyTcp(self.ctx, spec, binding, peer, self.access_log)
 
     async def close(self) -> None:
         if self.server is not None:
@@ -378,8 +386,10 @@ class _LazyTcp(asyncio.Protocol):
         spec: ListenerSpec,
         binding: PortBinding,
         peer: PeerInfo | None = None,
+        access_log: Callable[[StreamRecord], None] | None = None,
     ) -> None:
         self.ctx, self.spec, self.binding, self.peer = ctx, spec, binding, peer
+        self.access_log = access_log
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         peer = transport.get_extra_info("peername")
@@ -392,6 +402,7 @@ class _LazyTcp(asyncio.Protocol):
             str(peer[0]) if peer else "",
             self.peer,
             self.spec.port,
+            self.access_log,
         )
         transport.set_protocol(relay)
         relay.connection_made(transport)

@@ -85,6 +85,20 @@ _WATCHED_REQUEST_HEADERS: Final = frozenset(
         *OVERRIDE_HEADERS,
     }
 )
+# %RESPONSE_CODE_DETAILS% for answers the proxy gave itself, by Envoy response flag.
+_DETAILS: Final = {
+    "NR": "route_not_found",
+    "UH": "no_healthy_upstream",
+    "UF": "upstream_reset_before_response_started{connection_failure}",
+    "UC": "upstream_reset_before_response_started{connection_termination}",
+    "UO": "upstream_reset_before_response_started{overflow}",
+    "UT": "upstream_response_timeout",
+    "UPE": "upstream_reset_before_response_started{protocol_error}",
+    "DPE": "http1.codec_error",
+    "RL": "local_rate_limited",
+    "FI": "fault_filter_abort",
+    "DC": "downstream_remote_disconnect",
+}
 REPLAY_LIMIT: Final = 64 * 1024  # request bytes kept to retry on a fresh connection
 BUFFER_HIGH_WATER: Final = 64 * 1024
 
@@ -234,6 +248,7 @@ class HttpStream:
         self._peer_metadata: bytes | None = None
         self._mesh_upstream = False
         self._trace: RequestTrace | None = None  # when the snapshot traces
+        self._logged_response_headers: Headers = []  # kept only when an access log is on
         self.upstream: UpstreamExchange | None = None
         self.response_head_sent = False
         self.response_complete = False
@@ -1142,8 +1157,42 @@ class HttpStream:
         if self._target_ops is not NO_HEADER_OPS:
             headers = self._target_ops.apply(headers)
         head.headers = headers
+        if self.conn.access_log is not None:
+            self._logged_response_headers = headers
         self.response_head_sent = True
         self.conn.send_response_head(head, self)
+
+    def _log_details(self, rec: StreamRecord) -> None:
+        """What the access log's other command operators read (only when a log is on)."""
+        conn = self.conn
+        head = self.head
+        headers = head.headers
+        if head.header(b"x-request-id") is None:
+            # The id generated for the upstream; one answered before it was forwarded gets
+            # one here, as Envoy gives every request one.
+            headers = [*headers, (b"x-request-id", self.request_id or new_request_id())]
+        rec.request_headers = headers
+        rec.response_headers = self._logged_response_headers
+        flag = self.flag
+        if self.upstream is not None and self.response_head_sent and flag in ("-", "URX"):
+            rec.response_code_details = "via_upstream"
+        else:
+            rec.response_code_details = _DETAILS.get(flag.split(",")[0], "")
+        transport = getattr(conn, "transport", None)
+        if transport is not None:
+            peer = transport.get_extra_info("peername")
+            local = transport.get_extra_info("sockname")
+            rec.downstream_remote_address = f"{peer[0]}:{peer[1]}" if peer else ""
+            dst = conn.original_dst
+            rec.downstream_local_address = (
+                f"{dst[0]}:{dst[1]}" if dst else (f"{local[0]}:{local[1]}" if local else "")
+            )
+        tls_peer = conn.peer
+        if tls_peer is not None and tls_peer.spiffe_id is not None:
+            rec.downstream_peer_uri_san = str(tls_peer.spiffe_id)
+        trace = self._trace
+        if trace is not None:
+            rec.trace_id = f"{trace.trace_id:032x}"
 
     def _begin_trace(
         self, fields: dict[bytes, bytes] | None, match: RouteMatch | None
@@ -1332,4 +1381,5 @@ class HttpStream:
             rec.downstream_remote = conn.peer_ip
             rec.start_time = time.time() - duration
             rec.request_protocol = "HTTP/2" if conn.http2 else "HTTP/1.1"
+            self._log_details(rec)
             log(rec)

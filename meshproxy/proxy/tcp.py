@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from collections.abc import Callable
 from typing import cast
 
 from meshproxy.errors import UpstreamError
 from meshproxy.observe.lograte import RateLimitedLog
 from meshproxy.observe.metrics import TcpSeries
-from meshproxy.observe.recorder import ConnRecord
+from meshproxy.observe.recorder import ConnRecord, StreamRecord
 from meshproxy.proxy.context import ProxyContext
 from meshproxy.upstream.cluster import Cluster
 from meshproxy.upstream.hash_lb import hash64
@@ -55,8 +57,11 @@ class TcpRelay(asyncio.Protocol):
         cluster: Cluster | None,
         record: ConnRecord,
         original_dst: tuple[str, int] | None,
+        access_log: Callable[[StreamRecord], None] | None = None,
     ) -> None:
         self.ctx = ctx
+        self.access_log = access_log
+        self._started = time.monotonic()
         self.cluster = cluster
         self.record = record
         self.original_dst = original_dst
@@ -174,6 +179,43 @@ class TcpRelay(asyncio.Protocol):
         series = self._open_series()  # closed before the upstream answered: still counted
         self._report()
         self.ctx.metrics.tcp_closed(series)
+        if self.access_log is not None:
+            self.access_log(self._log_entry(exc))
+
+    def _log_entry(self, exc: Exception | None) -> StreamRecord:
+        """The connection as an access-log entry (HTTP's fields stay empty: `-`)."""
+        rec = self.record
+        duration = time.monotonic() - self._started
+        entry = StreamRecord(
+            rec.reporter,
+            rec.destination_service,
+            0,
+            rec.response_flags,
+            duration * 1000.0,
+            rec.received_bytes,
+            rec.sent_bytes,
+        )
+        entry.cluster = rec.cluster
+        entry.upstream_host = rec.upstream_host
+        entry.downstream_remote = rec.downstream_remote
+        entry.start_time = time.time() - duration
+        entry.request_protocol = ""
+        entry.downstream_peer_uri_san = (
+            "spiffe://" + rec.source_principal if rec.source_principal else ""
+        )
+        transport = self.transport
+        if transport is not None:
+            peer = transport.get_extra_info("peername")
+            local = transport.get_extra_info("sockname")
+            entry.downstream_remote_address = f"{peer[0]}:{peer[1]}" if peer else ""
+            entry.downstream_local_address = (
+                f"{self.original_dst[0]}:{self.original_dst[1]}"
+                if self.original_dst
+                else (f"{local[0]}:{local[1]}" if local else "")
+            )
+        if exc is not None:
+            entry.connection_termination_details = str(exc)[:200]
+        return entry
 
     def pause_writing(self) -> None:
         up = self.upstream
@@ -234,9 +276,7 @@ class TcpRelay(asyncio.Protocol):
                 # tcp_reporting_duration), not only when it closes.
                 self._report_every = self.ctx.snapshot.settings.tcp_reporting_duration
                 loop = asyncio.get_running_loop()
-                self._report_timer = loop.call_later(
-                    self._report_every, self._report_periodically
-                )
+                self._report_timer = loop.call_later(self._report_every, self._report_periodically)
         return series
 
     def _report_periodically(self) -> None:

@@ -19,12 +19,14 @@ from tests.integration.conftest import MeshFactory, mesh_yaml
 from tests.support.metrics import scrape, value
 from tests.support.proxy import free_port, http_get, wait_for
 
-# Envoy's default text format, as meshproxy writes it (observe/accesslog.py).
+# Istio's default text format (Envoy command operators), as meshproxy writes it.
 LOG_LINE = re.compile(
     r'\[(?P<start>[^\]]+)\] "(?P<method>\S+) (?P<path>\S+) (?P<protocol>\S+)" '
-    r"(?P<code>\d+) (?P<flags>\S+) (?P<received>\d+) (?P<sent>\d+) (?P<duration>\d+) "
-    r'"(?P<xff>[^"]*)" "(?P<user_agent>[^"]*)" "(?P<request_id>[^"]*)" '
-    r'"(?P<authority>[^"]*)" "(?P<upstream>[^"]*)" (?P<cluster>\S+) (?P<route>\S+)$'
+    r"(?P<code>\d+) (?P<flags>\S+) (?P<details>\S+) (?P<termination>\S+) "
+    r'"(?P<transport_failure>[^"]*)" (?P<received>\d+) (?P<sent>\d+) (?P<duration>\d+) '
+    r'(?P<service_time>\S+) "(?P<xff>[^"]*)" "(?P<user_agent>[^"]*)" "(?P<request_id>[^"]*)" '
+    r'"(?P<authority>[^"]*)" "(?P<upstream>[^"]*)" (?P<cluster>\S+) (?P<upstream_local>\S+) '
+    r"(?P<downstream_local>\S+) (?P<downstream_remote>\S+) (?P<sni>\S+) (?P<route>\S+)$"
 )
 
 
@@ -69,11 +71,16 @@ def test_access_log_line_per_request(make_mesh: MeshFactory, tmp_path: Path) -> 
     assert first["upstream"] in (f"127.0.0.1:{mesh.v1.port}", f"127.0.0.1:{mesh.v2.port}")
     assert first["cluster"].startswith(f"outbound|{mesh.http_port}|")
     assert int(first["sent"]) == len(first_body) and first["received"] == "0"
+    assert first["details"] == "via_upstream" and first["service_time"].isdigit()
+    assert first["downstream_local"] == f"127.0.0.1:{mesh.http_port}"
+    assert first["downstream_remote"].startswith("127.0.0.1:")
     assert second["code"] == "503" and second["flags"] == "UF,URX"
+    assert second["details"] == "upstream_reset_before_response_started{connection_failure}"
     assert second["request_id"] == "rid-2"
     # A local reply's body is counted as sent, as the client received it (it was 0).
     assert int(second["sent"]) == len(dead_body) > 0
     assert (third["code"], third["flags"]) == (str(unrouted.status), "NR")
+    assert third["details"] == "route_not_found"
     assert int(third["sent"]) == len(unrouted_body)
     assert third["request_id"] not in ("", "-")
 
@@ -255,8 +262,13 @@ def test_access_log_file_follows_a_reload_and_a_bad_one_is_rejected(
     errors = json.loads(http_get(admin + "/config_dump")[1])["last_failed_reload"]["errors"]
     assert errors[0].startswith("cannot bind a listener"), errors
     assert third.exists()  # it was opened...
-    open_files = {os.readlink(fd) for fd in Path(f"/proc/{mesh.proxy.proc.pid}/fd").iterdir()}
-    assert str(third) not in open_files and str(second) in open_files  # ...and closed again
+
+    def open_files() -> set[str]:
+        return {os.readlink(fd) for fd in Path(f"/proc/{mesh.proxy.proc.pid}/fd").iterdir()}
+
+    # ...and closed again, by its writer thread once its queue is written.
+    assert wait_for(lambda: str(third) not in open_files())
+    assert str(second) in open_files()
     get("/four")
     assert wait_for(lambda: len(_logged(second)) == 3)
 

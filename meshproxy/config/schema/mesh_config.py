@@ -6,6 +6,12 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+from meshproxy.config.logformat import (
+    ISTIO_TEXT_FORMAT,
+    FormatError,
+    compile_labels,
+    compile_text,
+)
 from meshproxy.config.reader import Reader
 from meshproxy.config.source import Path_
 from meshproxy.config.telemetry import (
@@ -120,6 +126,11 @@ def _provider(r: Reader, name: str, kind: str, value: Any, path: Path_) -> Exten
             text = r.string(lm, "text", (*path, "logFormat"))
             if lm.get("labels") is not None:
                 labels = tuple(r.string_map(lm, "labels", (*path, "logFormat")).items())
+    try:  # the format is compiled now so that a mistake is a config error with its place
+        compile_labels(labels) if labels is not None else compile_text(text or ISTIO_TEXT_FORMAT)
+    except FormatError as exc:
+        r.error((*path, "logFormat"), str(exc))
+        return None
     log = FileAccessLogProvider(log_path, text, labels)
     return ExtensionProvider(name, kind, file_access_log=log)
 

@@ -7,11 +7,12 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from meshproxy.config.cel import CelError, compile_filter
 from meshproxy.config.reader import Reader
 from meshproxy.config.resources import Origin
 from meshproxy.config.schema.common import workload_selector
 from meshproxy.config.source import Path_
-from meshproxy.config.telemetry import CustomTag, Telemetry, TracingRule
+from meshproxy.config.telemetry import AccessLoggingRule, CustomTag, Telemetry, TracingRule
 
 TRACING_FIELDS = (
     "providers",
@@ -23,15 +24,16 @@ TRACING_FIELDS = (
     "enableIstioTags",
 )
 NOT_YET = {
-    "accessLogging": "Telemetry accessLogging is not supported yet (ProxyConfig accessLogFile "
-    "writes Envoy's format)",
     "metrics": "Telemetry metrics overrides are not supported yet (Prometheus metrics are on)",
 }
+MODES = ("CLIENT_AND_SERVER", "CLIENT", "SERVER")
 
 
 def parse_telemetry(r: Reader, origin: Origin, spec: Any) -> Telemetry | None:
     path: Path_ = ("spec",)
-    m = r.mapping(spec, path, ("selector", "targetRef", "targetRefs", "tracing", *NOT_YET))
+    m = r.mapping(
+        spec, path, ("selector", "targetRef", "targetRefs", "tracing", "accessLogging", *NOT_YET)
+    )
     if m is None:
         return None
     selector = workload_selector(r, m, path)
@@ -43,22 +45,52 @@ def parse_telemetry(r: Reader, origin: Origin, spec: Any) -> Telemetry | None:
         rule = _tracing(r, item, item_path)
         if rule is not None:
             rules.append(rule)
-    return Telemetry(origin, selector, tuple(rules))
+    logs = []
+    for item_path, item in r.items(m, "accessLogging", path):
+        log = _access_logging(r, item, item_path)
+        if log is not None:
+            logs.append(log)
+    return Telemetry(origin, selector, tuple(rules), tuple(logs))
+
+
+def _access_logging(r: Reader, value: Any, path: Path_) -> AccessLoggingRule | None:
+    lm = r.mapping(value, path, ("providers", "disabled", "filter", "match"))
+    if lm is None:
+        return None
+    providers = _providers(r, lm, path) if lm.get("providers") is not None else None
+    disabled = r.boolean(lm, "disabled", path) if lm.get("disabled") is not None else None
+    expression = None
+    if lm.get("filter") is not None:
+        fm = r.mapping(lm["filter"], (*path, "filter"), ("expression",), required=("expression",))
+        expression = r.string(fm, "expression", (*path, "filter")) if fm else None
+        if expression is not None:
+            try:
+                compile_filter(expression)
+            except CelError as exc:
+                r.error((*path, "filter", "expression"), f"invalid CEL: {exc}")
+                expression = None
+    mode = None
+    if lm.get("match") is not None:
+        mm = r.mapping(lm["match"], (*path, "match"), ("mode",))
+        mode = r.choice(mm or {}, "mode", (*path, "match"), MODES)
+    return AccessLoggingRule(providers, disabled, expression, mode)
+
+
+def _providers(r: Reader, m: Mapping[str, Any], path: Path_) -> tuple[str, ...]:
+    names = []
+    for pp, p in r.items(m, "providers", path):
+        pm = r.mapping(p, pp, ("name",), required=("name",))
+        name = r.string(pm, "name", pp) if pm else None
+        if name:
+            names.append(name)
+    return tuple(names)
 
 
 def _tracing(r: Reader, value: Any, path: Path_) -> TracingRule | None:
     tm = r.mapping(value, path, TRACING_FIELDS)
     if tm is None:
         return None
-    providers: tuple[str, ...] | None = None
-    if tm.get("providers") is not None:
-        names = []
-        for pp, p in r.items(tm, "providers", path):
-            pm = r.mapping(p, pp, ("name",), required=("name",))
-            name = r.string(pm, "name", pp) if pm else None
-            if name:
-                names.append(name)
-        providers = tuple(names)
+    providers = _providers(r, tm, path) if tm.get("providers") is not None else None
     percent = None
     if tm.get("randomSamplingPercentage") is not None:
         raw = tm["randomSamplingPercentage"]

@@ -346,3 +346,72 @@ def test_prometheus_port_follows_istio() -> None:
     assert ProxySettings(interception_mode="NONE").prometheus_port == 0
     assert ProxySettings(interception_mode="NONE", stats_port=9999).prometheus_port == 9999
     assert ProxySettings(stats_port=0).prometheus_port == 0
+
+
+TELEMETRY_BASE = """
+apiVersion: meshproxy.io/v1alpha1
+kind: ProxyConfig
+metadata: {name: p, namespace: shop}
+spec:
+  namespace: shop
+  labels: {app: cart}
+  accessLogFile: /dev/stdout
+  extensionProviders:
+  - name: file
+    envoyFileAccessLog: {path: /tmp/a.log}
+  - name: otel
+    opentelemetry: {service: collector, port: 4317}
+  defaultProviders: {accessLogging: [file], tracing: [otel]}
+"""
+
+
+def test_telemetry_levels_override_field_by_field(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        TELEMETRY_BASE
+        + """---
+apiVersion: telemetry.istio.io/v1
+kind: Telemetry
+metadata: {name: mesh, namespace: istio-system}
+spec:
+  tracing: [{randomSamplingPercentage: 10}]
+  accessLogging: [{filter: {expression: "response.code >= 500"}}]
+---
+apiVersion: telemetry.istio.io/v1
+kind: Telemetry
+metadata: {name: cart, namespace: shop}
+spec:
+  selector: {matchLabels: {app: cart}}
+  tracing: [{disableSpanReporting: true}]
+---
+apiVersion: telemetry.istio.io/v1
+kind: Telemetry
+metadata: {name: other, namespace: shop}
+spec:
+  selector: {matchLabels: {app: other}}
+  accessLogging: [{disabled: true}]
+""",
+    )
+    snapshot = load_snapshot(path)
+    tracing = snapshot.tracing
+    assert tracing is not None and tracing.provider_name == "otel"
+    assert (tracing.sampling_percent, tracing.disable_span_reporting) == (10.0, True)
+    assert [(s.path, s.filter) for s in snapshot.access_logs] == [
+        ("/dev/stdout", None),
+        ("/tmp/a.log", "response.code >= 500"),
+    ]
+
+
+def test_telemetry_disabled_turns_provider_logs_off(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        TELEMETRY_BASE
+        + """---
+apiVersion: telemetry.istio.io/v1
+kind: Telemetry
+metadata: {name: quiet, namespace: shop}
+spec:
+  accessLogging: [{disabled: true}]
+""",
+    )
+    assert [s.path for s in load_snapshot(path).access_logs] == ["/dev/stdout"]

@@ -1,0 +1,241 @@
+"""Envoy's access-log command operators: a format compiled with the config, rendered per stream.
+
+`%START_TIME%`, `%REQ(X?Y):N%`, `%RESP(X)%`, `%RESPONSE_CODE%`, ... as Envoy spells them; a
+text format renders to one line, a labels (JSON) format to one object whose single-operator
+values keep their type (numbers stay numbers, an absent value is null). What an operator
+cannot know renders as `-`, as in Envoy. Values are escaped so one stream is one line.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Final, Protocol
+
+
+class LogEntry(Protocol):
+    """What a format reads (observe.recorder.StreamRecord provides it)."""
+
+    start_time: float
+    request_protocol: str
+    response_code: int
+    response_flags: str
+    response_code_details: str
+    connection_termination_details: str
+    upstream_transport_failure_reason: str
+    request_bytes: int
+    response_bytes: int
+    duration_ms: float
+    upstream_host: str
+    cluster: str
+    upstream_local_address: str
+    downstream_local_address: str
+    downstream_remote_address: str
+    downstream_peer_uri_san: str
+    requested_server_name: str
+    route_name: str
+    trace_id: str
+    method: str
+    path: str
+    authority: str
+    request_headers: list[tuple[bytes, bytes]]
+    response_headers: list[tuple[bytes, bytes]]
+
+
+# Istio's default (meshConfig.accessLogEncoding TEXT without a format).
+ISTIO_TEXT_FORMAT: Final = (
+    '[%START_TIME%] "%REQ(:METHOD)% %REQ(X-ENVOY-ORIGINAL-PATH?:PATH)% %PROTOCOL%" '
+    "%RESPONSE_CODE% %RESPONSE_FLAGS% %RESPONSE_CODE_DETAILS% %CONNECTION_TERMINATION_DETAILS% "
+    '"%UPSTREAM_TRANSPORT_FAILURE_REASON%" %BYTES_RECEIVED% %BYTES_SENT% %DURATION% '
+    '%RESP(X-ENVOY-UPSTREAM-SERVICE-TIME)% "%REQ(X-FORWARDED-FOR)%" "%REQ(USER-AGENT)%" '
+    '"%REQ(X-REQUEST-ID)%" "%REQ(:AUTHORITY)%" "%UPSTREAM_HOST%" %UPSTREAM_CLUSTER_RAW% '
+    "%UPSTREAM_LOCAL_ADDRESS% %DOWNSTREAM_LOCAL_ADDRESS% %DOWNSTREAM_REMOTE_ADDRESS% "
+    "%REQUESTED_SERVER_NAME% %ROUTE_NAME%\n"
+)
+
+_OPERATOR: Final = re.compile(r"%([A-Z_]+)(?:\(([^)]*)\))?(?::(\d+))?%")
+Getter = Callable[[LogEntry], Any]
+
+
+class FormatError(ValueError):
+    """A format naming an operator this proxy does not know, or misusing one."""
+
+
+_HOSTNAME: Final = socket.gethostname()
+
+
+def _start_time(e: LogEntry) -> str:
+    t = e.start_time
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t % 1 * 1000):03d}Z"
+
+
+def _protocol(e: LogEntry) -> str | None:
+    return e.request_protocol or None
+
+
+def _simple(name: str) -> Getter:
+    return lambda e: getattr(e, name) or None
+
+
+SIMPLE: Final[dict[str, Getter]] = {
+    "START_TIME": _start_time,
+    "PROTOCOL": _protocol,
+    "RESPONSE_CODE": lambda e: e.response_code,
+    "RESPONSE_FLAGS": lambda e: e.response_flags if e.response_flags != "-" else None,
+    "RESPONSE_CODE_DETAILS": _simple("response_code_details"),
+    "CONNECTION_TERMINATION_DETAILS": _simple("connection_termination_details"),
+    "UPSTREAM_TRANSPORT_FAILURE_REASON": _simple("upstream_transport_failure_reason"),
+    "BYTES_RECEIVED": lambda e: e.request_bytes,
+    "BYTES_SENT": lambda e: e.response_bytes,
+    "DURATION": lambda e: int(e.duration_ms),
+    "UPSTREAM_HOST": _simple("upstream_host"),
+    "UPSTREAM_CLUSTER": _simple("cluster"),
+    "UPSTREAM_CLUSTER_RAW": _simple("cluster"),
+    "UPSTREAM_LOCAL_ADDRESS": _simple("upstream_local_address"),
+    "DOWNSTREAM_LOCAL_ADDRESS": _simple("downstream_local_address"),
+    "DOWNSTREAM_REMOTE_ADDRESS": _simple("downstream_remote_address"),
+    "DOWNSTREAM_PEER_URI_SAN": _simple("downstream_peer_uri_san"),
+    "REQUESTED_SERVER_NAME": _simple("requested_server_name"),
+    "ROUTE_NAME": _simple("route_name"),
+    "TRACE_ID": _simple("trace_id"),
+    "HOSTNAME": lambda e: _HOSTNAME,
+}
+NUMERIC: Final = frozenset({"RESPONSE_CODE", "BYTES_RECEIVED", "BYTES_SENT", "DURATION"})
+
+_PSEUDO: Final = {":method": "method", ":path": "path", ":authority": "authority"}
+
+
+def _header_getter(which: str, arg: str) -> Getter:
+    """REQ(X?Y) / RESP(X): a header (first match), with `?` naming a fallback."""
+    names = [n.strip().lower() for n in arg.split("?")]
+    if not 1 <= len(names) <= 2 or not all(names):
+        raise FormatError(f"%{which}({arg})%: give a header name, or two joined by '?'")
+    for name in names:
+        if not re.fullmatch(r":?[!#$%&'*+\-.^_`|~0-9a-z]+", name):
+            raise FormatError(f"%{which}({arg})%: {name!r} is no header name")
+        if name.startswith(":") and name not in _PSEUDO:
+            raise FormatError(f"%{which}({arg})%: unknown pseudo-header {name!r}")
+    encoded = [n.encode("latin-1") for n in names]
+    response = which == "RESP"
+
+    def get(e: LogEntry) -> str | None:
+        for name, raw in zip(names, encoded, strict=True):
+            if response:
+                value = _find(e.response_headers, raw)
+            elif name in _PSEUDO:
+                value = getattr(e, _PSEUDO[name]) or None
+                value = value.encode("latin-1") if isinstance(value, str) else value
+            else:
+                value = _find(e.request_headers, raw)
+            if value:
+                return value.decode("latin-1")
+        return None
+
+    return get
+
+
+def _find(headers: list[tuple[bytes, bytes]], name: bytes) -> bytes | None:
+    for k, v in headers:
+        if k == name:
+            return v
+    return None
+
+
+def _operator(match: re.Match[str]) -> tuple[str, Getter, int | None]:
+    name, arg, limit = match.group(1), match.group(2), match.group(3)
+    if name in ("REQ", "RESP"):
+        if arg is None:
+            raise FormatError(f"%{name}%: needs a header, as %{name}(X-HEADER)%")
+        getter = _header_getter(name, arg)
+    elif name in SIMPLE:
+        if arg is not None:
+            raise FormatError(f"%{name}%: takes no argument")
+        getter = SIMPLE[name]
+    else:
+        known = ", ".join(sorted([*SIMPLE, "REQ(X)", "RESP(X)"]))
+        raise FormatError(f"unknown command operator %{name}% (known: {known})")
+    return name, getter, int(limit) if limit else None
+
+
+def _escape(value: str) -> str:
+    # Control bytes are escaped so one request is always one line (CVE-2024-45808 class).
+    if value.isprintable() and '"' not in value:
+        return value
+    return value.encode("unicode_escape").decode("ascii").replace('"', '\\"')
+
+
+@dataclass(frozen=True, slots=True)
+class TextFormat:
+    parts: tuple[str | tuple[Getter, int | None], ...]
+
+    def render(self, entry: LogEntry) -> str:
+        out = []
+        for part in self.parts:
+            if isinstance(part, str):
+                out.append(part)
+                continue
+            getter, limit = part
+            value = getter(entry)
+            text = "-" if value is None or value == "" else _escape(str(value))
+            out.append(text[:limit] if limit else text)
+        line = "".join(out)
+        return line if line.endswith("\n") else line + "\n"
+
+
+def compile_text(fmt: str) -> TextFormat:
+    parts: list[str | tuple[Getter, int | None]] = []
+    pos = 0
+    for m in _OPERATOR.finditer(fmt):
+        if m.start() > pos:
+            parts.append(fmt[pos : m.start()])
+        _, getter, limit = _operator(m)
+        parts.append((getter, limit))
+        pos = m.end()
+    rest = fmt[pos:]
+    if "%" in rest.replace("%%", ""):
+        raise FormatError(f"unterminated or malformed command operator near {rest[:40]!r}")
+    if rest:
+        parts.append(rest)
+    return TextFormat(tuple(parts))
+
+
+@dataclass(frozen=True, slots=True)
+class JsonFormat:
+    """Envoy's json_format: each label's value a template; one operator alone keeps its type."""
+
+    fields: tuple[tuple[str, TextFormat | Getter], ...]
+
+    def render(self, entry: LogEntry) -> str:
+        obj: dict[str, Any] = {}
+        for key, value in self.fields:
+            if isinstance(value, TextFormat):
+                obj[key] = value.render(entry).rstrip("\n")
+            else:
+                obj[key] = value(entry)
+        return json.dumps(obj, separators=(",", ":"), ensure_ascii=True) + "\n"
+
+
+def compile_labels(labels: tuple[tuple[str, str], ...]) -> JsonFormat:
+    fields: list[tuple[str, TextFormat | Getter]] = []
+    for key, template in labels:
+        whole = _OPERATOR.fullmatch(template)
+        if whole is not None:
+            name, getter, limit = _operator(whole)
+            if limit is None:
+                fields.append((key, _typed(name, getter)))
+                continue
+        fields.append((key, compile_text(template)))
+    return JsonFormat(tuple(fields))
+
+
+def _typed(name: str, getter: Getter) -> Getter:
+    if name in NUMERIC:
+        return getter
+    return lambda e: None if (v := getter(e)) in (None, "") else str(v)
+
+
+LogFormat = TextFormat | JsonFormat
