@@ -42,8 +42,11 @@ BUILTIN_MESH = """\
 apiVersion: meshproxy.io/v1alpha1
 kind: ProxyConfig
 metadata: {{name: bench}}
-spec: {{interceptionMode: NONE, proxyAdminPort: {admin}, statusPort: 0,
-        upstreamIdleTimeout: 60s{access_log}}}
+spec:
+  interceptionMode: NONE
+  proxyAdminPort: {admin}
+  statusPort: 0
+  upstreamIdleTimeout: 60s{access_log}
 ---
 apiVersion: networking.istio.io/v1
 kind: ServiceEntry
@@ -252,7 +255,7 @@ class Bench:
                 resolution="STATIC" if _is_ip(up_host) else "DNS",
                 upstream_host=up_host,
                 upstream_port=up_port,
-                access_log=f", accessLogFile: {self.workdir / 'access.log'}"
+                access_log=f"\n  accessLogFile: {self.workdir / 'access.log'}"
                 if self.args.access_log
                 else "",
             )

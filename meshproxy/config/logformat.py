@@ -9,8 +9,8 @@ cannot know renders as `-`, as in Envoy. Values are escaped so one stream is one
 from __future__ import annotations
 
 import json
+import os
 import re
-import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -65,12 +65,21 @@ class FormatError(ValueError):
     """A format naming an operator this proxy does not know, or misusing one."""
 
 
-_HOSTNAME: Final = socket.gethostname()
+_HOSTNAME: Final = os.uname().nodename
+
+
+# START_TIME's date and time, formatted once per second rather than per line.
+_CLOCK_SECOND: Final[list[int]] = [-1]
+_CLOCK_PREFIX: Final[list[str]] = [""]
 
 
 def _start_time(e: LogEntry) -> str:
     t = e.start_time
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t % 1 * 1000):03d}Z"
+    second = int(t)
+    if second != _CLOCK_SECOND[0]:
+        _CLOCK_PREFIX[0] = time.strftime("%Y-%m-%dT%H:%M:%S.", time.gmtime(second))
+        _CLOCK_SECOND[0] = second
+    return f"{_CLOCK_PREFIX[0]}{int((t - second) * 1000):03d}Z"
 
 
 def _protocol(e: LogEntry) -> str | None:
@@ -124,15 +133,14 @@ def _header_getter(which: str, arg: str) -> Getter:
 
     def get(e: LogEntry) -> str | None:
         for name, raw in zip(names, encoded, strict=True):
-            if response:
-                value = _find(e.response_headers, raw)
-            elif name in _PSEUDO:
-                value = getattr(e, _PSEUDO[name]) or None
-                value = value.encode("latin-1") if isinstance(value, str) else value
-            else:
-                value = _find(e.request_headers, raw)
-            if value:
-                return value.decode("latin-1")
+            if not response and name in _PSEUDO:
+                pseudo: str = getattr(e, _PSEUDO[name])
+                if pseudo:
+                    return pseudo
+                continue
+            found = _find(e.response_headers if response else e.request_headers, raw)
+            if found:
+                return found.decode("latin-1")
         return None
 
     return get
@@ -161,46 +169,55 @@ def _operator(match: re.Match[str]) -> tuple[str, Getter, int | None]:
     return name, getter, int(limit) if limit else None
 
 
-def _escape(value: str) -> str:
-    # Control bytes are escaped so one request is always one line (CVE-2024-45808 class).
-    if value.isprintable() and '"' not in value:
-        return value
-    return value.encode("unicode_escape").decode("ascii").replace('"', '\\"')
+def _text(value: Any) -> str:
+    """An operator's value as log text: `-` when empty; control bytes and quotes escaped so
+    one request is always one line (CVE-2024-45808 class)."""
+    if value is None or value == "":
+        return "-"
+    text = value if type(value) is str else str(value)
+    if text.isprintable() and '"' not in text:
+        return text
+    return text.encode("unicode_escape").decode("ascii").replace('"', '\\"')
 
 
 @dataclass(frozen=True, slots=True)
 class TextFormat:
-    parts: tuple[str | tuple[Getter, int | None], ...]
+    """The literals and operators as one %-template: a line is one `template % values`."""
+
+    template: str
+    getters: tuple[Getter, ...]
+    limits: tuple[int | None, ...]
 
     def render(self, entry: LogEntry) -> str:
-        out = []
-        for part in self.parts:
-            if isinstance(part, str):
-                out.append(part)
-                continue
-            getter, limit = part
-            value = getter(entry)
-            text = "-" if value is None or value == "" else _escape(str(value))
-            out.append(text[:limit] if limit else text)
-        line = "".join(out)
-        return line if line.endswith("\n") else line + "\n"
+        if not any(self.limits):
+            return self.template % tuple([_text(g(entry)) for g in self.getters])
+        values = []
+        for getter, limit in zip(self.getters, self.limits, strict=True):
+            text = _text(getter(entry))
+            values.append(text[:limit] if limit else text)
+        return self.template % tuple(values)
 
 
 def compile_text(fmt: str) -> TextFormat:
-    parts: list[str | tuple[Getter, int | None]] = []
+    pieces: list[str] = []
+    getters: list[Getter] = []
+    limits: list[int | None] = []
     pos = 0
     for m in _OPERATOR.finditer(fmt):
-        if m.start() > pos:
-            parts.append(fmt[pos : m.start()])
+        pieces.append(fmt[pos : m.start()].replace("%", "%%"))
         _, getter, limit = _operator(m)
-        parts.append((getter, limit))
+        pieces.append("%s")
+        getters.append(getter)
+        limits.append(limit)
         pos = m.end()
     rest = fmt[pos:]
     if "%" in rest.replace("%%", ""):
         raise FormatError(f"unterminated or malformed command operator near {rest[:40]!r}")
-    if rest:
-        parts.append(rest)
-    return TextFormat(tuple(parts))
+    pieces.append(rest.replace("%", "%%"))
+    template = "".join(pieces)
+    if not template.endswith("\n"):
+        template += "\n"
+    return TextFormat(template, tuple(getters), tuple(limits))
 
 
 @dataclass(frozen=True, slots=True)
@@ -213,7 +230,7 @@ class JsonFormat:
         obj: dict[str, Any] = {}
         for key, value in self.fields:
             if isinstance(value, TextFormat):
-                obj[key] = value.render(entry).rstrip("\n")
+                obj[key] = value.render(entry)[:-1]
             else:
                 obj[key] = value(entry)
         return json.dumps(obj, separators=(",", ":"), ensure_ascii=True) + "\n"

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import codecs
 import logging
-import queue
 import sys
 import threading
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TextIO
@@ -35,6 +35,8 @@ logger = logging.getLogger(__name__)
 codecs.lookup("unicode_escape")
 
 QUEUE_LINES = 10_000  # lines a writer holds before it drops
+BATCH_LINES = 256  # lines that wake the writer before its interval
+FLUSH_SECONDS = 0.1  # how long a line may wait to be written
 
 
 class AccessLogError(MeshproxyError):
@@ -48,7 +50,12 @@ class LogCounts:
 
 
 class LogWriter:
-    """Appends lines to one path from a thread of its own (stdout and stderr are not closed)."""
+    """Appends lines to one path from a thread of its own (stdout and stderr are not closed).
+
+    The event loop only appends to a deque: no lock, no wake-up per line. The thread writes
+    what has gathered every FLUSH_SECONDS, or sooner once BATCH_LINES are waiting, so a busy
+    proxy pays one write syscall per batch rather than a thread switch per request.
+    """
 
     def __init__(self, path: str) -> None:
         self.path = path
@@ -62,42 +69,46 @@ class LogWriter:
                 self._stream = open(path, "a", encoding="utf-8")  # noqa: SIM115
             except OSError as exc:
                 raise AccessLogError(f"{path}: {exc.strerror or exc}") from None
-        self._queue: queue.Queue[str | None] = queue.Queue(QUEUE_LINES)
+        self._lines: deque[str] = deque()
+        self._wake = threading.Event()
+        self._closing = False
         self._thread = threading.Thread(target=self._run, name="access-log", daemon=True)
         self._thread.start()
 
     def write(self, line: str) -> bool:
-        """Queue a line; False when the queue is full (the line is dropped)."""
-        try:
-            self._queue.put_nowait(line)
-        except queue.Full:
+        """Queue a line; False when QUEUE_LINES are already waiting (the line is dropped)."""
+        lines = self._lines
+        if len(lines) >= QUEUE_LINES:
             return False
+        lines.append(line)
+        if len(lines) == BATCH_LINES:
+            self._wake.set()
         return True
 
     def _run(self) -> None:
-        stream = self._stream
+        stream, lines, wake = self._stream, self._lines, self._wake
         while True:
-            line = self._queue.get()
+            wake.wait(FLUSH_SECONDS)
+            wake.clear()
+            closing = self._closing
             batch = []
-            while line is not None:
-                batch.append(line)
+            while lines:
+                batch.append(lines.popleft())
+            if batch:
                 try:
-                    line = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-            try:
-                stream.write("".join(batch))
-                stream.flush()
-            except (OSError, ValueError) as exc:
-                logger.error("access log %s: cannot write: %s", self.path, exc)
-            if line is None:
+                    stream.write("".join(batch))
+                    stream.flush()
+                except (OSError, ValueError) as exc:
+                    logger.error("access log %s: cannot write: %s", self.path, exc)
+            if closing and not lines:
                 if self._owned:
                     stream.close()
                 return
 
     def close(self) -> None:
-        """Write what is queued, then close (from a thread: this may wait on the disk)."""
-        self._queue.put(None)
+        """Write what is queued, then close (the thread does it: this does not wait)."""
+        self._closing = True
+        self._wake.set()
 
 
 @dataclass(frozen=True)

@@ -43,6 +43,22 @@ class Downstream(Protocol):
     def resume_reading(self) -> None: ...
     def abort(self) -> None: ...
     def stream_finished(self, stream: HttpStream) -> None: ...
+    def log_addresses(self) -> tuple[str, str]: ...  # (remote, local) ip:port, for logs
+
+
+def transport_addresses(
+    transport: asyncio.BaseTransport | None, original_dst: tuple[str, int] | None
+) -> tuple[str, str]:
+    """A connection's (remote, local) as ip:port; the local one is the original destination
+    of a captured connection (what the client dialled)."""
+    if transport is None:
+        return "", ""
+    peer = transport.get_extra_info("peername")
+    local = transport.get_extra_info("sockname")
+    remote = f"{peer[0]}:{peer[1]}" if peer else ""
+    if original_dst is not None:
+        return remote, f"{original_dst[0]}:{original_dst[1]}"
+    return remote, f"{local[0]}:{local[1]}" if local else ""
 
 
 class BindingLookup:

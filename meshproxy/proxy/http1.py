@@ -22,7 +22,7 @@ from meshproxy.config.snapshot import ListenerKind, PortBinding, Snapshot
 from meshproxy.errors import ProtocolError
 from meshproxy.observe.recorder import StreamRecord
 from meshproxy.proxy.context import ProxyContext
-from meshproxy.proxy.downstream import BindingLookup
+from meshproxy.proxy.downstream import BindingLookup, transport_addresses
 from meshproxy.proxy.stream import HttpStream
 from meshproxy.proxy.tls import PeerInfo
 
@@ -68,6 +68,7 @@ class DownstreamHttp1:
         self._last_active = 0.0
         self._tunnel: HttpStream | None = None  # a WebSocket upgrade: raw bytes go to it
         self._raw_out = False  # a 101 was sent: responses bytes are written as they are
+        self._addresses: tuple[str, str] | None = None  # for access logs, read once
 
     # -- asyncio.Protocol ------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -320,6 +321,12 @@ class DownstreamHttp1:
             if self.codec.head_pending:
                 self._arm_header_timer()
         self.resume_reading()
+
+    def log_addresses(self) -> tuple[str, str]:
+        addresses = self._addresses
+        if addresses is None:
+            addresses = self._addresses = transport_addresses(self.transport, self.original_dst)
+        return addresses
 
     def _current_stream(self) -> HttpStream | None:
         """self.stream, read through a call: after `self.stream = None` mypy narrows the

@@ -39,7 +39,7 @@ from meshproxy.errors import ProtocolError
 from meshproxy.observe.lograte import RateLimitedLog
 from meshproxy.observe.recorder import StreamRecord
 from meshproxy.proxy.context import ProxyContext
-from meshproxy.proxy.downstream import BindingLookup
+from meshproxy.proxy.downstream import BindingLookup, transport_addresses
 from meshproxy.proxy.stream import HttpStream
 from meshproxy.proxy.tls import PeerInfo
 
@@ -74,6 +74,9 @@ class H2Channel:
         self._reading_paused = False
         self._unacked = 0
         self._held_head: Headers | None = None
+
+    def log_addresses(self) -> tuple[str, str]:
+        return self.conn.log_addresses()
 
     def _headers(self, block: Headers, end_stream: bool = False) -> None:
         """Send a header block; a stream the client closed meanwhile just ends here."""
@@ -245,6 +248,7 @@ class DownstreamHttp2(asyncio.Protocol):
         self.access_log = access_log
         self.h2: H2Connection = new_connection(client_side=False, enable_connect=True)
         self.transport: asyncio.Transport | None = None
+        self._addresses: tuple[str, str] | None = None  # for access logs, read once
         self.loop: asyncio.AbstractEventLoop = asyncio.get_event_loop()
         self.peer_ip = ""
         self.channels: dict[int, H2Channel] = {}
@@ -258,6 +262,12 @@ class DownstreamHttp2(asyncio.Protocol):
         self._last_active = 0.0
 
     # -- asyncio.Protocol ------------------------------------------------------------------
+    def log_addresses(self) -> tuple[str, str]:
+        addresses = self._addresses
+        if addresses is None:
+            addresses = self._addresses = transport_addresses(self.transport, self.original_dst)
+        return addresses
+
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport = cast(asyncio.Transport, transport)
         self.loop = asyncio.get_running_loop()

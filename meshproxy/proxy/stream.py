@@ -1178,15 +1178,7 @@ class HttpStream:
             rec.response_code_details = "via_upstream"
         else:
             rec.response_code_details = _DETAILS.get(flag.split(",")[0], "")
-        transport = getattr(conn, "transport", None)
-        if transport is not None:
-            peer = transport.get_extra_info("peername")
-            local = transport.get_extra_info("sockname")
-            rec.downstream_remote_address = f"{peer[0]}:{peer[1]}" if peer else ""
-            dst = conn.original_dst
-            rec.downstream_local_address = (
-                f"{dst[0]}:{dst[1]}" if dst else (f"{local[0]}:{local[1]}" if local else "")
-            )
+        rec.downstream_remote_address, rec.downstream_local_address = conn.log_addresses()
         tls_peer = conn.peer
         if tls_peer is not None and tls_peer.spiffe_id is not None:
             rec.downstream_peer_uri_san = str(tls_peer.spiffe_id)

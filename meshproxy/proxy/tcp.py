@@ -13,6 +13,7 @@ from meshproxy.observe.lograte import RateLimitedLog
 from meshproxy.observe.metrics import TcpSeries
 from meshproxy.observe.recorder import ConnRecord, StreamRecord
 from meshproxy.proxy.context import ProxyContext
+from meshproxy.proxy.downstream import transport_addresses
 from meshproxy.upstream.cluster import Cluster
 from meshproxy.upstream.hash_lb import hash64
 from meshproxy.upstream.pool import open_connection
@@ -203,16 +204,8 @@ class TcpRelay(asyncio.Protocol):
         entry.downstream_peer_uri_san = (
             "spiffe://" + rec.source_principal if rec.source_principal else ""
         )
-        transport = self.transport
-        if transport is not None:
-            peer = transport.get_extra_info("peername")
-            local = transport.get_extra_info("sockname")
-            entry.downstream_remote_address = f"{peer[0]}:{peer[1]}" if peer else ""
-            entry.downstream_local_address = (
-                f"{self.original_dst[0]}:{self.original_dst[1]}"
-                if self.original_dst
-                else (f"{local[0]}:{local[1]}" if local else "")
-            )
+        remote, local = transport_addresses(self.transport, self.original_dst)
+        entry.downstream_remote_address, entry.downstream_local_address = remote, local
         if exc is not None:
             entry.connection_termination_details = str(exc)[:200]
         return entry

@@ -1,0 +1,145 @@
+"""What telemetry costs per request: the same mesh with more of it switched on, same run.
+
+    python -m benchmarks.telemetry [--duration 5] [--runs 3] [--tree DIR]
+
+Variants, each a `meshproxy run` of the tree given (default: this checkout; give a copy from
+scripts/compiled-copy.sh for the compiled build): metrics only (the baseline: Prometheus
+metrics cannot be turned off); metrics + 1 % tracing (OTLP/HTTP to a local collector that
+answers at once) + a JSON access log to a file; metrics + 100 % tracing. Each is loaded with
+wrk (-c50, small GETs) against an nginx upstream; proxies on CPU 1, load on CPU 0. Prints
+CPU per request and its ratio to the baseline measured in the same round.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+from meshproxy.bench.harness import BUILTIN_MESH, median
+from meshproxy.bench.loadgen import Target, run_load
+from meshproxy.bench.processes import (
+    NGINX_UPSTREAM,
+    Processes,
+    cpu_seconds,
+    free_port,
+    nginx_cmd,
+    pinning,
+    wait_port,
+)
+
+TRACING = """  extensionProviders:
+  - name: otel
+    opentelemetry: {{service: 127.0.0.1, port: {collector}, http: {{}}}}
+  - name: json
+    envoyFileAccessLog:
+      path: {log}
+      logFormat:
+        labels: {{start: "%START_TIME%", method: "%REQ(:METHOD)%", path: "%REQ(:PATH)%",
+                 code: "%RESPONSE_CODE%", flags: "%RESPONSE_FLAGS%", bytes: "%BYTES_SENT%",
+                 duration: "%DURATION%", upstream: "%UPSTREAM_HOST%", id: "%REQ(X-REQUEST-ID)%"}}
+  defaultProviders: {{tracing: [otel], accessLogging: [{logs}]}}
+---
+apiVersion: telemetry.istio.io/v1
+kind: Telemetry
+metadata: {{name: mesh-default, namespace: istio-system}}
+spec:
+  tracing: [{{randomSamplingPercentage: {percent}}}]
+"""
+
+
+class _Sink(BaseHTTPRequestHandler):
+    def do_POST(self) -> None:  # an OTLP/HTTP collector that drops what it gets
+        self.rfile.read(int(self.headers.get("content-length", "0")))
+        self.send_response(200)
+        self.send_header("content-length", "0")
+        self.end_headers()
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--duration", type=int, default=5)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--tree", default=str(Path(__file__).resolve().parents[1]))
+    args = ap.parse_args(argv)
+    tmp = Path(tempfile.mkdtemp(prefix="meshproxy-telemetry-"))
+    collector = ThreadingHTTPServer(("127.0.0.1", 0), _Sink)
+    threading.Thread(target=collector.serve_forever, daemon=True).start()
+    procs = Processes(tmp)
+    up = free_port()
+    procs.start("up", nginx_cmd(tmp, "up", NGINX_UPSTREAM.format(dir=tmp, port=up)), 0)
+    wait_port("127.0.0.1", up)
+    variants = {
+        "metrics only": "",
+        "+ 1% tracing + JSON log": dict(percent=1, logs="json"),
+        "+ 100% tracing": dict(percent=100, logs=""),
+    }
+    cpu: dict[str, list[float]] = {name: [] for name in variants}
+    load_cpu = pinning(0)
+    try:
+        for run in range(args.runs):
+            for name, extra in variants.items():
+                port = free_port()
+                spec = ""
+                if isinstance(extra, dict):
+                    spec = TRACING.format(
+                        collector=collector.server_address[1],
+                        log=tmp / f"access-{run}.log",
+                        **extra,
+                    )
+                text = BUILTIN_MESH.format(
+                    admin=free_port(),
+                    host="bench.local",
+                    port=port,
+                    resolution="STATIC",
+                    upstream_host="127.0.0.1",
+                    upstream_port=up,
+                    access_log="",
+                )
+                # The provider lines belong in the ProxyConfig spec (the first document).
+                head, sep, rest = text.partition("\n---\n")
+                cfg = tmp / f"v{run}-{len(cpu[name])}-{abs(hash(name))}"
+                cfg.mkdir()
+                (cfg / "mesh.yaml").write_text(head + "\n" + spec + sep + rest)
+                proc = subprocess.Popen(
+                    [sys.executable, "-m", "meshproxy", "--log-level", "error", "run", "-c",
+                     str(cfg)],
+                    cwd=args.tree,
+                    env={**os.environ, "PYTHONPATH": args.tree},
+                    stdout=subprocess.DEVNULL,
+                    preexec_fn=pinning(1),
+                )  # fmt: skip
+                try:
+                    wait_port("127.0.0.1", port)
+                    target = Target("127.0.0.1", port, f"bench.local:{port}")
+                    run_load("wrk", target, 50, 2, load_cpu)
+                    before = cpu_seconds(proc.pid)
+                    result = run_load("wrk", target, 50, args.duration, load_cpu)
+                    cpu[name].append((cpu_seconds(proc.pid) - before) / result.requests * 1e6)
+                finally:
+                    proc.terminate()
+                    proc.wait(timeout=15)
+    finally:
+        procs.stop_all()
+        collector.shutdown()
+    base = median(cpu["metrics only"])
+    print(f"\nCPU per request, median of {args.runs} round(s), wrk -c50 {args.duration} s:")
+    for name, values in cpu.items():
+        m = median(values)
+        runs = ", ".join(f"{v:.1f}" for v in values)
+        print(f"  {name:<26} {m:6.1f} us  x{m / base:.3f}  ({runs})")
+    print(f"\nreproduce: python -m benchmarks.telemetry --duration {args.duration} "
+          f"--runs {args.runs} --tree {args.tree}")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
