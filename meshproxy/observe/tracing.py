@@ -234,16 +234,22 @@ class Tracing:
         self.config = config
         self._threshold = config.sampling_percent / 100.0
 
-    def begin(
-        self, incoming: Incoming | None, name: str, kind: SpanKind, start_ns: int
-    ) -> RequestTrace:
+    def decide(self, incoming: Incoming | None) -> RequestTrace | None:
+        """The trace of an unsampled request (or one whose spans are not reported), else
+        None: a sampled one gets its span from begin(), with the name that costs building."""
         sampled = incoming.sampled if incoming is not None else None
         if sampled is None:
             sampled = self._random.random() < self._threshold
-        if not sampled or self.config.disable_span_reporting:
-            trace_id = incoming.trace_id if incoming is not None else self._new_trace_id()
-            span_id = self._random.getrandbits(64) or 1
-            return RequestTrace(trace_id, span_id, sampled, incoming)
+        if sampled and not self.config.disable_span_reporting:
+            return None
+        trace_id = incoming.trace_id if incoming is not None else self._new_trace_id()
+        span_id = self._random.getrandbits(64) or 1
+        return RequestTrace(trace_id, span_id, sampled, incoming)
+
+    def begin(
+        self, incoming: Incoming | None, name: str, kind: SpanKind, start_ns: int
+    ) -> RequestTrace:
+        """A sampled request's SDK span (decide() said it is one)."""
         parent = None
         if incoming is not None:
             state = TraceState.from_header([incoming.tracestate]) if incoming.tracestate else None

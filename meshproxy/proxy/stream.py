@@ -1197,9 +1197,11 @@ class HttpStream:
         assert tracing is not None
         conn = self.conn
         incoming = parse_incoming(fields, b"") if fields else None
-        name = f"{self._service(match, self._cluster_name)}:{conn.local_port}/*"
-        start_ns = time.time_ns() - int((time.monotonic() - self._start) * 1e9)
-        trace = tracing.begin(incoming, name, SERVER if conn.inbound else CLIENT, start_ns)
+        trace = tracing.decide(incoming)
+        if trace is None:  # sampled: an SDK span from the request's start
+            name = f"{self._service(match, self._cluster_name)}:{conn.local_port}/*"
+            start_ns = time.time_ns() - int((time.monotonic() - self._start) * 1e9)
+            trace = tracing.begin(incoming, name, SERVER if conn.inbound else CLIENT, start_ns)
         self._trace = trace
         return trace
 
