@@ -63,20 +63,24 @@ def _override(base: TracingRule, rule: TracingRule) -> TracingRule:
 
 
 def _check_providers(settings: ProxySettings, t: Telemetry, issues: list[ConfigIssue]) -> None:
-    """Every provider a Telemetry names is a declared opentelemetry one."""
+    """Every provider a Telemetry names is declared, and of the kind its section needs."""
     from meshproxy.config.reader import did_you_mean
 
     r = Reader(t.origin.doc, t.origin.label, issues)
     declared = [p.name for p in settings.extension_providers]
-    for i, rule in enumerate(t.tracing):
-        for j, name in enumerate(rule.providers or ()):
-            path = ("spec", "tracing", i, "providers", j, "name")
-            provider = settings.provider(name)
-            if provider is None:
-                r.error(path, f"no extension provider {name!r}{did_you_mean(name, declared)}")
-            elif provider.opentelemetry is None:
-                r.error(path, f"provider {name!r} is {provider.kind}, not opentelemetry")
-
+    sections: list[tuple[str, str, tuple[TracingRule | AccessLoggingRule, ...]]] = [
+        ("tracing", "opentelemetry", t.tracing),
+        ("accessLogging", "envoyFileAccessLog", t.access_logging),
+    ]
+    for section, kind, rules in sections:
+        for i, rule in enumerate(rules):
+            for j, name in enumerate(rule.providers or ()):
+                path = ("spec", section, i, "providers", j, "name")
+                provider = settings.provider(name)
+                if provider is None:
+                    r.error(path, f"no extension provider {name!r}{did_you_mean(name, declared)}")
+                elif provider.kind != kind:
+                    r.error(path, f"provider {name!r} is {provider.kind}, not {kind}")
 
 def resolve_access_logs(
     settings: ProxySettings, telemetries: list[Telemetry], issues: list[ConfigIssue]
@@ -87,8 +91,6 @@ def resolve_access_logs(
     out: list[AccessLogSpec] = []
     if settings.access_log_file:
         out.append(AccessLogSpec(settings.access_log_file))
-    for t in telemetries:
-        _check_log_providers(settings, t, issues)
     merged = AccessLoggingRule(providers=settings.default_providers.access_logging or None)
     for level in _levels(settings, telemetries):
         for telemetry in level:
@@ -122,18 +124,3 @@ def _levels(settings: ProxySettings, telemetries: list[Telemetry]) -> list[list[
         [t for t in local if t.selector is None and t not in mesh],
         [t for t in local if t.selector is not None and selects(t.selector, labels)],
     ]
-
-
-def _check_log_providers(settings: ProxySettings, t: Telemetry, issues: list[ConfigIssue]) -> None:
-    from meshproxy.config.reader import did_you_mean
-
-    r = Reader(t.origin.doc, t.origin.label, issues)
-    declared = [p.name for p in settings.extension_providers]
-    for i, rule in enumerate(t.access_logging):
-        for j, name in enumerate(rule.providers or ()):
-            path = ("spec", "accessLogging", i, "providers", j, "name")
-            provider = settings.provider(name)
-            if provider is None:
-                r.error(path, f"no extension provider {name!r}{did_you_mean(name, declared)}")
-            elif provider.file_access_log is None:
-                r.error(path, f"provider {name!r} is {provider.kind}, not envoyFileAccessLog")

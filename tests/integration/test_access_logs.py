@@ -41,6 +41,15 @@ def providers(text_log: Path, json_log: Path) -> str:
 """
 
 
+def validate(config: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "meshproxy", "validate", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
 def lines(path: Path, count: int) -> list[str]:
     assert wait_for(lambda: path.exists() and len(path.read_text().splitlines()) >= count)
     return path.read_text().splitlines()
@@ -86,12 +95,7 @@ def test_an_unknown_operator_is_a_config_error(tmp_path: Path) -> None:
         "spec:\n  extensionProviders:\n  - name: logs\n    envoyFileAccessLog:\n"
         "      path: /dev/stdout\n      logFormat: {text: '%START_TIME% %NOPE%'}\n"
     )
-    out = subprocess.run(
-        [sys.executable, "-m", "meshproxy", "validate", str(config)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    out = validate(config)
     assert out.returncode == 1
     assert (
         f"{config}:9 document 1: ProxyConfig p: spec.extensionProviders[0].envoyFileAccessLog"
@@ -164,12 +168,7 @@ def test_a_bad_cel_filter_is_a_config_error(tmp_path: Path) -> None:
         "  - filter: {expression: 'response.code >='}\n"
         "  - filter: {expression: 'nosuch.attribute == 1'}\n"
     )
-    out = subprocess.run(
-        [sys.executable, "-m", "meshproxy", "validate", str(config)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    out = validate(config)
     assert out.returncode == 1
     assert "spec.accessLogging[0].filter.expression: invalid CEL:" in out.stdout
     assert "Syntax error" in out.stdout

@@ -415,3 +415,23 @@ spec:
 """,
     )
     assert [s.path for s in load_snapshot(path).access_logs] == ["/dev/stdout"]
+
+
+def test_telemetry_providers_must_exist_and_fit_their_section(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        TELEMETRY_BASE
+        + """---
+apiVersion: telemetry.istio.io/v1
+kind: Telemetry
+metadata: {name: t, namespace: shop}
+spec:
+  tracing: [{providers: [{name: file}]}]
+  accessLogging: [{providers: [{name: otel}]}, {providers: [{name: fiel}]}]
+""",
+    )
+    text = "\n".join(issues_of(path))
+    assert "spec.tracing[0].providers[0].name: provider 'file' is envoyFileAccessLog" in text
+    assert "spec.accessLogging[0].providers[0].name: provider 'otel' is opentelemetry" in text
+    assert "spec.accessLogging[1].providers[0].name: no extension provider 'fiel'" in text
+    assert 'did you mean "file"' in text
