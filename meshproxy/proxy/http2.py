@@ -481,6 +481,10 @@ class DownstreamHttp2(asyncio.Protocol):
         code = getattr(exc, "error_code", None) or h2.errors.ErrorCodes.PROTOCOL_ERROR
         if isinstance(exc, h2.exceptions.DenialOfServiceError):
             self.ctx.metrics.h2_flood("header_flood")
+        elif "continuation frames" in str(exc).lower():
+            # h2's frame buffer refuses a header block in more than 64 CONTINUATION frames
+            # (CVE-2024-27316's class): a flood, counted as one (catalog D03).
+            self.ctx.metrics.h2_flood("continuation_flood")
         try:
             self.h2.close_connection(error_code=code)
         except h2.exceptions.ProtocolError:

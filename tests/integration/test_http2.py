@@ -15,6 +15,7 @@ import pytest
 
 from tests.support.h2client import PREFACE, H2Client
 from tests.support.h2server import H2Server
+from tests.support.metrics import scrape
 from tests.support.proxy import ProxyProcess, free_port, proxy_config_yaml, wait_for
 from tests.support.upstream import UpstreamServer
 
@@ -387,22 +388,38 @@ def test_continuation_flood_is_cut_off(mesh: H2Mesh) -> None:
     block = b"\x82\x86\x84"  # :method GET, :scheme http, :path /
     s.sendall(struct.pack(">I", len(block))[1:] + b"\x01\x00" + struct.pack(">I", 1) + block)
     start = time.monotonic()
-    closed = False
+    cut = False
     try:
         for _ in range(20000):
             s.sendall(struct.pack(">I", 0)[1:] + b"\x09\x00" + struct.pack(">I", 1))
     except OSError:
-        closed = True
-    if not closed:
+        cut = True  # reset while we were still flooding
+    if not cut:
         s.settimeout(5)
         try:
             while s.recv(65536):
                 pass
-        except OSError:
-            pass
-        closed = True
-    assert closed and time.monotonic() - start < 10
+            cut = True  # end of stream: the proxy closed the connection
+        except ConnectionResetError:
+            cut = True
+        except TimeoutError:
+            pass  # still open five seconds later: not cut off
+    assert cut, "the CONTINUATION flood was not cut off"
+    assert time.monotonic() - start < 10
     s.close()
+    # ...and by the proxy's own flood rules, counted, not by an accident.
+    samples = scrape(mesh.proxy.admin)
+    floods = {
+        dict(labels).get("kind"): v
+        for (name, labels), v in samples.items()
+        if name == "meshproxy_http2_flood_total"
+    }
+    rejected = {
+        dict(labels).get("reason"): v
+        for (name, labels), v in samples.items()
+        if name == "meshproxy_downstream_rq_rejected_total"
+    }
+    assert floods == {"continuation_flood": 1.0}, (floods, rejected)
     assert H2Client(mesh.h1_port).get("/ok").status == 200
 
 
