@@ -65,7 +65,10 @@ def test_max_connections_and_pending_requests(tmp_path: Path) -> None:
             ok = [r for r in results if r[0] == 200]
             over = [r for r in results if r[0] == 503]
             assert len(ok) == 2 and len(over) == 4, results  # 1 on the connection + 1 waiting
-            assert all(r[1] < 0.3 and r[2] == "true" for r in over)  # failed fast
+            assert all(r[2] == "true" for r in over)
+            # Failed fast: each refusal came before the admitted requests' slow answers (no
+            # absolute bound on a shared machine, only the order).
+            assert max(r[1] for r in over) < min(r[1] for r in ok), results
             assert app.state.connections == 1  # never more than maxConnections
             assert 'response_flags="UO"' in proxy.metrics()
             clusters = json.loads(http_get(f"http://127.0.0.1:{admin}/clusters?format=json")[1])

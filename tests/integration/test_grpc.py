@@ -3,6 +3,7 @@ trailers, deadlines (route timeout and grpc-timeout), failures as gRPC statuses,
 
 from __future__ import annotations
 
+import json
 import struct
 import time
 from collections.abc import Iterator
@@ -14,7 +15,7 @@ import pytest
 
 from tests.support.grpc_echo import GrpcEchoServer
 from tests.support.h2client import H2Client
-from tests.support.proxy import ProxyProcess, free_port, running_proxy
+from tests.support.proxy import ProxyProcess, free_port, http_get, running_proxy
 
 AUTHORITY = "echo.grpc"
 
@@ -174,3 +175,14 @@ def test_many_concurrent_calls_share_the_connections(gmesh: GrpcMesh) -> None:
         call = _raw("/test.Echo/Unary", ch)
         futures = [call.future(b"%d" % i, timeout=10) for i in range(100)]
         assert [f.result() for f in futures] == [b"echo:%d" % i for i in range(100)]
+    # 100 calls in flight at once rode one or a few multiplexed upstream connections (the
+    # server allows 100 concurrent streams), not one each.
+    clusters = json.loads(http_get(gmesh.proxy.admin + "/clusters?format=json")[1])
+    hosts = [
+        h
+        for c in clusters["cluster_statuses"]
+        if "echo.grpc" in c["name"]
+        for h in c["host_statuses"]
+    ]
+    assert sum(h["rq_total"] for h in hosts) >= 100
+    assert 1 <= sum(h["cx_total"] for h in hosts) <= 4, hosts

@@ -73,13 +73,13 @@ def test_mirror_copies_requests_and_never_delays_the_primary(tmp_path: Path) -> 
             assert send(port, "POST", "/upload", b"x" * 100_000)[0] == 200
             assert wait_for(lambda: 'result="abandoned"' in p.metrics(), 5.0)
 
-            shadow.state.delay = 2.0  # a slow mirror
+            shadow.state.delay = 2.0  # a slow mirror: the original never waits for it
             status, elapsed = send(port, path="/b")
-            assert status == 200 and elapsed < 1.0, elapsed
+            assert status == 200 and elapsed < shadow.state.delay, elapsed
             shadow.state.delay = 0.0
 
             status, elapsed = send(port, path="/dead")  # one dead, one live mirror
-            assert status == 200 and elapsed < 1.0
+            assert status == 200 and elapsed < 2.0  # not the dead mirror's connect timeout
             assert wait_for(lambda: any(r.path == "/dead" for r in shadow.state.requests), 5.0)
             dead_failed = (
                 f'meshproxy_mirror_requests_total{{cluster="outbound|{port}||dead.test",'
