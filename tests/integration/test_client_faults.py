@@ -7,6 +7,7 @@ import socket
 import time
 from pathlib import Path
 
+from tests.support.metrics import scrape, value
 from tests.support.proxy import (
     egress_sidecar,
     free_port,
@@ -29,7 +30,12 @@ def test_client_leaving_cancels_the_upstream_request(tmp_path: Path) -> None:
                 assert wait_for(lambda: len(app.state.requests) == 1, 3.0)
                 time.sleep(0.1)
             assert wait_for(lambda: app.state.closed == 1, 1.5), "upstream request not cancelled"
-            assert wait_for(lambda: 'response_flags="DC"' in proxy.metrics(), 3.0)
+            assert wait_for(
+                lambda: (
+                    value(scrape(proxy.admin), "istio_requests_total", response_flags="DC") == 1
+                ),
+                3.0,
+            )
 
             # J02: a body announced as 1 MB stops after 10 KiB and the client closes.
             with socket.create_connection(("127.0.0.1", port), timeout=5) as s:

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.integration.conftest import MeshFactory
+from tests.support.metrics import scrape, value
 from tests.support.proxy import env_without_proxy, http_get, wait_for
 
 CURL = shutil.which("curl")
@@ -145,15 +146,19 @@ def test_upstream_failures_map_to_envoy_codes(
     resp = conn.getresponse()
     assert resp.status == 200
     resp.read()
-    assert f'response_code="{status}"' in mesh.proxy.metrics()
-    assert f'response_flags="{flag}"' in mesh.proxy.metrics()
+    # One series with both labels, counting exactly this one request.
+    samples = scrape(mesh.proxy.admin)
+    assert (
+        value(samples, "istio_requests_total", response_code=str(status), response_flags=flag) == 1
+    )
 
 
 def test_no_route_is_404_nr(make_mesh: MeshFactory) -> None:
     mesh = make_mesh()
     status, _, _ = request(mesh.http_port, "GET", "/", {"Host": "unknown.test"})
     assert status == 404
-    assert 'response_flags="NR"' in mesh.proxy.metrics()
+    samples = scrape(mesh.proxy.admin)
+    assert value(samples, "istio_requests_total", response_code="404", response_flags="NR") == 1
 
 
 def raw(port: int, payload: bytes, wait: float = 2.0) -> bytes:
