@@ -28,41 +28,25 @@ _MAX_DIGITS: Final = 18  # a Content-Length that still fits an int64
 IDEMPOTENT_METHODS: Final = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 
 
-def strip_hop_by_hop(headers: Headers) -> Headers:
-    """Drop hop-by-hop headers and any header the Connection header names (RFC 9110 §7.6.1).
+# Istio's metadata exchange between sidecars (observe/workload.py): never passed on as is.
+PEER_METADATA: Final = b"x-envoy-peer-metadata"
+PEER_METADATA_ID: Final = b"x-envoy-peer-metadata-id"
+_DROP: Final = HOP_BY_HOP | {PEER_METADATA, PEER_METADATA_ID}
+
+
+def strip_hop_by_hop(headers: Headers) -> tuple[Headers, bytes | None]:
+    """Drop hop-by-hop headers and any header the Connection header names (RFC 9110 §7.6.1),
+    and in the same one pass Istio's metadata exchange headers, returning the
+    x-envoy-peer-metadata value it removed (whether to trust it is the caller's decision).
 
     Returns `headers` itself when there is nothing to drop (the common case on a hot path).
     """
     drop: frozenset[bytes] | set[bytes] | None = None
-    for k, v in headers:
-        if k in HOP_BY_HOP:
-            if drop is None:
-                drop = HOP_BY_HOP
-            if k == b"connection":
-                lowered = v.lower()
-                if lowered != b"keep-alive" and lowered != b"close":
-                    drop = set(drop)
-                    drop.update(t.strip() for t in lowered.split(b","))
-    if drop is None:
-        return headers
-    return [h for h in headers if h[0] not in drop]
-
-
-# Istio's metadata exchange between sidecars (observe/workload.py): never shown to a client.
-PEER_METADATA: Final = b"x-envoy-peer-metadata"
-PEER_METADATA_ID: Final = b"x-envoy-peer-metadata-id"
-_RESPONSE_DROP: Final = HOP_BY_HOP | {PEER_METADATA, PEER_METADATA_ID}
-
-
-def strip_response_headers(headers: Headers) -> tuple[Headers, bytes | None]:
-    """strip_hop_by_hop for a response, in the same one pass also removing the metadata
-    exchange headers; returns the x-envoy-peer-metadata value it removed, if any."""
-    drop: frozenset[bytes] | set[bytes] | None = None
     metadata: bytes | None = None
     for k, v in headers:
-        if k in _RESPONSE_DROP:
+        if k in _DROP:
             if drop is None:
-                drop = _RESPONSE_DROP
+                drop = _DROP
             if k == b"connection":
                 lowered = v.lower()
                 if lowered != b"keep-alive" and lowered != b"close":

@@ -29,7 +29,6 @@ from meshproxy.codec.headers import (
     PEER_METADATA,
     PEER_METADATA_ID,
     strip_hop_by_hop,
-    strip_response_headers,
 )
 from meshproxy.codec.path import PathNormalization, normalize_target
 from meshproxy.config.compile import PASSTHROUGH
@@ -79,8 +78,6 @@ _WATCHED_REQUEST_HEADERS: Final = frozenset(
         b"x-request-id",
         b"x-forwarded-for",
         b"x-forwarded-client-cert",  # only the proxy sets it: never what a client sent
-        PEER_METADATA,  # Istio's metadata exchange: read from mesh peers, never passed on
-        PEER_METADATA_ID,
         *TRACE_HEADERS,  # replaced by this proxy's span when tracing, else passed on
         *OVERRIDE_HEADERS,
     }
@@ -1034,7 +1031,10 @@ class HttpStream:
         trace_fields: dict[bytes, bytes] | None = None
         out: Headers = []
         append = out.append
-        for item in strip_hop_by_hop(head.headers):
+        headers, metadata = strip_hop_by_hop(head.headers)
+        if metadata is not None and inbound and conn.peer is not None:
+            self._peer_metadata = metadata  # a mesh peer's, proven by its certificate
+        for item in headers:
             k = item[0]
             if k not in _WATCHED_REQUEST_HEADERS and not (inbound and k[:8] == b"x-envoy-"):
                 append(item)
@@ -1049,9 +1049,6 @@ class HttpStream:
                     xff = item[1]
                 else:
                     append(item)
-            elif k == PEER_METADATA:
-                if inbound and conn.peer is not None:  # a mesh peer's, proven by its cert
-                    self._peer_metadata = item[1]
             elif k in TRACE_HEADERS:
                 if tracing is None:
                     append(item)
@@ -1137,7 +1134,7 @@ class HttpStream:
     def _send_response_head(self, head: ResponseHead) -> None:
         self.status = head.status
         # The codec's fresh list: ours to extend. Istio's exchange headers leave it too.
-        headers, metadata = strip_response_headers(head.headers)
+        headers, metadata = strip_hop_by_hop(head.headers)
         if metadata is not None and self._mesh_upstream:
             self._peer_metadata = metadata  # a mesh upstream's facts, over mTLS
         elif self._peer_metadata is not None and self.conn.inbound:
