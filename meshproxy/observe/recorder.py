@@ -20,10 +20,6 @@ class StreamRecord:
     route_name: str = ""
     cluster: str = ""
     upstream_host: str = ""
-    request_id: str = ""
-    user_agent: str = ""
-    x_forwarded_for: str = ""
-    downstream_remote: str = ""
     start_time: float = 0.0
     request_protocol: str = "HTTP/1.1"  # %PROTOCOL% in the access log ("" for TCP)
     # What the access log's command operators read (observe/logformat.py).

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import binascii
 import hashlib
 import logging
 import os
 import time
 from collections.abc import Iterator, Mapping
-from random import getrandbits, random
+from random import random
 from typing import TYPE_CHECKING, Final
 
 from meshproxy._tasks import spawn
@@ -34,19 +33,18 @@ from meshproxy.codec.path import PathNormalization, normalize_target
 from meshproxy.config.compile import PASSTHROUGH
 from meshproxy.config.snapshot import Resolution, Snapshot, UpstreamProtocol
 from meshproxy.errors import FailureKind, ProtocolError, UpstreamError
-from meshproxy.observe.recorder import StreamRecord
 from meshproxy.observe.tracing import (
     CLIENT,
     SERVER,
     TRACE_HEADERS,
     RequestTrace,
-    finish,
     parse_incoming,
     upstream_headers,
 )
-from meshproxy.observe.workload import NO_PEER
 from meshproxy.proxy.hash_key import request_hash
+from meshproxy.proxy.ids import new_request_id
 from meshproxy.proxy.mirror import mirror
+from meshproxy.proxy.report import report
 from meshproxy.proxy.retry_headers import OVERRIDE_HEADERS, apply_overrides
 from meshproxy.routing.cors import Cors, is_preflight
 from meshproxy.routing.match import RequestView
@@ -82,20 +80,6 @@ _WATCHED_REQUEST_HEADERS: Final = frozenset(
         *OVERRIDE_HEADERS,
     }
 )
-# %RESPONSE_CODE_DETAILS% for answers the proxy gave itself, by Envoy response flag.
-_DETAILS: Final = {
-    "NR": "route_not_found",
-    "UH": "no_healthy_upstream",
-    "UF": "upstream_reset_before_response_started{connection_failure}",
-    "UC": "upstream_reset_before_response_started{connection_termination}",
-    "UO": "upstream_reset_before_response_started{overflow}",
-    "UT": "upstream_response_timeout",
-    "UPE": "upstream_reset_before_response_started{protocol_error}",
-    "DPE": "http1.codec_error",
-    "RL": "local_rate_limited",
-    "FI": "fault_filter_abort",
-    "DC": "downstream_remote_disconnect",
-}
 REPLAY_LIMIT: Final = 64 * 1024  # request bytes kept to retry on a fresh connection
 BUFFER_HIGH_WATER: Final = 64 * 1024
 
@@ -124,16 +108,6 @@ def _h2_upstream(cluster: Cluster, downstream_http2: bool) -> bool:
     useClientProtocol with an HTTP/2 client)."""
     protocol = cluster.spec.upstream_protocol
     return protocol is _HTTP2 or (protocol is _CLIENT_PROTOCOL and downstream_http2)
-
-
-def new_request_id() -> bytes:
-    """A random UUIDv4 as Envoy generates, without uuid.UUID's object overhead."""
-    h = binascii.hexlify(((getrandbits(128) & _UUID4_CLEAR) | _UUID4_SET).to_bytes(16, "big"))
-    return b"-".join((h[:8], h[8:12], h[12:16], h[16:20], h[20:]))
-
-
-_UUID4_CLEAR: Final = ~((0xF000 << 64) | (0xC000 << 48)) & ((1 << 128) - 1)
-_UUID4_SET: Final = (0x4000 << 64) | (0x8000 << 48)
 
 
 class _LazyHeaders(Mapping[str, str]):
@@ -242,10 +216,10 @@ class HttpStream:
         # Istio's metadata exchange: the peer sidecar's x-envoy-peer-metadata (from the
         # request inbound, the response outbound; only over mesh mTLS), and whether the
         # upstream is a mesh peer (ISTIO_MUTUAL) that gets ours.
-        self._peer_metadata: bytes | None = None
+        self.peer_metadata: bytes | None = None
         self._mesh_upstream = False
-        self._trace: RequestTrace | None = None  # when the snapshot traces
-        self._logged_response_headers: Headers = []  # kept only when an access log is on
+        self.trace: RequestTrace | None = None  # when the snapshot traces
+        self.logged_response_headers: Headers = []  # kept only when an access log is on
         self.upstream: UpstreamExchange | None = None
         self.response_head_sent = False
         self.response_complete = False
@@ -924,7 +898,7 @@ class HttpStream:
         up = self.upstream
         if up is not None and not (up.request_done or self.request_done):
             up.abort()  # the response ended before the request body: never reuse
-        self._record(self._match, self._cluster_name, host, time.monotonic() - self._start)
+        report(self, self._match, self._cluster_name, host, time.monotonic() - self._start)
         self.conn.stream_finished(self)
 
     def _route(self, snapshot: Snapshot) -> tuple[RouteMatch | None, str, RequestHead]:
@@ -1033,7 +1007,7 @@ class HttpStream:
         append = out.append
         headers, metadata = strip_hop_by_hop(head.headers)
         if metadata is not None and inbound and conn.peer is not None:
-            self._peer_metadata = metadata  # a mesh peer's, proven by its certificate
+            self.peer_metadata = metadata  # a mesh peer's, proven by its certificate
         for item in headers:
             k = item[0]
             if k not in _WATCHED_REQUEST_HEADERS and not (inbound and k[:8] == b"x-envoy-"):
@@ -1067,7 +1041,7 @@ class HttpStream:
             self.request_id = new_request_id()
             append((b"x-request-id", self.request_id))
         if tracing is not None:
-            out.extend(upstream_headers(self._begin_trace(trace_fields, match)))
+            out.extend(upstream_headers(self.begin_trace(trace_fields, match)))
         if not inbound:
             append((b"x-envoy-attempt-count", b"1"))  # Istio turns this on for outbound
             if self._mesh_upstream:
@@ -1136,8 +1110,8 @@ class HttpStream:
         # The codec's fresh list: ours to extend. Istio's exchange headers leave it too.
         headers, metadata = strip_hop_by_hop(head.headers)
         if metadata is not None and self._mesh_upstream:
-            self._peer_metadata = metadata  # a mesh upstream's facts, over mTLS
-        elif self._peer_metadata is not None and self.conn.inbound:
+            self.peer_metadata = metadata  # a mesh upstream's facts, over mTLS
+        elif self.peer_metadata is not None and self.conn.inbound:
             ctx = self.conn.ctx  # a mesh client sent its own: it gets ours
             headers.append((PEER_METADATA_ID, ctx.peer_metadata_id))
             headers.append((PEER_METADATA, ctx.peer_metadata))
@@ -1155,39 +1129,15 @@ class HttpStream:
             headers = self._target_ops.apply(headers)
         head.headers = headers
         if self.conn.access_log is not None:
-            self._logged_response_headers = headers
+            self.logged_response_headers = headers
         self.response_head_sent = True
         self.conn.send_response_head(head, self)
 
-    def _log_details(self, rec: StreamRecord) -> None:
-        """What the access log's other command operators read (only when a log is on)."""
-        conn = self.conn
-        head = self.head
-        headers = head.headers
-        if head.header(b"x-request-id") is None:
-            # The id generated for the upstream; one answered before it was forwarded gets
-            # one here, as Envoy gives every request one.
-            headers = [*headers, (b"x-request-id", self.request_id or new_request_id())]
-        rec.request_headers = headers
-        rec.response_headers = self._logged_response_headers
-        flag = self.flag
-        if self.upstream is not None and self.response_head_sent and flag in ("-", "URX"):
-            rec.response_code_details = "via_upstream"
-        else:
-            rec.response_code_details = _DETAILS.get(flag.split(",")[0], "")
-        rec.downstream_remote_address, rec.downstream_local_address = conn.log_addresses()
-        tls_peer = conn.peer
-        if tls_peer is not None and tls_peer.spiffe_id is not None:
-            rec.downstream_peer_uri_san = str(tls_peer.spiffe_id)
-        trace = self._trace
-        if trace is not None:
-            rec.trace_id = f"{trace.trace_id:032x}"
-
-    def _begin_trace(
+    def begin_trace(
         self, fields: dict[bytes, bytes] | None, match: RouteMatch | None
     ) -> RequestTrace:
         """This request's span (a sampled one is an SDK span from the request's start)."""
-        trace = self._trace
+        trace = self.trace
         if trace is not None:
             return trace  # a retry or a second upstream head: one span per request
         tracing = self.conn.ctx.tracing
@@ -1196,13 +1146,13 @@ class HttpStream:
         incoming = parse_incoming(fields, b"") if fields else None
         trace = tracing.decide(incoming)
         if trace is None:  # sampled: an SDK span from the request's start
-            name = f"{self._service(match, self._cluster_name)}:{conn.local_port}/*"
+            name = f"{self.destination_service(match, self._cluster_name)}:{conn.local_port}/*"
             start_ns = time.time_ns() - int((time.monotonic() - self._start) * 1e9)
             trace = tracing.begin(incoming, name, SERVER if conn.inbound else CLIENT, start_ns)
-        self._trace = trace
+        self.trace = trace
         return trace
 
-    def _service(self, match: RouteMatch | None, cluster: str) -> str:
+    def destination_service(self, match: RouteMatch | None, cluster: str) -> str:
         """Istio's destination_service: the route's service outbound, the Host's inbound."""
         conn = self.conn
         if conn.inbound:
@@ -1210,56 +1160,6 @@ class HttpStream:
             authority = head.authority or head.header(b"host") or b""
             return conn.ctx.snapshot.inbound_service(authority.decode("latin-1"))
         return match.virtual_host.service if match is not None else cluster
-
-    def _end_trace(self, service: str, cluster: str) -> None:
-        trace = self._trace
-        if trace is None:
-            # Answered before it was routed (404, 400): the request still gets its span.
-            fields = {k: v for k, v in self.head.headers if k in TRACE_HEADERS}
-            trace = self._begin_trace(fields, self._match)
-        if trace.span is None:
-            return
-        tracing = self.conn.ctx.tracing
-        if tracing is None:
-            return
-        conn = self.conn
-        head = self.head
-        local = conn.ctx.metrics.local
-        status = self.status
-        authority = (head.authority or head.header(b"host") or b"").decode("latin-1")
-        attributes: dict[str, str | int] = {
-            "http.request.method": head.method.decode("latin-1"),
-            "url.path": head.target.partition(b"?")[0].decode("latin-1"),
-            "server.address": authority.rpartition(":")[0] or authority
-            if authority.count(":") == 1
-            else authority,
-            "network.peer.address": conn.peer_ip,
-            "user_agent.original": (head.header(b"user-agent") or b"").decode("latin-1"),
-            "istio.canonical_service": local.canonical_service,
-            "istio.canonical_revision": local.canonical_revision,
-            "istio.namespace": local.namespace,
-            "istio.destination_service": service,
-            "upstream_cluster": cluster,
-            "response_flags": self.flag,
-            "guid:x-request-id": (head.header(b"x-request-id") or self.request_id or b"").decode(
-                "latin-1"
-            ),
-            "component": "proxy",
-        }
-        if status:
-            attributes["http.response.status_code"] = status
-        if self.grpc:
-            attributes["grpc.status_code"] = self.grpc_status
-        for tag in tracing.config.custom_tags:
-            if tag.kind == "literal":
-                attributes[tag.name] = tag.value
-            elif tag.kind == "header":
-                value = head.header(tag.value.encode("latin-1"))
-                attributes[tag.name] = value.decode("latin-1") if value else tag.default
-            else:
-                attributes[tag.name] = os.environ.get(tag.value, tag.default)
-        error = status == 0 or status >= 500 or (status >= 400 and not conn.inbound)
-        finish(trace, attributes, error, time.time_ns())
 
     def _abort_upstream(self) -> None:
         up = self.upstream
@@ -1305,72 +1205,3 @@ class HttpStream:
             self.conn.send_local_reply(status, data, self, extra)
             return
         self.conn.send_local_reply(status, data, self)
-
-    def _record(
-        self,
-        match: RouteMatch | None,
-        cluster: str,
-        host: EndpointState | None,
-        duration: float,
-    ) -> None:
-        conn = self.conn
-        head = self.head
-        ctx = conn.ctx
-        if conn.inbound:
-            reporter = "destination"
-            authority = head.authority or head.header(b"host") or b""
-            service = ctx.snapshot.inbound_service(authority.decode("latin-1"))
-            tls_peer = conn.peer
-            spiffe = tls_peer.spiffe_id if tls_peer is not None else None
-            principal = str(spiffe) if spiffe is not None else ""
-        else:
-            reporter = "source"
-            service = match.virtual_host.service if match is not None else cluster
-            up = self.upstream
-            principal = up.peer_principal if up is not None else ""
-        if ctx.tracing is not None:
-            self._end_trace(service, cluster)
-        metadata = self._peer_metadata
-        peer = ctx.peers.get(metadata, principal) if metadata or principal else NO_PEER
-        duration_ms = duration * 1000.0
-        # Arguments written out: a *tuple call is a generic Python call even when compiled.
-        conn.ctx.metrics.record_http(
-            reporter,
-            service,
-            self.status,
-            self.flag,
-            duration_ms,
-            self.request_bytes,
-            self.response_bytes,
-            "grpc" if self.grpc else "http",
-            self.grpc_status,
-            peer,
-        )
-        log = conn.access_log
-        if log is not None:
-            rec = StreamRecord(
-                reporter,
-                service,
-                self.status,
-                self.flag,
-                duration_ms,
-                self.request_bytes,
-                self.response_bytes,
-            )
-            rec.method = head.method.decode("latin-1")
-            rec.path = head.target.decode("latin-1")
-            rec.authority = (head.header(b"host") or b"").decode("latin-1")
-            rec.route_name = match.route.name if match is not None else ""
-            rec.cluster = cluster
-            rec.upstream_host = f"{host.address}:{host.port}" if host is not None else ""
-            # The client's id, else the one generated for the upstream; a request answered
-            # before it was forwarded gets one here, as Envoy gives every request one.
-            request_id = head.header(b"x-request-id") or self.request_id or new_request_id()
-            rec.request_id = request_id.decode("latin-1")
-            rec.user_agent = (head.header(b"user-agent") or b"").decode("latin-1")
-            rec.x_forwarded_for = (head.header(b"x-forwarded-for") or b"").decode("latin-1")
-            rec.downstream_remote = conn.peer_ip
-            rec.start_time = time.time() - duration
-            rec.request_protocol = "HTTP/2" if conn.http2 else "HTTP/1.1"
-            self._log_details(rec)
-            log(rec)

@@ -198,7 +198,6 @@ class TcpRelay(asyncio.Protocol):
         )
         entry.cluster = rec.cluster
         entry.upstream_host = rec.upstream_host
-        entry.downstream_remote = rec.downstream_remote
         entry.start_time = time.time() - duration
         entry.request_protocol = ""
         entry.downstream_peer_uri_san = (
