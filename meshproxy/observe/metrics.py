@@ -196,8 +196,6 @@ class MeshMetrics(Collector):
     """Receives the data plane's reports and feeds /stats/prometheus."""
 
     def __init__(self, namespace: str = "default", workload: str = "unknown") -> None:
-        self.namespace = namespace
-        self.workload = workload
         self._http: dict[tuple[str, ...], _HttpSeries] = {}
         self._tcp: dict[tuple[str, ...], TcpSeries] = {}
         self.local = local_workload(ProxySettings(namespace=namespace, workload_name=workload))
