@@ -108,43 +108,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return _run_loop(lambda: run_demo(requests=args.requests, linger=args.linger))
 
 
-def cmd_iptables(args: argparse.Namespace) -> int:
-    from meshproxy.intercept.iptables import CaptureSpec, apply_rules, render_rules
-
-    spec = CaptureSpec(
-        proxy_uid=args.proxy_uid,
-        proxy_gid=args.proxy_gid,
-        outbound_port=args.outbound_port,
-        inbound_port=args.inbound_port,
-        exclude_inbound_ports=tuple(args.exclude_inbound_ports),
-        exclude_outbound_ports=tuple(args.exclude_outbound_ports),
-        include_outbound_cidrs=tuple(args.include_outbound_cidrs),
-        capture_inbound=not args.no_inbound,
-    )
-    if not args.apply:
-        print(render_rules(spec), end="")
-        return 0
-    try:
-        apply_rules(spec, args.netns)
-    except (RuntimeError, OSError) as exc:
-        print(f"meshproxy iptables: {exc}", file=sys.stderr)
-        return 1
-    except Exception as exc:  # CalledProcessError: iptables printed why
-        print(f"meshproxy iptables: iptables-restore failed: {exc}", file=sys.stderr)
-        return 1
-    return 0
-
-
-def _ports(text: str) -> list[int]:
-    try:
-        ports = [int(p) for p in text.split(",") if p.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated ports, got {text!r}") from None
-    if any(not 0 < p < 65536 for p in ports):
-        raise argparse.ArgumentTypeError(f"ports must be 1-65535, got {text!r}")
-    return ports
-
-
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -245,6 +208,8 @@ def _sub(
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from meshproxy.intercept.command import add_parser as add_iptables_parser
+
     parser = argparse.ArgumentParser(
         prog="meshproxy",
         description="A service-mesh sidecar proxy that reads Istio's resource YAML.",
@@ -288,37 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_demo)
 
-    p = _sub(sub, "iptables", "print (or --apply) Istio's REDIRECT capture rules")
-    p.add_argument("--apply", action="store_true", help="load them with iptables-restore")
-    p.add_argument("--netns", help="with --apply: inside this network namespace")
-    p.add_argument("--proxy-uid", type=int, default=1337, help="the proxy's uid (not captured)")
-    p.add_argument("--proxy-gid", type=int, default=1337, help="the proxy's gid (not captured)")
-    p.add_argument(
-        "--outbound-port", type=int, default=15001, help="where outbound traffic is redirected"
-    )
-    p.add_argument(
-        "--inbound-port", type=int, default=15006, help="where inbound traffic is redirected"
-    )
-    p.add_argument(
-        "--exclude-inbound-ports",
-        type=_ports,
-        default=[15000, 15020, 15021, 15090],
-        help="comma-separated inbound ports left uncaptured",
-    )
-    p.add_argument(
-        "--exclude-outbound-ports",
-        type=_ports,
-        default=[],
-        help="comma-separated outbound destination ports left uncaptured",
-    )
-    p.add_argument(
-        "--include-outbound-cidrs",
-        type=lambda text: text.split(","),
-        default=["0.0.0.0/0"],
-        help="comma-separated destination CIDRs whose outbound traffic is captured",
-    )
-    p.add_argument("--no-inbound", action="store_true", help="capture outbound traffic only")
-    p.set_defaults(func=cmd_iptables)
+    p = _sub(sub, "iptables", "print, --apply or --cleanup Istio's capture rules")
+    add_iptables_parser(p)
 
     p = _sub(sub, "ca", "a development mesh CA: init a root, issue workload certs")
     ca = p.add_subparsers(dest="ca_command", required=True, metavar="COMMAND")

@@ -222,7 +222,7 @@ def compile_snapshot(
             name,
             0,
             L7.TCP,
-            Resolution.ORIGINAL_DST,
+            Resolution.LOCAL_APP if inbound else Resolution.ORIGINAL_DST,
             (),
             LbPolicy.ROUND_ROBIN,
             settings.connect_timeout,

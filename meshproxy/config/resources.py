@@ -388,6 +388,14 @@ class ProxySettings:
     proxy_inbound_listen_port: int = 15006
     interception_mode: str = "REDIRECT"  # REDIRECT | NONE (no capture listeners)
     drain_duration: float = 5.0
+    # Istio's terminationDrainDuration: after SIGTERM, inbound drains while outbound keeps
+    # serving the app for this long, then the proxy exits.
+    termination_drain_duration: float = 5.0
+    # MeshConfig protocolDetectionTimeout: how long a connection to a port that declares no
+    # protocol may stay silent before it is relayed as opaque TCP (server-first protocols).
+    # Istio's current default 0s waits forever, hanging those protocols; Istio documented 5s
+    # before, as here. 0 waits forever.
+    protocol_detection_timeout: float = 5.0
     concurrency: int = 1
     http1_codec: str = "auto"  # auto | httptools | h11
     connect_timeout: float = 10.0

@@ -24,6 +24,9 @@ class Resolution(enum.Enum):
     STATIC = "STATIC"
     DNS = "DNS"
     ORIGINAL_DST = "ORIGINAL_DST"  # connect where the intercepted connection was going
+    # The app in this pod, on loopback at the port the intercepted connection was for
+    # (the inbound passthrough: never the pod IP, which the proxy's own rules would capture).
+    LOCAL_APP = "LOCAL_APP"
 
 
 class L7(enum.Enum):

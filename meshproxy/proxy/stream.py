@@ -30,7 +30,7 @@ from meshproxy.codec.headers import (
     strip_hop_by_hop,
 )
 from meshproxy.codec.path import PathNormalization, normalize_target
-from meshproxy.config.compile import PASSTHROUGH
+from meshproxy.config.compile import INBOUND_PASSTHROUGH, PASSTHROUGH
 from meshproxy.config.snapshot import Resolution, Snapshot, UpstreamProtocol
 from meshproxy.errors import FailureKind, ProtocolError, UpstreamError
 from meshproxy.observe.tracing import (
@@ -917,7 +917,9 @@ class HttpStream:
                 else:
                     match = table.route_in(vh, _view(head, conn.local_port, "http"))
         if match is None:
-            if conn.original_dst is not None and not snapshot.registry_only:
+            if conn.original_dst is not None and conn.inbound:
+                cluster = INBOUND_PASSTHROUGH  # a port no Sidecar declares: the local app
+            elif conn.original_dst is not None and not snapshot.registry_only:
                 cluster = PASSTHROUGH
             elif conn.original_dst is not None:
                 raise LocalReply(502, "", "NR")  # REGISTRY_ONLY: Istio's BlackHoleCluster

@@ -14,7 +14,7 @@ from meshproxy.observe.metrics import TcpSeries
 from meshproxy.observe.recorder import ConnRecord, StreamRecord
 from meshproxy.proxy.context import ProxyContext
 from meshproxy.proxy.downstream import transport_addresses
-from meshproxy.upstream.cluster import Cluster
+from meshproxy.upstream.cluster import Cluster, bind_source_for
 from meshproxy.upstream.hash_lb import hash64
 from meshproxy.upstream.pool import open_connection
 
@@ -106,7 +106,7 @@ class TcpRelay(asyncio.Protocol):
                 side,
                 host.address,
                 host.port,
-                cluster.spec.bind_source,
+                bind_source_for(cluster.spec, host.address),
                 cluster.spec.connect_timeout,
                 cluster.tls_for_tcp(host.address),
             )

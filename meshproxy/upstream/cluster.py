@@ -34,6 +34,16 @@ MAX_ORIGINAL_DST_HOSTS: Final = 1024
 # Enum members of an interpreted module, as compiled constants (read per request).
 _DNS: Final = Resolution.DNS
 _ORIGINAL_DST: Final = Resolution.ORIGINAL_DST
+_LOCAL_APP: Final = Resolution.LOCAL_APP
+IPV6_INBOUND_SOURCE: Final = "::6"  # IPv6's 127.0.0.6 (istio-iptables adds it to lo)
+
+
+def bind_source_for(spec: ClusterSpec, address: str) -> str | None:
+    """The source address to bind for `address`: the cluster's, in the address's family."""
+    source = spec.bind_source
+    if source is not None and ":" in address and ":" not in source:
+        return IPV6_INBOUND_SOURCE
+    return source
 
 
 class UpstreamPool(Protocol):
@@ -181,7 +191,7 @@ class Cluster:
             connect_timeout=spec.connect_timeout,
             idle_timeout=spec.idle_timeout,
             max_requests=spec.max_requests_per_connection,
-            bind_source=spec.bind_source,
+            bind_source=bind_source_for(spec, address),
             on_change=self._cx_change,
             tls=self._tls_factory(address, H1_ALPN),
             breaker=self.breaker if self.breaker.limited else None,
@@ -196,7 +206,7 @@ class Cluster:
                 port,
                 connect_timeout=spec.connect_timeout,
                 idle_timeout=spec.idle_timeout,
-                bind_source=spec.bind_source,
+                bind_source=bind_source_for(spec, address),
                 on_change=self._cx_change,
                 tls=self._tls_factory(address, H2_ALPN),
             ),
@@ -286,7 +296,8 @@ class Cluster:
 
         Consistent hashing ignores `exclude`: Istio drops the previous-hosts retry predicate
         for it, so a retry stays on the hashed host while that host is available."""
-        if self.spec.resolution is _ORIGINAL_DST:
+        resolution = self.spec.resolution
+        if resolution is _ORIGINAL_DST or resolution is _LOCAL_APP:
             if original_dst is None:
                 raise UpstreamError(
                     FailureKind.NO_HEALTHY,
@@ -294,6 +305,9 @@ class Cluster:
                     flag="UH",
                     request_bytes_sent=False,
                 )
+            if resolution is _LOCAL_APP:
+                loopback = "::1" if ":" in original_dst[0] else "127.0.0.1"
+                original_dst = (loopback, original_dst[1])
             host = self._by_address.get(original_dst)
             if host is None:
                 if len(self._by_address) >= MAX_ORIGINAL_DST_HOSTS:

@@ -22,6 +22,23 @@ def run(*cmd: str) -> None:
 
 
 @pytest.fixture
+def netns() -> Iterator[str]:
+    """One empty network namespace (loopback up)."""
+    if os.geteuid() != 0:
+        _skip_or_fail("needs root for ip netns and iptables")
+    for tool in ("ip", "iptables-restore", "iptables-legacy-restore"):
+        if shutil.which(tool) is None:
+            _skip_or_fail(f"{tool} is not installed")
+    name = f"mp-ns-{uuid.uuid4().hex[:6]}"
+    try:
+        run("ip", "netns", "add", name)
+        run("ip", "-n", name, "link", "set", "lo", "up")
+        yield name
+    finally:
+        subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=30)
+
+
+@pytest.fixture
 def netns_pair() -> Iterator[tuple[str, str]]:
     """Two namespaces joined by a veth pair: 'pod' 10.78.0.1 and 'remote' 10.78.0.2."""
     if os.geteuid() != 0:

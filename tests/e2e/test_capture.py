@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -12,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from meshproxy.intercept.iptables import CaptureSpec, apply_rules
+from meshproxy.intercept.apply import apply
+from meshproxy.intercept.capture_config import resolve
 
 pytestmark = pytest.mark.e2e
 REPO = Path(__file__).resolve().parents[2]
@@ -131,6 +133,8 @@ def pod(
         procs.start(ns_exec(pod_ns, *serve, "other", "127.0.0.1", "18092"), ready="ready")
         procs.start(ns_exec(pod_ns, *serve, "app", "127.0.0.1", "18093"), ready="ready")
         procs.start(ns_exec(pod_ns, *serve, "tcp-db", "127.0.0.1", "18091"), ready="ready")
+        # An app port no Sidecar declares, listening on all addresses as apps do.
+        procs.start(ns_exec(pod_ns, *serve, "undeclared", "0.0.0.0", "18094"), ready="ready")
         procs.start(ns_exec(remote_ns, *serve, "outside", "10.78.0.2", "8080"), ready="ready")
         cfg = Path(tempfile.mkdtemp(prefix="meshproxy-e2e-"))
         procs.cfg = cfg
@@ -139,12 +143,16 @@ def pod(
             text = _with_strict_mtls(cfg)
             policy = "ALLOW_ANY"
         (cfg / "mesh.yaml").write_text(text + f"  outboundTrafficPolicy:\n    mode: {policy}\n")
-        apply_rules(CaptureSpec(), netns=pod_ns)
-        # Run as GID 1337: Istio's rules exempt the proxy's own traffic by owner.
+        apply(resolve({}, {}), netns=pod_ns)  # the injector's defaults
+        # The image's user, uid and gid 1337: Istio's rules exempt the proxy's traffic by owner.
+        for path in (cfg, *cfg.rglob("*")):
+            os.chown(path, 1337, 1337)
         proxy = procs.start(
             ns_exec(
                 pod_ns,
                 "setpriv",
+                "--reuid",
+                "1337",
                 "--regid",
                 "1337",
                 "--clear-groups",
@@ -266,6 +274,17 @@ def test_unknown_destination_passes_through_under_allow_any(pod: tuple[str, str,
     out = curl(pod_ns, "http://10.78.0.2:8080/outside")
     assert '"name": "outside"' in out
     assert '"x-forwarded-proto": "http"' in out  # it went through the proxy's HTTP path
+
+
+def test_inbound_http_to_an_undeclared_port_reaches_the_app_without_looping(
+    pod: tuple[str, str, Procs],
+) -> None:
+    _, remote_ns, _ = pod
+    out = json.loads(curl(remote_ns, "http://10.78.0.1:18094/undeclared"))
+    assert out["name"] == "undeclared" and out["connection"] == 1
+    # Delivered on loopback from Istio's inbound passthrough address, once.
+    assert out["peer"].startswith("127.0.0.6:") and out["local"] == "127.0.0.1:18094"
+    assert out["headers"]["x-forwarded-for"] == "10.78.0.2"
 
 
 def test_inbound_goes_to_the_local_app_whatever_host_says(pod: tuple[str, str, Procs]) -> None:

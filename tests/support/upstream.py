@@ -152,9 +152,15 @@ class _Conn(asyncio.Protocol):
                     "path": req.target.decode(),
                     "connection": self.id,
                     "headers": {k.decode(): v.decode() for k, v in req.headers},
+                    "peer": self._address("peername"),
+                    "local": self._address("sockname"),
                 }
             ).encode()
         self._send(200, body, close)
+
+    def _address(self, which: str) -> str:
+        addr = self.transport.get_extra_info(which) if self.transport is not None else None
+        return f"{addr[0]}:{addr[1]}" if addr else ""
 
     def _send(
         self, status: int, body: bytes, close: bool, extra: list[tuple[str, str]] | None = None

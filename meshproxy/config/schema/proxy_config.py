@@ -30,6 +30,8 @@ _PROXY_FIELDS = {
     "proxyInboundListenPort": "proxy_inbound_listen_port",
     "interceptionMode": "interception_mode",
     "drainDuration": "drain_duration",
+    "terminationDrainDuration": "termination_drain_duration",
+    "protocolDetectionTimeout": "protocol_detection_timeout",
     "concurrency": "concurrency",
     "http1Codec": "http1_codec",
     "connectTimeout": "connect_timeout",
@@ -63,6 +65,8 @@ _PORT_FIELDS = (
 )
 _DURATION_FIELDS = (
     "drainDuration",
+    "terminationDrainDuration",
+    "protocolDetectionTimeout",
     "tcpReportingDuration",
     "connectTimeout",
     "upstreamIdleTimeout",
@@ -70,6 +74,8 @@ _DURATION_FIELDS = (
     "idleTimeout",
 )
 
+# Durations where 0 means something: no drain wait, or (Istio's) no detection timeout.
+_ZERO_ALLOWED = ("drainDuration", "terminationDrainDuration", "protocolDetectionTimeout")
 
 MIN_FILL_INTERVAL = 0.05  # Envoy's lower bound for token_bucket.fill_interval
 
@@ -157,7 +163,7 @@ def parse_proxy_config(r: Reader, origin: Origin, spec: Any) -> ProxyConfigResou
             v: Any = r.integer(m, key, path, minimum=0, maximum=65535)
         elif key in _DURATION_FIELDS:
             v = r.duration(m, key, path)
-            if v is not None and v <= 0 and key != "drainDuration":
+            if v is not None and v <= 0 and key not in _ZERO_ALLOWED:
                 r.error((*path, key), "must be greater than zero")
                 v = None
             elif v is not None and key == "tcpReportingDuration" and v < 0.1:
