@@ -82,6 +82,7 @@ def _check_providers(settings: ProxySettings, t: Telemetry, issues: list[ConfigI
                 elif provider.kind != kind:
                     r.error(path, f"provider {name!r} is {provider.kind}, not {kind}")
 
+
 def resolve_access_logs(
     settings: ProxySettings, telemetries: list[Telemetry], issues: list[ConfigIssue]
 ) -> tuple[AccessLogSpec, ...]:

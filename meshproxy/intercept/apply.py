@@ -182,4 +182,3 @@ def _add_ipv6_passthrough_address(runner: Runner) -> None:
     out = runner.run(["ip", "-6", "addr", "add", IPV6_PASSTHROUGH_ADDRESS, "dev", "lo"])
     if out.returncode != 0 and not any(w in out.stderr.lower() for w in ("exists", "already")):
         raise CaptureError(f"adding {IPV6_PASSTHROUGH_ADDRESS} to lo failed: {out.stderr.strip()}")
-

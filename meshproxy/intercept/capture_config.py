@@ -42,12 +42,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("inbound-tunnel-port", "e", "15008", "tunnel port, never redirected"),
     Setting("proxy-uid", "u", "1337", "comma-separated UIDs whose traffic is not captured"),
     Setting("proxy-gid", "g", "", "comma-separated GIDs whose traffic is not captured"),
-    Setting(
-        "istio-inbound-interception-mode", "m", "REDIRECT", "inbound mode (REDIRECT only)"
-    ),
-    Setting(
-        "istio-service-cidr", "i", WILDCARD, "outbound CIDRs to capture ('*': all, '': none)"
-    ),
+    Setting("istio-inbound-interception-mode", "m", "REDIRECT", "inbound mode (REDIRECT only)"),
+    Setting("istio-service-cidr", "i", WILDCARD, "outbound CIDRs to capture ('*': all, '': none)"),
     Setting("istio-service-exclude-cidr", "x", "", "outbound CIDRs never captured"),
     Setting("istio-inbound-ports", "b", WILDCARD, "inbound ports to capture ('*': all, '': none)"),
     Setting(

@@ -38,8 +38,23 @@ def test_apply_twice_leaves_one_set_and_cleanup_removes_exactly_it(
     v4, v6 = f"iptables-{backend}-save", f"ip6tables-{backend}-save"
     # Someone else's rule in OUTPUT: cleanup must leave it where it is.
     subprocess.run(
-        ["ip", "netns", "exec", netns, f"iptables-{backend}", "-t", "nat", "-A", "OUTPUT",
-         "-p", "tcp", "--dport", "9999", "-j", "RETURN"],
+        [
+            "ip",
+            "netns",
+            "exec",
+            netns,
+            f"iptables-{backend}",
+            "-t",
+            "nat",
+            "-A",
+            "OUTPUT",
+            "-p",
+            "tcp",
+            "--dport",
+            "9999",
+            "-j",
+            "RETURN",
+        ],
         check=True,
         timeout=30,
     )
@@ -47,18 +62,24 @@ def test_apply_twice_leaves_one_set_and_cleanup_removes_exactly_it(
     first = meshproxy("--apply", *flags)
     assert first.returncode == 0, first.stderr
     once = saved(netns, v4)
-    expected = [line for line in meshproxy().stdout.split("# ip6tables")[0].splitlines()
-                if line.startswith("-A")]
+    expected = [
+        line
+        for line in meshproxy().stdout.split("# ip6tables")[0].splitlines()
+        if line.startswith("-A")
+    ]
     # iptables-save reorders match options, so compare what can be compared exactly.
     assert len([line for line in once if line.startswith("-A")]) == len(expected) + 1
     assert sorted(line for line in once if line.startswith(":")) == [
-        f":{c} - [0:0]" for c in ("ISTIO_INBOUND", "ISTIO_IN_REDIRECT", "ISTIO_OUTPUT",
-                                   "ISTIO_REDIRECT")
+        f":{c} - [0:0]"
+        for c in ("ISTIO_INBOUND", "ISTIO_IN_REDIRECT", "ISTIO_OUTPUT", "ISTIO_REDIRECT")
     ]
-    for rule in ("-A ISTIO_REDIRECT -p tcp -j REDIRECT --to-ports 15001",
-                 "-A ISTIO_IN_REDIRECT -p tcp -j REDIRECT --to-ports 15006",
-                 "-A PREROUTING -p tcp -j ISTIO_INBOUND", "-A OUTPUT -j ISTIO_OUTPUT",
-                 "-A ISTIO_OUTPUT -j ISTIO_REDIRECT"):
+    for rule in (
+        "-A ISTIO_REDIRECT -p tcp -j REDIRECT --to-ports 15001",
+        "-A ISTIO_IN_REDIRECT -p tcp -j REDIRECT --to-ports 15006",
+        "-A PREROUTING -p tcp -j ISTIO_INBOUND",
+        "-A OUTPUT -j ISTIO_OUTPUT",
+        "-A ISTIO_OUTPUT -j ISTIO_REDIRECT",
+    ):
         assert once.count(rule) == 1, rule
     second = meshproxy("--apply", *flags)
     assert second.returncode == 0 and "replacing the rules installed before" in second.stdout
@@ -71,4 +92,3 @@ def test_apply_twice_leaves_one_set_and_cleanup_removes_exactly_it(
     assert saved(netns, v4) == ["-A OUTPUT -p tcp -m tcp --dport 9999 -j RETURN"]
     assert saved(netns, v6) == []
     assert "nothing to remove" in out.stdout
-

@@ -99,7 +99,9 @@ def test_bad_values_are_refused_by_name(flags: dict[str, str], message: str) -> 
 
 
 def test_cli_prints_rules_and_refuses_bad_flags() -> None:
-    def meshproxy(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    def meshproxy(
+        *args: str, env: dict[str, str] | None = None
+    ) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             [sys.executable, "-m", "meshproxy", "iptables", *args],
             capture_output=True,
