@@ -1,10 +1,13 @@
 """PeerAuthentication at the door of inbound connections: STRICT, PERMISSIVE or DISABLE.
 
-The first bytes decide (0x16 opens a TLS record, as Envoy's tls_inspector decides): TLS goes
-to the event loop's TLS protocol, fed the bytes already read (proxy/tls.py); plaintext goes
-straight to the application on PERMISSIVE and DISABLE and is refused on STRICT. The protocol
-that follows (`make_app`) is told who the peer is (None for plaintext) and sees the same bytes
-whichever way they came.
+The first bytes decide (0x16 opens a TLS record, as Envoy's tls_inspector decides). On STRICT
+all TLS is terminated and plaintext refused. On PERMISSIVE only mesh TLS is terminated (the
+ClientHello offers one of Istio's ALPNs); other TLS is the app's own and, like plaintext,
+passes to the app as it came; a client that stays silent for the protocol detection timeout
+(a server-first protocol) is handed on as plaintext too. Terminated TLS goes to the event
+loop's TLS protocol, fed the bytes already read (proxy/tls.py). The protocol that follows
+(`make_app`) is told who the peer is (None for plaintext) and sees the same bytes whichever
+way they came.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from typing import cast
 
 from meshproxy._native import as_protocol
 from meshproxy.observe.lograte import RateLimitedLog
+from meshproxy.proxy.client_hello import NotClientHello, parse
 from meshproxy.proxy.context import ProxyContext
 from meshproxy.proxy.tls import HANDSHAKE_TIMEOUT, PeerInfo, accept_tls
 
@@ -24,18 +28,27 @@ remote_caused = RateLimitedLog(logger)  # lines a client can cause: a few per in
 
 TLS_HANDSHAKE_RECORD = 0x16
 AppFactory = Callable[[PeerInfo | None], asyncio.Protocol]
+SilentFactory = Callable[[], asyncio.Protocol]
 
 
 class MtlsGate(asyncio.Protocol):
-    def __init__(self, ctx: ProxyContext, mode: str, make_app: AppFactory) -> None:
+    def __init__(
+        self,
+        ctx: ProxyContext,
+        mode: str,
+        make_app: AppFactory,
+        on_silence: SilentFactory | None = None,
+    ) -> None:
         self.ctx = ctx
         self.mode = mode
         self.make_app = make_app
+        self.on_silence = on_silence  # PERMISSIVE: what a silent client gets (else: closed)
         self.transport: asyncio.Transport | None = None
         self._timer: asyncio.TimerHandle | None = None
+        self._hello = b""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)
+        self.transport = t = cast(asyncio.Transport, transport)
         if self.mode == "DISABLE":
             self._plain(b"")
             return
@@ -43,17 +56,49 @@ class MtlsGate(asyncio.Protocol):
             if self.ctx.identity is None:
                 self._no_identity()
                 return
-            timeout = HANDSHAKE_TIMEOUT
+            self._timer = asyncio.get_running_loop().call_later(
+                HANDSHAKE_TIMEOUT, t.close
+            )
+            return
+        detect = self.ctx.snapshot.settings.protocol_detection_timeout
+        if self.on_silence is None or detect <= 0:
+            detect = self.ctx.snapshot.settings.request_headers_timeout
+            self._timer = asyncio.get_running_loop().call_later(detect, t.close)
         else:
-            timeout = self.ctx.snapshot.settings.request_headers_timeout
-        self._timer = asyncio.get_running_loop().call_later(timeout, self.transport.close)
+            self._timer = asyncio.get_running_loop().call_later(detect, self._silent)
+
+    def _silent(self) -> None:
+        self._timer = None
+        if self.on_silence is not None:
+            self._switch(self.on_silence(), b"")
 
     def data_received(self, data: bytes) -> None:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        if self._hello:
+            data = self._hello + data
         if data[0] == TLS_HANDSHAKE_RECORD:
-            self._tls(data)
+            if self.mode == "STRICT":
+                self._tls(data)
+                return
+            try:
+                hello = parse(data)
+            except NotClientHello:
+                self._plain(data)  # not TLS this proxy could terminate: the app's business
+                return
+            if hello is None:
+                self._hello = data  # the rest of the ClientHello is on its way
+                if self.transport is not None:
+                    self._timer = asyncio.get_running_loop().call_later(
+                        HANDSHAKE_TIMEOUT, self.transport.close
+                    )
+                return
+            self._hello = b""
+            if hello.from_mesh:
+                self._tls(data)
+            else:
+                self._plain(data)  # the app's own TLS: passed through as it came
         elif self.mode == "STRICT":
             self.ctx.metrics.tls_failed("plaintext on a STRICT port")
             if self.transport is not None:

@@ -11,6 +11,7 @@ from typing import cast
 from meshproxy._native import as_protocol
 from meshproxy.codec.h2 import PREFACE
 from meshproxy.config.compile import INBOUND_PASSTHROUGH, PASSTHROUGH
+from meshproxy.config.resources import ProxySettings
 from meshproxy.config.snapshot import L7, ListenerKind, ListenerSpec, PortBinding
 from meshproxy.observe.recorder import ConnRecord, StreamRecord
 from meshproxy.proxy.context import ProxyContext
@@ -101,6 +102,7 @@ class CaptureEntry(asyncio.Protocol):
         own_ports: frozenset[int],
         peer: PeerInfo | None = None,
         gated: bool = False,
+        silent: bool = False,
     ) -> None:
         self.ctx = ctx
         self.spec = spec
@@ -108,11 +110,13 @@ class CaptureEntry(asyncio.Protocol):
         self.own_ports = own_ports
         self.peer = peer  # the mTLS peer, once PeerAuthentication's gate let it in
         self.gated = gated
+        self.silent = silent  # the gate waited out the detection timeout already
         self.transport: asyncio.Transport | None = None
         self.original_dst: tuple[str, int] | None = None
         self.binding: PortBinding | None = None
         self._buffer = b""
         self._peer = ""
+        self._detect: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport = cast(asyncio.Transport, transport)
@@ -138,7 +142,7 @@ class CaptureEntry(asyncio.Protocol):
             self.binding = snap.inbound_by_port.get(dst[1])
             mode = snap.mtls.mode_for(dst[1])
             if not self.gated and mode != "DISABLE":
-                self._switch(MtlsGate(self.ctx, mode, self._after_gate))
+                self._switch(MtlsGate(self.ctx, mode, self._after_gate, self._after_silence))
                 return
             binding = self.binding
             if (
@@ -154,11 +158,38 @@ class CaptureEntry(asyncio.Protocol):
             self._hand_over_tcp(self.binding.tcp_cluster or "", self.binding.service)
         elif self.binding is None and dst[1] in SERVER_FIRST_PORTS:
             self._passthrough_tcp()
+        elif self.silent:
+            self._not_http()
+        else:
+            self._start_detection_timer(snap.settings)
+
+    def _start_detection_timer(self, settings: ProxySettings) -> None:
+        """A port of unknown protocol: a client silent for the detection timeout is taken to
+        speak a server-first protocol and relayed as TCP (0: wait for its first bytes). A
+        declared HTTP port has no TCP to fall back to: silence there is closed like a request
+        whose headers never come."""
+        binding, loop, transport = self.binding, asyncio.get_running_loop(), self.transport
+        if binding is None or binding.protocol is not L7.HTTP or binding.tcp_cluster:
+            timeout = settings.protocol_detection_timeout
+            if timeout > 0:
+                self._detect = loop.call_later(timeout, self._not_http)
+        elif transport is not None:
+            self._detect = loop.call_later(settings.request_headers_timeout, transport.close)
 
     def _after_gate(self, peer: PeerInfo | None) -> asyncio.Protocol:
         return CaptureEntry(
             self.ctx, self.spec, self.access_log, self.own_ports, peer=peer, gated=True
         )
+
+    def _after_silence(self) -> asyncio.Protocol:
+        """For the gate: the client said nothing within the detection timeout."""
+        return CaptureEntry(
+            self.ctx, self.spec, self.access_log, self.own_ports, gated=True, silent=True
+        )
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._detect is not None:
+            self._detect.cancel()
 
     def data_received(self, data: bytes) -> None:
         self._buffer += data
@@ -170,12 +201,14 @@ class CaptureEntry(asyncio.Protocol):
             return
         if verdict:
             self._hand_over_http(h2)
-        elif (
-            self.binding is not None
-            and self.binding.protocol is L7.HTTP
-            and self.binding.tcp_cluster
-        ):
-            self._hand_over_tcp(self.binding.tcp_cluster, self.binding.service)
+        else:
+            self._not_http()
+
+    def _not_http(self) -> None:
+        """Opaque TCP: the port's TCP fallback, else the passthrough."""
+        binding = self.binding
+        if binding is not None and binding.protocol is L7.HTTP and binding.tcp_cluster:
+            self._hand_over_tcp(binding.tcp_cluster, binding.service)
         else:
             self._passthrough_tcp()
 
@@ -225,6 +258,9 @@ class CaptureEntry(asyncio.Protocol):
         self._switch(as_protocol(conn))
 
     def _switch(self, proto: asyncio.Protocol) -> None:
+        if self._detect is not None:
+            self._detect.cancel()
+            self._detect = None
         transport = self.transport
         if transport is None or transport.is_closing():
             return

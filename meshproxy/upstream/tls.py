@@ -57,6 +57,15 @@ class UpstreamTls:
         return None
 
 
+# What a mesh client offers, as Istio's sidecars do: a PERMISSIVE server terminates TLS only
+# when it sees one of these, and passes any other TLS (the app's own) through untouched.
+MESH_ALPN: dict[tuple[str, ...], tuple[str, ...]] = {
+    ("http/1.1",): ("istio-http/1.1", "http/1.1"),
+    ("h2",): ("istio-h2", "h2"),
+    (): ("istio-peer-exchange", "istio"),
+}
+
+
 class TlsContexts:
     """Contexts for SIMPLE and MUTUAL (built from files once per cluster spec)."""
 
@@ -100,7 +109,8 @@ def upstream_tls(
                 flag="UF",
                 request_bytes_sent=False,
             )
-        return UpstreamTls(identity.client_context(alpn), tls.sni or host, tls, trust_domain)
+        mesh_alpn = MESH_ALPN.get(alpn, alpn)
+        return UpstreamTls(identity.client_context(mesh_alpn), tls.sni or host, tls, trust_domain)
     try:
         context = contexts.for_files(tls, alpn)
     except (OSError, ssl.SSLError) as exc:

@@ -27,6 +27,7 @@ spec:
   proxyAdminPort: 15000
   statusPort: 15021
   drainDuration: 1s
+  protocolDetectionTimeout: 1s
 ---
 apiVersion: networking.istio.io/v1
 kind: ServiceEntry
@@ -135,6 +136,9 @@ def pod(
         procs.start(ns_exec(pod_ns, *serve, "tcp-db", "127.0.0.1", "18091"), ready="ready")
         # An app port no Sidecar declares, listening on all addresses as apps do.
         procs.start(ns_exec(pod_ns, *serve, "undeclared", "0.0.0.0", "18094"), ready="ready")
+        apps = [sys.executable, "-m", "tests.support.apps"]
+        procs.start(ns_exec(pod_ns, *apps, "banner", "0.0.0.0", "18095"), ready="ready")
+        procs.start(ns_exec(pod_ns, *apps, "tls", "0.0.0.0", "18096"), ready="ready")
         procs.start(ns_exec(remote_ns, *serve, "outside", "10.78.0.2", "8080"), ready="ready")
         cfg = Path(tempfile.mkdtemp(prefix="meshproxy-e2e-"))
         procs.cfg = cfg
@@ -285,6 +289,51 @@ def test_inbound_http_to_an_undeclared_port_reaches_the_app_without_looping(
     # Delivered on loopback from Istio's inbound passthrough address, once.
     assert out["peer"].startswith("127.0.0.6:") and out["local"] == "127.0.0.1:18094"
     assert out["headers"]["x-forwarded-for"] == "10.78.0.2"
+
+
+def test_server_first_protocol_on_an_undeclared_port_after_the_detection_timeout(
+    pod: tuple[str, str, Procs],
+) -> None:
+    _, remote_ns, _ = pod
+    started = time.monotonic()
+    out = subprocess.run(
+        ns_exec(
+            remote_ns, sys.executable, "-m", "tests.support.apps", "client", "10.78.0.1", "18095"
+        ),
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+        cwd=REPO,
+    )
+    waited = time.monotonic() - started
+    assert out.stdout.splitlines() == ["220 banner-app ready peer=127.0.0.6", "echo hello"], (
+        out.stdout + out.stderr
+    )
+    assert waited >= 1.0  # the greeting waited for protocolDetectionTimeout, then TCP
+
+
+def test_the_apps_own_tls_passes_through_a_permissive_port(pod: tuple[str, str, Procs]) -> None:
+    _, remote_ns, _ = pod
+    script = (
+        "import socket, ssl\n"
+        "c = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT); c.check_hostname = False\n"
+        "c.verify_mode = ssl.CERT_NONE; c.set_alpn_protocols(['app-proto'])\n"
+        "s = c.wrap_socket(socket.create_connection(('10.78.0.1', 18096), timeout=10),"
+        " server_hostname='app.local')\n"
+        "s.sendall(b'hi\\n'); print(s.recv(1024).decode().strip())\n"
+    )
+    out = subprocess.run(
+        ns_exec(remote_ns, sys.executable, "-c", script),
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    # Not mesh TLS (no istio ALPN): the app terminated it itself, SNI and ALPN intact.
+    assert out.stdout.strip() == "tls-app sni=app.local alpn=app-proto peer=127.0.0.6 got=hi", (
+        out.stdout + out.stderr
+    )
 
 
 def test_inbound_goes_to_the_local_app_whatever_host_says(pod: tuple[str, str, Procs]) -> None:
