@@ -18,7 +18,7 @@ from meshproxy.codec.h1 import resolve_codec_name
 from meshproxy.codec.h1_limits import Limits
 from meshproxy.collector import without_collection
 from meshproxy.config.loader import load_snapshot
-from meshproxy.config.snapshot import ListenerSpec, Snapshot
+from meshproxy.config.snapshot import ListenerKind, ListenerSpec, Snapshot
 from meshproxy.config.source import fingerprint
 from meshproxy.config.watch import watch_config
 from meshproxy.errors import ConfigError
@@ -74,6 +74,8 @@ class Runtime:
         self.last_failed: dict[str, Any] | None = None
         self._stop = asyncio.Event()
         self._quit_now = False
+        self._quit_event = asyncio.Event()  # /quitquitquit or a second signal: stop waiting
+        self._draining_inbound = False  # /drain_listeners?inboundonly or SIGTERM (a sidecar)
         self._servers: list[asyncio.Server] = []
         self._reload_lock = asyncio.Lock()
         self._fingerprint = fingerprint(config_path)
@@ -141,7 +143,10 @@ class Runtime:
         if s.status_port and s.status_port != s.proxy_admin_port:
             self._servers.append(
                 await start_admin(
-                    self, "0.0.0.0", s.status_port, only=frozenset({"/healthz/ready"})
+                    self,
+                    "0.0.0.0",
+                    s.status_port,
+                    only=frozenset({"/healthz/ready", "/quitquitquit"}),
                 )
             )
         stats_port = s.prometheus_port
@@ -170,7 +175,7 @@ class Runtime:
         started: list[Listener] = []
         try:
             for spec in specs:
-                if spec.key in self.listeners:
+                if spec.key in self.listeners or self._drained(spec):
                     continue
                 listener = Listener(self.ctx, spec, self.access_log)
                 await listener.start(reuse_port=self.role.reuse_port)
@@ -211,6 +216,7 @@ class Runtime:
                 spawn(report_counters(self.metrics, role.report_to, self._stop), name="report")
             )
         await self._stop.wait()
+        await self._termination_drain()
         watcher.cancel()
         cert_watcher.cancel()
         signal_children(role.children, signal.SIGKILL if self._quit_now else signal.SIGTERM)
@@ -227,21 +233,59 @@ class Runtime:
     def _signal(self) -> None:
         if self._stop.is_set():
             self._quit_now = True  # a second signal: exit without waiting
+            self._quit_event.set()
             return
-        logger.info(
-            "signal received: draining for up to %.1fs", self.ctx.snapshot.settings.drain_duration
-        )
+        settings = self.ctx.snapshot.settings
+        if self._is_sidecar():
+            logger.info(
+                "signal received: inbound drains, outbound serves the app for %.1fs "
+                "(terminationDrainDuration), then up to %.1fs for connections to finish",
+                settings.termination_drain_duration,
+                settings.drain_duration,
+            )
+        else:
+            logger.info("signal received: draining for up to %.1fs", settings.drain_duration)
         self._stop.set()
 
-    async def drain(self) -> None:
+    def _is_sidecar(self) -> bool:
+        """Capture listeners: an app beside us still calls out while its pod terminates."""
+        return any(
+            spec.kind is ListenerKind.OUTBOUND_CAPTURE for spec in self.ctx.snapshot.listeners
+        )
+
+    async def _termination_drain(self) -> None:
+        """Istio's sidecar shutdown: inbound drains (no new connections or streams; replies
+        say Connection: close or GOAWAY) while outbound keeps serving the app, for
+        terminationDrainDuration; then everything drains. /quitquitquit skips it."""
+        wait = self.ctx.snapshot.settings.termination_drain_duration
+        if self._quit_now or not self._is_sidecar() or wait <= 0:
+            return
+        await self.drain_listeners(inbound_only=True)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._quit_event.wait(), wait)
+
+    async def drain_listeners(self, inbound_only: bool) -> None:
+        """Envoy's /drain_listeners: stop accepting (on inbound listeners only, if asked),
+        and let open connections finish what they are doing, then close. Not undone by a
+        reload; the process keeps running."""
         self.ready = False
-        self.ctx.draining = True
-        for listener in self.listeners.values():
-            await listener.close()
+        if inbound_only:
+            self._draining_inbound = True
+        else:
+            self.ctx.draining = True
+        for key, listener in list(self.listeners.items()):
+            if not inbound_only or listener.spec.kind.inbound:
+                del self.listeners[key]
+                await listener.close()
         for conn in list(self.ctx.connections):
+            if inbound_only and not getattr(conn, "inbound", False):
+                continue
             close_idle = getattr(conn, "close_idle", None)
             if close_idle is not None:
                 close_idle()
+
+    async def drain(self) -> None:
+        await self.drain_listeners(inbound_only=False)
         deadline = time.monotonic() + self.ctx.snapshot.settings.drain_duration
         while self.ctx.connections and time.monotonic() < deadline and not self._quit_now:
             await asyncio.sleep(0.05)
@@ -347,19 +391,35 @@ class Runtime:
             logger.warning("%s", w)
         logger.info("config version %d applied (was %d)", snapshot.version, old.version)
 
+    def _drained(self, spec: ListenerSpec) -> bool:
+        """A listener that a drain closed: a reload must not open it again."""
+        return self.ctx.draining or (self._draining_inbound and spec.kind.inbound)
+
     # -- AdminSource -----------------------------------------------------------------------
     def is_ready(self) -> bool:
-        return self.ready
+        """Istio's readiness: config loaded, listeners bound, and the workload certificate
+        loaded wherever mesh mTLS needs it; never while draining."""
+        if not self.ready or self.ctx.draining or self._draining_inbound:
+            return False
+        return self.ctx.identity is not None or not self.ctx.snapshot.requires_mesh_mtls()
+
+    def not_ready_reason(self) -> str:
+        if self.ctx.draining or self._draining_inbound:
+            return "draining"
+        if not self.ready:
+            return "starting"
+        return "no workload certificate loaded (mesh mTLS needs one)"
 
     def prometheus(self) -> bytes:
         return self.metrics.render()
 
     def request_quit(self) -> None:
         self._quit_now = True
+        self._quit_event.set()
         self._stop.set()
 
-    def request_drain(self) -> None:
-        self._stop.set()
+    def request_drain(self, inbound_only: bool) -> None:
+        spawn(self.drain_listeners(inbound_only), name="drain-listeners")
 
     def config_dump(self) -> dict[str, Any]:
         snap = self.ctx.snapshot
@@ -392,7 +452,8 @@ class Runtime:
 
     def server_info(self) -> dict[str, Any]:
         settings = self.ctx.snapshot.settings
-        state = "DRAINING" if self.ctx.draining else ("LIVE" if self.ready else "PRE_INITIALIZING")
+        draining = self.ctx.draining or self._draining_inbound
+        state = "DRAINING" if draining else ("LIVE" if self.ready else "PRE_INITIALIZING")
         identity = self.ctx.identity
         spiffe = identity.spiffe_id if identity is not None else None
         return {

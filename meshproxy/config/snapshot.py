@@ -182,8 +182,11 @@ class Snapshot:
     def uses_mesh_mtls(self) -> bool:
         """Whether the workload certificate matters: a capturing sidecar (its PERMISSIVE ports
         serve mTLS peers), a STRICT port, or ISTIO_MUTUAL origination (explicit or auto)."""
-        if self.settings.interception_mode == "REDIRECT":
-            return True
+        return self.settings.interception_mode == "REDIRECT" or self.requires_mesh_mtls()
+
+    def requires_mesh_mtls(self) -> bool:
+        """Whether some traffic cannot flow without the workload certificate: a STRICT port,
+        or ISTIO_MUTUAL origination (explicit or auto). Readiness waits for it then."""
         if "STRICT" in (self.mtls.default, *self.mtls.ports.values()):
             return True
         return any(

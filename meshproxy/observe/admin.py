@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import logging
 from collections.abc import Callable
@@ -19,12 +20,13 @@ MAX_ADMIN_REQUEST = 16 * 1024
 
 class AdminSource(Protocol):
     def is_ready(self) -> bool: ...
+    def not_ready_reason(self) -> str: ...
     def config_dump(self) -> dict[str, Any]: ...
     def cluster_statuses(self) -> list[dict[str, Any]]: ...
     def certs(self) -> dict[str, Any]: ...
     def prometheus(self) -> bytes: ...
     def request_quit(self) -> None: ...
-    def request_drain(self) -> None: ...
+    def request_drain(self, inbound_only: bool) -> None: ...
     def listener_statuses(self) -> list[dict[str, Any]]: ...
     def server_info(self) -> dict[str, Any]: ...
 
@@ -33,8 +35,9 @@ Handler = Callable[[AdminSource, str], tuple[int, str, bytes]]
 
 
 def _ready(src: AdminSource, query: str) -> tuple[int, str, bytes]:
-    ok = src.is_ready()
-    return (200, "text/plain", b"LIVE\n") if ok else (503, "text/plain", b"NOT READY\n")
+    if src.is_ready():
+        return 200, "text/plain", b"LIVE\n"
+    return 503, "text/plain", f"NOT READY: {src.not_ready_reason()}\n".encode()
 
 
 def _prom(src: AdminSource, query: str) -> tuple[int, str, bytes]:
@@ -179,7 +182,8 @@ def _certs(src: AdminSource, query: str) -> tuple[int, str, bytes]:
 # What `/` lists, as Envoy's admin home page does: every route with what it is for.
 ROUTE_HELP: dict[str, str] = {
     "/": "this list",
-    "/ready": "200 LIVE once the proxy serves (503 before, and while draining)",
+    "/ready": "200 LIVE once config, listeners and (for mesh mTLS) certificates are in; 503 "
+    "before, and while draining",
     "/healthz/ready": "the same (Istio's readiness path; also on the status port)",
     "/stats/prometheus": "metrics in Prometheus' text format (Istio's names and labels)",
     "/metrics": "the same",
@@ -190,8 +194,9 @@ ROUTE_HELP: dict[str, str] = {
     "/listeners": "listeners and their addresses (?format=json)",
     "/server_info": "version, state, uptime, build and settings (JSON)",
     "/logging": "loggers and levels; POST ?level=LEVEL or ?LOGGER=LEVEL changes them",
-    "/quitquitquit": "POST: drain and exit",
-    "/drain_listeners": "POST: stop accepting new connections and drain",
+    "/quitquitquit": "POST: exit promptly (no termination drain); also on the status port",
+    "/drain_listeners": "POST ?inboundonly&graceful: stop accepting (inbound only) and close "
+    "connections as their requests finish; the process keeps running",
 }
 
 
@@ -262,11 +267,17 @@ class AdminProtocol(asyncio.Protocol):
             if method != "POST":
                 self._respond(405, "text/plain", b"use POST\n")
                 return
+            if not self._from_loopback():
+                # The status port listens on all addresses; stopping the proxy is for the
+                # pod's own containers (Istio's agent allows it from localhost only).
+                self._respond(403, "text/plain", b"only from localhost\n")
+                return
             if path == "/quitquitquit":
                 self._respond(200, "text/plain", b"OK\n")
                 self.source.request_quit()
             else:
-                self.source.request_drain()
+                flags = parse_qs(query, keep_blank_values=True)
+                self.source.request_drain("inboundonly" in flags)
                 self._respond(200, "text/plain", b"OK\n")
             return
         handler = GET_ROUTES.get(path)
@@ -282,6 +293,12 @@ class AdminProtocol(asyncio.Protocol):
             logger.exception("admin handler %s failed", path)
             status, ctype, body = 500, "text/plain", b"internal error\n"
         self._respond(status, ctype, body)
+
+    def _from_loopback(self) -> bool:
+        peer = self.transport.get_extra_info("peername") if self.transport is not None else None
+        if not peer:
+            return False
+        return ipaddress.ip_address(str(peer[0]).split("%")[0]).is_loopback
 
     def _respond(self, status: int, ctype: str, body: bytes) -> None:
         if self.transport is None or self.transport.is_closing():

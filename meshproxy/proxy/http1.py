@@ -61,6 +61,7 @@ class DownstreamHttp1:
         self._queue: deque[ReceivedEvent] = deque()
         self._reading_paused = False
         self._closing = False
+        self._draining = False  # close after the request in flight (a drain reached us)
         self._header_timer: asyncio.TimerHandle | None = None
         self._idle_timer: asyncio.TimerHandle | None = None
         self._write_paused = False
@@ -149,7 +150,7 @@ class DownstreamHttp1:
                 self._header_timer.cancel()
                 self._header_timer = None
             stream = HttpStream(self, ev)
-            if self.ctx.draining or ev.upgrade:
+            if self._draining or ev.upgrade:
                 stream.keep_alive = False
             self.stream = stream
             if ev.upgrade:
@@ -200,7 +201,7 @@ class DownstreamHttp1:
         if head.status == 101 and self._tunnel is stream:
             self._switch_protocols(head)
             return
-        keep = stream.keep_alive and not self.ctx.draining
+        keep = stream.keep_alive and not self._draining
         stream.keep_alive = keep
         self.codec.send_head(head, stream.head.method, keep)
         if not self._cork:
@@ -299,7 +300,7 @@ class DownstreamHttp1:
         transport = self.transport
         if transport is None or self._closing or transport.is_closing():
             return
-        if not stream.keep_alive or not stream.request_done or self.ctx.draining:
+        if not stream.keep_alive or not stream.request_done or self._draining:
             self._closing = True
             self._flush(force=True)  # the response may still be corked
             transport.close()
@@ -377,6 +378,10 @@ class DownstreamHttp1:
 
     def close_idle(self) -> None:
         """Draining: close now if no request is in flight, else after the current one."""
+        self._draining = True
+        stream = self.stream
+        if stream is not None:
+            stream.keep_alive = False  # its response says Connection: close
         if self.stream is None and self.transport is not None:
             self._closing = True
             self.transport.close()

@@ -56,9 +56,7 @@ class MtlsGate(asyncio.Protocol):
             if self.ctx.identity is None:
                 self._no_identity()
                 return
-            self._timer = asyncio.get_running_loop().call_later(
-                HANDSHAKE_TIMEOUT, t.close
-            )
+            self._timer = asyncio.get_running_loop().call_later(HANDSHAKE_TIMEOUT, t.close)
             return
         detect = self.ctx.snapshot.settings.protocol_detection_timeout
         if self.on_silence is None or detect <= 0:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 from collections.abc import Callable
@@ -96,10 +97,17 @@ class IdentityManager:
         return True
 
     async def watch(self, stop: asyncio.Event) -> None:
-        """Reload on any change in the certificate directories (inotify; idle otherwise)."""
+        """Reload on any change in the certificate directories (inotify; idle otherwise).
+        Directories that do not exist yet are looked for once a second until one does."""
         dirs = [d for d in self.files.directories if d.is_dir()]
-        if not dirs:
-            return
+        while not dirs:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), 1.0)
+            if stop.is_set():
+                return
+            dirs = [d for d in self.files.directories if d.is_dir()]
+            if dirs:
+                self.load()  # what was written before the watch below starts
         async for _ in awatch(
             *dirs, debounce=200, step=50, stop_event=stop, rust_timeout=0, yield_on_timeout=False
         ):
