@@ -53,6 +53,10 @@ class ListenerKind(enum.Enum):
     def inbound(self) -> bool:
         return self in (ListenerKind.INBOUND_CAPTURE, ListenerKind.INGRESS)
 
+    @property
+    def captures(self) -> bool:
+        return self in (ListenerKind.OUTBOUND_CAPTURE, ListenerKind.INBOUND_CAPTURE)
+
 
 @dataclass(frozen=True, slots=True)
 class Endpoint:

@@ -41,6 +41,15 @@ SNIFF_BYTES = 8
 SERVER_FIRST_PORTS = frozenset({25, 53, 3306, 27017})  # Istio assumes TCP for these
 
 
+def ipv6_enabled() -> bool:
+    """IPv6 is on in this network namespace (a pod may have it disabled)."""
+    try:
+        with open("/proc/sys/net/ipv6/conf/all/disable_ipv6") as f:
+            return f.read().strip() == "0"
+    except OSError:
+        return False
+
+
 def is_h2_preface(data: bytes) -> bool | None:
     """True once the HTTP/2 connection preface is seen, False once it cannot be, else None."""
     if data[: len(PREFACE)] == PREFACE:
@@ -284,18 +293,28 @@ class Listener:
         self.spec = spec
         self.access_log = access_log
         self.server: asyncio.Server | None = None
+        self.server_v6: asyncio.Server | None = None
 
     def update(self, spec: ListenerSpec) -> None:
         self.spec = spec
 
     async def start(self, reuse_port: bool = False) -> None:
         """Bind; with several workers each binds with SO_REUSEPORT and the kernel spreads
-        the connections (never set for one worker: a second process on the port must fail)."""
-        loop = asyncio.get_running_loop()
-        family = socket.AF_INET6 if ":" in self.spec.address else socket.AF_INET
-        self.server = await loop.create_server(
+        the connections (never set for one worker: a second process on the port must fail).
+        Capture listeners also bind :: (IPv6-only) where the pod has IPv6, so ip6tables'
+        redirects land too."""
+        self.server = await self._bind(self.spec.address, reuse_port)
+        if self.spec.kind.captures and self.spec.address == "0.0.0.0" and ipv6_enabled():
+            try:
+                self.server_v6 = await self._bind("::", reuse_port)
+            except OSError as exc:  # IPv6 present but unusable here: IPv4 still works
+                logger.warning("listener %s: not on [::]: %s", self.spec.name, exc)
+
+    async def _bind(self, address: str, reuse_port: bool) -> asyncio.Server:
+        family = socket.AF_INET6 if ":" in address else socket.AF_INET
+        return await asyncio.get_running_loop().create_server(
             self._factory,
-            self.spec.address,
+            address,
             self.spec.port,
             family=family,
             reuse_address=True,
@@ -336,9 +355,10 @@ class Listener:
         return _LazyTcp(self.ctx, spec, binding, peer, self.access_log)
 
     async def close(self) -> None:
-        if self.server is not None:
-            self.server.close()
-            self.server = None
+        for server in (self.server, self.server_v6):
+            if server is not None:
+                server.close()
+        self.server = self.server_v6 = None
 
 
 class _HttpAuto(asyncio.Protocol):

@@ -57,6 +57,9 @@ def netns_pair() -> Iterator[tuple[str, str]]:
         run("ip", "link", "set", veth_remote, "netns", remote)
         run("ip", "-n", pod, "addr", "add", "10.78.0.1/24", "dev", veth_pod)
         run("ip", "-n", remote, "addr", "add", "10.78.0.2/24", "dev", veth_remote)
+        # IPv6 too (nodad: usable at once), for ip6tables capture.
+        run("ip", "-n", pod, "addr", "add", "fd00:78::1/64", "dev", veth_pod, "nodad")
+        run("ip", "-n", remote, "addr", "add", "fd00:78::2/64", "dev", veth_remote, "nodad")
         for ns, dev in ((pod, veth_pod), (remote, veth_remote)):
             run("ip", "-n", ns, "link", "set", "lo", "up")
             run("ip", "-n", ns, "link", "set", dev, "up")

@@ -88,6 +88,8 @@ def pod(
         procs.start(ns_exec(pod_ns, *apps, "banner", "0.0.0.0", "18095"), ready="ready")
         procs.start(ns_exec(pod_ns, *apps, "tls", "0.0.0.0", "18096"), ready="ready")
         procs.start(ns_exec(remote_ns, *serve, "outside", "10.78.0.2", "8080"), ready="ready")
+        procs.start(ns_exec(pod_ns, *serve, "app-v6", "::", "18097"), ready="ready")
+        procs.start(ns_exec(remote_ns, *serve, "outside-v6", "::", "8081"), ready="ready")
         cfg = Path(tempfile.mkdtemp(prefix="meshproxy-e2e-"))
         procs.cfg = cfg
         text = CONFIG
@@ -282,6 +284,17 @@ def test_the_apps_own_tls_passes_through_a_permissive_port(pod: tuple[str, str, 
     assert out.stdout.strip() == "tls-app sni=app.local alpn=app-proto peer=127.0.0.6 got=hi", (
         out.stdout + out.stderr
     )
+
+
+def test_ipv6_is_captured_both_ways(pod: tuple[str, str, Procs]) -> None:
+    pod_ns, remote_ns, _ = pod
+    inbound = json.loads(curl(remote_ns, "-g", "http://[fd00:78::1]:18097/v6-in"))
+    # ip6tables redirected it to the proxy's [::] listener; the app got it on ::1 from ::6.
+    assert inbound["name"] == "app-v6" and inbound["peer"].startswith("::6:")
+    assert inbound["headers"]["x-forwarded-for"] == "fd00:78::2"
+    outbound = json.loads(curl(pod_ns, "-g", "http://[fd00:78::2]:8081/v6-out"))
+    assert outbound["name"] == "outside-v6"
+    assert outbound["headers"]["x-forwarded-proto"] == "http"  # through the proxy
 
 
 def test_inbound_goes_to_the_local_app_whatever_host_says(pod: tuple[str, str, Procs]) -> None:
