@@ -1,4 +1,4 @@
-"""Command line: run, validate, demo, bench, iptables, wait, ca, version."""
+"""Command line: run, validate, demo, bench, iptables, wait, inject, ca, version."""
 
 from __future__ import annotations
 
@@ -186,7 +186,7 @@ def cmd_version(args: argparse.Namespace) -> int:
 EXIT_CODES = """\
 exit codes:
   0  success (run: a clean shutdown after SIGTERM or POST /quitquitquit)
-  1  validate found problems; iptables, ca or demo failed; wait gave up
+  1  validate found problems; iptables, inject, ca or demo failed; wait gave up
   2  a usage error (bad flag or value); run refused an invalid config
   3  run could not start (a port in use, an access log that cannot be opened, ...)
 """
@@ -208,6 +208,7 @@ def _sub(
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from meshproxy.inject.command import add_parser as add_inject_parser
     from meshproxy.intercept.command import add_parser as add_iptables_parser
     from meshproxy.wait import add_parser as add_wait_parser
 
@@ -259,6 +260,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _sub(sub, "wait", "block until the proxy is ready (a postStart hook, as pilot-agent wait)")
     add_wait_parser(p)
+
+    p = _sub(sub, "inject", "add the sidecar to Kubernetes workloads (as istioctl kube-inject)")
+    add_inject_parser(p)
 
     p = _sub(sub, "ca", "a development mesh CA: init a root, issue workload certs")
     ca = p.add_subparsers(dest="ca_command", required=True, metavar="COMMAND")

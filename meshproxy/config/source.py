@@ -137,8 +137,34 @@ def config_roots(path: Path) -> list[Path]:
     roots: list[Path] = []
     for child in sorted(path.iterdir()):
         if child.is_dir() and not child.name.startswith("."):
-            roots += [r for r in config_roots(child) if r.is_dir() and config_files(r)]
+            roots += [
+                r
+                for r in config_roots(child)
+                if r.is_dir() and config_files(r) and _holds_mesh_resources(r)
+            ]
     return roots
+
+
+MESH_API_GROUPS = ("networking.istio.io/", "security.istio.io/", "telemetry.istio.io/")
+OWN_API_GROUP = "meshproxy.io/"
+
+
+def _holds_mesh_resources(directory: Path) -> bool:
+    """Whether a directory found by searching is a mesh config, not (say) Kubernetes
+    manifests kept beside the examples: some top-level apiVersion is Istio's or ours."""
+    import yaml
+
+    for file in config_files(directory):
+        try:
+            for doc in yaml.safe_load_all(file.read_text()):
+                version = doc.get("apiVersion") if isinstance(doc, dict) else None
+                if isinstance(version, str) and version.startswith(
+                    (*MESH_API_GROUPS, OWN_API_GROUP)
+                ):
+                    return True
+        except (OSError, UnicodeDecodeError, yaml.YAMLError):
+            return True  # unreadable: let validate say what is wrong with it
+    return False
 
 
 def fingerprint(path: Path) -> bytes:

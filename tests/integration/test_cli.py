@@ -47,7 +47,9 @@ def test_validate_finds_every_config_below_a_directory() -> None:
     out = meshproxy("validate", str(REPO / "config"))
     assert out.returncode == 0, out.stdout
     oks = [line for line in out.stdout.splitlines() if ": OK (" in line]
-    examples = sorted(p for p in (REPO / "config").iterdir() if p.is_dir())
+    examples = sorted(
+        p for p in (REPO / "config").iterdir() if p.is_dir() and p.name != "kubernetes"
+    )
     assert [line.split(": OK")[0] for line in oks] == [str(p) for p in examples]
 
 

@@ -1,0 +1,1 @@
+"""`meshproxy inject`: add the sidecar to Kubernetes workloads, as `istioctl kube-inject`."""
