@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.proxy import ProxyProcess, free_port
+from tests.support.proxy import ProxyProcess, free_port, wait_for
 from tests.support.upstream import UpstreamServer
 
 
@@ -160,8 +160,11 @@ class MeshFactory:
         codec: str = "auto",
         configmap: bool = False,
         max_open_files: int | None = None,
+        ready: bool = True,
         **opts: object,
     ) -> Mesh:
+        """A proxy on the mesh config; `ready=False`: serving is enough (readiness may wait
+        for a certificate the test leaves out)."""
         v1 = UpstreamServer("v1").start()
         v2 = UpstreamServer("v2").start()
         admin, http_port, tcp_port, dead = free_port(), free_port(), free_port(), free_port()
@@ -185,7 +188,10 @@ class MeshFactory:
             (config_dir / "mesh.yaml").write_text(text)
         proxy = ProxyProcess(config_dir, admin, self.tmp_path / "proxy.log", max_open_files)
         self.started.append((proxy, [v1, v2]))
-        proxy.wait_ready()
+        if ready:
+            proxy.wait_ready()
+        else:
+            assert wait_for(lambda: "ready: config version" in proxy.log(), 15), proxy.log()
         mesh = Mesh(proxy, http_port, tcp_port, v1, v2, config_dir)
         mesh.params = params  # type: ignore[attr-defined]
         return mesh

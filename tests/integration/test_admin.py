@@ -117,9 +117,13 @@ def test_no_certificate_notice_where_mesh_mtls_is_not_used(
     mesh.proxy.terminate()
     strict = make_mesh(
         extra_spec=certs + "\n---\napiVersion: security.istio.io/v1\nkind: PeerAuthentication\n"
-        "metadata: {name: default, namespace: istio-system}\nspec: {mtls: {mode: STRICT}}"
+        "metadata: {name: default, namespace: istio-system}\nspec: {mtls: {mode: STRICT}}",
+        ready=False,
     )
     assert CERT_NOTICE in strict.proxy.log()
+    # STRICT cannot serve without the certificate: not ready, and saying why.
+    status, body = http_get(strict.proxy.admin + "/ready")
+    assert status == 503 and b"no workload certificate loaded" in body
 
 
 def test_prometheus_port_serves_the_scrape_alone(make_mesh: MeshFactory) -> None:
