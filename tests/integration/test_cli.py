@@ -2,22 +2,14 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
+
+from tests.support.proxy import meshproxy_cli
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-def meshproxy(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "meshproxy", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-        stdin=subprocess.DEVNULL,
-    )
+meshproxy = meshproxy_cli
 
 
 def test_demo_runs_and_reports() -> None:

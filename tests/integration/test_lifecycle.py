@@ -13,19 +13,18 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.proxy import ProxyProcess, free_port, http_get, request, wait_for
+from tests.support.h2client import H2Client
+from tests.support.proxy import (
+    ProxyProcess,
+    free_port,
+    http_get,
+    meshproxy_cli,
+    request,
+    wait_for,
+)
 from tests.support.upstream import UpstreamServer
 
-
-def meshproxy(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "meshproxy", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-        stdin=subprocess.DEVNULL,
-    )
+meshproxy = meshproxy_cli
 
 
 def post(port: int, path: str) -> int:
@@ -216,3 +215,21 @@ def test_quitquitquit_on_the_status_port_exits_promptly(life: Life) -> None:
     assert life.proxy.proc.wait(timeout=10) == 0
     assert time.monotonic() - started < 5  # prompt: no drain wait (drainDuration is 10s)
     idle.close()
+
+
+def test_inbound_drain_sends_goaway_and_lets_the_stream_in_flight_finish(life: Life) -> None:
+    life.issue_certs()
+    life.proxy.wait_ready()
+    client = H2Client(life.inbound, authority="app.test")
+    try:
+        assert client.get("/first").status == 200
+        sid = client.request("/slow?ms=1500")
+        assert wait_for(lambda: any(s.path.startswith("/slow") for s in life.app.state.requests))
+        assert post(life.admin, "/drain_listeners?inboundonly&graceful") == 200
+        (slow,) = client.wait(sid, timeout=10)
+        assert client.goaway is not None and client.goaway.last_stream_id >= sid
+        assert slow.status == 200 and slow.ended  # the stream in flight finished
+        assert client.wait_closed(10)  # then the connection closed
+    finally:
+        client.close()
+    assert request(life.outbound, "/still", host="app.test").status == 200

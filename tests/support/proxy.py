@@ -20,6 +20,18 @@ from pathlib import Path
 _handed_out: set[int] = set()
 
 
+def meshproxy_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """`meshproxy ARGS...` as a user runs it: no stdin, output captured, exit code kept."""
+    return subprocess.run(
+        [sys.executable, "-m", "meshproxy", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+        stdin=subprocess.DEVNULL,
+    )
+
+
 def free_port() -> int:
     """A free port below the kernel's ephemeral range (32768+ on Linux): bind(0) would pick
     from that range, where any outgoing connection of a running test may take the port
