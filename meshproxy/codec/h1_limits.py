@@ -38,8 +38,34 @@ def check_request_head(head: RequestHead, host: bytes) -> None:
             raise ProtocolError("CONNECT is not supported", side, 403)
         if not (target == b"*" and method == b"OPTIONS"):
             raise ProtocolError("request target must be origin-form (/path)", side)
-    if not host or _SPACE in host or _AT in host or _SLASH in host:
+    if not valid_authority(host):
         raise ProtocolError("invalid Host header", side)
+
+
+_COLON: Final = ord(":")
+_OPEN_BRACKET: Final = ord("[")
+
+
+def valid_authority(host: bytes) -> bool:
+    """Host (or :authority) as RFC 3986 has it: a host and an optional numeric port; no
+    userinfo, path or whitespace, a bracketed IPv6 literal closed. Refusing the rest keeps
+    routing and authorization from reading a host the upstream would read differently."""
+    if not host or _SPACE in host or _AT in host or _SLASH in host:
+        return False
+    if host[0] == _OPEN_BRACKET:
+        end = host.find(b"]")
+        if end < 2:
+            return False
+        rest = host[end + 1 :]
+        return not rest or (rest[0] == _COLON and _valid_port(rest[1:]))
+    if _COLON in host:
+        name, _, port = host.rpartition(b":")
+        return bool(name) and _COLON not in name and _valid_port(port)
+    return True
+
+
+def _valid_port(port: bytes) -> bool:
+    return 0 < len(port) <= 5 and port.isdigit() and int(port) <= 65535
 
 
 # Chunk extensions (`5;name=value\r\n`) carry nothing a proxy uses, and neither parser reports

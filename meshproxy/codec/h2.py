@@ -16,6 +16,7 @@ from h2.settings import SettingCodes, Settings
 from hyperframe.frame import GoAwayFrame
 
 from meshproxy.codec.events import Headers, RequestHead, ResponseHead
+from meshproxy.codec.h1_limits import valid_authority
 from meshproxy.errors import ProtocolError, ProtocolSide
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
@@ -127,6 +128,8 @@ def request_head(headers: Headers, stream_id: int, end_stream: bool) -> RequestH
     authority = authority or host or b""
     if not authority:
         raise ProtocolError("missing :authority", ProtocolSide.DOWNSTREAM)
+    if not valid_authority(authority):
+        raise ProtocolError("malformed :authority", ProtocolSide.DOWNSTREAM)
     upgrade = False
     if protocol:
         # RFC 8441 extended CONNECT: carried to an HTTP/1.1 upstream as an Upgrade request.

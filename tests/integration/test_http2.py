@@ -192,10 +192,31 @@ def test_route_timeout_on_one_stream_leaves_siblings(mesh: H2Mesh) -> None:
     c.close()
 
 
-def test_no_route_and_bad_authority_on_h2(mesh: H2Mesh) -> None:
+def test_an_unknown_authority_has_no_route_on_h2(mesh: H2Mesh) -> None:
     c = H2Client(mesh.h1_port, authority="nowhere.test")
     assert c.get("/").status == 404
     c.close()
+
+
+@pytest.mark.parametrize(
+    "authority",
+    ["hello.test bad", "user@hello.test", "", "hello.test:notaport", "hello.test\x00x", "[::1"],
+)
+def test_a_malformed_authority_is_refused_before_any_upstream_request(
+    mesh: H2Mesh, authority: str
+) -> None:
+    c = H2Client(mesh.h1_port, authority=authority)
+    try:
+        r = c.get("/bad-authority")
+        # Refused: a stream reset (PROTOCOL_ERROR), a 400, or the connection closed.
+        assert r.reset is not None or r.status == 400 or c.closed, (r.status, r.reset)
+    finally:
+        c.close()
+    assert not [q for q in mesh.h1.state.requests if q.path == "/bad-authority"]
+    # The listener is fine for the next client.
+    ok = H2Client(mesh.h1_port, authority="hello.test")
+    assert ok.get("/after").status == 200
+    ok.close()
 
 
 def test_rst_stream_cancels_only_that_streams_upstream_request(mesh: H2Mesh) -> None:

@@ -6,12 +6,14 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from tests.support.metrics import scrape, value
 from tests.support.proxy import (
     egress_sidecar,
     free_port,
     request,
     running_proxy,
     service_entry,
+    wait_for,
 )
 from tests.support.upstream import UpstreamServer
 
@@ -49,18 +51,35 @@ spec:
     )
     try:
         with running_proxy(tmp_path, admin, resources, localRateLimits=limits) as proxy:
-            results = [get(port, "/a") for _ in range(12)]
-            assert [s for s, _, _ in results] == [200] * 5 + [429] * 7
-            assert all(h == "true" and b == b"local_rate_limited" for _, h, b in results[5:])
-            assert len(app.state.requests) == 5  # refused requests never reach the app
+            started = time.monotonic()
+            statuses = [get(port, "/a") for _ in range(12)]
+            # A shared machine may be slow enough for the 1s bucket to refill mid-burst:
+            # count the fills that could have happened instead of assuming none did.
+            fills = int((time.monotonic() - started) / 1.0)
+            codes = [s for s, _, _ in statuses]
+            assert codes[:5] == [200] * 5
+            assert 5 <= codes.count(200) <= 5 + 5 * fills
+            refused = [r for r in statuses if r[0] == 429]
+            assert refused and all(
+                h == "true" and b == b"local_rate_limited" for _, h, b in refused
+            )
+            assert len(app.state.requests) == codes.count(200)  # refused never reach the app
             # The route's own bucket replaces the port's: 2 more, although the port's is empty.
             assert [get(port, "/tight")[0] for _ in range(3)] == [200, 200, 429]
-            time.sleep(1.1)  # one fill interval: the port's bucket has 5 again
-            assert [get(port, "/b")[0] for _ in range(6)] == [200] * 5 + [429]
+            # Refilled with time: wait (generously) for the port's bucket to serve again.
+            assert wait_for(lambda: get(port, "/b")[0] == 200, timeout=10)
             assert get(port, "/tight")[0] == 429  # an hour-long interval: still empty
-            metrics = proxy.metrics()
-            assert 'meshproxy_local_rate_limited_total{name="egress"} 8.0' in metrics
-            assert 'meshproxy_local_rate_limited_total{name="tight"} 2.0' in metrics
-            assert 'response_code="429"' in metrics and 'response_flags="RL"' in metrics
+            samples = scrape(proxy.admin)
+            assert value(samples, "meshproxy_local_rate_limited_total", name="tight") == 2
+            limited = value(samples, "meshproxy_local_rate_limited_total", name="egress")
+            assert limited is not None and limited >= codes.count(429)  # + the refill polls
+            rl = value(
+                samples,
+                "istio_requests_total",
+                reporter="source",
+                response_code="429",
+                response_flags="RL",
+            )
+            assert rl == limited + 2  # every refusal is one request in Istio's series
     finally:
         app.stop()

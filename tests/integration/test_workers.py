@@ -9,7 +9,8 @@ import subprocess
 import time
 from pathlib import Path
 
-from tests.support.proxy import egress_sidecar, free_port, running_proxy, service_entry
+from tests.support.metrics import scrape, value
+from tests.support.proxy import egress_sidecar, free_port, running_proxy, service_entry, wait_for
 from tests.support.upstream import UpstreamServer
 
 
@@ -56,16 +57,19 @@ def test_two_workers_share_the_load_and_one_admin_sums_them(tmp_path: Path) -> N
                     sent += 1
                 pids = _upstream_peers(app.port)
             assert pids == {proxy.proc.pid, workers[0]}, pids  # both workers served
-            time.sleep(1.5)  # a report interval: worker 1's counters reach worker 0
-            metrics = proxy.metrics()
-            assert "meshproxy_workers 2.0" in metrics
-            total = sum(
-                float(m)
-                for m in re.findall(
-                    r'istio_requests_total\{[^}]*response_code="200"[^}]*\} (\S+)', metrics
+
+            def served() -> float:
+                """istio_requests_total over both workers, as worker 0's admin sums it."""
+                samples = scrape(proxy.admin)
+                return sum(
+                    v
+                    for (name, labels), v in samples.items()
+                    if name == "istio_requests_total" and ("response_code", "200") in labels
                 )
-            )
-            assert total == sent
+
+            # Worker 1's counters reach worker 0 at its next report: wait for the sum.
+            assert wait_for(lambda: served() == sent, timeout=15), (served(), sent)
+            assert value(scrape(proxy.admin), "meshproxy_workers") == 2
             proxy.proc.send_signal(15)
             assert proxy.proc.wait(timeout=15) == 0
             time.sleep(0.2)

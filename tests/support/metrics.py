@@ -26,7 +26,7 @@ def scrape(admin_url: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float
 
 
 def value(
-    samples: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str, **labels: str
+    samples: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str, /, **labels: str
 ) -> float | None:
     """The value of the one series `name` whose labels include `labels` (None: no such
     series); more than one match is an error, so a test names its series exactly."""
