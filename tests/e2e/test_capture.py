@@ -16,6 +16,7 @@ import pytest
 from meshproxy.intercept.apply import apply
 from meshproxy.intercept.capture_config import resolve
 from tests.e2e.pods import REPO, Procs, curl, ns_exec
+from tests.support.metrics import series, value
 
 pytestmark = pytest.mark.e2e
 
@@ -308,9 +309,11 @@ def test_metrics_see_both_directions(pod: tuple[str, str, Procs]) -> None:
     pod_ns, remote_ns, _ = pod
     curl(pod_ns, "http://10.96.7.7/")
     curl(remote_ns, "http://10.78.0.1:9080/")
-    metrics = curl(pod_ns, "http://127.0.0.1:15000/stats/prometheus")
-    assert 'reporter="source"' in metrics and 'destination_service="hello.e2e"' in metrics
-    assert 'reporter="destination"' in metrics
+    samples = series(curl(pod_ns, "http://127.0.0.1:15000/stats/prometheus"))
+    out = value(samples, "istio_requests_total", reporter="source", destination_service="hello.e2e")
+    assert out == 1
+    inbound = value(samples, "istio_requests_total", reporter="destination", response_code="200")
+    assert inbound == 1
 
 
 @pytest.mark.parametrize("pod", ["REGISTRY_ONLY"], indirect=True)

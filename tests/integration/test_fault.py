@@ -9,6 +9,7 @@ from pathlib import Path
 import grpc
 
 from tests.support.grpc_echo import GrpcEchoServer
+from tests.support.metrics import scrape, value
 from tests.support.proxy import egress_sidecar, free_port, running_proxy, service_entry
 from tests.support.upstream import UpstreamServer
 
@@ -65,8 +66,20 @@ spec:
             assert "has no percentage, so (as in Istio) no request gets it" in proxy.log()
             statuses = [get("/half")[0] for _ in range(200)]
             assert 60 < statuses.count(503) < 140  # 50 % ± generous
-            metrics = proxy.metrics()
-            assert 'response_flags="DI"' in metrics and 'response_flags="FI"' in metrics
+            samples = scrape(proxy.admin)
+
+            def count(flags: str, code: str) -> float | None:
+                return value(
+                    samples,
+                    "istio_requests_total",
+                    reporter="source",
+                    response_flags=flags,
+                    response_code=code,
+                )
+
+            assert count("DI", "200") == 1  # /delay
+            assert count("FI", "418") == 1  # /abort
+            assert count("FI", "503") == statuses.count(503)  # /half's aborts
     finally:
         app.stop()
 

@@ -15,6 +15,7 @@ import pytest
 
 from tests.support.grpc_echo import GrpcEchoServer
 from tests.support.h2client import H2Client
+from tests.support.metrics import scrape, value
 from tests.support.proxy import ProxyProcess, free_port, http_get, running_proxy
 
 AUTHORITY = "echo.grpc"
@@ -117,8 +118,16 @@ def test_error_status_and_message_pass_through(gmesh: GrpcMesh) -> None:
         _raw("/test.Echo/Fail", ch)(b"", timeout=5)
     assert err.value.code() is grpc.StatusCode.PERMISSION_DENIED
     assert err.value.details() == "not you: ünïcode"
-    metrics = gmesh.proxy.metrics()
-    assert 'grpc_response_status="7"' in metrics and 'request_protocol="grpc"' in metrics
+    samples = scrape(gmesh.proxy.admin)
+    failed = value(
+        samples,
+        "istio_requests_total",
+        reporter="source",
+        grpc_response_status="7",
+        request_protocol="grpc",
+        response_code="200",
+    )
+    assert failed == 1
 
 
 def test_route_timeout_ends_the_call_with_deadline_exceeded(gmesh: GrpcMesh) -> None:
@@ -128,13 +137,15 @@ def test_route_timeout_ends_the_call_with_deadline_exceeded(gmesh: GrpcMesh) -> 
     assert err.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
     assert time.monotonic() - start < 3
     assert gmesh.server.service.cancelled.wait(5)  # the upstream call was cancelled
-    metrics = gmesh.proxy.metrics()
-    line = next(
-        ln
-        for ln in metrics.splitlines()
-        if ln.startswith("istio_requests_total") and 'response_flags="UT"' in ln
+    timed_out = value(
+        scrape(gmesh.proxy.admin),
+        "istio_requests_total",
+        reporter="source",
+        response_flags="UT",
+        grpc_response_status="4",
+        response_code="200",
     )
-    assert 'grpc_response_status="4"' in line and 'response_code="200"' in line
+    assert timed_out == 1
 
 
 def _grpc_message(payload: bytes) -> bytes:

@@ -3,9 +3,9 @@ slow or dead mirror never touches the primary response; mirrorPercentage samples
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
+from tests.support.metrics import scrape, value
 from tests.support.proxy import (
     egress_sidecar,
     free_port,
@@ -71,7 +71,10 @@ def test_mirror_copies_requests_and_never_delays_the_primary(tmp_path: Path) -> 
 
             # A body beyond the 64 KiB replay buffer is not mirrored (Envoy abandons it too).
             assert send(port, "POST", "/upload", b"x" * 100_000)[0] == 200
-            assert wait_for(lambda: 'result="abandoned"' in p.metrics(), 5.0)
+            abandoned = "meshproxy_mirror_requests_total"
+            assert wait_for(
+                lambda: value(scrape(p.admin), abandoned, result="abandoned") == 1, 5.0
+            ), p.metrics()
 
             shadow.state.delay = 2.0  # a slow mirror: the original never waits for it
             status, elapsed = send(port, path="/b")
@@ -81,18 +84,27 @@ def test_mirror_copies_requests_and_never_delays_the_primary(tmp_path: Path) -> 
             status, elapsed = send(port, path="/dead")  # one dead, one live mirror
             assert status == 200 and elapsed < 2.0  # not the dead mirror's connect timeout
             assert wait_for(lambda: any(r.path == "/dead" for r in shadow.state.requests), 5.0)
-            dead_failed = (
-                f'meshproxy_mirror_requests_total{{cluster="outbound|{port}||dead.test",'
-                'result="failed"}'
-            )
-            assert wait_for(lambda: dead_failed in p.metrics(), 5.0), p.metrics()
-            live_sent = f'{{cluster="outbound|{port}||mirror.test",result="sent"}}'
-            assert live_sent in p.metrics()
+
+            def mirror_count(cluster: str, result: str) -> float | None:
+                return value(
+                    scrape(p.admin),
+                    "meshproxy_mirror_requests_total",
+                    cluster=f"outbound|{port}||{cluster}",
+                    result=result,
+                )
+
+            assert wait_for(lambda: mirror_count("dead.test", "failed") == 1, 5.0), p.metrics()
+            # Every copy the shadow got counts as sent once it is done (/b's answer is slow).
+            arrived = len(shadow.state.requests)
+            assert wait_for(lambda: mirror_count("mirror.test", "sent") == arrived, 5.0)
 
             before = sum(1 for r in shadow.state.requests if r.path.startswith("/half"))
             for i in range(200):
                 assert send(port, path=f"/half/{i}")[0] == 200
-            time.sleep(0.3)
+            # The copies still on their way: wait until every one that was sent arrived.
+            assert wait_for(
+                lambda: mirror_count("mirror.test", "sent") == len(shadow.state.requests), 10.0
+            )
             mirrored = sum(1 for r in shadow.state.requests if r.path.startswith("/half")) - before
             assert 60 < mirrored < 140, mirrored  # 50 % of 200, generously
             assert sum(1 for r in app.state.requests if r.path.startswith("/half")) == 200

@@ -14,7 +14,8 @@ import time
 import pytest
 
 from tests.integration.conftest import MeshFactory
-from tests.support.proxy import env_without_proxy
+from tests.support.metrics import scrape, value
+from tests.support.proxy import env_without_proxy, wait_for
 
 GIB = 1 << 30
 
@@ -122,11 +123,11 @@ def test_tcp_echo_with_half_close(make_mesh: MeshFactory) -> None:
                 break
             got += data
     assert got == payload + b"bye"
-    metrics = mesh.proxy.metrics()
-    deadline = time.monotonic() + 5
-    while "istio_tcp_connections_closed_total{" not in metrics and time.monotonic() < deadline:
-        time.sleep(0.05)
-        metrics = mesh.proxy.metrics()
-    sent = [line for line in metrics.splitlines() if line.startswith("istio_tcp_sent_bytes_total")]
-    assert sent and float(sent[0].rsplit(" ", 1)[1]) == len(payload) + 3
-    assert 'destination_service="echo.test"' in sent[0]
+
+    def tcp(name: str) -> float | None:
+        return value(
+            scrape(mesh.proxy.admin), name, reporter="source", destination_service="echo.test"
+        )
+
+    assert wait_for(lambda: tcp("istio_tcp_connections_closed_total") == 1, 5)
+    assert tcp("istio_tcp_sent_bytes_total") == len(payload) + 3
