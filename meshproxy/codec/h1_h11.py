@@ -42,9 +42,11 @@ _UP = ProtocolSide.UPSTREAM
 
 def _head_end(buf: bytes) -> int:
     """Index just past the blank line ending a head (CRLF or bare LF forms), or -1."""
-    i = buf.find(b"\r\n\r\n")
-    j = buf.find(b"\n\n")
-    ends = [x + 4 for x in (i,) if x >= 0] + [x + 2 for x in (j,) if x >= 0]
+    ends = [
+        at + len(blank)
+        for blank in (b"\r\n\r\n", b"\n\n", b"\n\r\n")  # h11 reads all three as the end
+        if (at := buf.find(blank)) >= 0
+    ]
     return min(ends) if ends else -1
 
 
@@ -132,11 +134,24 @@ class H11ServerCodec:
                 events.clear()  # h11 parses one request per cycle: all of it is the offender
                 raise
 
+    def _skip_blank_lines(self) -> None:
+        """Drop CR and LF bytes before a request line, as llhttp does (RFC 9112 §2.2: a
+        server SHOULD ignore empty lines there); h11 would refuse them, and the two codecs
+        must read the same bytes the same way."""
+        buffered = self._conn._receive_buffer  # type: ignore[attr-defined]  # h11's own buffer
+        blank = len(buffered) - len(bytes(buffered).lstrip(b"\r\n"))
+        if blank:
+            buffered._extract(blank)
+
     def receive(self, data: bytes) -> list[ReceivedEvent]:
         if self.failed:
             return []
         events: list[ReceivedEvent] = []
         try:
+            if self._conn.their_state is h11.IDLE and not self._buffered():
+                data = data.lstrip(b"\r\n")
+                if not data:
+                    return events
             if self._conn.their_state is h11.IDLE:
                 self._scan.feed(data)
             self._conn.receive_data(data)
@@ -221,6 +236,7 @@ class H11ServerCodec:
         if conn.our_state is h11.DONE and conn.their_state is h11.DONE:
             conn.start_next_cycle()
             try:
+                self._skip_blank_lines()
                 self._scan.restart(conn.trailing_data[0])
                 self._drain_charged(events)
             except h11.RemoteProtocolError as exc:

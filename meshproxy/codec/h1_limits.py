@@ -32,12 +32,13 @@ def check_request_head(head: RequestHead, host: bytes) -> None:
     if not method.isupper() or not method.isalpha():
         # Methods are case-sensitive; `get` must not slip past a rule on GET (Istio rejects it).
         raise ProtocolError("invalid method", side)
+    if method == b"CONNECT":
+        raise ProtocolError("CONNECT is not supported", side, 403)
+    if method == b"PRI":
+        raise ProtocolError("PRI is the HTTP/2 preface, not a method", side)
     target = head.target
-    if target[:1] != b"/":
-        if method == b"CONNECT":
-            raise ProtocolError("CONNECT is not supported", side, 403)
-        if not (target == b"*" and method == b"OPTIONS"):
-            raise ProtocolError("request target must be origin-form (/path)", side)
+    if target[:1] != b"/" and not (target == b"*" and method == b"OPTIONS"):
+        raise ProtocolError("request target must be origin-form (/path)", side)
     if not valid_authority(host):
         raise ProtocolError("invalid Host header", side)
 

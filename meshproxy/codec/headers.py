@@ -112,6 +112,7 @@ def framing_values(
 def check_head_bytes(head: bytes, side: ProtocolSide) -> None:
     """Raw checks for parsers that are lenient: bare LF/CR and obs-fold line folding."""
     lines = head.split(b"\r\n")
+    lengths = 0
     for i, line in enumerate(lines):
         if b"\n" in line or b"\r" in line:
             raise ProtocolError("bare CR or LF in message head", side)
@@ -121,6 +122,11 @@ def check_head_bytes(head: bytes, side: ProtocolSide) -> None:
             colon = line.find(b":")
             if colon > 0 and line[colon - 1 : colon] in (b" ", b"\t"):
                 raise ProtocolError("whitespace before the colon of a header", side)
+            if colon > 0 and line[:colon].lower() == b"content-length":
+                lengths += 1
+                if lengths > 1:
+                    # h11 merges equal duplicates where llhttp refuses them: refuse in both.
+                    raise ProtocolError("more than one Content-Length", side)
 
 
 def is_websocket_upgrade(headers: Headers) -> bool:
