@@ -10,6 +10,7 @@ request-smuggling attack needs. Feeding the bytes whole or in pieces must not ma
 
 from __future__ import annotations
 
+from itertools import pairwise
 from typing import Any
 
 from hypothesis import HealthCheck, example, given, settings
@@ -118,7 +119,7 @@ def stream(draw: st.DrawFn) -> tuple[bytes, list[int]]:
 
 def pieces(data: bytes, cuts: list[int]) -> list[bytes]:
     bounds = [0, *cuts, len(data)]
-    return [data[a:b] for a, b in zip(bounds, bounds[1:], strict=False) if b > a]
+    return [data[a:b] for a, b in pairwise(bounds) if b > a]
 
 
 def _normal(headers: list[tuple[bytes, bytes]]) -> tuple[tuple[bytes, bytes], ...]:
