@@ -28,6 +28,7 @@ spec:
   proxyAdminPort: 15000
   statusPort: 15021
   drainDuration: 1s
+  terminationDrainDuration: 0s  # the inbound-only drain is tested in test_two_pods.py
   protocolDetectionTimeout: 1s
 ---
 apiVersion: networking.istio.io/v1
@@ -240,6 +241,9 @@ def test_inbound_http_to_an_undeclared_port_reaches_the_app_without_looping(
     # Delivered on loopback from Istio's inbound passthrough address, once.
     assert out["peer"].startswith("127.0.0.6:") and out["local"] == "127.0.0.1:18094"
     assert out["headers"]["x-forwarded-for"] == "10.78.0.2"
+    # HTTP/2 with prior knowledge is sniffed by its preface, and reaches the same app.
+    h2 = json.loads(curl(remote_ns, "--http2-prior-knowledge", "http://10.78.0.1:18094/h2"))
+    assert h2["name"] == "undeclared" and h2["peer"].startswith("127.0.0.6:")
 
 
 def test_server_first_protocol_on_an_undeclared_port_after_the_detection_timeout(
