@@ -37,6 +37,7 @@ from meshproxy.codec.headers import (
 from meshproxy.errors import ProtocolError, ProtocolSide
 
 _DOWN = ProtocolSide.DOWNSTREAM
+MAX_CHUNK_SIZE = 2**64 - 1  # llhttp's limit (an unsigned 64-bit length)
 _UP = ProtocolSide.UPSTREAM
 
 
@@ -118,6 +119,7 @@ class H11ServerCodec:
         self._chunks = self._explained = 0
         try:
             self._drain(events)
+            self._check_chunk_size()
         except h11.RemoteProtocolError as exc:
             if self._chunked_body and exc.error_status_hint == 431:
                 # h11's line limit met a chunk line: that is an extension too long, not a head.
@@ -142,6 +144,13 @@ class H11ServerCodec:
         blank = len(buffered) - len(bytes(buffered).lstrip(b"\r\n"))
         if blank:
             buffered._extract(blank)
+
+    def _check_chunk_size(self) -> None:
+        """A chunk size past 2^64 - 1 is refused, as llhttp refuses it ("overflow"): h11
+        accepts 20 hex digits (2^80), and the two codecs must read the same bytes alike."""
+        reader = self._conn._reader  # type: ignore[attr-defined]  # h11's body reader
+        if getattr(reader, "_bytes_in_chunk", 0) > MAX_CHUNK_SIZE:
+            raise ProtocolError("chunk size overflow", _DOWN)
 
     def receive(self, data: bytes) -> list[ReceivedEvent]:
         if self.failed:

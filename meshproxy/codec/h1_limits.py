@@ -15,6 +15,14 @@ _AT: Final = ord("@")
 _SLASH: Final = ord("/")
 
 
+# The methods llhttp (the default codec) parses, less CONNECT and the RTSP ones.
+KNOWN_METHODS: Final = frozenset(
+    b"GET HEAD POST PUT DELETE OPTIONS TRACE PATCH COPY LOCK MKCOL MOVE PROPFIND PROPPATCH "
+    b"SEARCH UNLOCK BIND REBIND UNBIND ACL REPORT MKACTIVITY CHECKOUT MERGE NOTIFY SUBSCRIBE "
+    b"UNSUBSCRIBE PURGE MKCALENDAR LINK UNLINK SOURCE QUERY".split()
+)
+
+
 @dataclass(frozen=True, slots=True)
 class Limits:
     max_header_bytes: int = 60 * 1024  # Envoy max_request_headers_kb default (431 beyond)
@@ -34,8 +42,9 @@ def check_request_head(head: RequestHead, host: bytes) -> None:
         raise ProtocolError("invalid method", side)
     if method == b"CONNECT":
         raise ProtocolError("CONNECT is not supported", side, 403)
-    if method == b"PRI":
-        raise ProtocolError("PRI is the HTTP/2 preface, not a method", side)
+    if method not in KNOWN_METHODS:
+        # llhttp knows these and refuses the rest: h11 must refuse the same ones.
+        raise ProtocolError("unknown method", side)
     target = head.target
     if target[:1] != b"/" and not (target == b"*" and method == b"OPTIONS"):
         raise ProtocolError("request target must be origin-form (/path)", side)

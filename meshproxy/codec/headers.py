@@ -124,8 +124,9 @@ def check_head_bytes(head: bytes, side: ProtocolSide) -> None:
                 raise ProtocolError("whitespace before the colon of a header", side)
             if colon > 0 and line[:colon].lower() == b"content-length":
                 lengths += 1
-                if lengths > 1:
-                    # h11 merges equal duplicates where llhttp refuses them: refuse in both.
+                if lengths > 1 or b"," in line[colon:]:
+                    # h11 merges equal duplicates (and `5, 5`) where llhttp refuses them:
+                    # refuse in both.
                     raise ProtocolError("more than one Content-Length", side)
 
 
@@ -142,6 +143,7 @@ def is_websocket_upgrade(headers: Headers) -> bool:
 
 
 _DOWN: Final = ProtocolSide.DOWNSTREAM  # a compiled constant (read per request)
+_ZERO: Final = ord("0")
 _REQUEST_SPECIAL: Final = frozenset({b"content-length", b"transfer-encoding", b"host", b"expect"})
 
 
@@ -172,4 +174,11 @@ def request_fields(headers: Headers) -> tuple[bool, int | None, bytes, bool]:
     if te is None and cl is None:
         return False, None, host, expect
     chunked, length = framing_values(cl, te, side)
+    if length is not None and cl is not None and len(cl) > 1 and cl[0] == _ZERO:
+        # `010` is ten (RFC 9110 digits are decimal): forwarded as `10`, never verbatim,
+        # since an upstream reading it as octal would take 8 bytes and see the rest as a
+        # second request.
+        for i, (k, _) in enumerate(headers):
+            if k == b"content-length":
+                headers[i] = (k, b"%d" % length)
     return chunked, length, host, expect

@@ -22,7 +22,22 @@ from meshproxy.codec.h1_limits import Limits
 
 EOL = st.sampled_from([b"\r\n"] * 8 + [b"\n", b"\r", b"\r\r\n"])
 METHOD = st.sampled_from(
-    [b"GET", b"POST", b"PUT", b"HEAD", b"OPTIONS", b"DELETE", b"get", b"G ET", b"CONNECT", b"PRI"]
+    [
+        b"GET",
+        b"POST",
+        b"PUT",
+        b"HEAD",
+        b"OPTIONS",
+        b"DELETE",
+        b"get",
+        b"G ET",
+        b"CONNECT",
+        b"PRI",
+        b"FOO",
+        b"QUERY",
+        b"PROPFIND",
+        b"M-SEARCH",
+    ]
 )
 TARGET = st.sampled_from(
     [b"/", b"/a?b=c", b"*", b"http://x/y", b"/%00", b"/a b", b"", b"/\x7f", b"//x", b"/a#f"]

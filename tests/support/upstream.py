@@ -175,7 +175,8 @@ class _Conn(asyncio.Protocol):
         if close:
             headers.append(("connection", "close"))
         out = self.h11.send(h11.Response(status_code=status, headers=headers)) or b""
-        out += self.h11.send(h11.Data(data=body)) or b""
+        if self.req is None or self.req.method != b"HEAD":  # a HEAD answer has no body
+            out += self.h11.send(h11.Data(data=body)) or b""
         out += self.h11.send(h11.EndOfMessage()) or b""
         self.transport.write(out)
         self._next()
