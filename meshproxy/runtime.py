@@ -133,6 +133,7 @@ class Runtime:
     # -- lifecycle -------------------------------------------------------------------------
     async def start(self) -> None:
         snap = self.ctx.snapshot
+        self.metrics.loop_lag.start(asyncio.get_running_loop())
         await self._start_listeners(snap.listeners)
         s = snap.settings
         if self.role.index != 0:

@@ -24,6 +24,7 @@ from prometheus_client.registry import Collector
 
 from meshproxy.config.resources import ProxySettings
 from meshproxy.observe.accesslog import LogCounts
+from meshproxy.observe.looplag import LoopLag
 from meshproxy.observe.recorder import ConnRecord
 from meshproxy.observe.tracing import SpanCounts
 from meshproxy.observe.workload import NO_PEER, UNKNOWN, PeerCache, WorkloadInfo, local_workload
@@ -222,6 +223,7 @@ class MeshMetrics(Collector):
         self.last_reload_ok_time = 0.0
         self.last_reload_error_time = 0.0
         self.downstream_cx_active = 0
+        self.loop_lag = LoopLag()
         self.downstream_cx_total = 0
         self.peers: dict[int, dict[str, Any]] = {}  # other workers' latest reports
         self.registry = CollectorRegistry(auto_describe=False)
@@ -423,6 +425,8 @@ class MeshMetrics(Collector):
             "logs": {"written": self.log_counts.written, "dropped": self.log_counts.dropped},
             "cx_active": self.downstream_cx_active,
             "cx_total": self.downstream_cx_total,
+            "loop_lag_max": self.loop_lag.worst,
+            "loop_stalls": self.loop_lag.stalls,
         }
 
     def absorb(self, worker: int, snapshot: dict[str, Any] | None) -> None:
@@ -447,6 +451,8 @@ class MeshMetrics(Collector):
                     target[k] = target.get(k, 0) + n
             merged["cx_active"] += peer["cx_active"]
             merged["cx_total"] += peer["cx_total"]
+            merged["loop_lag_max"] = max(merged["loop_lag_max"], peer.get("loop_lag_max", 0.0))
+            merged["loop_stalls"] += peer.get("loop_stalls", 0)
         return merged
 
     def config_reloaded(self, ok: bool, version: int) -> None:
@@ -600,6 +606,16 @@ class MeshMetrics(Collector):
             "meshproxy_downstream_cx",
             "Downstream connections accepted",
             value=merged["cx_total"],
+        )
+        yield GaugeMetricFamily(
+            "meshproxy_event_loop_lag_seconds_max",
+            "The longest delay of the event loop's 100 ms timer since start (any worker)",
+            value=merged["loop_lag_max"],
+        )
+        yield CounterMetricFamily(
+            "meshproxy_event_loop_stalls",
+            "Times the event loop's 100 ms timer ran more than 100 ms late",
+            value=merged["loop_stalls"],
         )
 
     def render(self) -> bytes:
