@@ -23,6 +23,17 @@ remote_caused = RateLimitedLog(logger)  # lines a client can cause: a few per in
 HIGH_WATER = 64 * 1024
 
 
+
+def _half_close(transport: asyncio.Transport) -> None:
+    """Pass an end-of-stream on: a half-close where the transport has one (plain TCP); TLS
+    here has none (Python's TLS transports cannot send close_notify and keep reading), so the
+    other side is closed after what was written is flushed. Leaving it open instead kept
+    every mTLS connection whose client closed first, on both sidecars, for good."""
+    if transport.can_write_eof():
+        transport.write_eof()
+    else:
+        transport.close()
+
 class _UpstreamSide(asyncio.Protocol):
     def __init__(self, relay: TcpRelay) -> None:
         self.relay = relay
@@ -131,8 +142,8 @@ class TcpRelay(asyncio.Protocol):
             data = b"".join(self._pending)
             self._pending = []
             side.transport.write(data)
-        if self._pending_eof and side.transport.can_write_eof():
-            side.transport.write_eof()
+        if self._pending_eof:
+            _half_close(side.transport)
         if self.transport is not None:
             self.transport.resume_reading()
 
@@ -154,8 +165,8 @@ class TcpRelay(asyncio.Protocol):
         up = self.upstream
         if up is None or up.transport is None:
             self._pending_eof = True
-        elif up.transport.can_write_eof():
-            up.transport.write_eof()
+        else:
+            _half_close(up.transport)
         return True
 
     def _release_slot(self) -> None:
@@ -230,8 +241,8 @@ class TcpRelay(asyncio.Protocol):
         if self._down_eof:
             self._close_both()
             return
-        if self.transport is not None and self.transport.can_write_eof():
-            self.transport.write_eof()
+        if self.transport is not None:
+            _half_close(self.transport)
 
     def upstream_lost(self, exc: Exception | None) -> None:
         if exc is not None and self.transport is not None:
