@@ -217,13 +217,18 @@ class Runtime:
                 spawn(report_counters(self.metrics, role.report_to, self._stop), name="report")
             )
         await self._stop.wait()
+        # Every worker drains at once: each holds its own copy of the listeners.
+        signal_children(role.children, signal.SIGKILL if self._quit_now else signal.SIGTERM)
         await self._termination_drain()
+        if self._quit_now:
+            signal_children(role.children, signal.SIGKILL)  # /quitquitquit during the wait
         watcher.cancel()
         cert_watcher.cancel()
-        signal_children(role.children, signal.SIGKILL if self._quit_now else signal.SIGTERM)
         await self.drain()
         if role.children:
-            await wait_children(role.children, self.ctx.snapshot.settings.drain_duration + 5)
+            settings = self.ctx.snapshot.settings
+            grace = settings.termination_drain_duration + settings.drain_duration + 5
+            await wait_children(role.children, grace)
         for task in workers:
             if role.report_to is not None and not task.done():
                 with contextlib.suppress(TimeoutError):

@@ -105,3 +105,48 @@ spec:
                 assert "in use" in str(exc) or "cannot start" in str(exc)
     finally:
         app.stop()
+
+
+def test_a_two_worker_sidecar_drains_inbound_in_every_worker(tmp_path: Path) -> None:
+    """SIGTERM on a sidecar (capture listeners) with two workers: both stop accepting inbound
+    at once (SO_REUSEPORT would hand a new connection to either), outbound keeps serving for
+    terminationDrainDuration, then both exit."""
+    app = UpstreamServer("app").start()
+    admin, out, inbound = free_port(), free_port(), free_port()
+    resources = (
+        service_entry("hello.test", out, [app.port])
+        + "apiVersion: networking.istio.io/v1\nkind: Sidecar\nmetadata: {name: default}\nspec:\n"
+        f"  egress: [{{port: {{number: {out}, protocol: HTTP, name: o}}, bind: 127.0.0.1, "
+        "hosts: [./*]}]\n"
+        f"  ingress: [{{port: {{number: {inbound}, protocol: HTTP, name: i}}, bind: 127.0.0.1, "
+        f"captureMode: NONE, defaultEndpoint: '127.0.0.1:{app.port}'}}]\n"
+    )
+    spec = {
+        "concurrency": 2,
+        "interceptionMode": "REDIRECT",  # capture listeners make it a sidecar
+        "proxyListenPort": free_port(),
+        "proxyInboundListenPort": free_port(),
+        "statsPort": 0,
+        "terminationDrainDuration": "3s",
+    }
+    try:
+        with running_proxy(tmp_path, admin, resources, **spec) as proxy:
+            assert wait_for(lambda: len(_children(proxy.proc.pid)) == 1)
+            assert _get(inbound).startswith(b"HTTP/1.1 200")
+            proxy.proc.send_signal(15)
+
+            def refused() -> bool:
+                try:
+                    _get(inbound)
+                except OSError:
+                    return True
+                return False
+
+            assert wait_for(refused, 2)
+            # Every new inbound connection is refused, whichever worker the kernel picks.
+            assert all(refused() for _ in range(20))
+            assert _get(out).startswith(b"HTTP/1.1 200")  # outbound still serves the app
+            assert proxy.proc.poll() is None
+            assert proxy.proc.wait(timeout=15) == 0
+    finally:
+        app.stop()
