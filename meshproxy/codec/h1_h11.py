@@ -37,8 +37,8 @@ from meshproxy.codec.headers import (
 from meshproxy.errors import ProtocolError, ProtocolSide
 
 _DOWN = ProtocolSide.DOWNSTREAM
-MAX_CHUNK_SIZE = 2**64 - 1  # llhttp's limit (an unsigned 64-bit length)
 _UP = ProtocolSide.UPSTREAM
+MAX_CHUNK_SIZE = 2**64 - 1  # llhttp's limit (an unsigned 64-bit length)
 
 
 def _head_end(buf: bytes) -> int:

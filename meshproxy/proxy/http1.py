@@ -381,7 +381,7 @@ class DownstreamHttp1:
         self._draining = True
         stream = self.stream
         if stream is not None:
-            stream.keep_alive = False  # its response says Connection: close
+            stream.keep_alive = False  # its response (a local reply too) says Connection: close
         if self.stream is None and self.transport is not None:
             self._closing = True
             self.transport.close()

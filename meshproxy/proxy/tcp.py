@@ -23,7 +23,6 @@ remote_caused = RateLimitedLog(logger)  # lines a client can cause: a few per in
 HIGH_WATER = 64 * 1024
 
 
-
 def _half_close(transport: asyncio.Transport) -> None:
     """Pass an end-of-stream on: a half-close where the transport has one (plain TCP); TLS
     here has none (Python's TLS transports cannot send close_notify and keep reading), so the
@@ -33,6 +32,7 @@ def _half_close(transport: asyncio.Transport) -> None:
         transport.write_eof()
     else:
         transport.close()
+
 
 class _UpstreamSide(asyncio.Protocol):
     def __init__(self, relay: TcpRelay) -> None:

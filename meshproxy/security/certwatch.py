@@ -99,15 +99,15 @@ class IdentityManager:
     async def watch(self, stop: asyncio.Event) -> None:
         """Reload on any change in the certificate directories (inotify; idle otherwise).
         Directories that do not exist yet are looked for once a second until one does."""
-        dirs = [d for d in self.files.directories if d.is_dir()]
-        while not dirs:
+        waited = False
+        while not (dirs := [d for d in self.files.directories if d.is_dir()]):
+            waited = True
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), 1.0)
             if stop.is_set():
                 return
-            dirs = [d for d in self.files.directories if d.is_dir()]
-            if dirs:
-                self.load()  # what was written before the watch below starts
+        if waited:
+            self.load()  # what was written before the watch below starts
         async for _ in awatch(
             *dirs, debounce=200, step=50, stop_event=stop, rust_timeout=0, yield_on_timeout=False
         ):
