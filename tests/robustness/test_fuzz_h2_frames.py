@@ -26,7 +26,15 @@ from hypothesis import strategies as st
 from tests.support.h2client import PREFACE, H2Client
 from tests.support.h2server import H2Server
 from tests.support.metrics import scrape, value
-from tests.support.proxy import ProxyProcess, free_port, http_get, proxy_config_yaml, wait_for
+from tests.support.proxy import (
+    ProxyProcess,
+    egress_sidecar,
+    free_port,
+    http_get,
+    proxy_config_yaml,
+    service_entry,
+    wait_for,
+)
 from tests.support.upstream import UpstreamServer
 
 
@@ -42,33 +50,9 @@ def target(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Target]:
     admin, port, h2_port = free_port(), free_port(), free_port()
     (tmp / "mesh.yaml").write_text(
         proxy_config_yaml(admin, drainDuration="1s", idleTimeout="5s")
-        + f"""
-apiVersion: networking.istio.io/v1
-kind: ServiceEntry
-metadata: {{name: hello}}
-spec:
-  hosts: [hello.test]
-  ports: [{{number: {port}, name: http, protocol: HTTP}}]
-  resolution: STATIC
-  endpoints: [{{address: 127.0.0.1, ports: {{http: {h1.port}}}}}]
----
-apiVersion: networking.istio.io/v1
-kind: ServiceEntry
-metadata: {{name: h2}}
-spec:
-  hosts: [h2.test]
-  ports: [{{number: {h2_port}, name: http2, protocol: HTTP2}}]
-  resolution: STATIC
-  endpoints: [{{address: 127.0.0.1, ports: {{http2: {h2s.port}}}}}]
----
-apiVersion: networking.istio.io/v1
-kind: Sidecar
-metadata: {{name: default}}
-spec:
-  egress:
-  - {{port: {{number: {port}, protocol: HTTP, name: a}}, bind: 127.0.0.1, hosts: [./hello.test]}}
-  - {{port: {{number: {h2_port}, protocol: HTTP2, name: b}}, bind: 127.0.0.1, hosts: [./h2.test]}}
-"""
+        + service_entry("hello.test", port, [h1.port])
+        + service_entry("h2.test", h2_port, [h2s.port], protocol="HTTP2")
+        + egress_sidecar(port, h2_port)
     )
     proxy = ProxyProcess(tmp, admin, tmp / "proxy.log")
     try:
