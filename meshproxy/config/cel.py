@@ -1,5 +1,6 @@
-"""CEL over Istio's attributes, for Telemetry access-log filters: compiled (and type-checked
-against the declared attributes) with the config, evaluated only where one is configured.
+"""CEL over Istio's attributes, for Telemetry access-log filters and metric label values:
+compiled (and type-checked against the declared attributes) with the config, evaluated only
+where one is configured.
 
 cel-expr-python is Google's own CEL runtime (C++) for Python: it implements the CEL spec
 Istio's proxies evaluate, rejects unknown identifiers at compile time, and evaluates in a few
@@ -105,14 +106,18 @@ def _first_problem(message: str) -> str:
     return message.splitlines()[0] if message else "invalid expression"
 
 
-def compile_filter(expression: str) -> Callable[[Entry], bool]:
-    """A predicate over a stream; CelError (with CEL's own message) when it is not valid."""
+def _compile(expression: str) -> Any:
     if len(expression) > MAX_EXPRESSION:
         raise CelError(f"expression longer than {MAX_EXPRESSION} characters")
     try:
-        program = _ENV.compile(expression)
+        return _ENV.compile(expression)
     except RuntimeError as exc:
         raise CelError(_first_problem(str(exc))) from None
+
+
+def compile_filter(expression: str) -> Callable[[Entry], bool]:
+    """A predicate over a stream; CelError (with CEL's own message) when it is not valid."""
+    program = _compile(expression)
 
     def check(entry: Entry) -> bool:
         try:
@@ -121,3 +126,28 @@ def compile_filter(expression: str) -> Callable[[Entry], bool]:
             return False
 
     return check
+
+
+def _label_text(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return "unknown"
+    return value if isinstance(value, str) else str(value)
+
+
+def compile_value(expression: str) -> Callable[[dict[str, Any]], str]:
+    """A metric label's value from attributes() (Telemetry tagOverrides UPSERT): the result
+    as text, "unknown" when evaluating fails (a header that is not there), as Istio writes."""
+    program = _compile(expression)
+
+    def value(data: dict[str, Any]) -> str:
+        try:
+            result = program.eval(data=data)
+        except RuntimeError:
+            return "unknown"
+        if result.type() == cel.Type.ERROR:  # CEL returns most failures as a value
+            return "unknown"
+        return _label_text(result.value())
+
+    return value

@@ -62,7 +62,11 @@ from meshproxy.config.snapshot import (
     UpstreamProtocol,
 )
 from meshproxy.config.telemetry import Telemetry
-from meshproxy.config.telemetry_resolve import resolve_access_logs, resolve_tracing
+from meshproxy.config.telemetry_resolve import (
+    resolve_access_logs,
+    resolve_metrics,
+    resolve_tracing,
+)
 from meshproxy.errors import ConfigIssue
 from meshproxy.routing.cors import Cors
 from meshproxy.routing.match import RequestMatcher, StringMatcher
@@ -260,6 +264,7 @@ def compile_snapshot(
         service_hosts=frozenset(ctx.services),
         tracing=tracing,
         access_logs=resolve_access_logs(settings, telemetries, issues),
+        metrics=resolve_metrics(settings, telemetries),
     )
 
 

@@ -9,7 +9,7 @@ from types import MappingProxyType
 from typing import Any
 
 from meshproxy.config.resources import ClientTls, ConsistentHash, ProxySettings, Warmup
-from meshproxy.config.telemetry import AccessLogSpec, TracingConfig
+from meshproxy.config.telemetry import AccessLogSpec, MetricsPolicy, TracingConfig
 from meshproxy.routing.table import RateLimit, RouteTable
 from meshproxy.security.authz import Authorizer
 
@@ -165,6 +165,7 @@ class Snapshot:
     service_hosts: frozenset[str] = frozenset()  # every ServiceEntry host (FQDN)
     tracing: TracingConfig | None = None  # None: no tracing (headers pass untouched)
     access_logs: tuple[AccessLogSpec, ...] = ()  # where streams are logged, and how
+    metrics: MetricsPolicy = field(default_factory=MetricsPolicy)  # Telemetry overrides
 
     def inbound_service(self, authority: str) -> str:
         """Istio's destination_service for a request this workload serves: the service its

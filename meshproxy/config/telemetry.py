@@ -4,7 +4,7 @@ defaultProviders (here in ProxyConfig), and the Telemetry kind (telemetry.istio.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 if TYPE_CHECKING:  # resources.py imports this module
     from meshproxy.config.resources import Origin
@@ -88,12 +88,58 @@ class AccessLoggingRule:
     mode: str | None = None  # CLIENT_AND_SERVER | CLIENT (outbound) | SERVER (inbound)
 
 
+# Telemetry metrics[].overrides[].match.metric, in the order MetricsPolicy views are kept:
+# the HTTP families, the TCP families, then Istio's gRPC message counts (not exported here).
+METRICS: Final = (
+    "REQUEST_COUNT",
+    "REQUEST_DURATION",
+    "REQUEST_SIZE",
+    "RESPONSE_SIZE",
+    "TCP_OPENED_CONNECTIONS",
+    "TCP_CLOSED_CONNECTIONS",
+    "TCP_SENT_BYTES",
+    "TCP_RECEIVED_BYTES",
+    "GRPC_REQUEST_MESSAGES",
+    "GRPC_RESPONSE_MESSAGES",
+)
+HTTP_METRICS: Final = range(0, 4)
+TCP_METRICS: Final = range(4, 8)
+
+
+@dataclass(frozen=True, slots=True)
+class TagOverride:
+    """tagOverrides.NAME: REMOVE the label, or UPSERT it with a CEL expression's value."""
+
+    name: str
+    value: str | None  # CEL; None: REMOVE
+
+
+@dataclass(frozen=True, slots=True)
+class MetricOverride:
+    """One metrics[].overrides[] entry."""
+
+    metrics: tuple[int, ...]  # indexes into METRICS (ALL_METRICS: every one)
+    mode: str = "CLIENT_AND_SERVER"
+    disabled: bool | None = None
+    tags: tuple[TagOverride, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class MetricsRule:
+    """One Telemetry.metrics[] entry; providers left out are inherited, overrides add up."""
+
+    providers: tuple[str, ...] | None = None
+    overrides: tuple[MetricOverride, ...] = ()
+    reporting_interval: float | None = None  # TCP byte reports (Istio: TCP only)
+
+
 @dataclass(frozen=True, slots=True)
 class Telemetry:
     origin: Origin
     selector: tuple[tuple[str, str], ...] | None  # matchLabels; None: namespace/mesh wide
     tracing: tuple[TracingRule, ...] = ()
     access_logging: tuple[AccessLoggingRule, ...] = ()
+    metrics: tuple[MetricsRule, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,6 +152,42 @@ class AccessLogSpec:
     filter: str | None = None  # CEL over Istio's attributes (Telemetry filter.expression)
     source: str = "accessLogFile"  # where it was configured, for messages
     mode: str = "CLIENT_AND_SERVER"  # CLIENT: outbound streams only, SERVER: inbound only
+
+
+@dataclass(frozen=True, slots=True)
+class MetricView:
+    """How one metric family is exported in one direction: off, or with labels removed
+    and added (each added one's value is expressions[index] of its direction)."""
+
+    disabled: bool = False
+    removed: frozenset[str] = frozenset()
+    upserts: tuple[tuple[str, int], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class DirectionMetrics:
+    """The overrides of one direction (CLIENT: outbound, SERVER: inbound). Plain data,
+    hashable and picklable: it travels with the series it shaped to the admin worker."""
+
+    views: tuple[MetricView, ...]  # by METRICS index (HTTP, then TCP)
+    expressions: tuple[str, ...] = ()  # the CEL sources the upserts read, each once
+
+    @property
+    def http_off(self) -> bool:
+        return all(self.views[i].disabled for i in HTTP_METRICS)
+
+    @property
+    def tcp_off(self) -> bool:
+        return all(self.views[i].disabled for i in TCP_METRICS)
+
+
+@dataclass(frozen=True, slots=True)
+class MetricsPolicy:
+    """What Telemetry metrics resolved to; None for a direction: Istio's standard series."""
+
+    outbound: DirectionMetrics | None = None
+    inbound: DirectionMetrics | None = None
+    reporting_interval: float | None = None  # overrides ProxyConfig tcpReportingDuration
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,4 +1,5 @@
-"""Which tracing this sidecar does: Telemetry resources resolved as Istio resolves them.
+"""Which tracing, access logs and metrics this sidecar has: Telemetry resources resolved as
+Istio resolves them.
 
 Levels, widest first: the root namespace's Telemetry without a selector (mesh-wide), this
 workload's namespace's without one, then those whose selector matches its labels. Each
@@ -13,8 +14,14 @@ from meshproxy.config.reader import Reader
 from meshproxy.config.resources import ProxySettings, selects
 from meshproxy.config.telemetry import (
     DEFAULT_SAMPLING_PERCENT,
+    METRICS,
     AccessLoggingRule,
     AccessLogSpec,
+    DirectionMetrics,
+    MetricOverride,
+    MetricsPolicy,
+    MetricsRule,
+    MetricView,
     Telemetry,
     TracingConfig,
     TracingRule,
@@ -68,9 +75,10 @@ def _check_providers(settings: ProxySettings, t: Telemetry, issues: list[ConfigI
 
     r = Reader(t.origin.doc, t.origin.label, issues)
     declared = [p.name for p in settings.extension_providers]
-    sections: list[tuple[str, str, tuple[TracingRule | AccessLoggingRule, ...]]] = [
+    sections: list[tuple[str, str, tuple[TracingRule | AccessLoggingRule | MetricsRule, ...]]] = [
         ("tracing", "opentelemetry", t.tracing),
         ("accessLogging", "envoyFileAccessLog", t.access_logging),
+        ("metrics", "prometheus", t.metrics),
     ]
     for section, kind, rules in sections:
         for i, rule in enumerate(rules):
@@ -113,6 +121,59 @@ def resolve_access_logs(
             spec = AccessLogSpec(log.path, log.text, log.labels, merged.filter, source, mode)
             out.append(spec)
     return tuple(out)
+
+
+def resolve_metrics(settings: ProxySettings, telemetries: list[Telemetry]) -> MetricsPolicy:
+    """Telemetry metrics as Istio merges them: the most specific level naming providers
+    chooses them (MeshConfig defaultProviders.metrics before any); overrides apply in order,
+    mesh-wide first, a later one changing what an earlier one set. Without a Prometheus
+    provider every metric is off."""
+    providers = settings.default_providers.metrics
+    interval = None
+    overrides: list[MetricOverride] = []
+    for level in _levels(settings, telemetries):
+        for telemetry in level:
+            for rule in telemetry.metrics:
+                if rule.providers is not None:
+                    providers = rule.providers
+                if rule.reporting_interval is not None:
+                    interval = rule.reporting_interval
+                overrides.extend(rule.overrides)
+    exported = any(
+        (p := settings.provider(name)) is not None and p.kind == "prometheus" for name in providers
+    )
+    if not exported:
+        overrides = [MetricOverride(tuple(range(len(METRICS))), disabled=True)]
+    return MetricsPolicy(_direction(overrides, "CLIENT"), _direction(overrides, "SERVER"), interval)
+
+
+def _direction(overrides: list[MetricOverride], mode: str) -> DirectionMetrics | None:
+    """One direction's views, or None when no override touches it (the standard series)."""
+    applying = [o for o in overrides if o.mode in (mode, "CLIENT_AND_SERVER")]
+    if not applying:
+        return None
+    disabled = [False] * len(METRICS)
+    tags: list[dict[str, str | None]] = [{} for _ in METRICS]
+    for override in applying:
+        for i in override.metrics:
+            if override.disabled is not None:
+                disabled[i] = override.disabled
+            for tag in override.tags:
+                tags[i][tag.name] = tag.value
+    expressions: list[str] = []
+    views = []
+    for i in range(len(METRICS)):
+        upserts = []
+        for name, value in tags[i].items():
+            if value is not None:
+                if value not in expressions:
+                    expressions.append(value)
+                upserts.append((name, expressions.index(value)))
+        removed = frozenset(n for n, v in tags[i].items() if v is None)
+        views.append(MetricView(disabled[i], removed, tuple(upserts)))
+    if all(v == MetricView() for v in views):
+        return None
+    return DirectionMetrics(tuple(views), tuple(expressions))
 
 
 def _levels(settings: ProxySettings, telemetries: list[Telemetry]) -> list[list[Telemetry]]:

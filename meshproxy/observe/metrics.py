@@ -23,15 +23,25 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from meshproxy.config.resources import ProxySettings
+from meshproxy.config.telemetry import TCP_METRICS
 from meshproxy.observe.accesslog import LogCounts
 from meshproxy.observe.looplag import LoopLag
+from meshproxy.observe.metric_shape import (
+    Extra,
+    Pairs,
+    accumulate,
+    add_counter,
+    add_histogram,
+    add_rows,
+    shape,
+)
 from meshproxy.observe.recorder import ConnRecord
 from meshproxy.observe.tracing import SpanCounts
 from meshproxy.observe.workload import NO_PEER, UNKNOWN, PeerCache, WorkloadInfo, local_workload
 
 # What one request's series is found by: reporter, service, code, flags, protocol, gRPC
 # status, and the peer (interned, hashed by identity).
-_SeriesKey = tuple[str, str, int, str, str, str, WorkloadInfo]
+_SeriesKey = tuple[str, str, int, str, str, str, WorkloadInfo, "Extra | None"]
 
 
 def _spiffe(principal: str) -> str:
@@ -110,10 +120,6 @@ class _Hist:
 
 def _hist_row(h: _Hist) -> list[Any]:
     return [*h.buckets, h.count, h.total]
-
-
-def _add_rows(a: list[Any], b: list[Any]) -> list[Any]:
-    return [x + y for x, y in zip(a, b, strict=True)]
 
 
 def _cumulative(buckets: list[int], bounds: tuple[float, ...]) -> list[tuple[str, float]]:
@@ -197,8 +203,8 @@ class MeshMetrics(Collector):
     """Receives the data plane's reports and feeds /stats/prometheus."""
 
     def __init__(self, namespace: str = "default", workload: str = "unknown") -> None:
-        self._http: dict[tuple[str, ...], _HttpSeries] = {}
-        self._tcp: dict[tuple[str, ...], TcpSeries] = {}
+        self._http: dict[tuple[Any, ...], _HttpSeries] = {}
+        self._tcp: dict[tuple[Any, ...], TcpSeries] = {}
         self.local = local_workload(ProxySettings(namespace=namespace, workload_name=workload))
         self._tcp_peers = PeerCache()  # TCP peers: known by their certificate only
         self.span_counts = SpanCounts()
@@ -240,7 +246,7 @@ class MeshMetrics(Collector):
         grpc_status: str,
         peer: WorkloadInfo,
     ) -> tuple[str, ...]:
-        key = (reporter, service, code, flags, protocol, grpc_status, peer)
+        key = (reporter, service, code, flags, protocol, grpc_status, peer, None)
         labels = self._label_cache.get(key)
         if labels is None:
             name, ns = _service_parts(service)
@@ -301,12 +307,18 @@ class MeshMetrics(Collector):
         protocol: str = "http",
         grpc_status: str = "-",
         peer: WorkloadInfo = NO_PEER,
+        extra: Extra | None = None,
     ) -> None:
-        """The per-request hot path: a dict lookup and three bisects."""
-        key = (reporter, service, code, flags, protocol, grpc_status, peer)
+        """The per-request hot path: a dict lookup and three bisects. `extra`: the Telemetry
+        overrides of this direction and their CEL values (None: the standard series)."""
+        key = (reporter, service, code, flags, protocol, grpc_status, peer, extra)
         series = self._series_by_key.get(key)
         if series is None:
-            labels = self._labels(reporter, service, code, flags, protocol, grpc_status, peer)
+            labels: tuple[Any, ...] = self._labels(
+                reporter, service, code, flags, protocol, grpc_status, peer
+            )
+            if extra is not None:
+                labels = (*labels, extra)
             series = self._http.get(labels)
             if series is None:
                 series = self._http[labels] = _HttpSeries()
@@ -326,7 +338,7 @@ class MeshMetrics(Collector):
         h.count += 1
         h.total += response_bytes
 
-    def _tcp_series(self, rec: ConnRecord) -> TcpSeries:
+    def _tcp_series(self, rec: ConnRecord, extra: Extra | None) -> TcpSeries:
         labels = self._labels(
             rec.reporter,
             rec.destination_service,
@@ -336,16 +348,20 @@ class MeshMetrics(Collector):
             "-",
             self._tcp_peers.get(None, _spiffe(rec.source_principal)),
         )
-        key = tuple(v for name, v in zip(HTTP_LABELS, labels, strict=True) if name in TCP_LABELS)
+        key: tuple[Any, ...] = tuple(
+            v for name, v in zip(HTTP_LABELS, labels, strict=True) if name in TCP_LABELS
+        )
+        if extra is not None:
+            key = (*key, extra)
         series = self._tcp.get(key)
         if series is None:
             series = self._tcp[key] = TcpSeries()
         return series
 
-    def tcp_opened(self, rec: ConnRecord) -> TcpSeries:
+    def tcp_opened(self, rec: ConnRecord, extra: Extra | None = None) -> TcpSeries:
         """A TCP connection opened: the series its bytes and its close are counted in (one
         series for the connection's whole life, as Istio reports it)."""
-        series = self._tcp_series(rec)
+        series = self._tcp_series(rec, extra)
         series.opened += 1
         return series
 
@@ -441,10 +457,10 @@ class MeshMetrics(Collector):
         for peer in list(self.peers.values()):
             for labels, row in peer["http"].items():
                 mine = merged["http"].get(labels)
-                merged["http"][labels] = row if mine is None else _add_rows(mine, row)
+                merged["http"][labels] = row if mine is None else add_rows(mine, row)
             for key, row in peer["tcp"].items():
                 mine = merged["tcp"].get(key)
-                merged["tcp"][key] = row if mine is None else _add_rows(mine, row)
+                merged["tcp"][key] = row if mine is None else add_rows(mine, row)
             for name in _SUMMED_COUNTERS:
                 target = merged[name]
                 for k, n in peer[name].items():
@@ -466,50 +482,9 @@ class MeshMetrics(Collector):
 
     # -- Collector -------------------------------------------------------------------------
     def collect(self) -> Iterator[Metric]:
-        req = CounterMetricFamily("istio_requests", "Requests", labels=HTTP_LABELS)
-        dur = HistogramMetricFamily(
-            "istio_request_duration_milliseconds",
-            "Request duration in milliseconds",
-            labels=HTTP_LABELS,
-        )
-        rqb = HistogramMetricFamily("istio_request_bytes", "Request body sizes", labels=HTTP_LABELS)
-        rsb = HistogramMetricFamily(
-            "istio_response_bytes", "Response body sizes", labels=HTTP_LABELS
-        )
         merged = self._merged()
-        nd, nb = len(DURATION_BUCKETS) + 1, len(BYTES_BUCKETS) + 1
-        for labels, row in merged["http"].items():
-            values = list(labels)
-            req.add_metric(values, row[0])
-            i = 1
-            for family, width, bounds in (
-                (dur, nd, DURATION_BUCKETS),
-                (rqb, nb, BYTES_BUCKETS),
-                (rsb, nb, BYTES_BUCKETS),
-            ):
-                buckets, total = row[i : i + width], row[i + width + 1]
-                family.add_metric(values, _cumulative(buckets, bounds), total)
-                i += width + 2
-        yield from (req, dur, rqb, rsb)
-        opened = CounterMetricFamily(
-            "istio_tcp_connections_opened", "TCP connections opened", labels=TCP_LABELS
-        )
-        closed = CounterMetricFamily(
-            "istio_tcp_connections_closed", "TCP connections closed", labels=TCP_LABELS
-        )
-        sent = CounterMetricFamily(
-            "istio_tcp_sent_bytes", "Bytes sent to the downstream", labels=TCP_LABELS
-        )
-        received = CounterMetricFamily(
-            "istio_tcp_received_bytes", "Bytes received from the downstream", labels=TCP_LABELS
-        )
-        for key, t in merged["tcp"].items():
-            values = list(key)
-            opened.add_metric(values, t[0])
-            closed.add_metric(values, t[1])
-            sent.add_metric(values, t[2])
-            received.add_metric(values, t[3])
-        yield from (opened, closed, sent, received)
+        yield from _http_families(merged["http"])
+        yield from _tcp_families(merged["tcp"])
         reload = CounterMetricFamily(
             "meshproxy_config_reload", "Config loads by result", labels=("result",)
         )
@@ -620,3 +595,59 @@ class MeshMetrics(Collector):
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+_HTTP_FAMILIES: Final = (
+    ("istio_requests", "Requests"),
+    ("istio_request_duration_milliseconds", "Request duration in milliseconds"),
+    ("istio_request_bytes", "Request body sizes"),
+    ("istio_response_bytes", "Response body sizes"),
+)
+_TCP_FAMILIES: Final = (
+    ("istio_tcp_connections_opened", "TCP connections opened"),
+    ("istio_tcp_connections_closed", "TCP connections closed"),
+    ("istio_tcp_sent_bytes", "Bytes sent to the downstream"),
+    ("istio_tcp_received_bytes", "Bytes received from the downstream"),
+)
+
+
+def _http_families(http: dict[tuple[Any, ...], list[Any]]) -> Iterator[Metric]:
+    """Istio's four HTTP families, each series shaped by its Telemetry overrides. A stored
+    row is [requests, duration buckets, count, sum, request-bytes ..., response-bytes ...]."""
+    nd, nb = len(DURATION_BUCKETS) + 1, len(BYTES_BUCKETS) + 1
+    slices = (slice(0, 1), slice(1, 3 + nd), slice(3 + nd, 5 + nd + nb), slice(5 + nd + nb, None))
+    bounds = (None, DURATION_BUCKETS, BYTES_BUCKETS, BYTES_BUCKETS)
+    shaped: list[dict[Pairs, list[Any]]] = [{} for _ in _HTTP_FAMILIES]
+    for labels, row in http.items():
+        for metric, columns in enumerate(slices):
+            pairs = shape(HTTP_LABELS, labels, metric)
+            if pairs is not None:
+                accumulate(shaped[metric], pairs, row[columns])
+    for metric, (name, documentation) in enumerate(_HTTP_FAMILIES):
+        family: Metric
+        if metric == 0:
+            family = CounterMetricFamily(name, documentation)
+            for pairs, part in shaped[metric].items():
+                add_counter(family, pairs, part[0])
+        else:
+            family = HistogramMetricFamily(name, documentation)
+            width = len(bounds[metric] or ()) + 1
+            for pairs, part in shaped[metric].items():
+                cumulative = _cumulative(part[:width], bounds[metric] or ())
+                add_histogram(family, pairs, cumulative, part[width + 1])
+        yield family
+
+
+def _tcp_families(tcp: dict[tuple[Any, ...], list[int]]) -> Iterator[Metric]:
+    """Istio's four TCP counters; a stored row is [opened, closed, sent, received]."""
+    shaped: list[dict[Pairs, list[Any]]] = [{} for _ in _TCP_FAMILIES]
+    for labels, row in tcp.items():
+        for i in range(len(_TCP_FAMILIES)):
+            pairs = shape(TCP_LABELS, labels, TCP_METRICS[i])
+            if pairs is not None:
+                accumulate(shaped[i], pairs, [row[i]])
+    for i, (name, documentation) in enumerate(_TCP_FAMILIES):
+        family = CounterMetricFamily(name, documentation)
+        for pairs, part in shaped[i].items():
+            add_counter(family, pairs, part[0])
+        yield family

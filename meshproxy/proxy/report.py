@@ -6,6 +6,7 @@ import os
 import time
 from typing import TYPE_CHECKING, Final
 
+from meshproxy.observe.metric_shape import Extra, tag_values
 from meshproxy.observe.recorder import StreamRecord
 from meshproxy.observe.tracing import TRACE_HEADERS, finish
 from meshproxy.observe.workload import NO_PEER
@@ -39,7 +40,8 @@ def report(
     host: EndpointState | None,
     duration: float,
 ) -> None:
-    """The stream's one report: metrics always, a span when tracing, a log entry when logging."""
+    """The stream's one report: metrics (unless Telemetry disabled them), a span when tracing,
+    a log entry when logging."""
     conn = stream.conn
     ctx = conn.ctx
     service = stream.destination_service(match, cluster)
@@ -56,23 +58,38 @@ def report(
         _end_trace(stream, match, service, cluster)
     metadata = stream.peer_metadata
     peer = ctx.peers.get(metadata, principal) if metadata or principal else NO_PEER
-    duration_ms = duration * 1000.0
-    # Arguments written out: a *tuple call is a generic Python call even when compiled.
-    ctx.metrics.record_http(
-        reporter,
-        service,
-        stream.status,
-        stream.flag,
-        duration_ms,
-        stream.request_bytes,
-        stream.response_bytes,
-        "grpc" if stream.grpc else "http",
-        stream.grpc_status,
-        peer,
-    )
+    policy = ctx.snapshot.metrics
+    direction = policy.inbound if conn.inbound else policy.outbound
+    entry: StreamRecord | None = None
+    extra: Extra | None = None
+    recorded = True
+    if direction is not None:
+        recorded = not direction.http_off
+        if recorded and direction.expressions:
+            entry = _log_entry(stream, match, reporter, service, cluster, host, duration)
+            extra = (direction, tag_values(direction, entry))
+        else:
+            extra = (direction, ())
+    if recorded:
+        # Arguments written out: a *tuple call is a generic Python call even when compiled.
+        ctx.metrics.record_http(
+            reporter,
+            service,
+            stream.status,
+            stream.flag,
+            duration * 1000.0,
+            stream.request_bytes,
+            stream.response_bytes,
+            "grpc" if stream.grpc else "http",
+            stream.grpc_status,
+            peer,
+            extra,
+        )
     log = conn.access_log
     if log is not None:
-        log(_log_entry(stream, match, reporter, service, cluster, host, duration))
+        if entry is None:
+            entry = _log_entry(stream, match, reporter, service, cluster, host, duration)
+        log(entry)
 
 
 def _log_entry(

@@ -10,6 +10,7 @@ from typing import cast
 
 from meshproxy.errors import UpstreamError
 from meshproxy.observe.lograte import RateLimitedLog
+from meshproxy.observe.metric_shape import Extra, tag_values
 from meshproxy.observe.metrics import TcpSeries
 from meshproxy.observe.recorder import ConnRecord, StreamRecord
 from meshproxy.proxy.context import ProxyContext
@@ -273,11 +274,22 @@ class TcpRelay(asyncio.Protocol):
         once the upstream outcome is known, so a refused one (UF, UO) carries its flag."""
         series = self._series
         if series is None:
-            series = self._series = self.ctx.metrics.tcp_opened(self.record)
+            snapshot = self.ctx.snapshot
+            policy = snapshot.metrics
+            direction = policy.inbound if self.record.reporter == "destination" else policy.outbound
+            extra: Extra | None = None
+            if direction is not None:
+                values = (
+                    tag_values(direction, self._log_entry(None)) if direction.expressions else ()
+                )
+                extra = (direction, values)
+            series = self._series = self.ctx.metrics.tcp_opened(self.record, extra)
             if not self._closed:
                 # Bytes are reported while the connection lives (Istio's
-                # tcp_reporting_duration), not only when it closes.
-                self._report_every = self.ctx.snapshot.settings.tcp_reporting_duration
+                # tcp_reporting_duration, or Telemetry's reportingInterval), not only when
+                # it closes.
+                interval = policy.reporting_interval
+                self._report_every = interval or snapshot.settings.tcp_reporting_duration
                 loop = asyncio.get_running_loop()
                 self._report_timer = loop.call_later(self._report_every, self._report_periodically)
         return series
