@@ -4,8 +4,9 @@ Every request through a tracing sidecar continues (or starts) a trace: upstream 
 `traceparent` naming this proxy's span as parent, plus B3 headers in the form they came in.
 Sampling is parent-based, else `randomSamplingPercentage`. Only a sampled request builds an
 OpenTelemetry SDK span (CLIENT outbound, SERVER inbound), ended with its attributes when the
-stream ends and exported by the SDK's batch processor in its own thread over OTLP (HTTP or
-gRPC). An unsampled request costs a header parse and a random number: no SDK objects.
+stream ends (a retried one also gets a numbered child span per attempt), and exported by the
+SDK's batch processor in its own thread over OTLP (HTTP or gRPC). An unsampled request costs
+a header parse and a random number: no SDK objects.
 """
 
 from __future__ import annotations
@@ -201,6 +202,7 @@ class RequestTrace:
     sampled: bool
     incoming: Incoming | None
     span: otel.Span | None = None  # the SDK span, for sampled requests only
+    attempt: otel.Span | None = None  # a retried request's current attempt (a child span)
 
 
 class Tracing:
@@ -265,6 +267,34 @@ class Tracing:
         sc = span.get_span_context()
         return RequestTrace(sc.trace_id, sc.span_id, True, incoming, span)
 
+    def next_attempt(
+        self, trace: RequestTrace, number: int, failed_upstream: str, outcome: str
+    ) -> RequestTrace:
+        """A sampled request is retried: end the failed attempt's child span (the first
+        retry makes attempt 1 one, from the request's start) and begin attempt `number`'s.
+        Returns the context the retried upstream request carries (its parent: the attempt)."""
+        span = trace.span
+        assert span is not None
+        now = time.time_ns()
+        name = getattr(span, "name", "request")
+        parent = otel.set_span_in_context(span)
+        previous = trace.attempt
+        if previous is None:
+            start = getattr(span, "start_time", None) or now
+            previous = self.tracer.start_span(
+                f"{name} attempt 1", context=parent, kind=CLIENT, start_time=start
+            )
+            previous.set_attribute("attempt", 1)
+        previous.set_attributes({"upstream_address": failed_upstream, "outcome": outcome})
+        previous.set_status(otel.Status(otel.StatusCode.ERROR, f"retried after {outcome}"))
+        previous.end(end_time=now)
+        child = self.tracer.start_span(
+            f"{name} attempt {number}", context=parent, kind=CLIENT, start_time=now
+        )
+        child.set_attributes({"attempt": number, "http.request.resend_count": number - 1})
+        trace.attempt = child
+        return RequestTrace(trace.trace_id, child.get_span_context().span_id, True, trace.incoming)
+
     def _new_trace_id(self) -> int:
         return self._random.getrandbits(128) or 1
 
@@ -276,6 +306,7 @@ class Tracing:
 SERVER: Final = SpanKind.SERVER
 CLIENT: Final = SpanKind.CLIENT
 _ERROR: Final = otel.Status(otel.StatusCode.ERROR)
+_ATTEMPT_ATTRIBUTES: Final = ("http.response.status_code", "response_flags", "upstream_address")
 
 
 def finish(
@@ -291,6 +322,14 @@ def finish(
     span.set_attributes(attributes)
     if error:
         span.set_status(_ERROR)
+    attempt = trace.attempt
+    if attempt is not None:  # the last attempt's outcome is the request's
+        for key in _ATTEMPT_ATTRIBUTES:
+            if key in attributes:
+                attempt.set_attribute(key, attributes[key])
+        if error:
+            attempt.set_status(_ERROR)
+        attempt.end(end_time=end_ns)
     span.end(end_time=end_ns)
 
 

@@ -55,7 +55,7 @@ def report(
         up = stream.upstream
         principal = up.peer_principal if up is not None else ""
     if ctx.tracing is not None:
-        _end_trace(stream, match, service, cluster)
+        _end_trace(stream, match, service, cluster, host)
     metadata = stream.peer_metadata
     peer = ctx.peers.get(metadata, principal) if metadata or principal else NO_PEER
     policy = ctx.snapshot.metrics
@@ -143,7 +143,13 @@ def _log_entry(
     return rec
 
 
-def _end_trace(stream: HttpStream, match: RouteMatch | None, service: str, cluster: str) -> None:
+def _end_trace(
+    stream: HttpStream,
+    match: RouteMatch | None,
+    service: str,
+    cluster: str,
+    host: EndpointState | None,
+) -> None:
     """End a sampled request's span with its attributes."""
     trace = stream.trace
     head = stream.head
@@ -172,6 +178,7 @@ def _end_trace(stream: HttpStream, match: RouteMatch | None, service: str, clust
         "istio.namespace": local.namespace,
         "istio.destination_service": service,
         "upstream_cluster": cluster,
+        "upstream_address": f"{host.address}:{host.port}" if host is not None else "",
         "response_flags": stream.flag,
         "guid:x-request-id": request_id.decode("latin-1"),
         "component": "proxy",

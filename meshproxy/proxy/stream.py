@@ -574,7 +574,7 @@ class HttpStream:
         self._attempt_failed(None)
         if up is not None:
             up.abort()  # its body will not be read: the connection cannot be reused
-        self._count_retry(host)
+        self._count_retry(host, str(head.status))
         if self.task is None:
             self.task = spawn(self._slow_path(backoff=True), name="http-stream-retry")
         else:
@@ -800,7 +800,7 @@ class HttpStream:
             return False
         if not self._admit_retry():
             return False
-        self._count_retry(host)
+        self._count_retry(host, err.flag)
         return True
 
     def _admit_retry(self) -> bool:
@@ -824,18 +824,29 @@ class HttpStream:
             "UO",
         )
 
-    def _count_retry(self, host: EndpointState | None) -> None:
+    def _count_retry(self, host: EndpointState | None, outcome: str) -> None:
+        """A retry decided; `outcome`: what the failed attempt got (a status or flags)."""
         self._retries_left -= 1
         self._attempts += 1
         if host is not None and host not in self._tried:
             self._tried.append(host)
-        self.conn.ctx.metrics.upstream_retry(self._cluster_name)
+        ctx = self.conn.ctx
+        ctx.metrics.upstream_retry(self._cluster_name)
         out = self._outgoing
         if out is not None and not self.conn.inbound:
             attempt = b"%d" % self._attempts
             out.headers = [
                 (k, attempt) if k == b"x-envoy-attempt-count" else (k, v) for k, v in out.headers
             ]
+        trace = self.trace
+        if trace is not None and trace.span is not None and ctx.tracing is not None:
+            # A sampled request's attempts become child spans; this one is the parent the
+            # upstream sees.
+            failed = f"{host.address}:{host.port}" if host is not None else ""
+            child = ctx.tracing.next_attempt(trace, self._attempts, failed, outcome)
+            if out is not None:
+                kept = [item for item in out.headers if item[0] not in TRACE_HEADERS]
+                out.headers = kept + upstream_headers(child)
 
     def _may_retry(self, err: UpstreamError) -> bool:
         """The keep-alive race (the upstream closed a pooled connection as we reused it), or

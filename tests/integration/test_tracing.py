@@ -42,6 +42,13 @@ spec:
 """
 
 
+@pytest.fixture(autouse=True)
+def prompt_export(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The SDK's batch processor exports every 5 s; the proxies these tests start, every
+    100 ms (OTEL_BSP_SCHEDULE_DELAY, the SDK's own setting), so spans arrive promptly."""
+    monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "100")
+
+
 @pytest.fixture
 def http_collector() -> Iterator[HttpCollector]:
     c = HttpCollector()
@@ -217,3 +224,55 @@ def test_a_collector_that_is_down_costs_the_requests_nothing(
     assert wait_for(lambda: dropped() > 0)
     queued = value(scrape(mesh.proxy.admin), "meshproxy_tracing_spans_total", result="queued")
     assert queued is not None and queued + dropped() == 40
+
+
+def test_each_retry_attempt_is_a_numbered_child_span_and_the_upstreams_parent(
+    make_mesh: MeshFactory, http_collector: HttpCollector
+) -> None:
+    provider = f"{{service: 127.0.0.1, port: {http_collector.port}, http: {{}}}}"
+    mesh = make_mesh(extra_spec=tracing_spec(provider, percent=0))
+    # The first answer is a 503, which the app's retry policy retries: a 200 arrives.
+    call(
+        mesh,
+        {"traceparent": traceparent(PARENT_TRACE, PARENT_SPAN, "01"), "x-envoy-retry-on": "5xx"},
+        "/fail?code=503&times=1&key=traced",
+    )
+    spans = [span for _, span in http_collector.collected.wait(3)]
+    (request,) = [s for s in spans if s.parent_span_id.hex() == PARENT_SPAN]
+    attempts = sorted(
+        (s for s in spans if s.parent_span_id == request.span_id),
+        key=lambda s: attributes(s)["attempt"],
+    )
+    assert [attributes(s)["attempt"] for s in attempts] == [1, 2]
+    first, second = attempts
+    assert first.name == f"{request.name} attempt 1" and first.status.code == 2  # ERROR
+    assert attributes(first)["outcome"] == "503"
+    assert attributes(first)["upstream_address"] == f"127.0.0.1:{mesh.v1.port}"
+    assert first.start_time_unix_nano == request.start_time_unix_nano
+    assert first.end_time_unix_nano <= second.start_time_unix_nano
+    assert attributes(second)["http.request.resend_count"] == 1
+    assert attributes(second)["http.response.status_code"] == 200
+    assert second.status.code == 0 and second.end_time_unix_nano == request.end_time_unix_nano
+    # What the upstream saw: attempt 1 named the request's span as parent (it was not known
+    # to be a retry yet), attempt 2 its own span.
+    received = [r for r in mesh.v1.state.requests if r.path.startswith("/fail")]
+    parents = [r.headers["traceparent"].split("-")[2] for r in received]
+    assert parents == [request.span_id.hex(), second.span_id.hex()]
+    assert [r.headers["x-envoy-attempt-count"] for r in received] == ["1", "2"]
+    assert len(http_collector.collected.spans) == 3
+
+
+def test_a_request_that_is_not_retried_has_no_attempt_spans(
+    make_mesh: MeshFactory, http_collector: HttpCollector
+) -> None:
+    provider = f"{{service: 127.0.0.1, port: {http_collector.port}, http: {{}}}}"
+    mesh = make_mesh(extra_spec=tracing_spec(provider, percent=100))
+    call(mesh)
+    call(mesh, {"x-envoy-retry-on": "5xx"}, "/fail?code=503&times=1&key=second")  # retried
+    spans = [span for _, span in http_collector.collected.wait(4)]
+    roots = [s for s in spans if s.parent_span_id == b""]
+    assert len(roots) == 2
+    children = {s.parent_span_id for s in spans if s.parent_span_id != b""}
+    assert len(children) == 1  # both attempts belong to the retried request only
+    time.sleep(0.5)
+    assert len(http_collector.collected.spans) == 4
