@@ -50,3 +50,5 @@ class ConnRecord:
     received_bytes: int = 0  # from the downstream
     response_flags: str = "-"
     source_principal: str = ""  # the mTLS peer's SPIFFE principal, if any
+    requested_server_name: str = ""  # the ClientHello's SNI, when this proxy terminated TLS
+    upstream_local_address: str = ""  # this proxy's end of the upstream connection

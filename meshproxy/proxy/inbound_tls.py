@@ -31,6 +31,16 @@ AppFactory = Callable[[PeerInfo | None], asyncio.Protocol]
 SilentFactory = Callable[[], asyncio.Protocol]
 
 
+def _sni_of(data: bytes) -> str:
+    """The server name of a ClientHello that arrived whole ("" otherwise: the handshake
+    itself judges the bytes)."""
+    try:
+        hello = parse(data)
+    except NotClientHello:
+        return ""
+    return hello.sni if hello is not None else ""
+
+
 class MtlsGate(asyncio.Protocol):
     def __init__(
         self,
@@ -78,7 +88,7 @@ class MtlsGate(asyncio.Protocol):
             data = self._hello + data
         if data[0] == TLS_HANDSHAKE_RECORD:
             if self.mode == "STRICT":
-                self._tls(data)
+                self._tls(data, _sni_of(data))
                 return
             try:
                 hello = parse(data)
@@ -94,7 +104,7 @@ class MtlsGate(asyncio.Protocol):
                 return
             self._hello = b""
             if hello.from_mesh:
-                self._tls(data)
+                self._tls(data, hello.sni)
             else:
                 self._plain(data)  # the app's own TLS: passed through as it came
         elif self.mode == "STRICT":
@@ -126,7 +136,7 @@ class MtlsGate(asyncio.Protocol):
         if self.transport is not None:
             self.transport.abort()
 
-    def _tls(self, first: bytes) -> None:
+    def _tls(self, first: bytes, sni: str) -> None:
         identity = self.ctx.identity
         transport = self.transport
         if identity is None:
@@ -135,7 +145,12 @@ class MtlsGate(asyncio.Protocol):
         if transport is None or transport.is_closing():
             return
         accept_tls(
-            transport, identity.server_context, first, self.make_app, self.ctx.metrics.tls_failed
+            transport,
+            identity.server_context,
+            first,
+            self.make_app,
+            self.ctx.metrics.tls_failed,
+            sni,
         )
 
     def _switch(self, proto: asyncio.Protocol, first: bytes) -> None:

@@ -82,7 +82,8 @@ def _tcp(
     authz = ctx.snapshot.authz
     if kind.inbound and authz is not None:
         dst_port = original_dst[1] if original_dst else port
-        decision = authz.check(AuthzRequest(principal, peer, dst_port))
+        sni = identity.sni if identity is not None else ""
+        decision = authz.check(AuthzRequest(principal, peer, dst_port, sni=sni))
         ctx.metrics.rbac(decision.allowed, "tcp")
         if not decision.allowed:
             logger.info(
@@ -97,6 +98,7 @@ def _tcp(
         "destination" if kind.inbound else "source", service or cluster_name, cluster_name, "", peer
     )
     record.source_principal = principal
+    record.requested_server_name = identity.sni if identity is not None else ""
     return TcpRelay(ctx, ctx.clusters.get(cluster_name), record, original_dst, access_log)
 
 

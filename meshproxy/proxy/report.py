@@ -135,8 +135,13 @@ def _log_entry(
         rec.response_code_details = _DETAILS.get(flag.split(",")[0], "")
     rec.downstream_remote_address, rec.downstream_local_address = conn.log_addresses()
     tls_peer = conn.peer
-    if tls_peer is not None and tls_peer.spiffe_id is not None:
-        rec.downstream_peer_uri_san = str(tls_peer.spiffe_id)
+    if tls_peer is not None:
+        rec.requested_server_name = tls_peer.sni
+        if tls_peer.spiffe_id is not None:
+            rec.downstream_peer_uri_san = str(tls_peer.spiffe_id)
+    up = stream.upstream
+    if up is not None:
+        rec.upstream_local_address = up.local_address
     trace = stream.trace
     if trace is not None:
         rec.trace_id = f"{trace.trace_id:032x}"

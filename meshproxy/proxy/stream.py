@@ -421,6 +421,7 @@ class HttpStream:
                 host=(head.authority or b"").decode("latin-1"),
                 path=head.target.partition(b"?")[0].decode("latin-1"),
                 header=lambda name: _header_str(head, name),
+                sni=peer.sni if peer is not None else "",
             )
         )
         conn.ctx.metrics.rbac(decision.allowed, "http")

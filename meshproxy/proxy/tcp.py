@@ -16,6 +16,7 @@ from meshproxy.observe.recorder import ConnRecord, StreamRecord
 from meshproxy.proxy.context import ProxyContext
 from meshproxy.proxy.downstream import transport_addresses
 from meshproxy.upstream.cluster import Cluster, bind_source_for
+from meshproxy.upstream.connection import local_address_of
 from meshproxy.upstream.hash_lb import hash64
 from meshproxy.upstream.pool import open_connection
 
@@ -123,6 +124,8 @@ class TcpRelay(asyncio.Protocol):
                 cluster.tls_for_tcp(host.address),
             )
             self.record.upstream_host = f"{host.address}:{host.port}"
+            if side.transport is not None:
+                self.record.upstream_local_address = local_address_of(side.transport)
         except (OSError, TimeoutError, UpstreamError) as exc:
             cluster_name = self.record.cluster
             remote_caused.info(
@@ -212,6 +215,8 @@ class TcpRelay(asyncio.Protocol):
         entry.upstream_host = rec.upstream_host
         entry.start_time = time.time() - duration
         entry.request_protocol = ""
+        entry.requested_server_name = rec.requested_server_name
+        entry.upstream_local_address = rec.upstream_local_address
         entry.downstream_peer_uri_san = (
             "spiffe://" + rec.source_principal if rec.source_principal else ""
         )

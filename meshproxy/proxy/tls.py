@@ -43,6 +43,7 @@ class PeerInfo:
     spiffe_id: SpiffeId | None
     cert_der: bytes
     alpn: str | None
+    sni: str = ""  # the ClientHello's server name (%REQUESTED_SERVER_NAME%, connection.sni)
     principal: str = field(init=False)  # read per request (metrics, authorization)
 
     def __post_init__(self) -> None:
@@ -58,9 +59,10 @@ class _Handover(asyncio.Protocol):
     the real application on the decrypted transport (before any data is delivered). A peer
     whose certificate verified but is no well-formed SVID is refused here."""
 
-    def __init__(self, make_app: AppFactory, on_failure: Callable[[str], None]) -> None:
+    def __init__(self, make_app: AppFactory, on_failure: Callable[[str], None], sni: str) -> None:
         self._make_app = make_app
         self._on_failure = on_failure
+        self._sni = sni
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         tls = cast(asyncio.Transport, transport)
@@ -76,6 +78,7 @@ class _Handover(asyncio.Protocol):
             spiffe_of(tls.get_extra_info("peercert")),
             der,
             sslobj.selected_alpn_protocol() if sslobj is not None else None,
+            self._sni,
         )
         app = self._make_app(peer)
         tls.set_protocol(app)
@@ -88,8 +91,10 @@ def accept_tls(
     first: bytes,
     make_app: AppFactory,
     on_failure: Callable[[str], None],
+    sni: str = "",
 ) -> None:
-    """Run the server side of a TLS handshake on `transport`, starting with `first`."""
+    """Run the server side of a TLS handshake on `transport`, starting with `first` (whose
+    ClientHello named `sni`)."""
     loop = asyncio.get_running_loop()
     waiter: asyncio.Future[None] = loop.create_future()
     protocol_class: Any = asyncio.sslproto.SSLProtocol
@@ -97,7 +102,7 @@ def accept_tls(
         protocol_class = _UVLOOP_SSL_PROTOCOL
     protocol = protocol_class(
         loop,
-        _Handover(make_app, on_failure),
+        _Handover(make_app, on_failure, sni),
         context,
         waiter,
         server_side=True,

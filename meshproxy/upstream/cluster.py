@@ -225,6 +225,10 @@ class Cluster:
         identity = self._identity or (lambda: None)
         contexts = self._contexts
         trust_domain = self._settings.trust_domain
+        if tls.mode == "ISTIO_MUTUAL" and not tls.sni:
+            # Istio's SNI for mesh mTLS: the cluster name, outbound_.9080_.v1_.reviews...
+            host_sni = self.spec.name.replace("|", "_.")
+            return lambda: upstream_tls(tls, host_sni, alpn, identity(), contexts, trust_domain)
         return lambda: upstream_tls(tls, host, alpn, identity(), contexts, trust_domain)
 
     def tls_for_tcp(self, host: str) -> UpstreamTls | None:

@@ -36,12 +36,19 @@ class ResponseSink(Protocol):
     def release_writes(self) -> None: ...
 
 
+def local_address_of(transport: asyncio.BaseTransport) -> str:
+    """The socket's local ip:port (%UPSTREAM_LOCAL_ADDRESS%), "" when it has none."""
+    name = transport.get_extra_info("sockname")
+    return f"{name[0]}:{name[1]}" if isinstance(name, tuple) and len(name) >= 2 else ""
+
+
 class UpstreamExchange(Protocol):
     """One request's use of an upstream connection (HTTP/1.1) or stream (HTTP/2)."""
 
     request_done: bool
     response_done: bool
     peer_principal: str  # the upstream's verified SPIFFE ID (ISTIO_MUTUAL), else ""
+    local_address: str  # this proxy's end of the upstream connection, ip:port
 
     def start(self, head: RequestHead, sink: ResponseSink, grpc: bool = False) -> None: ...
     def send_data(self, data: bytes) -> None: ...
@@ -72,11 +79,13 @@ class UpstreamHttp1Connection:
         self._upgrading = False  # the request asked for a WebSocket upgrade
         self.tunnel = False  # a 101 came: bytes both ways are the tunnel's
         self.peer_principal = ""  # set by the pool after a verified ISTIO_MUTUAL handshake
+        self.local_address = ""
 
     # -- asyncio.Protocol ------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport = cast(asyncio.Transport, transport)
         transport.set_write_buffer_limits(high=64 * 1024)
+        self.local_address = local_address_of(transport)
 
     def data_received(self, data: bytes) -> None:
         sink = self.sink

@@ -23,7 +23,11 @@ from meshproxy.codec.h2 import (
     trailer_fields,
 )
 from meshproxy.errors import FailureKind, ProtocolError, UpstreamError
-from meshproxy.upstream.connection import MAX_INTERIM_RESPONSES, ResponseSink
+from meshproxy.upstream.connection import (
+    MAX_INTERIM_RESPONSES,
+    ResponseSink,
+    local_address_of,
+)
 
 if TYPE_CHECKING:
     from meshproxy.upstream.h2pool import Http2Pool
@@ -42,6 +46,7 @@ class Http2Exchange:
     def __init__(self, conn: UpstreamHttp2Connection) -> None:
         self.conn = conn
         self.peer_principal = conn.peer_principal
+        self.local_address = conn.local_address
         self.stream_id = 0
         self.sink: ResponseSink | None = None
         self.request_done = False
@@ -188,6 +193,7 @@ class UpstreamHttp2Connection(asyncio.Protocol):
         self.write_paused = False
         self.idle_since = time.monotonic()
         self.peer_principal = ""  # set by the pool after a verified ISTIO_MUTUAL handshake
+        self.local_address = ""
         self._flood = FloodGuard()
         self._cork = 0
         self._flush_scheduled = False
@@ -227,6 +233,7 @@ class UpstreamHttp2Connection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
         self.transport.set_write_buffer_limits(high=256 * 1024)
+        self.local_address = local_address_of(transport)
         self.flush()
 
     def data_received(self, data: bytes) -> None:

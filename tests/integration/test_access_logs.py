@@ -85,7 +85,11 @@ def test_tcp_connections_are_logged(make_mesh: MeshFactory, tmp_path: Path) -> N
     (line,) = lines(log, 1)
     assert line.startswith("[") and '"- - -" 0 - - - "-" 5 8 ' in line, line
     assert f"outbound|{mesh.tcp_port}||echo.test" in line
-    assert f" 127.0.0.1:{mesh.tcp_port} 127.0.0.1:" in line
+    up_local, down_local, down_remote, sni, route = line.split(" ")[-5:]
+    assert down_local == f"127.0.0.1:{mesh.tcp_port}" and down_remote.startswith("127.0.0.1:")
+    # This proxy's end of the connection to the echo server; no TLS, no route.
+    assert up_local.startswith("127.0.0.1:") and up_local not in (down_local, down_remote)
+    assert (sni, route) == ("-", "-")
 
 
 def test_an_unknown_operator_is_a_config_error(tmp_path: Path) -> None:

@@ -85,7 +85,7 @@ def get(
 
 
 def _server_yaml(
-    admin: int, in_port: int, app: int, certs: Path, mode: str, extra: str = ""
+    admin: int, in_port: int, app: int, certs: Path, mode: str, extra: str = "", spec: str = ""
 ) -> str:
     return (
         extra
@@ -99,7 +99,7 @@ spec:
   statusPort: 0
   drainDuration: 2s
   labels: {{app: server, version: v2}}
-  workloadName: server-wl
+  workloadName: server-wl{spec}
   certificates:
     certChain: {certs}/cert-chain.pem
     privateKey: {certs}/key.pem
@@ -139,7 +139,9 @@ spec:
     )
 
 
-def _client_yaml(admin: int, out: int, out_h2: int, in_port: int, certs: Path, sans: str) -> str:
+def _client_yaml(
+    admin: int, out: int, out_h2: int, in_port: int, certs: Path, sans: str, spec: str = ""
+) -> str:
     return f"""
 apiVersion: meshproxy.io/v1alpha1
 kind: ProxyConfig
@@ -150,7 +152,7 @@ spec:
   statusPort: 0
   drainDuration: 2s
   labels: {{app: client, version: v1}}
-  workloadName: client-wl
+  workloadName: client-wl{spec}
   certificates:
     certChain: {certs}/cert-chain.pem
     privateKey: {certs}/key.pem
@@ -199,8 +201,13 @@ spec:
 
 
 def make_pair(
-    tmp: Path, mode: str = "STRICT", sans: str = SERVER_ID, server_extra: str = ""
+    tmp: Path,
+    mode: str = "STRICT",
+    sans: str = SERVER_ID,
+    server_extra: str = "",
+    access_logs: bool = False,
 ) -> Pair:
+    """Two sidecars; `access_logs`: each writes Istio's default format to <tmp>/<side>.access."""
     ca("init", "--dir", str(tmp / "ca"))
     ca("issue", "--ca", str(tmp / "ca"), "--spiffe-id", CLIENT_ID, "--out", str(tmp / "client"))
     ca("issue", "--ca", str(tmp / "ca"), "--spiffe-id", SERVER_ID, "--out", str(tmp / "server"))
@@ -208,11 +215,27 @@ def make_pair(
     s_admin, c_admin, in_port, out, out_h2 = (free_port() for _ in range(5))
     (tmp / "scfg").mkdir()
     (tmp / "scfg" / "mesh.yaml").write_text(
-        _server_yaml(s_admin, in_port, app.port, tmp / "server", mode, server_extra)
+        _server_yaml(
+            s_admin,
+            in_port,
+            app.port,
+            tmp / "server",
+            mode,
+            server_extra,
+            f"\n  accessLogFile: {tmp}/server.access" if access_logs else "",
+        )
     )
     (tmp / "ccfg").mkdir()
     (tmp / "ccfg" / "mesh.yaml").write_text(
-        _client_yaml(c_admin, out, out_h2, in_port, tmp / "client", sans)
+        _client_yaml(
+            c_admin,
+            out,
+            out_h2,
+            in_port,
+            tmp / "client",
+            sans,
+            f"\n  accessLogFile: {tmp}/client.access" if access_logs else "",
+        )
     )
     server = ProxyProcess(tmp / "scfg", s_admin, tmp / "server.log")
     client = ProxyProcess(tmp / "ccfg", c_admin, tmp / "client.log")
@@ -223,7 +246,7 @@ def make_pair(
 
 @pytest.fixture
 def pair(tmp_path: Path) -> Iterator[Pair]:
-    p = make_pair(tmp_path)
+    p = make_pair(tmp_path, access_logs=True)
     try:
         yield p
     finally:
@@ -252,6 +275,51 @@ def test_request_crosses_mtls_with_identities(pair: Pair) -> None:
     assert requests == 1
     certs = pair.certs(pair.server_admin)
     assert certs["current"]["spiffe_id"] == SERVER_ID  # type: ignore[index]
+
+
+def _addresses(log: Path) -> list[str]:
+    """%UPSTREAM_LOCAL_ADDRESS% %DOWNSTREAM_LOCAL_ADDRESS% %DOWNSTREAM_REMOTE_ADDRESS%
+    %REQUESTED_SERVER_NAME% %ROUTE_NAME%: the last five fields of Istio's default format."""
+    _wait(lambda: log.exists() and log.read_text().strip())
+    (line,) = log.read_text().splitlines()
+    return line.split(" ")[-5:]
+
+
+def test_access_logs_name_both_connections_and_the_sni(pair: Pair) -> None:
+    status, body = pair.get("/hello")
+    assert status == 200
+    client = _addresses(pair.tmp / "client.access")
+    server = _addresses(pair.tmp / "server.access")
+    up_local, down_local, _down_remote, sni, _route = client
+    assert down_local == f"127.0.0.1:{pair.out_port}" and sni == "-"  # plaintext from the app
+    # The client sidecar's end of the mTLS connection is the server sidecar's downstream,
+    # which heard Istio's SNI for the cluster.
+    assert up_local.startswith("127.0.0.1:") and up_local != f"127.0.0.1:{pair.in_port}"
+    s_up_local, s_down_local, s_down_remote, s_sni, _ = server
+    assert (s_down_local, s_down_remote) == (f"127.0.0.1:{pair.in_port}", up_local)
+    assert s_sni == f"outbound_.{pair.out_port}_._.server.test"
+    assert s_up_local == json.loads(body)["peer"]  # the app saw the server sidecar's end
+
+
+def test_authorization_matches_the_connection_sni(tmp_path: Path) -> None:
+    policy = """
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: by-sni, namespace: default}
+spec:
+  selector: {matchLabels: {app: server}}
+  rules: [{when: [{key: connection.sni, values: ["*_.server.test"]}]}]
+---
+"""
+    p = make_pair(tmp_path, server_extra=policy)
+    try:
+        assert p.get("/hello")[0] == 200  # SNI outbound_.<port>_._.server.test
+        status, body = p.get("/hello", h2=True)  # SNI ..._.server-h2.test: no rule allows it
+        assert status == 403 and body == b"RBAC: access denied"
+    finally:
+        p.client.terminate()
+        p.server.terminate()
+        p.app.stop()
 
 
 ISTIO_SERIES_BOTH_SIDES = dict(
