@@ -339,6 +339,10 @@ class MeshMetrics(Collector):
         h.total += response_bytes
 
     def _tcp_series(self, rec: ConnRecord, extra: Extra | None) -> TcpSeries:
+        # The peer: the downstream's certificate inbound, the upstream's outbound, each with
+        # the facts its exchange frame gave.
+        inbound = rec.reporter == "destination"
+        principal = rec.source_principal if inbound else rec.upstream_principal
         labels = self._labels(
             rec.reporter,
             rec.destination_service,
@@ -346,7 +350,7 @@ class MeshMetrics(Collector):
             rec.response_flags,
             "tcp",
             "-",
-            self._tcp_peers.get(None, _spiffe(rec.source_principal)),
+            self._tcp_peers.get(rec.peer_metadata, _spiffe(principal)),
         )
         key: tuple[Any, ...] = tuple(
             v for name, v in zip(HTTP_LABELS, labels, strict=True) if name in TCP_LABELS

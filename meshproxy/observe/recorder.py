@@ -52,3 +52,5 @@ class ConnRecord:
     source_principal: str = ""  # the mTLS peer's SPIFFE principal, if any
     requested_server_name: str = ""  # the ClientHello's SNI, when this proxy terminated TLS
     upstream_local_address: str = ""  # this proxy's end of the upstream connection
+    upstream_principal: str = ""  # the upstream's verified SPIFFE ID (ISTIO_MUTUAL)
+    peer_metadata: bytes | None = None  # the peer's exchanged facts (base64 Struct)

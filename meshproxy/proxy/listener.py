@@ -19,6 +19,7 @@ from meshproxy.proxy.http1 import DownstreamHttp1
 from meshproxy.proxy.http2 import DownstreamHttp2
 from meshproxy.proxy.inbound_tls import MtlsGate
 from meshproxy.proxy.origdst import original_destination
+from meshproxy.proxy.peer_exchange import PEER_EXCHANGE_ALPN
 from meshproxy.proxy.tcp import TcpRelay
 from meshproxy.proxy.tls import PeerInfo
 from meshproxy.security.authz import AuthzRequest
@@ -99,7 +100,9 @@ def _tcp(
     )
     record.source_principal = principal
     record.requested_server_name = identity.sni if identity is not None else ""
-    return TcpRelay(ctx, ctx.clusters.get(cluster_name), record, original_dst, access_log)
+    exchange = identity is not None and identity.alpn == PEER_EXCHANGE_ALPN
+    cluster = ctx.clusters.get(cluster_name)
+    return TcpRelay(ctx, cluster, record, original_dst, access_log, peer_exchange=exchange)
 
 
 class CaptureEntry(asyncio.Protocol):

@@ -15,6 +15,12 @@ from meshproxy.observe.metrics import TcpSeries
 from meshproxy.observe.recorder import ConnRecord, StreamRecord
 from meshproxy.proxy.context import ProxyContext
 from meshproxy.proxy.downstream import transport_addresses
+from meshproxy.proxy.peer_exchange import (
+    PEER_EXCHANGE_ALPN,
+    ExchangeError,
+    FrameReader,
+    frame,
+)
 from meshproxy.upstream.cluster import Cluster, bind_source_for
 from meshproxy.upstream.connection import local_address_of
 from meshproxy.upstream.hash_lb import hash64
@@ -23,6 +29,12 @@ from meshproxy.upstream.pool import open_connection
 logger = logging.getLogger(__name__)
 remote_caused = RateLimitedLog(logger)  # lines a client can cause: a few per interval
 HIGH_WATER = 64 * 1024
+EXCHANGE_WAIT = 1.0  # how long a connection's series waits for the peer's exchange frame
+
+
+def _alpn(transport: asyncio.BaseTransport) -> str | None:
+    sslobj = transport.get_extra_info("ssl_object")
+    return sslobj.selected_alpn_protocol() if sslobj is not None else None
 
 
 def _half_close(transport: asyncio.Transport) -> None:
@@ -72,7 +84,9 @@ class TcpRelay(asyncio.Protocol):
         record: ConnRecord,
         original_dst: tuple[str, int] | None,
         access_log: Callable[[StreamRecord], None] | None = None,
+        peer_exchange: bool = False,
     ) -> None:
+        """`peer_exchange`: the downstream negotiated Istio's TCP metadata exchange."""
         self.ctx = ctx
         self.access_log = access_log
         self._started = time.monotonic()
@@ -93,6 +107,11 @@ class TcpRelay(asyncio.Protocol):
         self._series: TcpSeries | None = None
         self._report_timer: asyncio.TimerHandle | None = None
         self._report_every = 15.0
+        # Istio's TCP metadata exchange (proxy/peer_exchange.py), with the downstream (an
+        # inbound mesh connection) or the upstream (an outbound ISTIO_MUTUAL one).
+        self._down_frame: FrameReader | None = FrameReader() if peer_exchange else None
+        self._up_frame: FrameReader | None = None
+        self._exchange_wait: asyncio.TimerHandle | None = None
 
     def _source_hash(self, cluster: Cluster) -> int | None:
         """Istio gives the TCP proxy a hash policy only for useSourceIp; others pick randomly."""
@@ -105,6 +124,8 @@ class TcpRelay(asyncio.Protocol):
         self.transport = transport = cast(asyncio.Transport, transport)
         transport.set_write_buffer_limits(high=HIGH_WATER)
         transport.pause_reading()
+        if self._down_frame is not None:
+            transport.write(frame(self.ctx.peer_metadata, self.ctx.peer_metadata_id))
         self._connect_task = asyncio.get_running_loop().create_task(self._connect())
 
     async def _connect(self) -> None:
@@ -115,7 +136,7 @@ class TcpRelay(asyncio.Protocol):
             self._holds_slot = cluster.reserve_tcp_connection()  # UO past maxConnections
             host = await cluster.pick(self.original_dst, (), self._source_hash(cluster))
             side = _UpstreamSide(self)
-            await open_connection(
+            self.record.upstream_principal = await open_connection(
                 side,
                 host.address,
                 host.port,
@@ -126,6 +147,10 @@ class TcpRelay(asyncio.Protocol):
             self.record.upstream_host = f"{host.address}:{host.port}"
             if side.transport is not None:
                 self.record.upstream_local_address = local_address_of(side.transport)
+                if _alpn(side.transport) == PEER_EXCHANGE_ALPN:
+                    # Our frame goes before any byte of the client's.
+                    side.transport.write(frame(self.ctx.peer_metadata, self.ctx.peer_metadata_id))
+                    self._up_frame = FrameReader()
         except (OSError, TimeoutError, UpstreamError) as exc:
             cluster_name = self.record.cluster
             remote_caused.info(
@@ -139,8 +164,8 @@ class TcpRelay(asyncio.Protocol):
         if self._closed:
             side.transport.close() if side.transport else None
             return
-        self._open_series()
         self.upstream = side
+        self._open_series_once_exchanged()
         assert side.transport is not None
         if self._pending:
             data = b"".join(self._pending)
@@ -151,8 +176,52 @@ class TcpRelay(asyncio.Protocol):
         if self.transport is not None:
             self.transport.resume_reading()
 
+    def _open_series_once_exchanged(self) -> None:
+        """The series names the peer, so it waits for the peer's exchange frame, a moment
+        at most (a peer that never writes first is counted without its facts)."""
+        if self._exchange_pending():
+            loop = asyncio.get_running_loop()
+            self._exchange_wait = loop.call_later(EXCHANGE_WAIT, self._open_series)
+        else:
+            self._open_series()
+
+    def _exchange_pending(self) -> bool:
+        for reader in (self._down_frame, self._up_frame):
+            if reader is not None and not reader.done:
+                return True
+        return False
+
+    def _strip_frame(self, reader: FrameReader, data: bytes) -> bytes | None:
+        """`data` without the peer's exchange frame; None while the frame is incomplete (or
+        broken: the connection is then closed)."""
+        try:
+            rest = reader.feed(data)
+        except ExchangeError as exc:
+            remote_caused.info("exchange", "tcp %s: %s", self.record.cluster, exc)
+            self.record.response_flags = "UPE" if reader is self._up_frame else "DPE"
+            self._abort_both()
+            return None
+        if rest is not None:
+            self.record.peer_metadata = reader.metadata
+            if self.upstream is not None and not self._exchange_pending():
+                self._open_series()
+        return rest
+
+    def _abort_both(self) -> None:
+        up = self.upstream
+        if up is not None and up.transport is not None:
+            up.transport.abort()
+        if self.transport is not None:
+            self.transport.abort()
+
     # -- downstream events -----------------------------------------------------------------
     def data_received(self, data: bytes) -> None:
+        reader = self._down_frame
+        if reader is not None and not reader.done:
+            rest = self._strip_frame(reader, data)
+            if not rest:
+                return
+            data = rest
         self._unreported_received += len(data)
         up = self.upstream
         if up is None or up.transport is None:
@@ -162,6 +231,11 @@ class TcpRelay(asyncio.Protocol):
         up.transport.write(data)
 
     def eof_received(self) -> bool:
+        reader = self._down_frame
+        if reader is not None and not reader.done:
+            held = reader.abandon()  # the client ended inside what looked like a frame
+            if held:
+                self.data_received(held)
         self._down_eof = True
         if self._up_eof:
             self._close_both()
@@ -192,6 +266,8 @@ class TcpRelay(asyncio.Protocol):
         if self._report_timer is not None:
             self._report_timer.cancel()
             self._report_timer = None
+        if self._exchange_wait is not None:
+            self._exchange_wait.cancel()
         series = self._open_series()  # closed before the upstream answered: still counted
         self._report()
         self.ctx.metrics.tcp_closed(series)
@@ -238,11 +314,22 @@ class TcpRelay(asyncio.Protocol):
 
     # -- upstream events -------------------------------------------------------------------
     def from_upstream(self, data: bytes) -> None:
+        reader = self._up_frame
+        if reader is not None and not reader.done:
+            rest = self._strip_frame(reader, data)
+            if not rest:
+                return
+            data = rest
         self._unreported_sent += len(data)
         if self.transport is not None:
             self.transport.write(data)
 
     def upstream_eof(self) -> None:
+        reader = self._up_frame
+        if reader is not None and not reader.done:
+            held = reader.abandon()
+            if held:
+                self.from_upstream(held)
         self._up_eof = True
         if self._down_eof:
             self._close_both()
