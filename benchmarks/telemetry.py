@@ -3,11 +3,11 @@
     python -m benchmarks.telemetry [--duration 5] [--runs 3] [--tree DIR]
 
 Variants, each a `meshproxy run` of the tree given (default: this checkout; give a copy from
-scripts/compiled-copy.sh for the compiled build): metrics only (the baseline: Prometheus
-metrics cannot be turned off); metrics + 1 % tracing (OTLP/HTTP to a local collector that
-answers at once) + a JSON access log to a file; metrics + 100 % tracing. Each is loaded with
-wrk (-c50, small GETs) against an nginx upstream; proxies on CPU 1, load on CPU 0. Prints
-CPU per request and its ratio to the baseline measured in the same round.
+scripts/compiled-copy.sh for the compiled build): telemetry off (the baseline: a Telemetry
+resource disables every metric); metrics only; metrics + 1 % tracing (OTLP/HTTP to a local
+collector that answers at once) + a JSON access log to a file; metrics + 100 % tracing. Each
+is loaded with wrk (-c50, small GETs) against an nginx upstream; proxies on CPU 1, load on
+CPU 0. Prints CPU per request and its ratio to the baseline measured in the same round.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from meshproxy.bench.processes import (
     wait_port,
 )
 
-TRACING = """  extensionProviders:
+PROVIDERS = """  extensionProviders:
   - name: otel
     opentelemetry: {{service: 127.0.0.1, port: {collector}, http: {{}}}}
   - name: json
@@ -43,13 +43,34 @@ TRACING = """  extensionProviders:
         labels: {{start: "%START_TIME%", method: "%REQ(:METHOD)%", path: "%REQ(:PATH)%",
                  code: "%RESPONSE_CODE%", flags: "%RESPONSE_FLAGS%", bytes: "%BYTES_SENT%",
                  duration: "%DURATION%", upstream: "%UPSTREAM_HOST%", id: "%REQ(X-REQUEST-ID)%"}}
-  defaultProviders: {{tracing: [otel], accessLogging: [{logs}]}}
----
+  defaultProviders: {{tracing: [{tracing}], accessLogging: [{logs}]}}
+"""
+SAMPLING = """---
 apiVersion: telemetry.istio.io/v1
 kind: Telemetry
 metadata: {{name: mesh-default, namespace: istio-system}}
 spec:
   tracing: [{{randomSamplingPercentage: {percent}}}]
+"""
+
+
+def telemetry_spec(collector: int, log: Path, percent: float | None, json_log: bool) -> str:
+    """ProxyConfig lines (providers) and, for tracing, the Telemetry that samples it."""
+    spec = PROVIDERS.format(
+        collector=collector,
+        log=log,
+        tracing="otel" if percent is not None else "",
+        logs="json" if json_log else "",
+    )
+    return spec + (SAMPLING.format(percent=percent) if percent is not None else "")
+
+
+METRICS_OFF = """---
+apiVersion: telemetry.istio.io/v1
+kind: Telemetry
+metadata: {name: metrics-off, namespace: istio-system}
+spec:
+  metrics: [{overrides: [{disabled: true}]}]
 """
 
 
@@ -77,10 +98,13 @@ def main(argv: list[str] | None = None) -> int:
     up = free_port()
     procs.start("up", nginx_cmd(tmp, "up", NGINX_UPSTREAM.format(dir=tmp, port=up)), 0)
     wait_port("127.0.0.1", up)
-    variants = {
+    variants: dict[str, str | tuple[float | None, bool]] = {
+        "telemetry off": METRICS_OFF,
         "metrics only": "",
-        "+ 1% tracing + JSON log": dict(percent=1, logs="json"),
-        "+ 100% tracing": dict(percent=100, logs=""),
+        "+ JSON log": (None, True),
+        "+ 1% tracing": (1, False),
+        "+ 1% tracing + JSON log": (1, True),
+        "+ 100% tracing": (100, False),
     }
     cpu: dict[str, list[float]] = {name: [] for name in variants}
     load_cpu = pinning(0)
@@ -89,12 +113,9 @@ def main(argv: list[str] | None = None) -> int:
             for name, extra in variants.items():
                 port = free_port()
                 spec = ""
-                if isinstance(extra, dict):
-                    spec = TRACING.format(
-                        collector=collector.server_address[1],
-                        log=tmp / f"access-{run}.log",
-                        **extra,
-                    )
+                if isinstance(extra, tuple):
+                    log = tmp / f"access-{run}.log"
+                    spec = telemetry_spec(collector.server_address[1], log, *extra)
                 text = BUILTIN_MESH.format(
                     admin=free_port(),
                     host="bench.local",
@@ -108,7 +129,8 @@ def main(argv: list[str] | None = None) -> int:
                 head, sep, rest = text.partition("\n---\n")
                 cfg = tmp / f"v{run}-{len(cpu[name])}-{abs(hash(name))}"
                 cfg.mkdir()
-                (cfg / "mesh.yaml").write_text(head + "\n" + spec + sep + rest)
+                resources = extra if isinstance(extra, str) else ""
+                (cfg / "mesh.yaml").write_text(head + "\n" + spec + sep + rest + resources)
                 proc = subprocess.Popen(
                     [sys.executable, "-m", "meshproxy", "--log-level", "error", "run", "-c",
                      str(cfg)],
@@ -130,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         procs.stop_all()
         collector.shutdown()
-    base = median(cpu["metrics only"])
+    base = median(cpu["telemetry off"])
     print(f"\nCPU per request, median of {args.runs} round(s), wrk -c50 {args.duration} s:")
     for name, values in cpu.items():
         m = median(values)

@@ -71,6 +71,7 @@ _HOSTNAME: Final = os.uname().nodename
 # START_TIME's date and time, formatted once per second rather than per line.
 _CLOCK_SECOND: Final[list[int]] = [-1]
 _CLOCK_PREFIX: Final[list[str]] = [""]
+_MILLIS: Final = tuple(f"{ms:03d}Z" for ms in range(1000))
 
 
 def _start_time(e: LogEntry) -> str:
@@ -79,7 +80,7 @@ def _start_time(e: LogEntry) -> str:
     if second != _CLOCK_SECOND[0]:
         _CLOCK_PREFIX[0] = time.strftime("%Y-%m-%dT%H:%M:%S.", time.gmtime(second))
         _CLOCK_SECOND[0] = second
-    return f"{_CLOCK_PREFIX[0]}{int((t - second) * 1000):03d}Z"
+    return _CLOCK_PREFIX[0] + _MILLIS[min(int((t - second) * 1000), 999)]
 
 
 def _protocol(e: LogEntry) -> str | None:
@@ -115,8 +116,6 @@ SIMPLE: Final[dict[str, Getter]] = {
 }
 NUMERIC: Final = frozenset({"RESPONSE_CODE", "BYTES_RECEIVED", "BYTES_SENT", "DURATION"})
 
-_PSEUDO: Final = {":method": "method", ":path": "path", ":authority": "authority"}
-
 
 def _header_getter(which: str, arg: str) -> Getter:
     """REQ(X?Y) / RESP(X): a header (first match), with `?` naming a fallback."""
@@ -126,24 +125,37 @@ def _header_getter(which: str, arg: str) -> Getter:
     for name in names:
         if not re.fullmatch(r":?[!#$%&'*+\-.^_`|~0-9a-z]+", name):
             raise FormatError(f"%{which}({arg})%: {name!r} is no header name")
-        if name.startswith(":") and name not in _PSEUDO:
+        if name.startswith(":") and name not in _PSEUDO_GETTERS:
             raise FormatError(f"%{which}({arg})%: unknown pseudo-header {name!r}")
-    encoded = [n.encode("latin-1") for n in names]
     response = which == "RESP"
+    steps = [
+        _PSEUDO_GETTERS[name]
+        if not response and name in _PSEUDO_GETTERS
+        else _header_value(name.encode("latin-1"), response)
+        for name in names
+    ]
+    if len(steps) == 1:
+        return steps[0]
+    first, fallback = steps
+    return lambda e: first(e) or fallback(e)
 
-    def get(e: LogEntry) -> str | None:
-        for name, raw in zip(names, encoded, strict=True):
-            if not response and name in _PSEUDO:
-                pseudo: str = getattr(e, _PSEUDO[name])
-                if pseudo:
-                    return pseudo
-                continue
-            found = _find(e.response_headers if response else e.request_headers, raw)
-            if found:
-                return found.decode("latin-1")
-        return None
 
-    return get
+_PSEUDO_GETTERS: Final[dict[str, Getter]] = {
+    ":method": lambda e: e.method or None,
+    ":path": lambda e: e.path or None,
+    ":authority": lambda e: e.authority or None,
+}
+
+
+def _header_value(name: bytes, response: bool) -> Getter:
+    """A request or response header's first value, decoded (None when absent or empty)."""
+    if response:
+        return lambda e: _decoded(_find(e.response_headers, name))
+    return lambda e: _decoded(_find(e.request_headers, name))
+
+
+def _decoded(value: bytes | None) -> str | None:
+    return value.decode("latin-1") if value else None
 
 
 def _find(headers: list[tuple[bytes, bytes]], name: bytes) -> bytes | None:
@@ -220,33 +232,54 @@ def compile_text(fmt: str) -> TextFormat:
     return TextFormat(template, tuple(getters), tuple(limits))
 
 
+def _json_string(text: str) -> str:
+    """`text` as a JSON string, as json.dumps(ensure_ascii=True) writes it; plain printable
+    ASCII (nearly every value) without a call into the json module."""
+    if text.isascii() and text.isprintable() and '"' not in text and "\\" not in text:
+        return '"' + text + '"'
+    return json.dumps(text)
+
+
+def _json_value(value: Any) -> str:
+    if value is None:
+        return "null"
+    if type(value) is int:
+        return str(value)
+    return _json_string(value if type(value) is str else str(value))
+
+
 @dataclass(frozen=True, slots=True)
 class JsonFormat:
-    """Envoy's json_format: each label's value a template; one operator alone keeps its type."""
+    """Envoy's json_format: each label's value a template; one operator alone keeps its type.
+    The object is written as a %-template of its encoded keys (what json.dumps with compact
+    separators writes), so a line costs its values' encoding, not a dict and an encoder."""
 
-    fields: tuple[tuple[str, TextFormat | Getter], ...]
+    template: str  # '{"key":%s,...}\n'
+    values: tuple[tuple[bool, TextFormat | Getter], ...]  # (a text template?, what renders)
 
     def render(self, entry: LogEntry) -> str:
-        obj: dict[str, Any] = {}
-        for key, value in self.fields:
-            if isinstance(value, TextFormat):
-                obj[key] = value.render(entry)[:-1]
+        parts: list[str] = []
+        for is_text, value in self.values:
+            if is_text:
+                parts.append(_json_string(value.render(entry)[:-1]))  # type: ignore[union-attr]
             else:
-                obj[key] = value(entry)
-        return json.dumps(obj, separators=(",", ":"), ensure_ascii=True) + "\n"
+                parts.append(_json_value(value(entry)))  # type: ignore[operator]
+        return self.template % tuple(parts)
 
 
 def compile_labels(labels: tuple[tuple[str, str], ...]) -> JsonFormat:
-    fields: list[tuple[str, TextFormat | Getter]] = []
+    keys: list[str] = []
+    values: list[tuple[bool, TextFormat | Getter]] = []
     for key, template in labels:
+        keys.append(json.dumps(key).replace("%", "%%") + ":%s")
         whole = _OPERATOR.fullmatch(template)
         if whole is not None:
             name, getter, limit = _operator(whole)
             if limit is None:
-                fields.append((key, _typed(name, getter)))
+                values.append((False, _typed(name, getter)))
                 continue
-        fields.append((key, compile_text(template)))
-    return JsonFormat(tuple(fields))
+        values.append((True, compile_text(template)))
+    return JsonFormat("{" + ",".join(keys) + "}\n", tuple(values))
 
 
 def _typed(name: str, getter: Getter) -> Getter:
