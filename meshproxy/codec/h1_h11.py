@@ -382,6 +382,11 @@ class H11ClientCodec:
         conn = self._conn
         if conn.our_state is h11.DONE and conn.their_state is h11.DONE:
             conn.start_next_cycle()
+            if conn.trailing_data[0]:
+                # Bytes of a response nobody asked for yet (a body after a HEAD's head, a
+                # smuggled response): the next request must not get them as its answer.
+                self.failed = True
+                return []
             self._scan.restart(conn.trailing_data[0])
         return []
 

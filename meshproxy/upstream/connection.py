@@ -104,11 +104,17 @@ class UpstreamHttp1Connection:
             sink.release_writes()
 
     def _deliver(self, sink: ResponseSink, data: bytes) -> None:
-        for ev in self.codec.receive(data):
+        events = self.codec.receive(data)
+        last = len(events) - 1
+        for i, ev in enumerate(events):
             if isinstance(ev, Data):
                 sink.on_response_data(ev.data)
             elif isinstance(ev, ResponseHead):
-                if ev.status == 101 and self._upgrading:
+                if ev.status == 101:
+                    if not self._upgrading:
+                        # A switch nobody asked for: what follows is no HTTP response.
+                        self._fail(FailureKind.PROTOCOL, "101 to a plain request", flag="UPE")
+                        return
                     self._switch(sink, ev)
                     return
                 if ev.status < 200:
@@ -128,6 +134,11 @@ class UpstreamHttp1Connection:
                 if self._interim:
                     self._interim = False
                     continue
+                if i < last:
+                    # More than one response to one request (a body after a HEAD's head, a
+                    # smuggled response): never reuse the connection, or a later request
+                    # would get those bytes as its answer.
+                    self.keep_alive = False
                 if self._final_end(ev):
                     return
             elif isinstance(ev, ParseFailure):
