@@ -30,6 +30,7 @@ logger = logging.getLogger(__name__)
 
 HIGH_WATER: Final = 64 * 1024
 MAX_QUEUED_EVENTS: Final = 64  # pipelined requests waiting for the current response
+DISCARD_LIMIT: Final = 64 * 1024  # request body read and dropped after an early response
 
 
 class DownstreamHttp1:
@@ -59,6 +60,8 @@ class DownstreamHttp1:
         self.peer_ip = ""
         self.stream: HttpStream | None = None
         self._queue: deque[ReceivedEvent] = deque()
+        # Body bytes still accepted from a request whose response ended first (-1: none).
+        self._discard_left = -1
         self._reading_paused = False
         self._closing = False
         self._draining = False  # close after the request in flight (a drain reached us)
@@ -142,6 +145,9 @@ class DownstreamHttp1:
     # -- events ----------------------------------------------------------------------------
     def _dispatch(self, ev: ReceivedEvent) -> None:
         stream = self.stream
+        if stream is None and self._discard_left >= 0:
+            self._discarded(ev)
+            return
         if isinstance(ev, Data):
             if stream is not None:
                 stream.request_data(ev.data)
@@ -300,11 +306,55 @@ class DownstreamHttp1:
         transport = self.transport
         if transport is None or self._closing or transport.is_closing():
             return
-        if not stream.keep_alive or not stream.request_done or self._draining:
+        if (
+            not stream.keep_alive
+            or self._draining
+            or not (stream.request_done or self._discard_rest(stream))
+        ):
             self._closing = True
             self._flush(force=True)  # the response may still be corked
             transport.close()
             return
+        if not stream.request_done:
+            return  # the rest of its body is read and dropped first (_dispatch)
+        self._next_request()
+
+    def _discard_rest(self, stream: HttpStream) -> bool:
+        """The response ended before the request (an upstream that answers without reading
+        the body: an error, nginx's `return`). Closing here would break a connection whose
+        response announced keep-alive, under a client that may already be reusing it (a
+        peer sidecar's pool), so a small remainder is read and dropped instead, with a
+        deadline; a large or endless one still closes the connection."""
+        length = stream.head.content_length
+        if length is not None and length - stream.request_bytes > DISCARD_LIMIT:
+            return False
+        self._discard_left = DISCARD_LIMIT
+        self._header_timer = self.loop.call_later(
+            self.ctx.snapshot.settings.request_headers_timeout, self._discard_too_slow
+        )
+        return True
+
+    def _discard_too_slow(self) -> None:
+        self._header_timer = None
+        self.abort()
+
+    def _discarded(self, ev: ReceivedEvent) -> None:
+        """A body event of a request whose response is already complete."""
+        if isinstance(ev, Data):
+            self._discard_left -= len(ev.data)
+            if self._discard_left < 0:
+                self.abort()
+        elif isinstance(ev, EndOfMessage):
+            self._discard_left = -1
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+                self._header_timer = None
+            self._next_request()
+        else:
+            self._dispatch(ev)
+
+    def _next_request(self) -> None:
+        """The exchange is over on both sides: go on with a pipelined or the next request."""
         events = self.codec.start_next()
         if events:
             self._queue.extend(events)
