@@ -18,7 +18,14 @@ from google.protobuf import any_pb2, struct_pb2
 
 from tests.integration.test_mtls import CLIENT_ID, SERVER_ID, ca
 from tests.support.metrics import scrape, value
-from tests.support.proxy import ProxyProcess, free_port, wait_for
+from tests.support.proxy import (
+    ProxyProcess,
+    egress_sidecar,
+    free_port,
+    proxy_config_yaml,
+    service_entry,
+    wait_for,
+)
 
 MAGIC = 0x3D230467
 
@@ -33,40 +40,26 @@ class TcpPair:
 
 
 def _certs(tmp: Path) -> str:
-    return f"""  certificates:
-    certChain: {tmp}/cert-chain.pem
-    privateKey: {tmp}/key.pem
-    rootCert: {tmp}/root-cert.pem"""
+    files = f"certChain: {tmp}/cert-chain.pem, privateKey: {tmp}/key.pem"
+    return f"{{{files}, rootCert: {tmp}/root-cert.pem}}"
 
 
 @pytest.fixture
 def tcp_pair(tmp_path: Path, echo_server: int) -> Iterator[TcpPair]:
     ca("init", "--dir", str(tmp_path / "ca"))
     for name, spiffe in (("client", CLIENT_ID), ("server", SERVER_ID)):
-        ca(
-            "issue",
-            "--ca",
-            str(tmp_path / "ca"),
-            "--spiffe-id",
-            spiffe,
-            "--out",
-            str(tmp_path / name),
-        )
+        out = str(tmp_path / name)
+        ca("issue", "--ca", str(tmp_path / "ca"), "--spiffe-id", spiffe, "--out", out)
     s_admin, c_admin, in_port, out_port = (free_port() for _ in range(4))
     (tmp_path / "scfg").mkdir()
-    (tmp_path / "scfg" / "mesh.yaml").write_text(f"""
-apiVersion: meshproxy.io/v1alpha1
-kind: ProxyConfig
-metadata: {{name: server}}
-spec:
-  interceptionMode: NONE
-  proxyAdminPort: {s_admin}
-  statusPort: 0
-  labels: {{app: db, version: v3}}
-  workloadName: db-wl
-{_certs(tmp_path / "server")}
----
-apiVersion: security.istio.io/v1
+    (tmp_path / "scfg" / "mesh.yaml").write_text(
+        proxy_config_yaml(
+            s_admin,
+            labels="{app: db, version: v3}",
+            workloadName="db-wl",
+            certificates=_certs(tmp_path / "server"),
+        )
+        + f"""apiVersion: security.istio.io/v1
 kind: PeerAuthentication
 metadata: {{name: default, namespace: istio-system}}
 spec: {{mtls: {{mode: STRICT}}}}
@@ -78,43 +71,21 @@ spec:
   ingress:
   - {{port: {{number: {in_port}, protocol: TCP, name: tcp-db}}, bind: 127.0.0.1,
      captureMode: NONE, defaultEndpoint: "127.0.0.1:{echo_server}"}}
-""")
+"""
+    )
     (tmp_path / "ccfg").mkdir()
-    (tmp_path / "ccfg" / "mesh.yaml").write_text(f"""
-apiVersion: meshproxy.io/v1alpha1
-kind: ProxyConfig
-metadata: {{name: client}}
-spec:
-  interceptionMode: NONE
-  proxyAdminPort: {c_admin}
-  statusPort: 0
-  labels: {{app: api, version: v1}}
-  workloadName: api-wl
-{_certs(tmp_path / "client")}
----
-apiVersion: networking.istio.io/v1
-kind: ServiceEntry
-metadata: {{name: db}}
-spec:
-  hosts: [db.test]
-  ports: [{{number: {out_port}, name: tcp-db, protocol: TCP}}]
-  resolution: STATIC
-  endpoints: [{{address: 127.0.0.1, ports: {{tcp-db: {in_port}}}}}]
----
-apiVersion: networking.istio.io/v1
-kind: DestinationRule
-metadata: {{name: db}}
-spec:
-  host: db.test
-  trafficPolicy: {{tls: {{mode: ISTIO_MUTUAL}}}}
----
-apiVersion: networking.istio.io/v1
-kind: Sidecar
-metadata: {{name: default}}
-spec:
-  egress:
-  - {{port: {{number: {out_port}, protocol: TCP, name: tcp}}, bind: 127.0.0.1, hosts: [./*]}}
-""")
+    (tmp_path / "ccfg" / "mesh.yaml").write_text(
+        proxy_config_yaml(
+            c_admin,
+            labels="{app: api, version: v1}",
+            workloadName="api-wl",
+            certificates=_certs(tmp_path / "client"),
+        )
+        + service_entry("db.test", out_port, [in_port], "TCP")
+        + "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: db}\n"
+        "spec: {host: db.test, trafficPolicy: {tls: {mode: ISTIO_MUTUAL}}}\n---\n"
+        + egress_sidecar(out_port, protocol="TCP")
+    )
     server = ProxyProcess(tmp_path / "scfg", s_admin, tmp_path / "server.log")
     client = ProxyProcess(tmp_path / "ccfg", c_admin, tmp_path / "client.log")
     try:
