@@ -171,9 +171,9 @@ _PATH_MODES: Final = {m.value: m for m in PathNormalization}
 _UNDERSCORE: Final = ord("_")
 
 
-def _header_str(head: RequestHead, name: str) -> str | None:
-    value = head.header(name.encode("latin-1"))
-    return value.decode("latin-1") if value is not None else None
+def _header_lines(head: RequestHead, name: str) -> list[str]:
+    key = name.encode("latin-1")
+    return [v.decode("latin-1") for k, v in head.headers if k == key]
 
 
 _CONNECT_FAILURES: Final = frozenset(
@@ -420,7 +420,7 @@ class HttpStream:
                 method=head.method.decode("latin-1"),
                 host=(head.authority or b"").decode("latin-1"),
                 path=head.target.partition(b"?")[0].decode("latin-1"),
-                header=lambda name: _header_str(head, name),
+                headers=lambda name: _header_lines(head, name),
                 sni=peer.sni if peer is not None else "",
             )
         )
@@ -1027,8 +1027,10 @@ class HttpStream:
             if k not in _WATCHED_REQUEST_HEADERS and not (inbound and k[:8] == b"x-envoy-"):
                 append(item)
             elif k == b"x-forwarded-proto":
-                has_proto = True
-                append(item)
+                if not inbound or conn.peer is not None:  # ours, or a mesh peer's
+                    has_proto = True
+                    append(item)
+                # else a plaintext client's claim (catalog F01): replaced by "http" below
             elif k == b"x-request-id":
                 has_id = True
                 append(item)

@@ -41,7 +41,7 @@ class AuthzRequest:
     method: str | None = None
     host: str = ""
     path: str = ""  # normalized, without the query
-    header: Callable[[str], str | None] = field(default=lambda name: None)
+    headers: Callable[[str], list[str]] = field(default=lambda name: [])  # every line's value
     sni: str = ""
 
     @property
@@ -149,9 +149,6 @@ class _Operation:
 
 
 def _condition_value(c: AuthzCondition, req: AuthzRequest) -> str | None:
-    key = c.key
-    if key.startswith("request.headers["):
-        return req.header(key[len("request.headers[") : -1].lower())
     return {
         "source.ip": req.source_ip,
         "remote.ip": req.source_ip,
@@ -160,10 +157,33 @@ def _condition_value(c: AuthzCondition, req: AuthzRequest) -> str | None:
         "destination.ip": req.destination_ip,
         "destination.port": str(req.destination_port),
         "connection.sni": req.sni,
-    }.get(key)
+    }.get(c.key)
 
 
-def _condition(c: AuthzCondition, req: AuthzRequest) -> bool:
+def _list_elements(lines: list[str]) -> list[str]:
+    return [e for line in lines for e in (part.strip(" \t") for part in line.split(",")) if e]
+
+
+def _header_condition(c: AuthzCondition, lines: list[str], deny: bool) -> bool:
+    """A header sent on several lines, or as a list on one, has several readings: Envoy's
+    (the lines joined with ","), each line, each list element. A DENY rule matches when any
+    reading does (CVE-2021-32777: `x-role: user` then `x-role: admin` must not slip past a
+    deny on `admin`); an ALLOW rule needs Envoy's reading to match and no reading to be a
+    not-value, so a repeated header never widens what it allows."""
+    if not lines:
+        return not c.values  # an absent header matches only a notValues-only condition
+    joined = ",".join(lines)
+    if deny:
+        readings = [joined, *lines, *_list_elements(lines)]
+        return any(_field(c.values, c.not_values, r) for r in readings)
+    if not _field(c.values, c.not_values, joined):
+        return False
+    return not (c.not_values and any(_any(c.not_values, r) for r in _list_elements(lines)))
+
+
+def _condition(c: AuthzCondition, req: AuthzRequest, deny: bool) -> bool:
+    if c.key.startswith("request.headers["):
+        return _header_condition(c, req.headers(c.key[len("request.headers[") : -1].lower()), deny)
     value = _condition_value(c, req)
     if c.key in ("source.ip", "remote.ip", "destination.ip"):
         blocks = [ipaddress.ip_network(v, strict=False) for v in c.values]
@@ -173,7 +193,7 @@ def _condition(c: AuthzCondition, req: AuthzRequest) -> bool:
             return False
         return not (not_blocks and _in_blocks(not_blocks, ip))
     if value is None:
-        return not c.values  # an absent header matches only a notValues-only condition
+        return not c.values
     return _field(c.values, c.not_values, value)
 
 
@@ -194,7 +214,7 @@ class _Rule:
         if self.operations and not any(o.match(req, skip_http) for o in self.operations):
             return False
         return all(
-            _condition(c, req)
+            _condition(c, req, deny)
             for c in self.conditions
             if not (skip_http and c.key.startswith("request."))
         )

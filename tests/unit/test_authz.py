@@ -46,8 +46,15 @@ def http(principal: str = WEB, method: str = "GET", path: str = "/", **kw: objec
         method=method,
         host=str(kw.pop("host", "reviews.shop:9080")),
         path=path,
-        header=lambda n: headers.get(n),  # type: ignore[union-attr]
+        headers=lambda n: _lines(headers.get(n)),  # type: ignore[union-attr]
     )
+
+
+def _lines(value: str | list[str] | None) -> list[str]:
+    """A test header: one value, several lines (a list), or absent."""
+    if value is None:
+        return []
+    return [value] if isinstance(value, str) else value
 
 
 def tcp(principal: str = WEB, port: int = 5432, ip: str = "10.0.0.7") -> AuthzRequest:
@@ -108,6 +115,36 @@ def test_fields_and_not_fields(tmp_path: Path) -> None:
     assert not a.check(http()).allowed  # header absent
     assert not a.check(http(host="other.shop", **ok)).allowed
     assert a.check(http(host="REVIEWS.shop", **ok)).allowed  # hosts fold case
+
+
+def test_repeated_headers_never_slip_past_deny_nor_widen_allow(tmp_path: Path) -> None:
+    """Catalog B07: every reading of a repeated header (Envoy's joined list, each line, each
+    element) can trigger a DENY; an ALLOW needs the joined list, and no element may be a
+    not-value."""
+    deny = authorizer(
+        tmp_path,
+        "{action: DENY, rules: [{when: [{key: 'request.headers[x-role]', values: [admin]}]},"
+        " {when: [{key: 'request.headers[x-tier]', notValues: [gold]}]}]}",
+    )
+
+    def allowed(**headers: str | list[str]) -> bool:
+        return deny.check(http(headers={"x-tier": "gold", **headers})).allowed
+
+    assert allowed(**{"x-role": "user"})
+    for role in (["user", "admin"], ["admin", "user"], "user,admin", "user , admin", "admin"):
+        assert not allowed(**{"x-role": role}), role
+    assert not allowed(**{"x-tier": ["gold", "tin"]})  # the tin reading is denied
+    (tmp_path / "allow").mkdir()
+    allow = authorizer(
+        tmp_path / "allow",
+        "{rules: [{when: [{key: 'request.headers[x-role]', values: [user]},"
+        " {key: 'request.headers[x-tier]', notValues: [tin]}]}]}",
+    )
+    assert allow.check(http(headers={"x-role": "user"})).allowed
+    assert not allow.check(http(headers={"x-role": ["user", "admin"]})).allowed
+    assert not allow.check(http(headers={"x-role": "user", "x-tier": ["gold", "tin"]})).allowed
+    assert not allow.check(http(headers={"x-role": "user", "x-tier": "gold,tin"})).allowed
+    assert allow.check(http(headers={"x-role": "user", "x-tier": "gold"})).allowed
 
 
 def test_ip_blocks_and_ports(tmp_path: Path) -> None:
