@@ -298,9 +298,12 @@ class Runtime:
         for server in self._servers:
             server.close()
         self.clusters.close()
-        for writer in list(self._log_writers.values()):
-            writer.close()  # what is queued is written, then the file closes
+        writers = list(self._log_writers.values())
         self._log_writers.clear()
+        for writer in writers:
+            writer.close()  # what is queued is written, then the file closes
+        for writer in writers:  # the process exits without waiting for threads (cli.cmd_run)
+            await asyncio.to_thread(writer.wait_closed, 5.0)
         tracing, self.ctx.tracing = self.ctx.tracing, None
         if tracing is not None:  # the spans still queued go out (the SDK bounds the wait)
             with contextlib.suppress(TimeoutError):

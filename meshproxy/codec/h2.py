@@ -25,7 +25,10 @@ MAX_CONCURRENT_STREAMS = 100  # Envoy's and nginx's edge default
 STREAM_WINDOW = 256 * 1024  # per-stream receive window: what one paused stream may hold
 CONNECTION_WINDOW = 16 * 1024 * 1024  # larger than all stream windows: a paused stream
 # must never hold the connection window shut for its siblings
-MAX_HEADER_LIST_SIZE = 60 * 1024  # as the HTTP/1 limit
+MAX_HEADER_LIST_SIZE = 60 * 1024  # as the HTTP/1 limit: past it a request gets 431
+# Where the HPACK decoder itself stops (DenialOfServiceError, the connection ends): a peer
+# that ignores our SETTINGS by this much is decompressing a bomb at us (catalog D04).
+DECODER_HEADER_LIST_LIMIT = 4 * MAX_HEADER_LIST_SIZE
 MAX_HEADERS = 100
 
 # Connection-specific fields (RFC 9113 §8.2.2): never sent on an HTTP/2 hop.
@@ -66,7 +69,7 @@ def new_connection(client_side: bool, *, enable_connect: bool = False) -> H2Conn
     # Replacing the Settings before the preface makes them current at once (hypercorn does
     # the same); the peer learns them from the preface's SETTINGS frame.
     conn.local_settings = Settings(client=client_side, initial_values=settings)
-    conn.decoder.max_header_list_size = MAX_HEADER_LIST_SIZE
+    conn.decoder.max_header_list_size = DECODER_HEADER_LIST_LIMIT
     conn.initiate_connection()
     conn.increment_flow_control_window(CONNECTION_WINDOW - 65535)
     return conn
@@ -90,6 +93,16 @@ def goaway_frame(last_stream_id: int, error_code: int = 0) -> bytes:
     return frame.serialize()
 
 
+def count_frames(data: bytes) -> int:
+    """Frames in serialized output (h2 always hands out whole frames)."""
+    count = offset = 0
+    end = len(data)
+    while offset + 9 <= end:
+        offset += 9 + int.from_bytes(data[offset : offset + 3], "big")
+        count += 1
+    return count
+
+
 def request_head(headers: Headers, stream_id: int, end_stream: bool) -> RequestHead:
     """Our RequestHead from a request header block h2 has already validated.
 
@@ -100,7 +113,9 @@ def request_head(headers: Headers, stream_id: int, end_stream: bool) -> RequestH
     host: bytes | None = None
     out: Headers = []
     content_length: int | None = None
+    size = 0  # as an HTTP/1.1 head would count it, after h2 joined the cookie crumbs (C06)
     for k, v in headers:
+        size += len(k) + len(v) + 4
         if k[:1] == b":":
             if k == b":method":
                 method = v
@@ -123,6 +138,8 @@ def request_head(headers: Headers, stream_id: int, end_stream: bool) -> RequestH
         out.append((k, v))
     if len(out) > MAX_HEADERS:
         raise ProtocolError("too many headers", ProtocolSide.DOWNSTREAM, status=431)
+    if size > MAX_HEADER_LIST_SIZE:
+        raise ProtocolError("request headers too large", ProtocolSide.DOWNSTREAM, status=431)
     if authority and host is not None and host != authority:
         raise ProtocolError(":authority and host disagree", ProtocolSide.DOWNSTREAM)
     authority = authority or host or b""
@@ -212,11 +229,22 @@ class FloodGuard:
 
     h2 answers PING and SETTINGS by itself and keeps no count of resets; these limits are the
     CVE classes Envoy guards against: Rapid Reset (CVE-2023-44487), PING/SETTINGS floods
-    (CVE-2019-9512/9515), empty frames (CVE-2019-9518). `note_*` returns the name of the
-    exceeded budget (a metric label), or None.
+    (CVE-2019-9512/9515), empty frames (CVE-2019-9518), PRIORITY and WINDOW_UPDATE floods
+    (CVE-2019-9513, with Envoy's per-stream and per-DATA-frame budgets). `note_*` returns the
+    name of the exceeded budget (a metric label), or None.
     """
 
-    __slots__ = ("_window_start", "empty_frames", "pings", "resets", "settings", "streams")
+    __slots__ = (
+        "_window_start",
+        "data_frames_sent",
+        "empty_frames",
+        "pings",
+        "priorities",
+        "resets",
+        "settings",
+        "streams",
+        "window_updates",
+    )
 
     WINDOW = 1.0  # seconds per accounting window
     MAX_PINGS = 100  # per window
@@ -224,6 +252,8 @@ class FloodGuard:
     MAX_CONSECUTIVE_EMPTY = 1  # as Envoy's max_consecutive_inbound_frames_with_empty_payload
     MIN_STREAMS_FOR_RESET_CHECK = 100  # Envoy: premature resets judged after this many
     MAX_RESET_FRACTION = 0.5
+    PRIORITIES_PER_STREAM = 100  # Envoy's max_inbound_priority_frames_per_stream
+    WINDOW_UPDATES_PER_DATA_FRAME = 10  # Envoy's ..._window_update_frames_per_data_frame_sent
 
     def __init__(self) -> None:
         self._window_start = time.monotonic()
@@ -232,6 +262,9 @@ class FloodGuard:
         self.empty_frames = 0
         self.resets = 0  # streams the peer reset before their response was complete
         self.streams = 0  # streams the peer opened
+        self.priorities = 0  # PRIORITY frames (and priority blocks in HEADERS) received
+        self.window_updates = 0
+        self.data_frames_sent = 0
 
     def _roll(self) -> None:
         now = time.monotonic()
@@ -258,6 +291,18 @@ class FloodGuard:
 
     def note_stream(self) -> None:
         self.streams += 1
+
+    def note_priority(self) -> str | None:
+        self.priorities += 1
+        if self.priorities > self.PRIORITIES_PER_STREAM * (1 + self.streams):
+            return "priority_flood"
+        return None
+
+    def note_window_update(self) -> str | None:
+        """A peer acknowledges what we sent; far more updates than DATA frames is a flood."""
+        self.window_updates += 1
+        budget = 5 + 2 * (self.streams + self.WINDOW_UPDATES_PER_DATA_FRAME * self.data_frames_sent)
+        return "window_update_flood" if self.window_updates > budget else None
 
     def note_premature_reset(self) -> str | None:
         self.resets += 1
@@ -296,7 +341,9 @@ class OutboundData:
         self.pending.clear()
         self.size = 0
 
-    def push(self, conn: H2Connection, stream_id: int) -> None:
+    def push(self, conn: H2Connection, stream_id: int) -> int:
+        """Send what the window allows; the number of DATA frames sent."""
+        frames = 0
         pending = self.pending
         while pending:
             window = conn.local_flow_control_window(stream_id)
@@ -311,12 +358,14 @@ class OutboundData:
                 chunk = chunk[:size]
             self.size -= len(chunk)
             conn.send_data(stream_id, chunk)
+            frames += 1
         if not pending and self.end is not None and not self.ended:
             if self.end:
                 conn.send_headers(stream_id, self.end, end_stream=True)
             else:
                 conn.end_stream(stream_id)
             self.ended = True
+        return frames
 
     def backpressure(self) -> bool | None:
         """False when the producer should pause now, True when it may resume, else None."""

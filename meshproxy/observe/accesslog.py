@@ -110,6 +110,10 @@ class LogWriter:
         self._closing = True
         self._wake.set()
 
+    def wait_closed(self, timeout: float) -> None:
+        """Block until close() has written everything (the process may exit after this)."""
+        self._thread.join(timeout)
+
 
 @dataclass(frozen=True)
 class LogSink:

@@ -27,6 +27,7 @@ from meshproxy.codec.events import Headers, ResponseHead
 from meshproxy.codec.h2 import (
     FloodGuard,
     OutboundData,
+    count_frames,
     goaway_frame,
     keep_open_after_goaway,
     new_connection,
@@ -49,6 +50,8 @@ remote_caused = RateLimitedLog(logger)  # lines a client can cause: a few per in
 STREAM_HIGH_WATER = 256 * 1024  # response bytes waiting for the client's window, per stream
 STREAM_LOW_WATER = 64 * 1024
 MAX_WRITE_BUFFER = 4 * 1024 * 1024  # bytes the client has not read: past this it is flooding us
+MAX_QUEUED_FRAMES = 10_000  # frames written while the client reads nothing (Envoy's
+# max_outbound_frames): resets and acks are small, so bytes alone would allow ~300,000
 SOCKET_HIGH_WATER = 256 * 1024
 
 
@@ -209,7 +212,7 @@ class H2Channel:
         """Send what the client's flow-control window allows; end the stream when all is out."""
         conn = self.conn
         try:
-            self.out.push(conn.h2, self.stream_id)
+            conn.flood.data_frames_sent += self.out.push(conn.h2, self.stream_id)
         except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
             # The client reset or closed the stream meanwhile; what is left has no reader.
             self.reset = True
@@ -253,6 +256,7 @@ class DownstreamHttp2(asyncio.Protocol):
         self.peer_ip = ""
         self.channels: dict[int, H2Channel] = {}
         self.flood = FloodGuard()
+        self.frames_while_paused = 0  # frames written since the socket buffer filled
         self.write_paused = False
         self._cork = 0
         self._closing = False
@@ -323,6 +327,7 @@ class DownstreamHttp2(asyncio.Protocol):
     def _socket_writable(self, writable: bool) -> None:
         """The client's socket buffer filled or drained: every stream's upstream follows."""
         self.write_paused = not writable
+        self.frames_while_paused = 0
         for ch in list(self.channels.values()):
             if ch.stream is not None:
                 ch.stream.downstream_writable(writable)
@@ -356,6 +361,10 @@ class DownstreamHttp2(asyncio.Protocol):
             if ch is not None:
                 ch.request_trailers = trailer_fields(ev.headers)
         elif t is h2.events.WindowUpdated:
+            flooded = self.flood.note_window_update()
+            if flooded:
+                self._flooded(flooded)
+                return
             sid = cast(int, ev.stream_id)  # type: ignore[attr-defined]
             if sid:
                 ch = self.channels.get(sid)
@@ -366,6 +375,10 @@ class DownstreamHttp2(asyncio.Protocol):
                     ch.push()
         elif t is h2.events.StreamReset:
             self._stream_reset(cast(int, ev.stream_id))  # type: ignore[attr-defined]
+        elif t is h2.events.PriorityUpdated:
+            flooded = self.flood.note_priority()
+            if flooded:
+                self._flooded(flooded)
         elif t is h2.events.PingReceived:
             flooded = self.flood.note_ping()
             if flooded:
@@ -471,9 +484,14 @@ class DownstreamHttp2(asyncio.Protocol):
         data = self.h2.data_to_send()
         if data and not transport.is_closing():
             transport.write(data)
-            if self.write_paused and transport.get_write_buffer_size() > MAX_WRITE_BUFFER:
+            if self.write_paused:
                 # The client makes us write (PING/SETTINGS acks, resets, 404s) and never reads.
-                self._flooded("outbound_flood")
+                self.frames_while_paused += count_frames(data)
+                if (
+                    self.frames_while_paused > MAX_QUEUED_FRAMES
+                    or transport.get_write_buffer_size() > MAX_WRITE_BUFFER
+                ):
+                    self._flooded("outbound_flood")
 
     # -- ending ----------------------------------------------------------------------------
     def _connection_error(self, exc: h2.exceptions.ProtocolError) -> None:

@@ -40,7 +40,8 @@ def test_modest_chunk_extensions_pass(make_mesh: MeshFactory, codec: str) -> Non
 def test_trailers_never_become_request_headers(make_mesh: MeshFactory, codec: str) -> None:
     mesh = make_mesh(codec)
     body = b"5\r\nhello\r\n0\r\nHost: evil.test\r\nX-Trailer: 1\r\n\r\n"
-    out = raw(mesh.http_port, HEAD.replace(b"/upload", b"/echo") + body, wait=5)
+    head = HEAD.replace(b"/upload", b"/echo").replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n")
+    out = raw(mesh.http_port, head + body, wait=5)
     assert out.startswith(b"HTTP/1.1 200"), out[:200]
     echoed = json.loads(out.partition(b"\r\n\r\n")[2])
     assert echoed["headers"]["host"] == "hello.test"

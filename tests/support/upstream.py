@@ -38,6 +38,7 @@ class UpstreamState:
     always: int | None = None  # answer every request with this status (a broken endpoint)
     delay: float = 0.0  # wait this long before answering anything (a slow endpoint)
     closed: int = 0  # connections that ended (closed or reset by the proxy or by us)
+    closed_ids: set[int] = field(default_factory=set)  # which ones (Seen.connection)
 
 
 class _Conn(asyncio.Protocol):
@@ -58,6 +59,7 @@ class _Conn(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.state.closed += 1
+        self.state.closed_ids.add(self.id)
 
     def data_received(self, data: bytes) -> None:
         if self.idle is not None:

@@ -7,6 +7,8 @@ import pytest
 from meshproxy.codec.events import RequestHead, ResponseHead
 from meshproxy.codec.h2 import (
     FloodGuard,
+    count_frames,
+    new_connection,
     request_block,
     request_head,
     response_block,
@@ -110,3 +112,27 @@ def test_flood_guard_budgets() -> None:
         g2.note_stream()
     verdicts = [g2.note_premature_reset() for _ in range(51)]
     assert verdicts[-1] == "premature_reset" and verdicts[49] is None
+
+
+def test_priority_and_window_update_budgets_grow_with_streams_and_data_sent() -> None:
+    g = FloodGuard()
+    assert all(g.note_priority() is None for _ in range(100))  # 100 * (1 + 0 streams)
+    assert g.note_priority() == "priority_flood"
+    g.note_stream()
+    assert all(g.note_priority() is None for _ in range(99))  # now 100 * (1 + 1)
+    w = FloodGuard()
+    assert all(w.note_window_update() is None for _ in range(5))
+    assert w.note_window_update() == "window_update_flood"
+    w.data_frames_sent = 3  # 5 + 2 * 10 * 3 = 65
+    assert all(w.note_window_update() is None for _ in range(59))
+    assert w.note_window_update() == "window_update_flood"
+
+
+def test_count_frames_counts_what_h2_serialized() -> None:
+    conn = new_connection(client_side=False)
+    preface = conn.data_to_send()  # SETTINGS, then the connection's WINDOW_UPDATE
+    assert count_frames(preface) == 2
+    conn.ping(b"12345678")
+    conn.ping(b"abcdefgh")
+    assert count_frames(preface + conn.data_to_send()) == 4
+    assert count_frames(b"") == 0
