@@ -10,10 +10,14 @@ import socket
 import subprocess
 import sys
 import threading
+from collections.abc import Iterator
 from pathlib import Path
+
+import pytest
 
 from tests.integration.conftest import MeshFactory
 from tests.integration.test_http_proxy import raw
+from tests.integration.test_mtls import SERVER_ID, Pair, _atomic_write, ca, make_pair
 from tests.support.metrics import scrape, value
 from tests.support.proxy import egress_sidecar, free_port, running_proxy, service_entry, wait_for
 
@@ -138,3 +142,70 @@ def test_G09_outbound_downgrade_is_refused(tmp_path: Path) -> None:
         samples = scrape(proxy.admin)
         failed = value(samples, "istio_requests_total", response_code="503")
         assert failed == 1
+
+
+@pytest.fixture
+def mtls(tmp_path: Path) -> Iterator[Pair]:
+    """Two sidecars with STRICT mTLS between them (tests/integration/test_mtls.py)."""
+    p = make_pair(tmp_path)
+    try:
+        yield p
+    finally:
+        p.client.terminate()
+        p.server.terminate()
+        p.app.stop()
+
+
+def _s_client(pair: Pair, *args: str) -> str:
+    """openssl s_client as the mesh client (its SVID, the mesh root): the handshake, one
+    request, and the session report."""
+    client = pair.tmp / "client"
+    proc = subprocess.run(
+        [
+            "openssl",
+            "s_client",
+            "-connect",
+            f"127.0.0.1:{pair.in_port}",
+            "-tls1_2",
+            "-cert",
+            str(client / "cert-chain.pem"),
+            "-key",
+            str(client / "key.pem"),
+            "-CAfile",
+            str(client / "root-cert.pem"),
+            "-ign_eof",
+            *args,
+        ],
+        input=b"GET /g11 HTTP/1.1\r\nHost: server.test\r\nConnection: close\r\n\r\n",
+        capture_output=True,
+        timeout=20,
+    )
+    return (proc.stdout + proc.stderr).decode(errors="replace")
+
+
+def test_G11_no_resumption_after_the_trust_changed(mtls: Pair) -> None:
+    """A session from before a CA rotation that drops the client's CA cannot be resumed:
+    a new trust bundle is a new TLS context (new ticket keys, a new session cache), so the
+    reconnect is a full handshake, and that fails."""
+    session = mtls.tmp / "session.pem"
+    first = _s_client(mtls, "-sess_out", str(session))
+    assert "HTTP/1.1 200" in first, first[-2000:]
+    again = _s_client(mtls, "-sess_in", str(session))
+    assert "Reused, TLSv1.2" in again, again[-2000:]  # resumption works while trust holds
+    before = mtls.certs(mtls.server_admin)["current"]["sha256"]  # type: ignore[index]
+    ca("init", "--dir", str(mtls.tmp / "ca2"))
+    ca(
+        "issue",
+        "--ca",
+        str(mtls.tmp / "ca2"),
+        "--spiffe-id",
+        SERVER_ID,
+        "--out",
+        str(mtls.tmp / "server-new"),
+    )
+    for name in ("key.pem", "cert-chain.pem", "root-cert.pem"):
+        _atomic_write(mtls.tmp / "server" / name, (mtls.tmp / "server-new" / name).read_bytes())
+    assert wait_for(lambda: mtls.certs(mtls.server_admin)["current"]["sha256"] != before)  # type: ignore[index]
+    after = _s_client(mtls, "-sess_in", str(session))
+    assert "Reused" not in after, after[-2000:]
+    assert "HTTP/1.1 200" not in after, after[-2000:]
