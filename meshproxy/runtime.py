@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import signal
 import threading
@@ -372,7 +373,7 @@ class Runtime:
             raise
         codec = resolve_codec_name(snapshot.settings.http1_codec)
         limits = _limits(snapshot)
-        self.clusters.reconcile(
+        await self.clusters.reconcile_gradually(
             snapshot.clusters, PoolSettings(codec, limits, snapshot.settings.trust_domain)
         )
         self.ctx.codec = codec
@@ -448,7 +449,7 @@ class Runtime:
                 for spec in snap.listeners
             ],
             "clusters": sorted(snap.clusters),
-            "resources": {k: list(v) for k, v in snap.source.items()},
+            "resources": {k: json.loads(v) for k, v in snap.source.items()},
             "warnings": list(snap.warnings),
         }
 

@@ -168,7 +168,7 @@ def compile_snapshot(
     resources: Iterable[Resource],
     settings: ProxySettings,
     version: int,
-    source: dict[str, Any],
+    source: dict[str, str],
     issues: list[ConfigIssue],
 ) -> Snapshot | None:
     """Build the snapshot, or None with `issues` extended by everything that is wrong."""

@@ -6,7 +6,6 @@ import enum
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any
 
 from meshproxy.config.resources import ClientTls, ConsistentHash, ProxySettings, Warmup
 from meshproxy.config.telemetry import AccessLogSpec, MetricsPolicy, TracingConfig
@@ -150,7 +149,7 @@ class Snapshot:
     outbound_by_port: Mapping[int, PortBinding]
     inbound_by_port: Mapping[int, PortBinding]
     registry_only: bool
-    source: Mapping[str, Any]  # the validated resources as plain data, for /config_dump
+    source: Mapping[str, str]  # each kind's validated resources as JSON, for /config_dump
     warnings: tuple[str, ...] = ()
     explicit_bindings: Mapping[tuple[str, int], PortBinding] = field(
         default_factory=lambda: MappingProxyType({})

@@ -6,7 +6,7 @@ import asyncio
 import logging
 import socket
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final, Protocol
 
@@ -387,6 +387,9 @@ class Cluster:
             self._resolving.cancel()
 
 
+REBUILD_BATCH = 200  # new clusters built between two turns of the event loop
+
+
 class ClusterManager:
     """Owns every Cluster; `reconcile` keeps clusters whose spec did not change."""
 
@@ -398,25 +401,47 @@ class ClusterManager:
         self._retired: dict[tuple[str, str], int] = {}  # counters of replaced clusters
 
     def reconcile(self, specs: Mapping[str, ClusterSpec], settings: PoolSettings) -> None:
+        """The clusters `specs` describe, all at once (start-up, before serving)."""
+        for _ in self._rebuild(specs, settings):
+            pass
+
+    async def reconcile_gradually(
+        self, specs: Mapping[str, ClusterSpec], settings: PoolSettings
+    ) -> None:
+        """As reconcile(), letting the event loop run between batches: 10,000 new clusters
+        built at once held it for a quarter of a second (catalog L08). Requests meanwhile
+        see the old clusters, then the new ones in one swap."""
+        for _ in self._rebuild(specs, settings):
+            await asyncio.sleep(0)
+
+    def _rebuild(self, specs: Mapping[str, ClusterSpec], settings: PoolSettings) -> Iterator[None]:
+        """Build what changed (yielding every REBUILD_BATCH new clusters), swap, then retire
+        the replaced clusters, keeping their counters."""
         if settings != self.settings:
-            self.settings = settings
             kept: dict[str, Cluster] = {}
         else:
             kept = {name: c for name, c in self.clusters.items() if specs.get(name) == c.spec}
-        for name, replaced in self.clusters.items():
-            if kept.get(name) is not replaced:
-                for key, n in replaced.counters().items():  # counters outlive a cluster update
-                    self._retired[key] = self._retired.get(key, 0) + n
-                replaced.close()
-        old, self.clusters = self.clusters, {}
+        built: dict[str, Cluster] = {}
+        fresh = 0
         for name, spec in specs.items():
             cluster: Cluster | None = kept.get(name)
             if cluster is None:
                 cluster = Cluster(spec, settings, self._current_identity, self._contexts)
-                previous = old.get(name)
+                previous = self.clusters.get(name)
                 if previous is not None:
                     cluster.inherit_ages(previous)
-            self.clusters[name] = cluster
+                fresh += 1
+                if fresh % REBUILD_BATCH == 0:
+                    yield
+            built[name] = cluster
+        old = self.clusters
+        self.settings = settings
+        self.clusters = built
+        for name, replaced in old.items():
+            if built.get(name) is not replaced:
+                for key, n in replaced.counters().items():  # counters outlive a cluster update
+                    self._retired[key] = self._retired.get(key, 0) + n
+                replaced.close()
 
     def _current_identity(self) -> WorkloadIdentity | None:
         return self.identity()
