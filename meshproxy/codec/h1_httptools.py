@@ -107,6 +107,14 @@ class _Side:
         return out[0] if len(out) == 1 else b"".join(out)
 
 
+def _without_trailing_whitespace(value: bytes) -> bytes:
+    """llhttp keeps a value's trailing whitespace; RFC 9110 5.5 excludes it (catalog B03:
+    `admin ` must match a rule on `admin`). Only SP and HTAB, never \x85 or \xa0."""
+    if value and (value[-1] == 32 or value[-1] == 9):
+        return value.rstrip(b" \t")
+    return value
+
+
 class HttptoolsServerCodec(_Side):
     """Downstream side: parses requests, serializes responses."""
 
@@ -218,11 +226,7 @@ class HttptoolsServerCodec(_Side):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         # Kept minimal: llhttp already validated the bytes; sizes are checked in receive().
-        # llhttp keeps a value's trailing whitespace; RFC 9110 5.5 excludes it (catalog B03:
-        # `admin ` must match a rule on `admin`). Only SP and HTAB, never \x85 or \xa0.
-        if value and (value[-1] == 32 or value[-1] == 9):
-            value = value.rstrip(b" \t")
-        self._headers.append((name.lower(), value))
+        self._headers.append((name.lower(), _without_trailing_whitespace(value)))
 
     def on_headers_complete(self) -> None:
         self._in_head = False
@@ -348,9 +352,7 @@ class HttptoolsClientCodec(_Side):
         self._headers = []
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        if value and (value[-1] == 32 or value[-1] == 9):
-            value = value.rstrip(b" \t")  # as on the request side
-        self._headers.append((name.lower(), value))
+        self._headers.append((name.lower(), _without_trailing_whitespace(value)))
 
     def on_headers_complete(self) -> None:
         self._in_head = False

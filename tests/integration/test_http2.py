@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import subprocess
 import time
@@ -115,16 +116,17 @@ spec:
     )
 
 
-@pytest.fixture
-def mesh(tmp_path: Path) -> Iterator[H2Mesh]:
+@contextlib.contextmanager
+def running_h2_mesh(directory: Path) -> Iterator[H2Mesh]:
+    """A proxy in `directory` with its HTTP/1.1, HTTP/2 and limited HTTP/2 upstreams."""
     h1 = UpstreamServer("h1").start()
     h2s = H2Server("h2").start()
     limited = H2Server("limited", max_streams=4).start()
     admin, h1_port, h2_port, up_port, lim_port = (free_port() for _ in range(5))
-    (tmp_path / "mesh.yaml").write_text(
+    (directory / "mesh.yaml").write_text(
         _yaml(admin, h1_port, h2_port, up_port, lim_port, h1.port, h2s.port, limited.port)
     )
-    proxy = ProxyProcess(tmp_path, admin, tmp_path / "proxy.log")
+    proxy = ProxyProcess(directory, admin, directory / "proxy.log")
     try:
         proxy.wait_ready()
         yield H2Mesh(proxy, h1_port, h2_port, up_port, lim_port, h1, h2s, limited)
@@ -133,6 +135,12 @@ def mesh(tmp_path: Path) -> Iterator[H2Mesh]:
         h1.stop()
         h2s.stop()
         limited.stop()
+
+
+@pytest.fixture
+def mesh(tmp_path: Path) -> Iterator[H2Mesh]:
+    with running_h2_mesh(tmp_path) as m:
+        yield m
 
 
 def _curl(*args: str) -> subprocess.CompletedProcess[str]:

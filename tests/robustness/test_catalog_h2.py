@@ -9,17 +9,14 @@ import socket
 import struct
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import hpack
 import pytest
 
-from tests.integration.test_http2 import H2Mesh, _yaml
+from tests.integration.test_http2 import H2Mesh, running_h2_mesh
 from tests.support.h2client import PREFACE, H2Client
-from tests.support.h2server import H2Server
 from tests.support.metrics import scrape, value
-from tests.support.proxy import ProxyProcess, free_port, wait_for
-from tests.support.upstream import UpstreamServer
+from tests.support.proxy import wait_for
 
 DATA, HEADERS, PRIORITY, SETTINGS, WINDOW_UPDATE = 0x0, 0x1, 0x2, 0x4, 0x8
 END_STREAM, END_HEADERS = 0x1, 0x4
@@ -36,23 +33,8 @@ def frame(kind: int, flags: int, stream: int, payload: bytes = b"") -> bytes:
 
 @pytest.fixture(scope="module")
 def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[H2Mesh]:
-    tmp: Path = tmp_path_factory.mktemp("h2")
-    h1 = UpstreamServer("h1").start()
-    h2s = H2Server("h2").start()
-    limited = H2Server("limited", max_streams=4).start()
-    admin, h1_port, h2_port, up_port, lim_port = (free_port() for _ in range(5))
-    (tmp / "mesh.yaml").write_text(
-        _yaml(admin, h1_port, h2_port, up_port, lim_port, h1.port, h2s.port, limited.port)
-    )
-    proxy = ProxyProcess(tmp, admin, tmp / "proxy.log")
-    try:
-        proxy.wait_ready()
-        yield H2Mesh(proxy, h1_port, h2_port, up_port, lim_port, h1, h2s, limited)
-    finally:
-        proxy.terminate()
-        h1.stop()
-        h2s.stop()
-        limited.stop()
+    with running_h2_mesh(tmp_path_factory.mktemp("h2")) as m:
+        yield m
 
 
 def floods(mesh: H2Mesh, kind: str) -> float:
