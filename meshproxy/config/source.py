@@ -183,6 +183,20 @@ def fingerprint(path: Path) -> bytes:
     return digest.digest()
 
 
+def stat_signature(path: Path) -> tuple[tuple[str, int, int, int], ...]:
+    """Each config file's name, inode, size and modification time: what changes when a file
+    is rewritten or a ConfigMap's symlinks are swapped, found without reading any file."""
+    entries: list[tuple[str, int, int, int]] = []
+    try:
+        for file in config_files(path) if path.exists() else []:
+            with contextlib.suppress(OSError):
+                st = file.stat()
+                entries.append((str(file), st.st_ino, st.st_size, st.st_mtime_ns))
+    except OSError:
+        pass
+    return tuple(entries)
+
+
 def read_sources(path: Path) -> tuple[list[Document], list[ConfigIssue]]:
     """Read and parse every config file under `path`."""
     docs: list[Document] = []

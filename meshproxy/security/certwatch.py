@@ -16,6 +16,8 @@ from meshproxy.security.identity import CertError, CertFiles, WorkloadIdentity, 
 
 logger = logging.getLogger(__name__)
 
+RESCAN_MS = 1000
+
 
 def files_of(settings: ProxySettings) -> CertFiles:
     return CertFiles(
@@ -97,20 +99,28 @@ class IdentityManager:
         return True
 
     async def watch(self, stop: asyncio.Event) -> None:
-        """Reload on any change in the certificate directories (inotify; idle otherwise).
-        Directories that do not exist yet are looked for once a second until one does."""
-        waited = False
+        """Reload on any change in the certificate directories (inotify, and a look at the
+        files every RESCAN_MS). Directories that do not exist yet are looked for once a
+        second until one does."""
         while not (dirs := [d for d in self.files.directories if d.is_dir()]):
-            waited = True
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), 1.0)
             if stop.is_set():
                 return
-        if waited:
-            self.load()  # what was written before the watch below starts
-        async for _ in awatch(
-            *dirs, debounce=200, step=50, stop_event=stop, rust_timeout=0, yield_on_timeout=False
+        self.load()  # what was written since start-up, before the watch below starts
+        async for changes in awatch(
+            *dirs,
+            debounce=200,
+            step=50,
+            stop_event=stop,
+            rust_timeout=RESCAN_MS,
+            yield_on_timeout=True,
         ):
+            # Every RESCAN_MS without an event the files are read and compared too: files
+            # written between the last load and the watch being set up raise no event, and
+            # must not leave mesh mTLS off until the next rotation.
+            if not changes and _digest(self.files) == self._digest:
+                continue
             try:
                 self.load()
             except Exception:  # never let a rotation take the proxy down

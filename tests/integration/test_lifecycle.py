@@ -170,6 +170,26 @@ def test_ready_only_once_certificates_load_and_wait_blocks_until_then(life: Life
     assert http_get(f"http://127.0.0.1:{life.admin}/ready")[0] == 200
 
 
+def test_certificates_that_raise_no_inotify_event_still_load(life: Life) -> None:
+    """The certificate files are symlinks into another directory, written there after start:
+    the watched directory sees no event, so only the periodic look at the files loads them
+    (also what covers files written while the proxy starts, before its watch exists)."""
+    real = life.tmp / "real-certs"
+    life.certs.mkdir()
+    for name in ("cert-chain.pem", "key.pem", "root-cert.pem"):
+        (life.certs / name).symlink_to(real / name)
+    assert wait_for(lambda: listening(life.outbound))
+    assert http_get(life.ready_url)[0] == 503
+    time.sleep(1.5)  # the watch is set up on the directory of dangling links
+    life.certs, certs = real, life.certs
+    life.issue_certs()  # into real-certs/: no event in certs/
+    life.certs = certs
+    life.proxy.wait_ready(timeout=10)
+    assert "workload certificate loaded: spiffe://cluster.local/ns/default/sa/life" in (
+        life.proxy.log()
+    )
+
+
 def test_drain_listeners_inbound_only_keeps_outbound_serving(life: Life) -> None:
     life.issue_certs()
     life.proxy.wait_ready()

@@ -185,3 +185,27 @@ def test_a_storm_of_swaps_and_partial_writes_settles_on_the_last(make_mesh: Mesh
     # No watcher or file left open per event (that would be ~100): a few more are the
     # client's and the upstream pools' keep-alive connections, still open.
     assert _open_fds(pid) < fds + 10
+
+
+def test_an_edit_that_raises_no_inotify_event_is_still_applied(make_mesh: MeshFactory) -> None:
+    """The config file is a symlink to a file in another directory, edited in place there: the
+    watched directory sees no event at all (as with a change made while a watch is being set
+    up, or a lost event), so only the periodic look at the files finds it."""
+    mesh = make_mesh()
+    params = dict(mesh.params)  # type: ignore[attr-defined]
+    elsewhere = mesh.config_dir.parent / "elsewhere"
+    elsewhere.mkdir()
+    real = elsewhere / "real.yaml"
+    live = mesh.config_dir / "mesh.yaml"
+    real.write_text(live.read_text())
+    live.unlink()
+    live.symlink_to(real)  # an event: the reload that follows changes nothing
+    time.sleep(1.0)
+    version = dump(mesh.proxy.admin)["version"]
+    params["split"] = (0, 100)
+    real.write_text(mesh_yaml(**params))
+    assert wait_for(lambda: dump(mesh.proxy.admin)["version"] == version + 1), mesh.proxy.log()
+    assert "config files changed without an inotify event" in mesh.proxy.log()
+    with Traffic(mesh.http_port) as traffic:
+        assert wait_for(lambda: len(traffic.names) > 5)
+    assert set(traffic.names) == {"v2"}
