@@ -30,6 +30,7 @@ from meshproxy.observe.tracing import Tracing
 from meshproxy.observe.workload import encode as encode_peer_metadata
 from meshproxy.observe.workload import encode_id as encode_peer_metadata_id
 from meshproxy.observe.workload import local_workload
+from meshproxy.overload import OverloadMonitor
 from meshproxy.proxy.context import ProxyContext
 from meshproxy.proxy.listener import Listener
 from meshproxy.security.certwatch import IdentityManager, files_of
@@ -210,6 +211,7 @@ class Runtime:
         await self.reload()  # an edit made before the watch existed (no-op when unchanged)
         cert_watcher = spawn(self.identity.watch(self._stop), name="cert-watch")
         role = self.role
+        overload = spawn(OverloadMonitor(self.ctx, role.count).run(self._stop), name="overload")
         workers = [
             spawn(collect_counters(self.metrics, c), name="worker-counters") for c in role.children
         ]
@@ -225,6 +227,7 @@ class Runtime:
             signal_children(role.children, signal.SIGKILL)  # /quitquitquit during the wait
         watcher.cancel()
         cert_watcher.cancel()
+        overload.cancel()
         await self.drain()
         if role.children:
             settings = self.ctx.snapshot.settings

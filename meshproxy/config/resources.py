@@ -374,6 +374,17 @@ class LocalRateLimit:
 
 
 @dataclass(frozen=True, slots=True)
+class OverloadSettings:
+    """Envoy's overload manager for the process's memory (ProxyConfig `overload`): at
+    `shrink_heap` of the limit free memory goes back to the kernel; at `stop_requests` new
+    requests get 503 (flag OM) and idle connections are shed."""
+
+    memory_limit: int = -1  # bytes; -1: the container's memory limit (cgroup), 0: off
+    shrink_heap: float = 0.90  # Envoy's shrink_heap action threshold
+    stop_requests: float = 0.95  # Envoy's stop_accepting_requests action threshold
+
+
+@dataclass(frozen=True, slots=True)
 class ProxySettings:
     """Process settings; names follow Istio's ProxyConfig/MeshConfig where one exists."""
 
@@ -419,6 +430,7 @@ class ProxySettings:
     # Envoy's names. Not Envoy's default (ALLOW): `X_User` reaches a CGI/WSGI app as X-User.
     headers_with_underscores_action: str = "DROP_HEADER"  # ALLOW | REJECT_REQUEST | DROP_HEADER
     local_rate_limits: tuple[LocalRateLimit, ...] = ()
+    overload: OverloadSettings = OverloadSettings()
 
     @property
     def prometheus_port(self) -> int:

@@ -231,6 +231,10 @@ class MeshMetrics(Collector):
         self.downstream_cx_active = 0
         self.loop_lag = LoopLag()
         self.downstream_cx_total = 0
+        self.overload_active = 0  # 1 while memory is past the stop-accepting-requests threshold
+        self.overload_shed = 0  # connections closed (or told to close) by the overload action
+        self.overload_shrinks = 0  # heap shrinks (garbage collected, free memory returned)
+        self.overload_streams_reset = 0  # streams reset for holding memory while overloaded
         self.peers: dict[int, dict[str, Any]] = {}  # other workers' latest reports
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(self)
@@ -447,6 +451,10 @@ class MeshMetrics(Collector):
             "cx_total": self.downstream_cx_total,
             "loop_lag_max": self.loop_lag.worst,
             "loop_stalls": self.loop_lag.stalls,
+            "overload_active": self.overload_active,
+            "overload_shed": self.overload_shed,
+            "overload_shrinks": self.overload_shrinks,
+            "overload_streams_reset": self.overload_streams_reset,
         }
 
     def absorb(self, worker: int, snapshot: dict[str, Any] | None) -> None:
@@ -473,6 +481,12 @@ class MeshMetrics(Collector):
             merged["cx_total"] += peer["cx_total"]
             merged["loop_lag_max"] = max(merged["loop_lag_max"], peer.get("loop_lag_max", 0.0))
             merged["loop_stalls"] += peer.get("loop_stalls", 0)
+            merged["overload_active"] = max(
+                merged["overload_active"], peer.get("overload_active", 0)
+            )
+            merged["overload_shed"] += peer.get("overload_shed", 0)
+            merged["overload_shrinks"] += peer.get("overload_shrinks", 0)
+            merged["overload_streams_reset"] += peer.get("overload_streams_reset", 0)
         return merged
 
     def config_reloaded(self, ok: bool, version: int) -> None:
@@ -595,6 +609,26 @@ class MeshMetrics(Collector):
             "meshproxy_event_loop_stalls",
             "Times the event loop's 100 ms timer ran more than 100 ms late",
             value=merged["loop_stalls"],
+        )
+        yield GaugeMetricFamily(
+            "meshproxy_overload_stop_accepting_requests_active",
+            "1 while memory is past the overload threshold and new requests get 503 (any worker)",
+            value=merged["overload_active"],
+        )
+        yield CounterMetricFamily(
+            "meshproxy_overload_connections_shed",
+            "Connections closed, or told to close after their request, by the overload action",
+            value=merged["overload_shed"],
+        )
+        yield CounterMetricFamily(
+            "meshproxy_overload_streams_reset",
+            "Streams reset while overloaded for holding memory a client does not read (flag OM)",
+            value=merged["overload_streams_reset"],
+        )
+        yield CounterMetricFamily(
+            "meshproxy_overload_heap_shrinks",
+            "Times memory was collected and returned to the kernel past the shrink threshold",
+            value=merged["overload_shrinks"],
         )
 
     def render(self) -> bytes:

@@ -25,6 +25,7 @@ class ProxyContext:
     limits: Limits
     codec: str
     draining: bool = False
+    overloaded: bool = False  # memory past the overload threshold: new requests get 503 OM
     connections: set[object] = field(default_factory=set)
     identity: WorkloadIdentity | None = None  # replaced (one assignment) on rotation
     deadlines: DeadlineWheel = field(default_factory=DeadlineWheel)

@@ -426,6 +426,16 @@ class DownstreamHttp1:
                 t.cancel()
         self._header_timer = self._idle_timer = None
 
+    def shed_buffered(self, min_bytes: int) -> int:
+        """The overload action: abort this connection if a response waits in its write
+        buffer with `min_bytes` or more the client does not read; 1 if it did."""
+        transport, stream = self.transport, self.stream
+        if transport is None or stream is None or transport.get_write_buffer_size() < min_bytes:
+            return 0
+        stream.downstream_gone("OM")
+        self.abort()
+        return 1
+
     def close_idle(self) -> None:
         """Draining: close now if no request is in flight, else after the current one."""
         self._draining = True

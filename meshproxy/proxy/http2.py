@@ -191,6 +191,14 @@ class H2Channel:
     def stream_finished(self, stream: HttpStream) -> None:
         self.conn.stream_finished(self)
 
+    def shed(self) -> None:
+        """The overload action: reset this stream and drop what it holds for the client."""
+        self.abort()
+        self.conn.channels.pop(self.stream_id, None)
+        stream = self.stream
+        if stream is not None:
+            stream.downstream_gone("OM")
+
     # -- used by the connection --------------------------------------------------------
     def request_data(self, data: bytes, flow_controlled: int) -> None:
         stream = self.stream
@@ -530,6 +538,16 @@ class DownstreamHttp2(asyncio.Protocol):
             self.flush_now()
             self._closing = True
             self.transport.close()
+
+    def shed_buffered(self, min_bytes: int) -> int:
+        """Reset the streams holding `min_bytes` or more for a client that does not take
+        them (Envoy's reset_high_memory_stream overload action); how many."""
+        heavy = [ch for ch in self.channels.values() if ch.out.size >= min_bytes]
+        for ch in heavy:
+            ch.shed()
+        if heavy:
+            self.flush()
+        return len(heavy)
 
     def close_idle(self) -> None:
         """Draining: GOAWAY now (streams in flight finish), close once none is left."""

@@ -271,6 +271,10 @@ class HttpStream:
         conn = self.conn
         try:
             snapshot = conn.ctx.snapshot  # read once: this stream lives by this config
+            if conn.ctx.overloaded:
+                self._overloaded = True  # Envoy's stop_accepting_requests action
+                self.keep_alive = False  # and its connection is shed after the answer
+                raise LocalReply(503, "envoy overloaded", "OM")
             self._admit(snapshot)
             if self.head.expect_continue:
                 conn.send_interim(100)
@@ -604,14 +608,16 @@ class HttpStream:
             else:
                 up.pause_reading()
 
-    def downstream_gone(self) -> None:
-        """The downstream connection closed: stop the exchange (response flag DC)."""
+    def downstream_gone(self, flag: str = "DC") -> None:
+        """The downstream connection closed (DC), or the overload action reset the stream
+        (OM): stop the exchange."""
         if self._finished:
             return
         if self.task is not None and not self.task.done():
+            self.flag = flag
             self.task.cancel()
             return
-        self.flag = "DC"
+        self.flag = flag
         if not self.response_complete:
             self._abort_upstream()
             if not self.response_head_sent:

@@ -8,6 +8,8 @@ import threading
 import time
 from pathlib import Path
 
+from cryptography.hazmat.primitives import serialization
+
 from tests.integration.conftest import MeshFactory
 from tests.support.big_config import services_yaml
 from tests.support.metrics import scrape, value
@@ -103,3 +105,74 @@ def test_L08_a_five_megabyte_reload_does_not_stall_the_loop(tmp_path: Path) -> N
         stop.set()
         proxy.terminate()
         app.stop()
+
+
+def test_L08_a_hundred_root_bundle_and_fifty_megabytes_of_access_log_do_not_stall_the_loop(
+    tmp_path: Path,
+) -> None:
+    """Two sidecars over mTLS, each writing Istio's access log: requests with 8 KiB paths
+    write 50 MB of log between them (the lines go to a writer thread), and meanwhile a
+    trust bundle of 100 root certificates replaces each side's root. A canary is served
+    throughout and neither proxy's loop stands still past the stall mark."""
+    import datetime as dt
+
+    from meshproxy.security.ca import make_root
+    from tests.integration.test_mtls import _atomic_write, make_pair
+
+    pair = make_pair(tmp_path, access_logs=True)
+    stop = threading.Event()
+    failures: list[object] = []
+    sent = [0]
+
+    def load(path: str) -> None:
+        while not stop.is_set():
+            try:
+                status, _ = pair.get(path)
+                sent[0] += 1
+                if status != 200:
+                    failures.append(status)
+            except OSError as exc:
+                failures.append(exc)
+                return
+
+    try:
+        long_path = "/log/" + "x" * 8192
+        threads = [threading.Thread(target=load, args=(long_path,)) for _ in range(3)]
+        threads.append(threading.Thread(target=load, args=("/canary",)))
+        for t in threads:
+            t.start()
+        others = b"".join(
+            make_root(f"other{i}.example", dt.timedelta(days=1)).cert.public_bytes(
+                serialization.Encoding.PEM
+            )
+            for i in range(99)
+        )
+        root = (tmp_path / "ca" / "root-cert.pem").read_bytes()
+        for side in ("client", "server"):
+            _atomic_write(tmp_path / side / "root-cert.pem", root + others)
+        logs = [tmp_path / "client.access", tmp_path / "server.access"]
+
+        def written() -> int:
+            return sum(p.stat().st_size for p in logs if p.exists())
+
+        assert wait_for(lambda: written() >= 50_000_000, 120), (written(), sent[0])
+        for admin in (pair.client_admin, pair.server_admin):
+            assert wait_for(lambda a=admin: pair.certs(a)["current"]["root_certificates"] == 100)  # type: ignore[index,misc]
+        stop.set()
+        for t in threads:
+            t.join()
+        assert not failures, failures[:5]
+        lags = [
+            value(scrape(f"http://127.0.0.1:{admin}"), "meshproxy_event_loop_lag_seconds_max")
+            for admin in (pair.client_admin, pair.server_admin)
+        ]
+        print(
+            f"\nL08: {sent[0]} requests, {written() / 1e6:.0f} MB of access log, worst loop lag "
+            f"{max(lag or 0 for lag in lags) * 1e3:.0f} ms"
+        )
+        assert all(lag is not None and lag < 0.15 for lag in lags), lags
+    finally:
+        stop.set()
+        pair.client.terminate()
+        pair.server.terminate()
+        pair.app.stop()

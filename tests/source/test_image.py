@@ -148,7 +148,10 @@ def test_the_image_steps_install_a_proxy_that_runs_as_uid_1337() -> None:
                 timeout=60,
                 check=False,
             )
-            assert out.returncode == 0, out.stdout + out.stderr
+            if out.returncode != 0:
+                proxy.terminate()
+                log = proxy.communicate(timeout=20)[0].decode()
+                raise AssertionError(f"{out.stdout}{out.stderr}\nthe proxy's log:\n{log}")
             ps = subprocess.run(
                 ["ps", "-o", "uid=", "-p", str(proxy.pid)], capture_output=True, text=True
             )

@@ -108,18 +108,29 @@ def _limit_open_files(n: int) -> Callable[[], None]:
 
 class ProxyProcess:
     def __init__(
-        self, config: Path, admin_port: int, log: Path, max_open_files: int | None = None
+        self,
+        config: Path,
+        admin_port: int,
+        log: Path,
+        max_open_files: int | None = None,
+        cgroup: Path | None = None,
     ) -> None:
+        """`max_open_files`: its RLIMIT_NOFILE; `cgroup`: a cgroup directory it starts in."""
         self.config = config
         self.admin_port = admin_port
         self.log_path = log
         self._log = open(log, "wb")  # noqa: SIM115
+        setup: list[Callable[[], object]] = []
+        if max_open_files is not None:
+            setup.append(_limit_open_files(max_open_files))
+        if cgroup is not None:
+            setup.append(lambda: (cgroup / "cgroup.procs").write_text(str(os.getpid())))
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "meshproxy", "run", "-c", str(config)],
             stdout=self._log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
-            preexec_fn=None if max_open_files is None else _limit_open_files(max_open_files),
+            preexec_fn=(lambda: [step() for step in setup]) if setup else None,
         )
 
     @property

@@ -18,6 +18,7 @@ from meshproxy.config.schema.mesh_config import (
     parse_default_providers,
     parse_extension_providers,
 )
+from meshproxy.config.schema.overload import parse_overload
 from meshproxy.config.source import Path_
 
 _PROXY_FIELDS = {
@@ -54,6 +55,7 @@ _PROXY_FIELDS = {
     "clusterId": "cluster_id",
     "extensionProviders": "extension_providers",
     "defaultProviders": "default_providers",
+    "overload": "overload",
 }
 _CERT_FIELDS = {"certChain": "cert_chain", "privateKey": "private_key", "rootCert": "root_cert"}
 _PORT_FIELDS = (
@@ -201,6 +203,8 @@ def parse_proxy_config(r: Reader, origin: Origin, spec: Any) -> ProxyConfigResou
             v = r.choice(m, key, path, ("ALLOW", "REJECT_REQUEST", "DROP_HEADER"))
         elif key == "extensionProviders":
             v = parse_extension_providers(r, m, path) or None
+        elif key == "overload":
+            v = parse_overload(r, m[key], (*path, key))
         elif key == "defaultProviders":
             v = parse_default_providers(r, m, path, values.get("extension_providers", ()))
         elif key in ("workloadName", "clusterId"):
