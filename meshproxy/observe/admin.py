@@ -119,6 +119,14 @@ def _listeners(src: AdminSource, query: str) -> tuple[int, str, bytes]:
     return 200, "text/plain", ("\n".join(lines) + "\n").encode()
 
 
+def _memory(src: AdminSource, query: str) -> tuple[int, str, bytes]:
+    from meshproxy.observe.memory import memory_report
+
+    values = parse_qs(query).get("top", ["25"])
+    top = int(values[0]) if values[0].isdigit() else 25
+    return 200, "application/json", json.dumps(memory_report(min(top, 500)), indent=2).encode()
+
+
 def _server_info(src: AdminSource, query: str) -> tuple[int, str, bytes]:
     return 200, "application/json", json.dumps(src.server_info(), indent=2).encode()
 
@@ -193,6 +201,8 @@ ROUTE_HELP: dict[str, str] = {
     "/stats": "counters and gauges as Envoy prints them (?filter=RE2, ?usedonly)",
     "/listeners": "listeners and their addresses (?format=json)",
     "/server_info": "version, state, uptime, build and settings (JSON)",
+    "/memory": "RSS, objects by type and (with PYTHONTRACEMALLOC) the lines holding most "
+    "memory (?top=N; JSON)",
     "/logging": "loggers and levels; POST ?level=LEVEL or ?LOGGER=LEVEL changes them",
     "/quitquitquit": "POST: exit promptly (no termination drain); also on the status port",
     "/drain_listeners": "POST ?inboundonly&graceful: stop accepting (inbound only) and close "
@@ -212,6 +222,7 @@ GET_ROUTES: dict[str, Handler] = {
     "/stats": _stats,
     "/listeners": _listeners,
     "/server_info": _server_info,
+    "/memory": _memory,
     "/logging": _logging,
     "/ready": _ready,
     "/healthz/ready": _ready,

@@ -421,3 +421,29 @@ def test_envoy_stats_listeners_server_info_and_live_logging(make_mesh: MeshFacto
     assert _post(admin + "/logging?level=info")[0] == 200
     config.write_text(config.read_text() + "\n# touched 2\n")
     assert wait_for(lambda: "applied (was 2)" in mesh.proxy.log())
+
+
+def test_memory_shows_objects_by_type_and_with_tracemalloc_the_lines(
+    make_mesh: MeshFactory, monkeypatch: object
+) -> None:
+    """/memory: what a leak hunt in a running proxy needs. Without PYTHONTRACEMALLOC it says
+    how to get the lines; with it (the interpreter's own switch) it lists them."""
+    import pytest
+
+    assert isinstance(monkeypatch, pytest.MonkeyPatch)
+    mesh = make_mesh()
+    report = json.loads(http_get(mesh.proxy.admin + "/memory?top=5")[1])
+    assert report["rss_bytes"] > report["anon_rss_bytes"] > 0
+    assert len(report["types"]) == 5 and report["gc_tracked_objects"] >= report["types"][0]["count"]
+    assert "PYTHONTRACEMALLOC" in report["tracemalloc"]
+    mesh.proxy.terminate()  # the next one shares its config directory
+
+    monkeypatch.setenv("PYTHONTRACEMALLOC", "1")
+    traced = make_mesh()
+    conn = http.client.HTTPConnection("127.0.0.1", traced.http_port, timeout=5)
+    conn.request("GET", "/", headers={"Host": "hello.test"})
+    assert conn.getresponse().status == 200
+    report = json.loads(http_get(traced.proxy.admin + "/memory")[1])
+    lines = report["tracemalloc"]["top"]
+    assert len(lines) == 25 and report["tracemalloc"]["traced_bytes"] > 0
+    assert all(re.fullmatch(r".+:\d+", line["where"]) and line["bytes"] > 0 for line in lines)

@@ -13,7 +13,7 @@ import resource
 import selectors
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -69,8 +69,13 @@ def _open(port: int, sockets: list[socket.socket], total: int, pid: int, base_fd
     """Open connections up to `total`, and wait until the proxy has accepted them all."""
     while len(sockets) < total:
         sockets.append(_connect(port, len(sockets)))
-    assert wait_for(lambda: _fds(pid) >= base_fds + total, 30), (_fds(pid), base_fds, total)
-    time.sleep(0.3)  # what the accepts allocated has settled
+    _await_accepted(pid, base_fds + total)
+
+
+def _await_accepted(pid: int, fds: int) -> None:
+    """Until the proxy holds `fds` descriptors, and what the accepts allocated has settled."""
+    assert wait_for(lambda: _fds(pid) >= fds, 30), (_fds(pid), fds)
+    time.sleep(0.3)
 
 
 def _closed_by_peer(sockets: list[socket.socket], deadline: float) -> list[float]:
@@ -165,22 +170,26 @@ def idle_proxy(tmp_path: Path) -> Iterator[tuple[ProxyProcess, int, int]]:
 
 
 def _per_connection(
-    port: int, proxy: ProxyProcess, count: int, sockets: list[socket.socket], what: str
-) -> tuple[float, float]:
+    port: int, proxy: ProxyProcess, count: int, grow: Callable[[int], None], what: str
+) -> float:
+    """RSS as `grow(n)` brings the connections to 1k, half and all of `count`; the slope per
+    connection (printed with a canary's slowest request)."""
     pid = proxy.proc.pid
-    base_fds = _fds(pid)
     rss: dict[int, int] = {}
+    started = time.monotonic()
     for step in (1_000, count // 2, count):
-        _open(port, sockets, step, pid, base_fds)
+        grow(step)
         rss[step] = _rss(pid)
+    took = time.monotonic() - started
     slope = (rss[count] - rss[1_000]) / (count - 1_000)
     worst = _canary(port)
     print(
         f"\nH03 {what}: RSS {rss[1_000] / 2**20:.1f} / {rss[count // 2] / 2**20:.1f} / "
-        f"{rss[count] / 2**20:.1f} MiB at 1k / {count // 2} / {count} connections: "
-        f"{slope / 1024:.2f} KiB per connection; slowest canary request {worst * 1e3:.1f} ms"
+        f"{rss[count] / 2**20:.1f} MiB at 1k / {count // 2} / {count} connections (opened in "
+        f"{took:.1f} s): {slope / 1024:.2f} KiB per connection; slowest canary request "
+        f"{worst * 1e3:.1f} ms"
     )
-    return slope, worst
+    return slope
 
 
 def test_H03_silent_connections_cost_little_and_close_at_the_headers_timeout(
@@ -190,7 +199,14 @@ def test_H03_silent_connections_cost_little_and_close_at_the_headers_timeout(
     sockets: list[socket.socket] = []
     try:
         opened = time.monotonic()
-        slope, _ = _per_connection(port, proxy, count, sockets, "silent")
+        pid, base_fds = proxy.proc.pid, _fds(proxy.proc.pid)
+        slope = _per_connection(
+            port,
+            proxy,
+            count,
+            lambda step: _open(port, sockets, step, pid, base_fds),
+            "silent",
+        )
         assert slope <= RSS_PER_CONNECTION_BAR, f"{slope / 1024:.1f} KiB per silent connection"
         closed_at = _closed_by_peer(sockets, opened + HEADERS_TIMEOUT + 30)
         assert len(closed_at) == len(sockets), f"{len(sockets) - len(closed_at)} left open"
@@ -209,26 +225,18 @@ def test_H03_keep_alive_connections_cost_little_and_close_at_the_idle_timeout(
     base_fds = _fds(pid)
     sockets: list[socket.socket] = []
     try:
-        first_answered = time.monotonic()
-        rss: dict[int, int] = {}
-        for step in (1_000, count // 2, count):
+
+        def answered_up_to(step: int) -> None:
             while len(sockets) < step:  # each batch asks at once: none waits for the headers
                 size = min(500, step - len(sockets))
                 batch = [_connect(port, len(sockets) + i) for i in range(size)]
                 _one_request_each(batch)
-                sockets += batch
-            assert wait_for(lambda: _fds(pid) >= base_fds + step, 30)  # noqa: B023
-            time.sleep(0.3)
-            rss[step] = _rss(pid)
+                sockets.extend(batch)
+            _await_accepted(pid, base_fds + step)
+
+        first_answered = time.monotonic()
+        slope = _per_connection(port, proxy, count, answered_up_to, "keep-alive")
         last_answered = time.monotonic()
-        slope = (rss[count] - rss[1_000]) / (count - 1_000)
-        worst = _canary(port)
-        print(
-            f"\nH03 keep-alive: RSS {rss[1_000] / 2**20:.1f} / {rss[count // 2] / 2**20:.1f} / "
-            f"{rss[count] / 2**20:.1f} MiB at 1k / {count // 2} / {count} connections: "
-            f"{slope / 1024:.2f} KiB per connection; slowest canary request {worst * 1e3:.1f} ms; "
-            f"{count} requests answered in {last_answered - first_answered:.1f} s"
-        )
         assert slope <= RSS_PER_CONNECTION_BAR, f"{slope / 1024:.1f} KiB per keep-alive connection"
         closed_at = _closed_by_peer(sockets, last_answered + IDLE_TIMEOUT + 30)
         assert len(closed_at) == len(sockets), f"{len(sockets) - len(closed_at)} left open"

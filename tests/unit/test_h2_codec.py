@@ -136,3 +136,23 @@ def test_count_frames_counts_what_h2_serialized() -> None:
     conn.ping(b"abcdefgh")
     assert count_frames(preface + conn.data_to_send()) == 4
     assert count_frames(b"") == 0
+
+
+def test_a_long_lived_connection_remembers_a_bounded_number_of_closed_streams() -> None:
+    """h2 keeps how each closed stream ended (65,536 of them by default): megabytes on a
+    connection that lives for hundreds of thousands of streams. Ours keep the last 4,096."""
+    from meshproxy.codec.h2 import CLOSED_STREAMS_KEPT, new_connection
+
+    client, server = new_connection(True), new_connection(False)
+    server.receive_data(client.data_to_send())
+    client.receive_data(server.data_to_send())
+    request = [(b":method", b"GET"), (b":scheme", b"http"), (b":authority", b"a"), (b":path", b"/")]
+    for _ in range(CLOSED_STREAMS_KEPT + 1000):
+        sid = client.get_next_available_stream_id()
+        client.send_headers(sid, request, end_stream=True)
+        server.receive_data(client.data_to_send())
+        server.send_headers(sid, [(b":status", b"200")], end_stream=True)
+        client.receive_data(server.data_to_send())
+    closed = server._closed_streams  # h2's record, the one this bounds
+    assert 0 < len(closed) <= CLOSED_STREAMS_KEPT
+    assert CLOSED_STREAMS_KEPT < 2**16
