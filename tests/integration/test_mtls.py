@@ -919,6 +919,7 @@ def test_tls12_renegotiation_is_refused(pair: Pair) -> None:
     assert "HTTP/1.1 " not in out  # the request after it never got an answer
 
 
+@pytest.mark.stress  # it waits out the 10 s handshake timeout
 def test_a_stalled_handshake_is_closed_and_blocks_no_one(pair: Pair) -> None:
     """Catalog G08/G10: one byte of a ClientHello, then nothing: the connection is closed at
     the 10 s handshake timeout, and other clients are served meanwhile."""

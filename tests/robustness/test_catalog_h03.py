@@ -28,6 +28,8 @@ from tests.support.proxy import (
 )
 from tests.support.upstream import UpstreamServer
 
+pytestmark = pytest.mark.stress
+
 HEADERS_TIMEOUT = 4.0
 IDLE_TIMEOUT = 10.0
 RSS_PER_CONNECTION_BAR = 10 * 1024  # our bar (the catalog's), bytes

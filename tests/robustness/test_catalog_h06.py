@@ -32,6 +32,8 @@ from tests.support.proxy import (
 )
 from tests.support.upstream import UpstreamServer
 
+pytestmark = pytest.mark.stress
+
 ACTIVE = "meshproxy_overload_stop_accepting_requests_active"
 RESET = "meshproxy_overload_streams_reset_total"
 LIMIT = 384 * 2**20  # the cgroup's memory limit; the proxy starts near 50 MiB

@@ -8,6 +8,7 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
 from cryptography.hazmat.primitives import serialization
 
 from tests.integration.conftest import MeshFactory
@@ -107,6 +108,7 @@ def test_L08_a_five_megabyte_reload_does_not_stall_the_loop(tmp_path: Path) -> N
         app.stop()
 
 
+@pytest.mark.stress
 def test_L08_a_hundred_root_bundle_and_fifty_megabytes_of_access_log_do_not_stall_the_loop(
     tmp_path: Path,
 ) -> None:

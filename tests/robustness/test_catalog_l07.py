@@ -23,6 +23,8 @@ from tests.integration.test_tracing import tracing_spec
 from tests.support.h2client import H2Client
 from tests.support.metrics import scrape, value
 
+pytestmark = pytest.mark.stress
+
 ATTACK_SECONDS = 5.0
 QUEUE, BATCH = 256, 64
 SLOWLORIS = 500

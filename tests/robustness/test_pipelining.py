@@ -13,6 +13,8 @@ import socket
 import threading
 import time
 
+import pytest
+
 from tests.integration.conftest import MeshFactory
 
 STATUS_LINE = re.compile(rb"HTTP/1\.1 (\d{3}) ")
@@ -58,6 +60,7 @@ def split_responses(data: bytes) -> list[bytes]:
     return bodies
 
 
+@pytest.mark.stress
 def test_5000_pipelined_gets_are_all_answered_in_order(make_mesh: MeshFactory, codec: str) -> None:
     mesh = make_mesh(codec)
     paths, closed = pipeline(mesh.http_port, 5000)
