@@ -6,7 +6,8 @@
 Medians are compared (the mean carries this shared machine's outliers). A case more than
 --threshold slower than its baseline is marked REGRESSION; the exit status stays 0, since a
 benchmark here prints figures and never fails a build. To save a new baseline, run the first
-command with --benchmark-json=benchmarks/baseline.json on the machine the figures are for;
+command with --benchmark-json=benchmarks/baseline.json on the machine the figures are for
+(then drop each case's stats.data, every round's timing: 28 MB, and only medians are read);
 comparing across machines or builds (compiled / interpreted, recorded per case) says so.
 """
 
