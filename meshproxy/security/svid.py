@@ -9,13 +9,13 @@ a verifier, rather than served without an identity or with a guessed one (catalo
 
 from __future__ import annotations
 
-from cryptography import x509
-
 from meshproxy.security.spiffe import SpiffeError, SpiffeId
 
 
 def svid_violation(der: bytes) -> str | None:
     """Why the DER leaf certificate is not a valid X.509-SVID, or None when it is."""
+    from cryptography import x509  # on first use: plaintext proxies start without it
+
     try:
         cert = x509.load_der_x509_certificate(der)
         extensions = cert.extensions

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from tests.support.proxy import meshproxy_cli
 
 REPO = Path(__file__).resolve().parents[2]
@@ -12,6 +14,7 @@ REPO = Path(__file__).resolve().parents[2]
 meshproxy = meshproxy_cli
 
 
+@pytest.mark.usefixtures("demo_ports_free")
 def test_demo_runs_and_reports() -> None:
     out = meshproxy("demo", "--linger", "0", "--requests", "100")
     assert out.returncode == 0, out.stderr
