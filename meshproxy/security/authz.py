@@ -5,7 +5,8 @@ allowed, else it must match some ALLOW policy. AUDIT policies never change the d
 A policy matches when any of its rules does; a rule when any `from` source, any `to`
 operation and every `when` condition match (an absent part matches everything); inside a
 source or operation every given field must match one of its values and none of its not-values.
-Strings match exactly, by prefix (`abc*`), by suffix (`*abc`) or by presence (`*`).
+Strings match exactly, by prefix (`abc*`), by suffix (`*abc`) or by presence (`*`); paths
+also by template (`/api/{*}/admin`, `/static/{**}`: security/path_template.py).
 
 TCP connections have no host, method, path or headers. As Istio documents: an ALLOW rule
 that needs one of those never matches a TCP connection, and a DENY rule is applied without
@@ -26,6 +27,7 @@ from meshproxy.config.resources import (
     AuthzSource,
     selects,
 )
+from meshproxy.security.path_template import compile_template, is_template
 
 IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -98,10 +100,19 @@ def _field(
 
 
 def _host(value: str) -> str:
-    """Hosts match without the port, case-insensitively (Istio)."""
+    """Hosts match without the port and the root's trailing dot, case-insensitively: `APP.`,
+    `app:80` and `app` are one host to a DENY on `app` (catalog E06)."""
     if value.startswith("["):
         return value.split("]")[0] + "]"
-    return value.rsplit(":", 1)[0] if value.count(":") == 1 else value
+    host = value.rsplit(":", 1)[0] if value.count(":") == 1 else value
+    return host[:-1] if host.endswith(".") else host
+
+
+def without_parameters(path: str) -> str:
+    """The path with each segment's `;parameters` left out, for matching only (the request
+    goes upstream as sent): servlet containers drop them, so `/admin;jsessionid=1` and
+    `/admin;/x` are `/admin` and `/admin/x` to the app, and must be to a DENY too (E05)."""
+    return "/".join(segment.partition(";")[0] for segment in path.split("/"))
 
 
 class _Source:
@@ -128,9 +139,27 @@ class _Source:
         return not (self.not_remote and _in_blocks(self.not_remote, req.source_ip))
 
 
+def _glob(pattern: str) -> Callable[[str], bool]:
+    return lambda value: string_match(pattern, value)
+
+
+def _path_matchers(patterns: Sequence[str]) -> list[Callable[[str], bool]]:
+    return [compile_template(p) if is_template(p) else _glob(p) for p in patterns]
+
+
+def _path_field(
+    values: Sequence[Callable[[str], bool]], not_values: Sequence[Callable[[str], bool]], path: str
+) -> bool:
+    if values and not any(match(path) for match in values):
+        return False
+    return not any(match(path) for match in not_values)
+
+
 class _Operation:
     def __init__(self, o: AuthzOperation) -> None:
         self.o = o
+        self.paths = _path_matchers(o.paths)
+        self.not_paths = _path_matchers(o.not_paths)
         self.http_only = bool(
             o.hosts or o.not_hosts or o.methods or o.not_methods or o.paths or o.not_paths
         )
@@ -144,7 +173,7 @@ class _Operation:
         return (
             _field(o.hosts, o.not_hosts, _host(req.host), fold=True)
             and _field(o.methods, o.not_methods, req.method or "")
-            and _field(o.paths, o.not_paths, req.path)
+            and _path_field(self.paths, self.not_paths, req.path)
         )
 
 
@@ -244,6 +273,8 @@ class Authorizer:
         return bool(self.deny or self.allow or self.audit)
 
     def check(self, req: AuthzRequest) -> Decision:
+        if ";" in req.path:
+            req.path = without_parameters(req.path)
         audited = any(p.match(req) for p in self.audit)
         for p in self.deny:
             if p.match(req):

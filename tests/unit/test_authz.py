@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from meshproxy.codec.path import PathNormalization, normalize_target
 from meshproxy.config.loader import load_snapshot
-from meshproxy.errors import ProtocolError
+from meshproxy.errors import ConfigError, ProtocolError
 from meshproxy.security.authz import Authorizer, AuthzRequest, string_match
 from tests.unit.config.test_loader import write
 
@@ -229,3 +229,53 @@ def test_normalized_paths_are_stable_and_dot_free(segments: list[str]) -> None:
     assert normalize_target(once, PathNormalization.MERGE_SLASHES) == once
     assert b"/../" not in once + b"/" and b"/./" not in once + b"/"
     assert b"%2e" not in once.lower()
+
+
+def test_path_templates_match_whole_segments(tmp_path: Path) -> None:
+    a = authorizer(
+        tmp_path,
+        "{action: DENY, rules: [{to: [{operation: {paths: ['/api/{*}/admin', '/static/{**}']}}]}]}",
+    )
+    for denied in ("/api/1/admin", "/api/*/admin", "/api/%2A/admin", "/static/a/b", "/static/"):
+        assert not a.check(http(path=denied)).allowed, denied
+    for allowed in ("/api//admin", "/api/1/2/admin", "/api/1/admins", "/static", "/staticx/a"):
+        assert a.check(http(path=allowed)).allowed, allowed
+
+
+def test_not_paths_take_templates_too(tmp_path: Path) -> None:
+    a = authorizer(
+        tmp_path, "{action: ALLOW, rules: [{to: [{operation: {notPaths: ['/internal/{**}']}}]}]}"
+    )
+    assert a.check(http(path="/public")).allowed
+    assert not a.check(http(path="/internal/x/y")).allowed
+
+
+@pytest.mark.parametrize(
+    ("path", "problem"),
+    [
+        ("/a/{**}/b", "{**} must be the last operator"),
+        ("/a{*}", "an operator is a whole segment"),
+        ("/a/*/{*}", "cannot also use the '*'"),
+        ("/a/{id}", "an operator is a whole segment"),
+    ],
+)
+def test_invalid_path_templates_are_config_errors(tmp_path: Path, path: str, problem: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        authorizer(
+            tmp_path, f"{{action: DENY, rules: [{{to: [{{operation: {{paths: ['{path}']}}}}]}}]}}"
+        )
+    assert problem in str(err.value) and "paths[0]" in str(err.value)
+
+
+def test_path_parameters_and_host_forms_cannot_slip_past_a_deny(tmp_path: Path) -> None:
+    a = authorizer(
+        tmp_path,
+        "{action: DENY, rules: [{to: [{operation: {paths: [/admin, /admin/*]}}]},"
+        " {to: [{operation: {hosts: [blocked.test]}}]}]}",
+    )
+    for path in ("/admin;jsessionid=1", "/admin;/x", "/admin;a=b/y;c"):
+        assert not a.check(http(path=path)).allowed, path
+    assert a.check(http(path="/public;jsessionid=1")).allowed
+    for host in ("BLOCKED.test", "blocked.test.", "blocked.test:80", "Blocked.Test.:8080"):
+        assert not a.check(http(host=host)).allowed, host
+    assert a.check(http(host="blocked.test.evil")).allowed

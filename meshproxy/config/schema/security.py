@@ -18,6 +18,7 @@ from meshproxy.config.resources import (
 )
 from meshproxy.config.schema.common import workload_selector
 from meshproxy.config.source import Path_
+from meshproxy.security.path_template import is_template, template_problem
 
 MTLS_MODES = ("UNSET", "STRICT", "PERMISSIVE", "DISABLE")
 
@@ -145,6 +146,11 @@ def _authz_rule(r: Reader, item: Any, path: Path_) -> AuthzRule | None:
                 for i, p in enumerate(values[attr]):
                     if not p.isdigit() or not 0 < int(p) < 65536:
                         r.error((*tpath, "operation", key, i), f"{p!r} is not a port number")
+            if key in ("paths", "notPaths"):
+                for i, p in enumerate(values[attr]):
+                    problem = template_problem(p) if is_template(p) else None
+                    if problem:
+                        r.error((*tpath, "operation", key, i), f"{p!r}: {problem}")
         operations.append(AuthzOperation(**values))
     conditions = []
     for wpath, w in r.items(m, "when", path):
