@@ -380,6 +380,7 @@ def _policy_for(rule: DestinationRule | None, subset: str, port: int) -> Traffic
                     sub.outlier_detection or base.outlier_detection,
                     sub.tls or base.tls,
                     sub.port_level,
+                    sub.retry_budget or base.retry_budget,
                 ),
                 port,
             )
@@ -469,7 +470,13 @@ def _make_cluster(
         *limits,
         balancer.consistent_hash if balancer else None,
         balancer.warmup if balancer else None,
+        _budget(policy),
     )
+
+
+def _budget(policy: TrafficPolicy | None) -> tuple[float, int] | None:
+    budget = policy.retry_budget if policy is not None else None
+    return None if budget is None else (budget.percent, budget.min_retry_concurrency)
 
 
 def _outlier(od: OutlierDetection | None) -> OutlierSpec | None:

@@ -239,6 +239,16 @@ class ConnectionPool:
 
 
 @dataclass(frozen=True, slots=True)
+class RetryBudget:
+    """DestinationRule trafficPolicy.retryBudget (Envoy's circuit breaker retry_budget):
+    concurrent retries may be `percent` % of the requests active and pending, and at least
+    `min_retry_concurrency`; it replaces connectionPool.http.maxRetries."""
+
+    percent: float = 20.0
+    min_retry_concurrency: int = 3
+
+
+@dataclass(frozen=True, slots=True)
 class OutlierDetection:
     consecutive_5xx_errors: int | None = None
     consecutive_gateway_errors: int | None = None
@@ -299,6 +309,7 @@ class TrafficPolicy:
     outlier_detection: OutlierDetection | None = None
     tls: ClientTls | None = None
     port_level: tuple[tuple[int, TrafficPolicy], ...] = ()
+    retry_budget: RetryBudget | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -413,6 +424,10 @@ class ProxySettings:
     upstream_idle_timeout: float = 4.0
     request_headers_timeout: float = 10.0
     idle_timeout: float = 3600.0
+    # Envoy's stream_idle_timeout: a stream with no bytes moving either way for this long is
+    # reset (408 before a response). Istio's sidecars turn it off (0), for long-lived gRPC
+    # streams and long polls; so does this default.
+    stream_idle_timeout: float = 0.0
     max_request_headers_kb: int = 60
     max_headers_count: int = 100
     max_connections: int = 10_000

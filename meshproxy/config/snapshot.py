@@ -103,6 +103,7 @@ class ClusterSpec:
     max_retries: int | None = None
     consistent_hash: ConsistentHash | None = None  # DestinationRule consistentHash
     warmup: Warmup | None = None  # DestinationRule loadBalancer.warmup (slow start)
+    retry_budget: tuple[float, int] | None = None  # (percent, min concurrency): retryBudget
 
 
 @dataclass(frozen=True, slots=True)

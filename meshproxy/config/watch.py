@@ -25,6 +25,9 @@ from watchfiles import awatch
 from meshproxy.config.source import stat_signature
 
 logger = logging.getLogger(__name__)
+# watchfiles logs every batch of file events at INFO ("1 change detected"): a line per
+# ConfigMap swap or log write in a watched directory, saying nothing the reload log does not.
+logging.getLogger("watchfiles.main").setLevel(logging.WARNING)
 
 STEP_MS = 250
 RESCAN_MS = 2000

@@ -31,6 +31,7 @@ logger = logging.getLogger(__name__)
 TRACE_HEADERS: Final = frozenset(
     {
         b"traceparent",
+        b"tracestate",  # bounded, and kept only beside a valid traceparent
         b"b3",
         b"x-b3-traceid",
         b"x-b3-spanid",
@@ -119,9 +120,26 @@ def parse_incoming(fields: dict[bytes, bytes], tracestate: bytes) -> Incoming | 
     if found is None and b"x-b3-traceid" in fields:
         found = parse_b3_multi(fields)
     if found is not None and tracestate and found.form == "w3c":
-        state = tracestate.decode("latin-1")[:512]
+        state = bounded_tracestate(tracestate.decode("latin-1"))
         found = Incoming(found.trace_id, found.span_id, found.sampled, found.form, state)
     return found
+
+
+MAX_TRACESTATE_MEMBERS: Final = 32
+MAX_TRACESTATE_CHARS: Final = 512
+
+
+def bounded_tracestate(value: str) -> str:
+    """At most 32 whole list members in at most 512 characters (W3C Trace Context §3.3.1.1):
+    past that, members over 128 characters go first, then members from the end; a member
+    is never cut, which would forward a corrupt one."""
+    members = [m.strip(" \t") for m in value.split(",")]
+    members = [m for m in members if m][:MAX_TRACESTATE_MEMBERS]
+    if len(",".join(members)) > MAX_TRACESTATE_CHARS:
+        members = [m for m in members if len(m) <= 128]
+        while len(",".join(members)) > MAX_TRACESTATE_CHARS:
+            members.pop()
+    return ",".join(members)
 
 
 @dataclass
@@ -339,6 +357,8 @@ def upstream_headers(trace: RequestTrace) -> list[tuple[bytes, bytes]]:
     out = [(b"traceparent", b"00-%032x-%016x-%b" % (trace.trace_id, trace.span_id, flag))]
     incoming = trace.incoming
     if incoming is None or incoming.form == "w3c":
+        if incoming is not None and incoming.tracestate:
+            out.append((b"tracestate", incoming.tracestate.encode("latin-1")))
         return out
     wide = trace.trace_id > 0xFFFFFFFFFFFFFFFF
     trace_id = b"%032x" % trace.trace_id if wide else b"%016x" % trace.trace_id

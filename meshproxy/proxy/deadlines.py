@@ -38,3 +38,9 @@ class DeadlineWheel:
             stream.check_deadline(now)
         if self._streams:
             self._timer = loop.call_later(TICK, self._tick, loop)
+
+
+def stream_idle_check_interval(timeout: float) -> float:
+    """How often a connection looks for streams idle for `timeout` seconds (ProxyConfig
+    streamIdleTimeout): a quarter of it, from 50 ms to 5 s; an expiry is up to that late."""
+    return min(max(timeout / 4, TICK), 5.0)

@@ -22,6 +22,7 @@ from meshproxy.config.snapshot import ListenerKind, PortBinding, Snapshot
 from meshproxy.errors import ProtocolError
 from meshproxy.observe.recorder import StreamRecord
 from meshproxy.proxy.context import ProxyContext
+from meshproxy.proxy.deadlines import stream_idle_check_interval
 from meshproxy.proxy.downstream import BindingLookup, transport_addresses
 from meshproxy.proxy.stream import HttpStream
 from meshproxy.proxy.tls import PeerInfo
@@ -70,6 +71,8 @@ class DownstreamHttp1:
         self._write_paused = False
         self._cork = 0
         self._last_active = 0.0
+        self._stream_active = 0.0  # bytes last moved for the request in flight (stream idle)
+        self._stream_idle_timer: asyncio.TimerHandle | None = None
         self._tunnel: HttpStream | None = None  # a WebSocket upgrade: raw bytes go to it
         self._raw_out = False  # a 101 was sent: responses bytes are written as they are
         self._addresses: tuple[str, str] | None = None  # for access logs, read once
@@ -90,6 +93,7 @@ class DownstreamHttp1:
     def data_received(self, data: bytes) -> None:
         if self._closing:
             return
+        self._stream_active = self.loop.time()
         if self._tunnel is not None:
             self._tunnel.request_data(data)
             return
@@ -159,6 +163,8 @@ class DownstreamHttp1:
             if self._draining or ev.upgrade:
                 stream.keep_alive = False
             self.stream = stream
+            if self._stream_idle_timer is None:
+                self._arm_stream_idle()
             if ev.upgrade:
                 self._tunnel = stream
                 rest = self.codec.take_upgrade_bytes()
@@ -217,6 +223,7 @@ class DownstreamHttp1:
         if self._raw_out:
             if self.transport is not None and not self.transport.is_closing():
                 self.transport.write(data)
+                self._stream_active = self.loop.time()
             return
         self.codec.send_data(data)
         if not self._cork:
@@ -283,6 +290,7 @@ class DownstreamHttp1:
         transport = self.transport
         if data and transport is not None and not transport.is_closing():
             transport.write(data)
+            self._stream_active = self.loop.time()
 
     def pause_reading(self) -> None:
         if not self._reading_paused and self.transport is not None:
@@ -421,10 +429,31 @@ class DownstreamHttp1:
         self.transport.close()
 
     def _cancel_timers(self) -> None:
-        for t in (self._header_timer, self._idle_timer):
+        for t in (self._header_timer, self._idle_timer, self._stream_idle_timer):
             if t is not None:
                 t.cancel()
-        self._header_timer = self._idle_timer = None
+        self._header_timer = self._idle_timer = self._stream_idle_timer = None
+
+    def _arm_stream_idle(self) -> None:
+        timeout = self.ctx.snapshot.settings.stream_idle_timeout
+        if timeout > 0 and not self._closing:
+            self._stream_idle_timer = self.loop.call_later(
+                stream_idle_check_interval(timeout), self._expire_idle_stream
+            )
+
+    def _expire_idle_stream(self) -> None:
+        """The request in flight moved no bytes either way for the stream idle timeout: 408
+        before its response, else the connection is aborted (flag SI). The timer lapses
+        between requests; the next one arms it."""
+        self._stream_idle_timer = None
+        stream = self.stream
+        timeout = self.ctx.snapshot.settings.stream_idle_timeout
+        if stream is None or self._closing or timeout <= 0:
+            return
+        if self.loop.time() - self._stream_active >= timeout:
+            stream.stream_idle_expired()
+        else:
+            self._arm_stream_idle()
 
     def shed_buffered(self, min_bytes: int) -> int:
         """The overload action: abort this connection if a response waits in its write

@@ -40,6 +40,7 @@ from meshproxy.errors import ProtocolError
 from meshproxy.observe.lograte import RateLimitedLog
 from meshproxy.observe.recorder import StreamRecord
 from meshproxy.proxy.context import ProxyContext
+from meshproxy.proxy.deadlines import stream_idle_check_interval
 from meshproxy.proxy.downstream import BindingLookup, transport_addresses
 from meshproxy.proxy.stream import HttpStream
 from meshproxy.proxy.tls import PeerInfo
@@ -77,6 +78,7 @@ class H2Channel:
         self._reading_paused = False
         self._unacked = 0
         self._held_head: Headers | None = None
+        self.last_activity = conn.loop.time()  # bytes moved for this stream (stream idle)
 
     def log_addresses(self) -> tuple[str, str]:
         return self.conn.log_addresses()
@@ -132,6 +134,7 @@ class H2Channel:
     def send_data(self, data: bytes) -> None:
         if self.reset or not data:
             return
+        self.last_activity = self.loop.time()
         if self._held_head is not None:
             self._release_head(False)
         self.out.add(data)
@@ -191,6 +194,17 @@ class H2Channel:
     def stream_finished(self, stream: HttpStream) -> None:
         self.conn.stream_finished(self)
 
+    def idle_expired(self) -> None:
+        """Nothing moved for the stream idle timeout: the exchange answers 408 or resets the
+        stream (HttpStream.stream_idle_expired); a finished exchange whose data the client
+        never took is reset here."""
+        stream = self.stream
+        if stream is not None:
+            stream.stream_idle_expired()
+            return
+        self.abort()
+        self.conn.forget(self)
+
     def shed(self) -> None:
         """The overload action: reset this stream and drop what it holds for the client."""
         self.abort()
@@ -201,6 +215,7 @@ class H2Channel:
 
     # -- used by the connection --------------------------------------------------------
     def request_data(self, data: bytes, flow_controlled: int) -> None:
+        self.last_activity = self.loop.time()
         stream = self.stream
         if stream is not None and not stream.request_done:
             stream.request_data(data)
@@ -220,7 +235,10 @@ class H2Channel:
         """Send what the client's flow-control window allows; end the stream when all is out."""
         conn = self.conn
         try:
-            conn.flood.data_frames_sent += self.out.push(conn.h2, self.stream_id)
+            sent = self.out.push(conn.h2, self.stream_id)
+            if sent:
+                conn.flood.data_frames_sent += sent
+                self.last_activity = self.loop.time()
         except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
             # The client reset or closed the stream meanwhile; what is left has no reader.
             self.reset = True
@@ -272,6 +290,7 @@ class DownstreamHttp2(asyncio.Protocol):
         self._flush_scheduled = False
         self._idle_timer: asyncio.TimerHandle | None = None
         self._last_active = 0.0
+        self._stream_idle_timer: asyncio.TimerHandle | None = None
 
     # -- asyncio.Protocol ------------------------------------------------------------------
     def log_addresses(self) -> tuple[str, str]:
@@ -313,9 +332,10 @@ class DownstreamHttp2(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closing = True
-        if self._idle_timer is not None:
-            self._idle_timer.cancel()
-            self._idle_timer = None
+        for timer in (self._idle_timer, self._stream_idle_timer):
+            if timer is not None:
+                timer.cancel()
+        self._idle_timer = self._stream_idle_timer = None
         ctx = self.ctx
         ctx.connections.discard(self)
         ctx.metrics.downstream_cx_active -= 1
@@ -427,6 +447,8 @@ class DownstreamHttp2(asyncio.Protocol):
             return
         ch = H2Channel(self, sid)
         self.channels[sid] = ch
+        if self._stream_idle_timer is None:
+            self._arm_stream_idle()
         stream = HttpStream(ch, head)
         ch.stream = stream
         stream.start()
@@ -560,6 +582,29 @@ class DownstreamHttp2(asyncio.Protocol):
             self.transport.write(goaway_frame(self.h2.highest_inbound_stream_id))
         if not self.channels:
             self._close()
+
+    def _arm_stream_idle(self) -> None:
+        timeout = self.ctx.snapshot.settings.stream_idle_timeout
+        if timeout > 0 and not self._closing:
+            self._stream_idle_timer = self.loop.call_later(
+                stream_idle_check_interval(timeout), self._expire_idle_streams
+            )
+
+    def _expire_idle_streams(self) -> None:
+        """One timer per connection, not per stream: streams silent for the stream idle
+        timeout (checked every quarter of it) are answered 408 or reset."""
+        self._stream_idle_timer = None
+        timeout = self.ctx.snapshot.settings.stream_idle_timeout
+        if self._closing or timeout <= 0 or not self.channels:
+            return
+        deadline = self.loop.time() - timeout
+        expired = [ch for ch in self.channels.values() if ch.last_activity <= deadline]
+        for ch in expired:
+            ch.idle_expired()
+        if expired:
+            self.flush()
+        if self.channels:
+            self._arm_stream_idle()
 
     def _arm_idle(self) -> None:
         self._last_active = self.loop.time()

@@ -244,6 +244,7 @@ class HttpStream:
         self._admitted = False  # counted in the cluster's circuit breaker (requests)
         self._retry_admitted = False  # ... and in its retry budget
         self._overloaded = False
+        self._cancel_flag = "DC"  # why the exchange's task was cancelled: DC, OM or SI
         self._fault_grpc: int | None = None  # a fault abort's gRPC status
         self._try_deadline: float | None = None  # fast path: per-try, until response headers
         self._in_wheel = False
@@ -614,7 +615,7 @@ class HttpStream:
         if self._finished:
             return
         if self.task is not None and not self.task.done():
-            self.flag = flag
+            self.flag = self._cancel_flag = flag
             self.task.cancel()
             return
         self.flag = flag
@@ -622,6 +623,20 @@ class HttpStream:
             self._abort_upstream()
             if not self.response_head_sent:
                 self.status = 0
+        self._finish()
+
+    def stream_idle_expired(self) -> None:
+        """No bytes moved either way for the stream idle timeout (Envoy's
+        stream_idle_timeout): 408 `stream timeout` when no response has started, else a
+        reset; flag SI either way."""
+        if self._finished:
+            return
+        if self.task is not None and not self.task.done():
+            self._cancel_flag = "SI"
+            self.task.cancel()
+            return
+        self._abort_upstream()
+        self._fail(408, "stream timeout", "SI")
         self._finish()
 
     def check_deadline(self, now: float) -> None:
@@ -689,7 +704,10 @@ class HttpStream:
             self._upstream_failed(err)
         except asyncio.CancelledError:
             self._abort_upstream()
-            self.flag = "DC"
+            if self._cancel_flag == "SI":  # cancelled here, for the stream idle timeout
+                self._fail(408, "stream timeout", "SI")
+                return
+            self.flag = self._cancel_flag
             if not self.response_head_sent:
                 self.status = 0
             raise
@@ -1165,7 +1183,7 @@ class HttpStream:
         tracing = self.conn.ctx.tracing
         assert tracing is not None
         conn = self.conn
-        incoming = parse_incoming(fields, b"") if fields else None
+        incoming = parse_incoming(fields, fields.get(b"tracestate", b"")) if fields else None
         trace = tracing.decide(incoming)
         if trace is None:  # sampled: an SDK span from the request's start
             name = f"{self.destination_service(match, self._cluster_name)}:{conn.local_port}/*"

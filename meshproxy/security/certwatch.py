@@ -15,6 +15,9 @@ from meshproxy.config.resources import ProxySettings
 from meshproxy.security.identity import CertError, CertFiles, WorkloadIdentity, load_identity
 
 logger = logging.getLogger(__name__)
+# watchfiles logs every batch of file events at INFO ("1 change detected"): a line per
+# ConfigMap swap or log write in a watched directory, saying nothing the reload log does not.
+logging.getLogger("watchfiles.main").setLevel(logging.WARNING)
 
 RESCAN_MS = 1000
 

@@ -3,8 +3,9 @@
 Envoy's thresholds, with Istio's defaults (unset = 2^32-1, i.e. off): tcp.maxConnections,
 http.http1MaxPendingRequests (requests waiting for a connection when maxConnections is
 reached), http.http2MaxRequests (requests in flight to the cluster, any protocol) and
-http.maxRetries (retries in flight). A request over a limit gets 503 with flag UO and
-`x-envoy-overloaded: true`, and is counted.
+http.maxRetries (retries in flight), or instead a retry budget (retryBudget: retries in flight
+up to a percentage of the requests active and pending, never fewer than a minimum). A request
+over a limit gets 503 with flag UO and `x-envoy-overloaded: true`, and is counted.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ class CircuitBreaker:
     max_pending: int = UNLIMITED
     max_requests: int = UNLIMITED
     max_retries: int = UNLIMITED
+    budget_percent: float | None = None  # retryBudget: replaces max_retries when set
+    min_retry_concurrency: int = 3
     connections: int = 0
     pending: int = 0
     requests: int = 0
@@ -35,6 +38,7 @@ class CircuitBreaker:
             or self.max_pending != UNLIMITED
             or self.max_requests != UNLIMITED
             or self.max_retries != UNLIMITED
+            or self.budget_percent is not None
         )
 
     def admit_request(self) -> bool:
@@ -45,7 +49,11 @@ class CircuitBreaker:
         return True
 
     def admit_retry(self) -> bool:
-        if self.retries >= self.max_retries:
+        limit = self.max_retries
+        if self.budget_percent is not None:
+            active = self.requests + self.pending
+            limit = max(self.min_retry_concurrency, int(self.budget_percent * active / 100))
+        if self.retries >= limit:
             self.overflows["retry"] += 1
             return False
         self.retries += 1
@@ -63,6 +71,11 @@ class CircuitBreaker:
             "max_pending_requests": show(self.max_pending),
             "max_requests": show(self.max_requests),
             "max_retries": show(self.max_retries),
+            "retry_budget": (
+                None
+                if self.budget_percent is None
+                else {"percent": self.budget_percent, "min": self.min_retry_concurrency}
+            ),
             "cx_active": self.connections,
             "rq_pending": self.pending,
             "rq_active": self.requests,

@@ -171,6 +171,8 @@ class Cluster:
             spec.max_requests or UNLIMITED,
             spec.max_retries or UNLIMITED,
         )
+        if spec.retry_budget is not None:
+            self.breaker.budget_percent, self.breaker.min_retry_concurrency = spec.retry_budget
         self.outlier: OutlierDetector | None = None
         if spec.outlier is not None:
             self.outlier = OutlierDetector(spec.outlier, lambda: self.hosts)

@@ -232,7 +232,7 @@ def test_unknown_destination_passes_through_under_allow_any(pod: tuple[str, str,
     assert '"x-forwarded-proto": "http"' in out  # it went through the proxy's HTTP path
 
 
-def test_inbound_http_to_an_undeclared_port_reaches_the_app_without_looping(
+def test_L04_L05_inbound_http_to_an_undeclared_port_reaches_the_app_without_looping(
     pod: tuple[str, str, Procs],
 ) -> None:
     _, remote_ns, _ = pod

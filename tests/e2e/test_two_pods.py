@@ -280,7 +280,7 @@ def test_undeclared_http_and_tcp_ports_work_and_are_encrypted(mesh: Mesh) -> Non
     assert MARKER.encode() not in wire and b"banner-app" not in wire and b"echo hello" not in wire
 
 
-def test_a_client_without_sidecar_is_refused_by_strict(mesh: Mesh) -> None:
+def test_G08_L06_a_client_without_sidecar_is_refused_by_strict(mesh: Mesh) -> None:
     for port in (8080, 8081):
         out = curl(mesh.out, f"http://{B_IP}:{port}/plain")
         assert (
@@ -317,7 +317,7 @@ def test_metrics_name_the_peer_workload_on_both_sides(mesh: Mesh) -> None:
     )
 
 
-def test_sigterm_drains_inbound_while_outbound_serves_then_cleanup_restores_direct(
+def test_L01_L02_sigterm_drains_inbound_while_outbound_serves_then_cleanup_restores_direct(
     mesh: Mesh,
 ) -> None:
     proxy_b = mesh.proxies["b"]

@@ -6,14 +6,12 @@ from __future__ import annotations
 import http.client
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.support.h2client import H2Client
 from tests.support.proxy import (
     ProxyProcess,
     free_port,
@@ -190,37 +188,6 @@ def test_certificates_that_raise_no_inotify_event_still_load(life: Life) -> None
     )
 
 
-def test_drain_listeners_inbound_only_keeps_outbound_serving(life: Life) -> None:
-    life.issue_certs()
-    life.proxy.wait_ready()
-    assert request(life.inbound, "/before", host="app.test").status == 200
-    # A request in flight on the inbound side when the drain starts: it completes, and its
-    # response tells the client to close.
-    result: dict[str, object] = {}
-
-    def slow() -> None:
-        conn = http.client.HTTPConnection("127.0.0.1", life.inbound, timeout=10)
-        conn.request("GET", "/slow?ms=1500", headers={"host": "app.test"})
-        resp = conn.getresponse()
-        result["status"], result["connection"] = resp.status, resp.getheader("connection")
-        resp.read()
-        conn.close()
-
-    t = threading.Thread(target=slow)
-    t.start()
-    assert wait_for(lambda: any(s.path.startswith("/slow") for s in life.app.state.requests))
-    assert post(life.admin, "/drain_listeners?inboundonly&graceful") == 200
-    t.join(15)
-    assert result == {"status": 200, "connection": "close"}
-    assert wait_for(lambda: not listening(life.inbound))  # no new inbound connections
-    assert request(life.outbound, "/after", host="app.test").status == 200  # outbound serves
-    status, body = http_get(life.ready_url)
-    assert status == 503 and b"draining" in body
-    assert life.proxy.proc.poll() is None  # draining listeners is not exiting
-    # GET is refused: mutations are POST only.
-    assert http_get(f"http://127.0.0.1:{life.admin}/drain_listeners")[0] == 405
-
-
 def test_quitquitquit_on_the_status_port_exits_promptly(life: Life) -> None:
     life.issue_certs()
     life.proxy.wait_ready()
@@ -235,21 +202,3 @@ def test_quitquitquit_on_the_status_port_exits_promptly(life: Life) -> None:
     assert life.proxy.proc.wait(timeout=10) == 0
     assert time.monotonic() - started < 5  # prompt: no drain wait (drainDuration is 10s)
     idle.close()
-
-
-def test_inbound_drain_sends_goaway_and_lets_the_stream_in_flight_finish(life: Life) -> None:
-    life.issue_certs()
-    life.proxy.wait_ready()
-    client = H2Client(life.inbound, authority="app.test")
-    try:
-        assert client.get("/first").status == 200
-        sid = client.request("/slow?ms=1500")
-        assert wait_for(lambda: any(s.path.startswith("/slow") for s in life.app.state.requests))
-        assert post(life.admin, "/drain_listeners?inboundonly&graceful") == 200
-        (slow,) = client.wait(sid, timeout=10)
-        assert client.goaway is not None and client.goaway.last_stream_id >= sid
-        assert slow.status == 200 and slow.ended  # the stream in flight finished
-        assert client.wait_closed(10)  # then the connection closed
-    finally:
-        client.close()
-    assert request(life.outbound, "/still", host="app.test").status == 200

@@ -12,7 +12,7 @@ from tests.support.proxy import egress_sidecar, free_port, http_get, running_pro
 from tests.support.upstream import UpstreamServer
 
 
-def test_failing_endpoint_is_ejected_and_returns(tmp_path: Path) -> None:
+def test_I08_failing_endpoint_is_ejected_and_returns(tmp_path: Path) -> None:
     good = UpstreamServer("good").start()
     bad = UpstreamServer("bad").start()
     bad.state.always = 500

@@ -18,7 +18,7 @@ from tests.support.proxy import (
 from tests.support.upstream import UpstreamServer
 
 
-def test_client_leaving_cancels_the_upstream_request(tmp_path: Path) -> None:
+def test_J01_client_leaving_cancels_the_upstream_request(tmp_path: Path) -> None:
     app = UpstreamServer("app").start()
     admin, port = free_port(), free_port()
     resources = service_entry("svc.test", port, [app.port]) + egress_sidecar(port)

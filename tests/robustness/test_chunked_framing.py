@@ -37,7 +37,7 @@ def test_modest_chunk_extensions_pass(make_mesh: MeshFactory, codec: str) -> Non
     assert [r.path for r in mesh.v1.state.requests] == ["/upload", "/next"]
 
 
-def test_trailers_never_become_request_headers(make_mesh: MeshFactory, codec: str) -> None:
+def test_B08_trailers_never_become_request_headers(make_mesh: MeshFactory, codec: str) -> None:
     mesh = make_mesh(codec)
     body = b"5\r\nhello\r\n0\r\nHost: evil.test\r\nX-Trailer: 1\r\n\r\n"
     head = HEAD.replace(b"/upload", b"/echo").replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n")

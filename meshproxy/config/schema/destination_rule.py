@@ -14,6 +14,7 @@ from meshproxy.config.resources import (
     LoadBalancerSettings,
     Origin,
     OutlierDetection,
+    RetryBudget,
     Subset,
     TrafficPolicy,
     Warmup,
@@ -300,7 +301,31 @@ def _traffic_policy(r: Reader, value: Any, path: Path_, top: bool = True) -> Tra
             r.error((*item_path, "port"), "required field is missing")
         if sub is not None and number is not None:
             port_level.append((number, sub))
-    return TrafficPolicy(lb, pool, outlier, tls, tuple(port_level))
+    for key in ("tunnel", "proxyProtocol"):
+        if m.get(key) is not None:
+            r.error(
+                (*path, key),
+                f"{key} is not supported by meshproxy; refusing the rule rather than sending "
+                "traffic without it",
+            )
+    budget = _retry_budget(r, m.get("retryBudget"), (*path, "retryBudget"))
+    return TrafficPolicy(lb, pool, outlier, tls, tuple(port_level), budget)
+
+
+def _retry_budget(r: Reader, value: Any, path: Path_) -> RetryBudget | None:
+    if value is None:
+        return None
+    m = r.mapping(value, path, ("percent", "minRetryConcurrency"))
+    if m is None:
+        return None
+    percent = m.get("percent", 20.0)
+    if isinstance(percent, dict):  # DoubleValue written as a message
+        percent = percent.get("value", 20.0)
+    if isinstance(percent, bool) or not isinstance(percent, int | float) or not 0 <= percent <= 100:
+        r.error((*path, "percent"), f"expected a percentage from 0 to 100, got {percent!r}")
+        return None
+    minimum = r.integer(m, "minRetryConcurrency", path, default=3, minimum=0)
+    return RetryBudget(float(percent), 3 if minimum is None else minimum)
 
 
 def parse_destination_rule(r: Reader, origin: Origin, spec: Any) -> DestinationRule | None:

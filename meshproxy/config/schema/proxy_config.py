@@ -39,6 +39,7 @@ _PROXY_FIELDS = {
     "upstreamIdleTimeout": "upstream_idle_timeout",
     "requestHeadersTimeout": "request_headers_timeout",
     "idleTimeout": "idle_timeout",
+    "streamIdleTimeout": "stream_idle_timeout",
     "maxRequestHeadersKb": "max_request_headers_kb",
     "maxHeadersCount": "max_headers_count",
     "maxConnections": "max_connections",
@@ -74,10 +75,16 @@ _DURATION_FIELDS = (
     "upstreamIdleTimeout",
     "requestHeadersTimeout",
     "idleTimeout",
+    "streamIdleTimeout",
 )
 
 # Durations where 0 means something: no drain wait, or (Istio's) no detection timeout.
-_ZERO_ALLOWED = ("drainDuration", "terminationDrainDuration", "protocolDetectionTimeout")
+_ZERO_ALLOWED = (
+    "drainDuration",
+    "terminationDrainDuration",
+    "protocolDetectionTimeout",
+    "streamIdleTimeout",
+)
 
 MIN_FILL_INTERVAL = 0.05  # Envoy's lower bound for token_bucket.fill_interval
 

@@ -137,3 +137,24 @@ def test_locality_setting_is_reported_as_not_applied(tmp_path: Path) -> None:
         with_policy(tmp_path, "loadBalancer: {localityLbSetting: {enabled: true}}")
     )
     assert any("localityLbSetting is not applied" in w for w in snap.warnings)
+
+
+def test_retry_budget_forms_defaults_and_errors(tmp_path: Path) -> None:
+    snap = load_snapshot(
+        with_policy(tmp_path, "retryBudget: {percent: 25, minRetryConcurrency: 5}")
+    )
+    assert snap.clusters[V1].retry_budget == (25.0, 5)
+    assert snap.clusters[V2].retry_budget == (25.0, 5)  # the subset's own policy inherits it
+    snap = load_snapshot(with_policy(tmp_path, "retryBudget: {percent: {value: 7.5}}"))
+    assert snap.clusters[V1].retry_budget == (7.5, 3)  # Envoy's minimum concurrency: 3
+    snap = load_snapshot(with_policy(tmp_path, "retryBudget: {}"))
+    assert snap.clusters[V1].retry_budget == (20.0, 3)
+    text = "\n".join(issues_of(with_policy(tmp_path, "retryBudget: {percent: 150}")))
+    assert "retryBudget.percent" in text and "from 0 to 100" in text
+
+
+@pytest.mark.parametrize("key", ["tunnel", "proxyProtocol"])
+def test_unsupported_policies_are_refused_not_ignored(tmp_path: Path, key: str) -> None:
+    value = "{protocol: CONNECT, targetHost: x, targetPort: 8080}" if key == "tunnel" else "{}"
+    text = "\n".join(issues_of(with_policy(tmp_path, f"{key}: {value}")))
+    assert f"trafficPolicy.{key}" in text and "not supported" in text
