@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import logging
 import os
 import sys
@@ -37,8 +38,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     from meshproxy.runtime import Runtime
 
     path = Path(args.config)
+    loaded = hashlib.sha256()
     try:
-        snapshot = without_collection(lambda: load_snapshot(path))
+        snapshot = without_collection(lambda: load_snapshot(path, loaded))
     except ConfigError as exc:
         print(
             f"meshproxy: refusing to start, the config has {len(exc.issues)} problem(s):",
@@ -54,7 +56,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     async def main() -> int:
         try:
-            return await Runtime(path, snapshot, role).run()
+            return await Runtime(path, snapshot, role, loaded.digest()).run()
         except AccessLogError as exc:
             print(f"meshproxy: cannot start: {exc}", file=sys.stderr)
             return 3

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import logging
 import signal
@@ -53,8 +54,14 @@ def _limits(snapshot: Snapshot) -> Limits:
 
 class Runtime:
     def __init__(
-        self, config_path: Path, snapshot: Snapshot, role: WorkerRole | None = None
+        self,
+        config_path: Path,
+        snapshot: Snapshot,
+        role: WorkerRole | None = None,
+        loaded_fingerprint: bytes | None = None,
     ) -> None:
+        """`loaded_fingerprint`: load_snapshot's digest of the bytes `snapshot` came from
+        (else the files are looked at now, which a change since the load would hide)."""
         self.config_path = config_path
         self.role = role or WorkerRole(0, 1, [], None)
         s = snapshot.settings
@@ -80,7 +87,9 @@ class Runtime:
         self._draining_inbound = False  # /drain_listeners?inboundonly or SIGTERM (a sidecar)
         self._servers: list[asyncio.Server] = []
         self._reload_lock = asyncio.Lock()
-        self._fingerprint = fingerprint(config_path)
+        self._fingerprint = (
+            fingerprint(config_path) if loaded_fingerprint is None else loaded_fingerprint
+        )
         self.metrics.config_reloaded(True, snapshot.version)
         self.identity = IdentityManager(
             files_of(s), self._publish_identity, lambda: self.ctx.snapshot.uses_mesh_mtls()
@@ -288,11 +297,8 @@ class Runtime:
                 del self.listeners[key]
                 await listener.close()
         for conn in list(self.ctx.connections):
-            if inbound_only and not getattr(conn, "inbound", False):
-                continue
-            close_idle = getattr(conn, "close_idle", None)
-            if close_idle is not None:
-                close_idle()
+            if conn.inbound or not inbound_only:
+                conn.close_idle()
 
     async def drain(self) -> None:
         await self.drain_listeners(inbound_only=False)
@@ -318,20 +324,25 @@ class Runtime:
     async def reload(self) -> bool:
         """Load the config again; apply it if valid, else keep the last good one."""
         async with self._reload_lock:
-            digest = await asyncio.to_thread(fingerprint, self.config_path)
-            if digest == self._fingerprint:
+            if await asyncio.to_thread(fingerprint, self.config_path) == self._fingerprint:
                 return True  # an event elsewhere in the directory: nothing of ours changed
-            self._fingerprint = digest
+            # The fingerprint kept is of the bytes loaded, not of the look above: in a storm
+            # of swaps the files can change between the two, and a fingerprint of content
+            # that was never applied would make the last swap look applied.
+            read = hashlib.sha256()
             try:
                 snapshot = await asyncio.to_thread(
-                    without_collection, lambda: load_snapshot(self.config_path)
+                    without_collection, lambda: load_snapshot(self.config_path, read)
                 )
             except ConfigError as exc:
+                self._fingerprint = read.digest()
                 self._reject([str(i) for i in exc.issues])
                 return False
             except Exception as exc:  # never let a reload take the proxy down
+                self._fingerprint = read.digest()
                 self._reject([f"{type(exc).__name__}: {exc}"])
                 return False
+            self._fingerprint = read.digest()
             try:
                 await self.apply(snapshot)
             except AccessLogError as exc:

@@ -11,15 +11,17 @@ from meshproxy.config.compile import compile_snapshot
 from meshproxy.config.resources import ProxyConfigResource, ProxySettings, Resource, Sidecar
 from meshproxy.config.schema import parse_resource
 from meshproxy.config.snapshot import Snapshot
-from meshproxy.config.source import Document, read_sources
+from meshproxy.config.source import Digest, Document, read_sources
 from meshproxy.errors import ConfigError, ConfigIssue
 
 _versions = itertools.count(1)
 
 
-def load_snapshot(path: Path | str) -> Snapshot:
-    """Load, validate and compile the config at `path`; raise ConfigError with every issue."""
-    docs, issues = read_sources(Path(path))
+def load_snapshot(path: Path | str, digest: Digest | None = None) -> Snapshot:
+    """Load, validate and compile the config at `path`; raise ConfigError with every issue.
+    `digest` notes the bytes read (source.fingerprint's formula): what was loaded, even if
+    the files changed while it was read."""
+    docs, issues = read_sources(Path(path), digest)
     try:
         return build_snapshot(docs, issues)
     finally:

@@ -7,7 +7,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 import yaml
 
@@ -167,6 +167,21 @@ def _holds_mesh_resources(directory: Path) -> bool:
     return False
 
 
+class Digest(Protocol):
+    def update(self, data: bytes, /) -> None: ...
+
+    def digest(self) -> bytes: ...
+
+
+def note_file(digest: Digest, file: Path, data: bytes | None, size: int = 0) -> None:
+    """Add one config file to a fingerprint: its name and content (or, for a file too big
+    to be read, its size). read_sources notes exactly the bytes it parses, so a fingerprint
+    taken while loading describes what was loaded, even when the files change meanwhile."""
+    digest.update(str(file).encode() + b"\0")
+    digest.update(data if data is not None else b"size:%d" % size)
+    digest.update(b"\0")
+
+
 def fingerprint(path: Path) -> bytes:
     """A digest of every config file's name and content, to skip reloads that change nothing."""
     import hashlib
@@ -174,10 +189,11 @@ def fingerprint(path: Path) -> bytes:
     digest = hashlib.sha256()
     try:
         for file in config_files(path) if path.exists() else []:
-            digest.update(str(file).encode() + b"\0")
-            with contextlib.suppress(OSError):
-                digest.update(file.read_bytes())
-            digest.update(b"\0")
+            try:
+                size = os.stat(file).st_size
+                note_file(digest, file, file.read_bytes() if size <= MAX_FILE_BYTES else None, size)
+            except OSError:
+                note_file(digest, file, b"")
     except OSError:
         pass
     return digest.digest()
@@ -197,8 +213,10 @@ def stat_signature(path: Path) -> tuple[tuple[str, int, int, int], ...]:
     return tuple(entries)
 
 
-def read_sources(path: Path) -> tuple[list[Document], list[ConfigIssue]]:
-    """Read and parse every config file under `path`."""
+def read_sources(
+    path: Path, digest: Digest | None = None
+) -> tuple[list[Document], list[ConfigIssue]]:
+    """Read and parse every config file under `path`; `digest` notes what was read."""
     docs: list[Document] = []
     issues: list[ConfigIssue] = []
     if not path.exists():
@@ -211,13 +229,19 @@ def read_sources(path: Path) -> tuple[list[Document], list[ConfigIssue]]:
         try:
             size = os.stat(file).st_size
             if size > MAX_FILE_BYTES:
+                if digest is not None:
+                    note_file(digest, file, None, size)
                 issues.append(
                     ConfigIssue(
                         name, None, None, None, None, f"file is larger than {MAX_FILE_BYTES} bytes"
                     )
                 )
                 continue
-            text = file.read_text(encoding="utf-8")
+            data = file.read_bytes()
+            if digest is not None:
+                note_file(digest, file, data)
+            # As read_text would give it: universal newlines.
+            text = data.decode("utf-8").replace("\r\n", "\n").replace("\r", "\n")
         except (OSError, UnicodeDecodeError) as exc:
             issues.append(ConfigIssue(name, None, None, None, None, f"cannot read: {exc}"))
             continue

@@ -438,3 +438,25 @@ spec:
     assert "spec.accessLogging[0].providers[0].name: provider 'otel' is opentelemetry" in text
     assert "spec.accessLogging[1].providers[0].name: no extension provider 'fiel'" in text
     assert 'did you mean "file"' in text
+
+
+def test_a_load_notes_the_bytes_it_read_as_the_fingerprint_would(tmp_path: Path) -> None:
+    """The runtime keeps the fingerprint of what a reload loaded (taken while reading), and
+    compares later looks with it: both must use one formula, CRLF files and files past the
+    size cap included, or every event would reload (or a change would be missed)."""
+    import hashlib
+
+    from meshproxy.config.source import fingerprint, read_sources
+
+    write(tmp_path, SE)
+    (tmp_path / "crlf.yaml").write_bytes(b"# a comment\r\n# another\r\n")
+    read = hashlib.sha256()
+    load_snapshot(tmp_path, read)
+    assert read.digest() == fingerprint(tmp_path)
+    with open(tmp_path / "huge.yaml", "wb") as f:
+        f.truncate(9 * 1024 * 1024)  # past the cap: noted by its size, never read
+    read = hashlib.sha256()
+    read_sources(tmp_path, read)
+    assert read.digest() == fingerprint(tmp_path)
+    (tmp_path / "crlf.yaml").write_bytes(b"# a comment\r\n# changed\r\n")
+    assert read.digest() != fingerprint(tmp_path)
