@@ -1,6 +1,9 @@
 """Load harness: direct vs nginx vs meshproxy (each codec), same upstream, same run.
 
-    python -m benchmarks.load [--duration 10] [--connections 50] [--runs 1]
+    python -m benchmarks.load [--duration 10] [--connections 50] [--runs 1] [--path /]
+
+`--path /bytes/16384` or `/bytes/1048576` fetches responses of that size instead of
+"hello"; a `+workers2` variant runs meshproxy with `concurrency: 2` on both CPUs.
 
 Starts an nginx upstream (`return 200 "hello"`), nginx as a reverse proxy (one worker,
 keep-alive upstream: the C reference), and `meshproxy run` once per codec, then drives each with
@@ -46,10 +49,10 @@ class Result:
 
 
 def run_wrk(
-    port: int, duration: int, connections: int, cpu: str
+    port: int, duration: int, connections: int, cpu: str, path: str = "/"
 ) -> tuple[float, float, float, int, int]:
     cmd = ["taskset", "-c", cpu, "wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--latency"]
-    cmd += ["-H", "Host: bench.local", f"http://127.0.0.1:{port}/"]
+    cmd += ["-H", "Host: bench.local", f"http://127.0.0.1:{port}{path}"]
     out = subprocess.run(
         cmd, capture_output=True, text=True, timeout=duration + 60, check=True
     ).stdout
@@ -60,9 +63,10 @@ def run_wrk(
 def measure(
     name: str, port: int, pid: int | None, args: argparse.Namespace, connections: int
 ) -> Result:
-    run_wrk(port, 2, connections, "0")  # warm-up, not recorded
+    path = getattr(args, "path", "/")
+    run_wrk(port, 2, connections, "0", path)  # warm-up, not recorded
     before = tree_cpu_seconds(pid) if pid else 0.0
-    rps, p50, p99, total, errors = run_wrk(port, args.duration, connections, "0")
+    rps, p50, p99, total, errors = run_wrk(port, args.duration, connections, "0", path)
     cpu_us = (tree_cpu_seconds(pid) - before) / total * 1e6 if pid and total else None
     return Result(name, rps, p50, p99, cpu_us, errors)
 
@@ -72,7 +76,7 @@ apiVersion: meshproxy.io/v1alpha1
 kind: ProxyConfig
 metadata: {{name: bench}}
 spec: {{interceptionMode: NONE, proxyAdminPort: {admin}, statusPort: 0, http1Codec: {codec},
-        upstreamIdleTimeout: 60s}}
+        upstreamIdleTimeout: 60s, concurrency: {workers}}}
 ---
 apiVersion: networking.istio.io/v1
 kind: ServiceEntry
@@ -135,12 +139,12 @@ RELAY = "bare relay (httptools)"
 ANCHOR_TARGET_US, ANCHOR_NGINX_US, ANCHOR_RELAY_US = 25.0, 9.9, 16.0
 
 
-def meshproxy_cmd(config: Path, python: str = sys.executable) -> list[str]:
+def meshproxy_cmd(config: Path, python: str = sys.executable, cpus: str = "1") -> list[str]:
     """`meshproxy run` pinned to CPU 1 (the proxies' core in every harness)."""
     return [
         "taskset",
         "-c",
-        "1",
+        cpus,
         python,
         "-m",
         "meshproxy",
@@ -209,6 +213,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--latency-c1", action="store_true", help="also measure p99 at -c1")
     ap.add_argument("--no-relay", action="store_true", help="leave out the bare relay baseline")
+    ap.add_argument(
+        "--path", default="/", help="what wrk fetches: / (5 bytes), /bytes/16384, /bytes/1048576"
+    )
     args = ap.parse_args(argv)
     for tool in ("wrk", "nginx", "taskset"):
         if shutil.which(tool) is None:
@@ -222,6 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         up_port = free_port()
         (tmp / "up.conf").write_text(NGINX_UPSTREAM.format(dir=tmp, port=up_port))
+        processes.write_body_files(tmp)
         procs.start(["taskset", "-c", "0", "nginx", "-c", str(tmp / "up.conf"), "-p", str(tmp)])
         wait_port(up_port)
         targets: list[tuple[str, list[str] | None, int, str | None]] = [
@@ -247,6 +255,7 @@ def main(argv: list[str] | None = None) -> int:
             variant, plus, extra = variant.partition("+")
             codec, _, build = variant.partition("-")
             resilient = plus and extra == "resilience"
+            workers = 2 if plus and extra == "workers2" else 1
             cwd = None
             if build == "mypyc":
                 cwd = compiled_copy(tmp / "compiled")
@@ -255,13 +264,17 @@ def main(argv: list[str] | None = None) -> int:
             port, admin = free_port(), free_port()
             cfg = tmp / f"mesh-{variant}{'-resilience' if resilient else ''}"
             cfg.mkdir()
-            text = MESH.format(admin=admin, codec=codec, port=port, upstream=up_port)
+            text = MESH.format(
+                admin=admin, codec=codec, port=port, upstream=up_port, workers=workers
+            )
             if resilient:
                 text = text.replace(RESILIENCE_ANCHOR, RESILIENCE_ROUTE) + RESILIENCE_RULE
             (cfg / "mesh.yaml").write_text(text)
             name = f"meshproxy ({codec}{', mypyc' if build else ''}"
-            name += ", resilience)" if resilient else ")"
-            targets.append((name, meshproxy_cmd(cfg), port, cwd))
+            name += ", resilience)" if resilient else ", 2 workers)" if workers == 2 else ")"
+            # Two workers get both CPUs (wrk and the upstream share CPU 0 with them).
+            cpus = "0,1" if workers == 2 else "1"
+            targets.append((name, meshproxy_cmd(cfg, cpus=cpus), port, cwd))
         for _ in range(args.runs):
             run: list[Result] = []
             for name, cmd, port, cwd in targets:
@@ -331,12 +344,29 @@ def report(results: list[list[Result]], args: argparse.Namespace) -> None:
             + ", ".join(f"{x:.2f}" for x in ratios)
             + ")"
         )
+    added_latency_lines(by_name)
     cpu_target_lines(by_name)
     print(
         f"\nreproduce: python -m benchmarks.load --duration {args.duration} "
-        f"--connections {args.connections} --runs {args.runs}"
+        f"--connections {args.connections} --runs {args.runs} --codecs {args.codecs}"
         + (" --latency-c1" if args.latency_c1 else "")
+        + (f" --path {args.path}" if args.path != "/" else "")
     )
+
+
+def added_latency_lines(by_name: dict[str, list[Result]]) -> None:
+    """What each proxy adds to a request at one connection (one hop), against direct."""
+    direct = by_name.get("direct c1")
+    if not direct:
+        return
+    p50, p99 = med([r.p50_ms for r in direct]), med([r.p99_ms for r in direct])
+    print()
+    for name, rs in by_name.items():
+        if name.endswith(" c1") and name != "direct c1":
+            print(
+                f"added at c1, {name[:-3]}: p50 +{(med([r.p50_ms for r in rs]) - p50) * 1000:.0f}"
+                f" us, p99 +{(med([r.p99_ms for r in rs]) - p99) * 1000:.0f} us"
+            )
 
 
 def cpu_target_lines(by_name: dict[str, list[Result]]) -> None:

@@ -209,21 +209,16 @@ class OverloadMonitor:
         """Reset what holds SHED_STREAM_BYTES or more for a client that does not read."""
         reset = 0
         for conn in list(self.ctx.connections):
-            shed = getattr(conn, "shed_buffered", None)
-            if shed is not None:
-                reset += shed(SHED_STREAM_BYTES)
+            reset += conn.shed_buffered(SHED_STREAM_BYTES)
         return reset
 
     def shed(self) -> int:
         """Close idle connections (those with a request in flight close after it)."""
-        shed = 0
-        for conn in list(self.ctx.connections):
-            close_idle = getattr(conn, "close_idle", None)
-            if close_idle is not None:
-                close_idle()
-                shed += 1
-        self.ctx.metrics.overload_shed += shed
-        return shed
+        connections = list(self.ctx.connections)
+        for conn in connections:
+            conn.close_idle()
+        self.ctx.metrics.overload_shed += len(connections)
+        return len(connections)
 
     async def run(self, stop: asyncio.Event) -> None:
         while not stop.is_set():

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import compileall
+import fcntl
 import os
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -35,4 +37,7 @@ def demo_ports_free() -> Iterator[None]:
         deadline = time.monotonic() + 840
         while not (Path(record) / "quick-start.rc").exists() and time.monotonic() < deadline:
             time.sleep(0.5)
-    yield
+    # And one such test at a time across processes (pytest-xdist workers, CI's two passes).
+    with open(Path(tempfile.gettempdir()) / "meshproxy-demo-ports.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield

@@ -111,8 +111,17 @@ NGINX_UPSTREAM = """
 worker_processes 1; daemon off; pid {dir}/up.pid; error_log {dir}/up.err;
 events {{ worker_connections 4096; }}
 http {{ access_log off; keepalive_requests 1000000;
-  server {{ listen 127.0.0.1:{port}; location / {{ return 200 "hello"; }} }} }}
+  server {{ listen 127.0.0.1:{port}; location / {{ return 200 "hello"; }}
+    location /bytes/ {{ root {dir}; }} }} }}
 """
+
+
+def write_body_files(directory: Path, sizes: tuple[int, ...] = (16384, 1048576)) -> None:
+    """The files NGINX_UPSTREAM serves at /bytes/<size>: responses of that many bytes."""
+    (directory / "bytes").mkdir(exist_ok=True)
+    for size in sizes:
+        (directory / "bytes" / str(size)).write_bytes(b"x" * size)
+
 
 NGINX_PROXY = """
 worker_processes 1; daemon off; pid {dir}/px.pid; error_log {dir}/px.err;

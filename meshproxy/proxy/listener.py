@@ -378,6 +378,7 @@ class _HttpAuto(asyncio.Protocol):
         peer: PeerInfo | None = None,
     ) -> None:
         self.ctx, self.spec, self.binding, self.access_log = ctx, spec, binding, access_log
+        self.inbound = spec.kind.inbound
         self.peer = peer
         self.transport: asyncio.Transport | None = None
         self._buffer = b""
@@ -398,6 +399,9 @@ class _HttpAuto(asyncio.Protocol):
     def close_idle(self) -> None:
         if self.transport is not None:
             self.transport.close()
+
+    def shed_buffered(self, min_bytes: int) -> int:
+        return 0  # nothing is buffered for a client before its protocol is known
 
     def data_received(self, data: bytes) -> None:
         if self._buffer:

@@ -5,6 +5,7 @@ the bytes it receives (no HTTP library to normalize them), both HTTP/1.1 codecs.
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 from collections.abc import Iterator
@@ -93,10 +94,9 @@ class Inbound:
         return status_of(raw(self.port, head + b"Connection: close\r\n\r\n", wait=3))
 
 
-@pytest.fixture(scope="module", params=["httptools", "h11"])
-def inbound(
-    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Inbound]:
+@contextlib.contextmanager
+def inbound_listener(directory: Path, policies: str, codec: str) -> Iterator[Inbound]:
+    """A proxy with one inbound HTTP listener and `policies`, before a RecordingUpstream."""
     app = RecordingUpstream()
     port = free_port()
     sidecar = f"""---
@@ -107,14 +107,19 @@ spec:
   ingress: [{{port: {{number: {port}, protocol: HTTP, name: http}}, bind: 127.0.0.1,
              captureMode: NONE, defaultEndpoint: "127.0.0.1:{app.port}"}}]
 """
-    directory: Path = tmp_path_factory.mktemp("authz")
     try:
-        with running_proxy(
-            directory, free_port(), POLICIES + sidecar, http1Codec=request.param
-        ) as proxy:
+        with running_proxy(directory, free_port(), policies + sidecar, http1Codec=codec) as proxy:
             yield Inbound(proxy, port, app)
     finally:
         app.stop()
+
+
+@pytest.fixture(scope="module", params=["httptools", "h11"])
+def inbound(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Inbound]:
+    with inbound_listener(tmp_path_factory.mktemp("authz"), POLICIES, request.param) as listener:
+        yield listener
 
 
 def test_B03_only_space_and_tab_are_trimmed(inbound: Inbound) -> None:

@@ -6,16 +6,14 @@ authorization matches is what the application receives, and nothing denied reach
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
 from tests.integration.test_http_proxy import raw
 from tests.robustness.test_catalog_ab import status_of
-from tests.robustness.test_catalog_authz import Inbound, RecordingUpstream
+from tests.robustness.test_catalog_authz import Inbound, inbound_listener
 from tests.support.h2client import H2Client
 from tests.support.metrics import scrape, value
-from tests.support.proxy import free_port, running_proxy
 
 POLICY = """
 apiVersion: security.istio.io/v1
@@ -34,24 +32,8 @@ spec:
 def inbound(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Inbound]:
-    app = RecordingUpstream()
-    port = free_port()
-    sidecar = f"""---
-apiVersion: networking.istio.io/v1
-kind: Sidecar
-metadata: {{name: default}}
-spec:
-  ingress: [{{port: {{number: {port}, protocol: HTTP, name: http}}, bind: 127.0.0.1,
-             captureMode: NONE, defaultEndpoint: "127.0.0.1:{app.port}"}}]
-"""
-    directory: Path = tmp_path_factory.mktemp("paths")
-    try:
-        with running_proxy(
-            directory, free_port(), POLICY + sidecar, http1Codec=request.param
-        ) as proxy:
-            yield Inbound(proxy, port, app)
-    finally:
-        app.stop()
+    with inbound_listener(tmp_path_factory.mktemp("paths"), POLICY, request.param) as listener:
+        yield listener
 
 
 def refused(inbound: Inbound, target: bytes, statuses: tuple[int, ...] = (403,)) -> None:

@@ -32,12 +32,25 @@ def meshproxy_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProces
     )
 
 
+def _port_range() -> tuple[int, int]:
+    """20000-32000, or this pytest-xdist worker's share of it: workers are processes that
+    cannot see each other's handed-out ports, so each picks from its own slice."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or 1)
+    if not worker.startswith("gw") or count <= 1:
+        return 20000, 32000
+    span = 12000 // count
+    low = 20000 + int(worker[2:]) * span
+    return low, low + span
+
+
 def free_port() -> int:
     """A free port below the kernel's ephemeral range (32768+ on Linux): bind(0) would pick
     from that range, where any outgoing connection of a running test may take the port
     between our check and the proxy's bind ("address already in use", now and then)."""
+    low, high = _port_range()
     for _ in range(200):
-        port = random.randrange(20000, 32000)
+        port = random.randrange(low, high)
         if port in _handed_out:
             continue
         with socket.socket() as s:
