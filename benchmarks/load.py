@@ -262,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
                 if cwd is None:
                     continue
             port, admin = free_port(), free_port()
-            cfg = tmp / f"mesh-{variant}{'-resilience' if resilient else ''}"
+            cfg = tmp / f"mesh-{variant}{'-' + extra if plus else ''}"
             cfg.mkdir()
             text = MESH.format(
                 admin=admin, codec=codec, port=port, upstream=up_port, workers=workers

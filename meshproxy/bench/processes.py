@@ -118,6 +118,7 @@ http {{ access_log off; keepalive_requests 1000000;
 
 def write_body_files(directory: Path, sizes: tuple[int, ...] = (16384, 1048576)) -> None:
     """The files NGINX_UPSTREAM serves at /bytes/<size>: responses of that many bytes."""
+    directory.chmod(0o755)  # nginx's workers run as nobody when it is started as root
     (directory / "bytes").mkdir(exist_ok=True)
     for size in sizes:
         (directory / "bytes" / str(size)).write_bytes(b"x" * size)
