@@ -3,12 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import base64
-import hashlib
 import logging
-import os
 import time
-from collections.abc import Iterator, Mapping
 from random import random
 from typing import TYPE_CHECKING, Final
 
@@ -29,10 +25,9 @@ from meshproxy.codec.headers import (
     PEER_METADATA_ID,
     strip_hop_by_hop,
 )
-from meshproxy.codec.path import PathNormalization, normalize_target
 from meshproxy.config.compile import INBOUND_PASSTHROUGH, PASSTHROUGH
 from meshproxy.config.snapshot import Resolution, Snapshot, UpstreamProtocol
-from meshproxy.errors import FailureKind, ProtocolError, UpstreamError
+from meshproxy.errors import FailureKind, UpstreamError
 from meshproxy.observe.tracing import (
     CLIENT,
     SERVER,
@@ -42,65 +37,45 @@ from meshproxy.observe.tracing import (
     upstream_headers,
 )
 from meshproxy.proxy.hash_key import request_hash
-from meshproxy.proxy.ids import new_request_id
+from meshproxy.proxy.local_reply import (
+    CONNECT_FAILURES,
+    OVERFLOW_BODY,
+    LocalReply,
+    direct_reply,
+    upstream_failure_reply,
+)
 from meshproxy.proxy.mirror import mirror
 from meshproxy.proxy.report import report
-from meshproxy.proxy.retry_headers import OVERRIDE_HEADERS, apply_overrides
-from meshproxy.routing.cors import Cors, is_preflight
-from meshproxy.routing.match import RequestView
+from meshproxy.proxy.request_filters import admit, cors_headers, fault_delay, take_rate_limit
+from meshproxy.proxy.request_view import request_view
+from meshproxy.proxy.retry_headers import apply_overrides
+from meshproxy.proxy.upstream_head import build_upstream_head
 from meshproxy.routing.table import (
     NO_HEADER_OPS,
     NO_RETRY,
     OUTBOUND_DEFAULT_RETRY,
-    DirectReply,
-    Fault,
     HeaderOps,
     Mirror,
     RetryPolicy,
     RouteMatch,
+    retry_backoff,
 )
-from meshproxy.security.authz import AuthzRequest
 from meshproxy.upstream.cluster import Cluster, EndpointState, UpstreamPool
 from meshproxy.upstream.connection import UpstreamExchange
 
 if TYPE_CHECKING:
     from meshproxy.proxy.downstream import Downstream
-    from meshproxy.proxy.tls import PeerInfo
 
 logger = logging.getLogger(__name__)
 
-_WATCHED_REQUEST_HEADERS: Final = frozenset(
-    {
-        b"expect",
-        b"x-forwarded-proto",
-        b"x-request-id",
-        b"x-forwarded-for",
-        b"x-forwarded-client-cert",  # only the proxy sets it: never what a client sent
-        *TRACE_HEADERS,  # replaced by this proxy's span when tracing, else passed on
-        *OVERRIDE_HEADERS,
-    }
-)
 REPLAY_LIMIT: Final = 64 * 1024  # request bytes kept to retry on a fresh connection
 BUFFER_HIGH_WATER: Final = 64 * 1024
-
-
-class LocalReply(Exception):
-    """Answer the downstream ourselves (a value-like exception used only inside this module)."""
-
-    def __init__(self, status: int, body: str, flag: str, headers: Headers | None = None) -> None:
-        super().__init__(body)
-        self.status = status
-        self.body = body
-        self.flag = flag
-        self.headers = headers
 
 
 # Enum members of interpreted modules, as compiled constants (read per request).
 _HTTP2: Final = UpstreamProtocol.HTTP2
 _CLIENT_PROTOCOL: Final = UpstreamProtocol.CLIENT
 _DNS: Final = Resolution.DNS
-
-_XFCC_CACHE: dict[tuple[str, PeerInfo], bytes] = {}
 
 
 def _h2_upstream(cluster: Cluster, downstream_http2: bool) -> bool:
@@ -110,85 +85,8 @@ def _h2_upstream(cluster: Cluster, downstream_http2: bool) -> bool:
     return protocol is _HTTP2 or (protocol is _CLIENT_PROTOCOL and downstream_http2)
 
 
-class _LazyHeaders(Mapping[str, str]):
-    """Request headers as str, decoded only if a route actually matches on headers."""
-
-    __slots__ = ("_decoded", "_raw")
-
-    def __init__(self, raw: Headers) -> None:
-        self._raw = raw
-        self._decoded: dict[str, str] | None = None
-
-    def _get(self) -> dict[str, str]:
-        decoded = self._decoded
-        if decoded is None:
-            decoded = {}
-            for k, v in self._raw:
-                name = k.decode("latin-1")
-                value = v.decode("latin-1")
-                decoded[name] = f"{decoded[name]},{value}" if name in decoded else value
-            self._decoded = decoded
-        return decoded
-
-    def __getitem__(self, key: str) -> str:
-        return self._get()[key]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._get())
-
-    def __len__(self) -> int:
-        return len(self._get())
-
-
-def _view(head: RequestHead, port: int, scheme: str) -> RequestView:
-    target = head.target.decode("latin-1")
-    path, _, query = target.partition("?")
-    host = head.authority or head.header(b"host") or b""
-    return RequestView(
-        head.method.decode("latin-1"),
-        path,
-        query,
-        host.decode("latin-1"),
-        scheme,
-        _LazyHeaders(head.headers),
-        port,
-    )
-
-
-def _upgrade_head(head: RequestHead, target: bytes, out: Headers, from_h2: bool) -> RequestHead:
-    """The HTTP/1.1 upgrade request for a WebSocket, from an h1 upgrade or h2 extended CONNECT."""
-    out.append((b"connection", b"upgrade"))
-    out.append((b"upgrade", b"websocket"))
-    if from_h2 and not any(k == b"sec-websocket-key" for k, _ in out):
-        # RFC 8441 clients send no key; an HTTP/1.1 server requires one (RFC 6455 §4.1).
-        out.append((b"sec-websocket-key", base64.b64encode(os.urandom(16))))
-    return RequestHead(
-        b"GET", target, out, b"1.1", False, False, None, False, 1, head.authority, True
-    )
-
-
-_PATH_MODES: Final = {m.value: m for m in PathNormalization}
-_UNDERSCORE: Final = ord("_")
-
-
-def _header_lines(head: RequestHead, name: str) -> list[str]:
-    key = name.encode("latin-1")
-    return [v.decode("latin-1") for k, v in head.headers if k == key]
-
-
-_CONNECT_FAILURES: Final = frozenset(
-    {FailureKind.CONNECT_REFUSED, FailureKind.CONNECT_TIMEOUT, FailureKind.TLS}
-)
-
-
 class _RetryNow(Exception):
     """Wakes the slow path: the response was one the retry policy retries."""
-
-
-def retry_backoff(retry: int) -> float:
-    """Envoy's fully jittered exponential backoff: 25 ms base, capped at 250 ms."""
-    ceiling = min(0.025 * ((1 << max(retry, 1)) - 1), 0.25)
-    return random() * ceiling
 
 
 class HttpStream:
@@ -217,7 +115,7 @@ class HttpStream:
         # request inbound, the response outbound; only over mesh mTLS), and whether the
         # upstream is a mesh peer (ISTIO_MUTUAL) that gets ours.
         self.peer_metadata: bytes | None = None
-        self._mesh_upstream = False
+        self.mesh_upstream = False
         self.trace: RequestTrace | None = None  # when the snapshot traces
         self.logged_response_headers: Headers = []  # kept only when an access log is on
         self.upstream: UpstreamExchange | None = None
@@ -245,7 +143,6 @@ class HttpStream:
         self._retry_admitted = False  # ... and in its retry budget
         self._overloaded = False
         self._cancel_flag = "DC"  # why the exchange's task was cancelled: DC, OM or SI
-        self._fault_grpc: int | None = None  # a fault abort's gRPC status
         self._try_deadline: float | None = None  # fast path: per-try, until response headers
         self._in_wheel = False
         self._match: RouteMatch | None = None
@@ -264,7 +161,7 @@ class HttpStream:
         self._set_cookie: bytes | None = None  # ... and the cookie it generated, if any
         self._mirrors: tuple[Mirror, ...] = ()  # shadows to send once the request is complete
         self._cors_headers: Headers | None = None  # corsPolicy: set on the response
-        self._overrides: Headers | None = None  # the app's x-envoy-retry-on etc. (outbound)
+        self.overrides: Headers | None = None  # the app's x-envoy-retry-on etc. (outbound)
 
     # -- start -------------------------------------------------------------------------------
     def start(self) -> None:
@@ -276,22 +173,26 @@ class HttpStream:
                 self._overloaded = True  # Envoy's stop_accepting_requests action
                 self.keep_alive = False  # and its connection is shed after the answer
                 raise LocalReply(503, "envoy overloaded", "OM")
-            self._admit(snapshot)
+            admit(conn, self.head, snapshot)
             if self.head.expect_continue:
                 conn.send_interim(100)
             self._match, self._cluster_name, self._outgoing = self._route(snapshot)
             if snapshot.port_rate_limits or (
                 self._match is not None and self._match.route.rate_limit is not None
             ):
-                self._rate_limit(snapshot)
+                take_rate_limit(conn, snapshot, self._match)
             fault = self._match.route.fault if self._match is not None else None
-            delay = self._fault(fault) if fault is not None else None
+            delay = fault_delay(fault, self.grpc) if fault is not None else None
+            if delay is not None:
+                self.flag = "DI"
             cluster = conn.ctx.clusters.get(self._cluster_name)
             if cluster is None:
                 raise LocalReply(503, "no healthy upstream", "NC")
         except LocalReply as reply:
             self._mirrors = ()
-            self._local_reply(reply.status, reply.body, reply.flag, headers=reply.headers)
+            self._local_reply(
+                reply.status, reply.body, reply.flag, reply.grpc_status, reply.headers
+            )
             self._finish()
             return
         self._cluster = cluster
@@ -320,8 +221,8 @@ class HttpStream:
         if self.head.upgrade:
             self._retry = NO_RETRY  # a tunnel is never replayed
         timeout = match.route.timeout if match is not None else None
-        if self._overrides is not None and not self.head.upgrade:
-            self._retry, timeout = apply_overrides(self._retry, timeout, self._overrides)
+        if self.overrides is not None and not self.head.upgrade:
+            self._retry, timeout = apply_overrides(self._retry, timeout, self.overrides)
         self._retries_left = self._retry.attempts
         if self.grpc:
             timeout = grpc_deadline(self.head, timeout)
@@ -355,83 +256,6 @@ class HttpStream:
                 return
             first = host  # no idle connection to it: connect in the slow path
         self.task = spawn(self._slow_path(first=first), name="http-stream")
-
-    def _direct_reply(self, direct: DirectReply) -> LocalReply:
-        """VirtualService directResponse / redirect: the proxy answers, nothing goes upstream."""
-        if direct.is_redirect:
-            head = self.head
-            location = direct.location(
-                "https" if self.conn.peer is not None else "http",
-                (head.authority or b"").decode("latin-1"),
-                head.target.decode("latin-1"),
-            )
-            return LocalReply(direct.status, "", "-", [(b"location", location.encode())])
-        extra: Headers = [(b"content-type", b"text/plain")] if direct.body else []
-        return LocalReply(direct.status, direct.body.decode("latin-1"), "-", extra)
-
-    def _fault(self, fault: Fault) -> float | None:
-        """VirtualService fault: abort (LocalReply, flag FI) or the delay to inject (DI)."""
-        if (fault.abort_status is not None or fault.abort_grpc is not None) and (
-            random() * 100 < fault.abort_percent
-        ):
-            if self.grpc and fault.abort_grpc is not None:
-                self._fault_grpc = fault.abort_grpc
-            raise LocalReply(fault.abort_status or 200, "fault filter abort", "FI")
-        if fault.delay is not None and random() * 100 < fault.delay_percent:
-            self.flag = "DI"
-            return fault.delay
-        return None
-
-    def _screen_underscores(self, head: RequestHead, reject: bool) -> None:
-        """Envoy's headers_with_underscores_action for the client's headers (not for ours)."""
-        headers = head.headers
-        for name, _ in headers:
-            if _UNDERSCORE in name:
-                break
-        else:
-            return
-        metrics = self.conn.ctx.metrics
-        if reject:
-            metrics.downstream_rejected("headers_with_underscores")
-            raise LocalReply(400, "header name with underscores", "DPE")
-        kept = [(n, v) for n, v in headers if _UNDERSCORE not in n]
-        metrics.downstream_headers_dropped("underscores", len(headers) - len(kept))
-        head.headers = kept
-
-    def _admit(self, snapshot: Snapshot) -> None:
-        """Screen header names with underscores, normalize the path (what policy matches is
-        what the app gets), then apply the AuthorizationPolicies of this workload to inbound
-        requests; LocalReply if refused."""
-        conn = self.conn
-        head = self.head
-        underscores = snapshot.settings.headers_with_underscores_action
-        if underscores != "ALLOW":
-            self._screen_underscores(head, underscores == "REJECT_REQUEST")
-        mode = _PATH_MODES[snapshot.settings.path_normalization]
-        try:
-            head.target = normalize_target(head.target, mode)
-        except ProtocolError as exc:
-            conn.ctx.metrics.downstream_rejected("path")
-            raise LocalReply(400, str(exc), "DPE") from None
-        authz = snapshot.authz
-        if authz is None or not conn.inbound:
-            return
-        peer = conn.peer
-        decision = authz.check(
-            AuthzRequest(
-                peer.principal if peer is not None else "",
-                conn.peer_ip,
-                conn.local_port,
-                method=head.method.decode("latin-1"),
-                host=(head.authority or b"").decode("latin-1"),
-                path=head.target.partition(b"?")[0].decode("latin-1"),
-                headers=lambda name: _header_lines(head, name),
-                sni=peer.sni if peer is not None else "",
-            )
-        )
-        conn.ctx.metrics.rbac(decision.allowed, "http")
-        if not decision.allowed:
-            raise LocalReply(403, "RBAC: access denied", "-")
 
     def _begin(self, host: EndpointState, up: UpstreamExchange, reused: bool) -> None:
         """Send the request on `up`: head, the body so far, and its end if it has come."""
@@ -695,7 +519,7 @@ class HttpStream:
                 async with asyncio.timeout_at(self._deadline) as self._timeout_cm:
                     await self._exchange(fresh, backoff, first)
         except LocalReply as reply:
-            self._local_reply(reply.status, reply.body, reply.flag)
+            self._local_reply(reply.status, reply.body, reply.flag, reply.grpc_status)
         except TimeoutError:
             self._abort_upstream()
             self._fail(504, "upstream request timeout", "UT", GRPC_DEADLINE_EXCEEDED)
@@ -805,20 +629,8 @@ class HttpStream:
         kind = err.kind
         if kind is FailureKind.NO_HEALTHY or kind is FailureKind.OVERFLOW:
             return False
-        connect = kind in (
-            FailureKind.CONNECT_REFUSED,
-            FailureKind.CONNECT_TIMEOUT,
-            FailureKind.TLS,
-        )
-        wanted = (
-            "5xx" in on
-            or "gateway-error" in on
-            or "reset" in on
-            or (connect and "connect-failure" in on)
-            or (err.unprocessed and "refused-stream" in on)
-            or ((connect or not err.request_bytes_sent) and "reset-before-request" in on)
-        )
-        if not wanted:
+        connect = kind in CONNECT_FAILURES
+        if not self._retry.retries_failure(connect, err.unprocessed, err.request_bytes_sent):
             return False
         if self._retries_left <= 0:
             self._retry_exhausted = True
@@ -843,11 +655,7 @@ class HttpStream:
     def _overflow(self) -> None:
         """A circuit breaker is open: fail fast, as Envoy does (503 UO, x-envoy-overloaded)."""
         self._overloaded = True
-        self._fail(
-            503,
-            "upstream connect error or disconnect/reset before headers. reset reason: overflow",
-            "UO",
-        )
+        self._fail(503, OVERFLOW_BODY, "UO")
 
     def _count_retry(self, host: EndpointState | None, outcome: str) -> None:
         """A retry decided; `outcome`: what the failed attempt got (a status or flags)."""
@@ -892,28 +700,8 @@ class HttpStream:
             return
         if self._retry_exhausted:
             err.flag += ",URX"  # Envoy: the retry limit was reached
-        if err.kind is FailureKind.NO_HEALTHY:
-            self._fail(503, "no healthy upstream", err.flag)
-        elif err.kind is FailureKind.PROTOCOL:
-            self._fail(
-                502,
-                "upstream connect error or disconnect/reset before headers. "
-                "reset reason: protocol error",
-                err.flag,
-            )
-        else:
-            connect = err.kind in _CONNECT_FAILURES
-            reason = "connection failure" if connect else "connection termination"
-            if err.kind is FailureKind.TLS:
-                # Envoy's wording: the TLS problem is the transport failure reason.
-                reason += f", transport failure reason: {err}"
-            retried = "retried and the latest " if self._attempts > 1 else ""
-            self._fail(
-                503,
-                "upstream connect error or disconnect/reset before headers. "
-                f"{retried}reset reason: {reason}",
-                err.flag,
-            )
+        status, body = upstream_failure_reply(err, self._attempts > 1)
+        self._fail(status, body, err.flag)
 
     def _finish(self) -> None:
         if self._finished:
@@ -951,7 +739,7 @@ class HttpStream:
                 if first is not None and not first.matchers:
                     match = RouteMatch(first, None, vh)  # no VirtualService: nothing to match
                 else:
-                    match = table.route_in(vh, _view(head, conn.local_port, "http"))
+                    match = table.route_in(vh, request_view(head, conn.local_port, "http"))
         if match is None:
             if conn.original_dst is not None and conn.inbound:
                 cluster = INBOUND_PASSTHROUGH  # a port no Sidecar declares: the local app
@@ -961,13 +749,14 @@ class HttpStream:
                 raise LocalReply(502, "", "NR")  # REGISTRY_ONLY: Istio's BlackHoleCluster
             else:
                 raise LocalReply(404, "", "NR")
-            return None, cluster, self._upstream_head(head, None, NO_HEADER_OPS)
+            return None, cluster, build_upstream_head(self, head, None, NO_HEADER_OPS)
         cors = match.route.cors
         if cors is not None:
-            self._cors(cors, head)  # before fault and direct replies, as in Istio's chain
+            # Before fault and direct replies, as in Istio's chain.
+            self._cors_headers = cors_headers(cors, head)
         direct = match.route.direct
         if direct is not None:
-            raise self._direct_reply(direct)
+            raise direct_reply(direct, head, conn.peer is not None)
         target = match.route.pick()
         if target is None:
             raise LocalReply(503, "no healthy upstream", "UH")
@@ -975,39 +764,9 @@ class HttpStream:
         self._target_ops = target.response_headers
         if match.route.mirrors and not head.upgrade:
             self._mirrors = match.route.mirrors
-        self._mesh_upstream = not conn.inbound and snapshot.is_mesh_cluster(target.cluster)
-        return match, target.cluster, self._upstream_head(head, match, target.request_headers)
-
-    def _rate_limit(self, snapshot: Snapshot) -> None:
-        """The route's bucket, else its port's (Envoy: per-route config replaces the
-        listener's); an empty bucket answers 429 with flag RL."""
-        conn = self.conn
-        limit = self._match.route.rate_limit if self._match is not None else None
-        if limit is None:
-            dst = conn.original_dst
-            port = dst[1] if dst is not None else conn.local_port
-            limit = snapshot.port_rate_limits.get((conn.inbound, port))
-        if limit is None or conn.ctx.rate_limiters.take(limit, conn.loop.time()):
-            return
-        conn.ctx.metrics.rate_limited(limit.name)
-        self._mirrors = ()
-        raise LocalReply(
-            limit.status,
-            "local_rate_limited",
-            "RL",
-            headers=[(b"content-type", b"text/plain"), (b"x-envoy-ratelimited", b"true")],
-        )
-
-    def _cors(self, cors: Cors, head: RequestHead) -> None:
-        origin = head.header(b"origin")
-        if not origin:
-            return
-        if is_preflight(head.method, origin, head.header(b"access-control-request-method")):
-            headers = cors.preflight(origin)
-            if headers is not None:
-                raise LocalReply(200, "", "-", headers=headers)
-            return
-        self._cors_headers = cors.response_headers(origin) or None
+        self.mesh_upstream = not conn.inbound and snapshot.is_mesh_cluster(target.cluster)
+        outgoing = build_upstream_head(self, head, match, target.request_headers)
+        return match, target.cluster, outgoing
 
     def _send_mirrors(self) -> None:
         mirrors, self._mirrors = self._mirrors, ()
@@ -1032,114 +791,6 @@ class HttpStream:
                 conn.ctx.metrics,
             )
 
-    def _upstream_head(
-        self, head: RequestHead, match: RouteMatch | None, target_ops: HeaderOps
-    ) -> RequestHead:
-        conn = self.conn
-        inbound = conn.inbound
-        has_proto = has_id = False
-        xff: bytes | None = None
-        tracing = conn.ctx.tracing
-        trace_fields: dict[bytes, bytes] | None = None
-        out: Headers = []
-        append = out.append
-        headers, metadata = strip_hop_by_hop(head.headers)
-        if metadata is not None and inbound and conn.peer is not None:
-            self.peer_metadata = metadata  # a mesh peer's, proven by its certificate
-        for item in headers:
-            k = item[0]
-            if k not in _WATCHED_REQUEST_HEADERS and not (inbound and k[:8] == b"x-envoy-"):
-                append(item)
-            elif k == b"x-forwarded-proto":
-                if not inbound or conn.peer is not None:  # ours, or a mesh peer's
-                    has_proto = True
-                    append(item)
-                # else a plaintext client's claim (catalog F01): replaced by "http" below
-            elif k == b"x-request-id":
-                has_id = True
-                append(item)
-            elif k == b"x-forwarded-for":
-                if inbound:
-                    xff = item[1]
-                else:
-                    append(item)
-            elif k in TRACE_HEADERS:
-                if tracing is None:
-                    append(item)
-                else:
-                    if trace_fields is None:
-                        trace_fields = {}
-                    trace_fields[k] = item[1]
-            elif k in OVERRIDE_HEADERS and not inbound:
-                if self._overrides is None:
-                    self._overrides = []
-                self._overrides.append(item)  # read by start(), never forwarded (Envoy)
-            # else: `expect` (answered here) or an x-envoy-* header from outside the mesh
-        if not has_proto:
-            append((b"x-forwarded-proto", b"http"))
-        if not has_id:
-            self.request_id = new_request_id()
-            append((b"x-request-id", self.request_id))
-        if tracing is not None:
-            out.extend(upstream_headers(self.begin_trace(trace_fields, match)))
-        if not inbound:
-            append((b"x-envoy-attempt-count", b"1"))  # Istio turns this on for outbound
-            if self._mesh_upstream:
-                ctx = conn.ctx
-                append((PEER_METADATA_ID, ctx.peer_metadata_id))
-                append((PEER_METADATA, ctx.peer_metadata))
-        if inbound:
-            # The edge of the mesh appends the peer, as Envoy does with use_remote_address.
-            peer = conn.peer_ip.encode()
-            append((b"x-forwarded-for", xff + b"," + peer if xff else peer))
-            if conn.peer is not None:
-                append((b"x-forwarded-client-cert", self._xfcc(conn.peer)))
-        target = head.target
-        if match is not None:
-            route = match.route
-            if route.rewrites_path:
-                path, sep, query = target.decode("latin-1").partition("?")
-                new_path = route.rewrite_path(match.matcher, path)
-                append((b"x-envoy-original-path", target))
-                target = (new_path + sep + query).encode("latin-1")
-            if route.rewrite_authority is not None:
-                out = [(k, route.rewrite_authority.encode() if k == b"host" else v) for k, v in out]
-            if route.request_headers is not NO_HEADER_OPS:
-                out = route.request_headers.apply(out)
-        if target_ops is not NO_HEADER_OPS:
-            out = target_ops.apply(out)
-        if head.upgrade:
-            return _upgrade_head(head, target, out, conn.http2)
-        return RequestHead(
-            head.method, target, out, b"1.1", True, head.has_body, head.content_length
-        )
-
-    def _xfcc(self, peer: PeerInfo) -> bytes:
-        """Envoy's x-forwarded-client-cert for the mTLS peer (SANITIZE_SET: ours only); the
-        same for every request of a connection, so it is computed once (hashing the peer's
-        certificate per request cost ~10 µs)."""
-        identity = self.conn.ctx.identity
-        own = identity.spiffe_id if identity is not None else None
-        key = (own.principal if own is not None else "", peer)  # PeerInfo hashes by identity
-        cached = _XFCC_CACHE.get(key)
-        if cached is not None:
-            return cached
-        if len(_XFCC_CACHE) >= 1024:
-            _XFCC_CACHE.clear()
-        value = _XFCC_CACHE[key] = self._compute_xfcc(peer)
-        return value
-
-    def _compute_xfcc(self, peer: PeerInfo) -> bytes:
-        identity = self.conn.ctx.identity
-        parts = []
-        if identity is not None and identity.spiffe_id is not None:
-            parts.append(f"By={identity.spiffe_id}")
-        parts.append(f"Hash={hashlib.sha256(peer.cert_der).hexdigest()}")
-        parts.append('Subject=""')
-        if peer.spiffe_id is not None:
-            parts.append(f"URI={peer.spiffe_id}")
-        return ";".join(parts).encode()
-
     def _replayable(self) -> bool:
         if self.head.method in IDEMPOTENT_METHODS or not self.head.has_body:
             return self._replay is not None
@@ -1149,7 +800,7 @@ class HttpStream:
         self.status = head.status
         # The codec's fresh list: ours to extend. Istio's exchange headers leave it too.
         headers, metadata = strip_hop_by_hop(head.headers)
-        if metadata is not None and self._mesh_upstream:
+        if metadata is not None and self.mesh_upstream:
             self.peer_metadata = metadata  # a mesh upstream's facts, over mTLS
         elif self.peer_metadata is not None and self.conn.inbound:
             ctx = self.conn.ctx  # a mesh client sent its own: it gets ours
@@ -1226,8 +877,6 @@ class HttpStream:
         self.response_complete = True
         if self.grpc:
             # gRPC clients read trailers, not HTTP statuses: a trailers-only response.
-            if grpc_status is None:
-                grpc_status = self._fault_grpc
             code = grpc_status if grpc_status is not None else grpc_status_for_http(status)
             self.status = 200
             self.grpc_status = str(code)

@@ -79,6 +79,25 @@ class RetryPolicy:
             return True
         return status in self.status_codes and "retriable-status-codes" in on
 
+    def retries_failure(self, connect_failed: bool, unprocessed: bool, request_sent: bool) -> bool:
+        """Envoy's retry_on conditions for an attempt that got no response: a failed
+        connect, a reset, or a stream the upstream refused (HTTP/2) unprocessed."""
+        on = self.on
+        return (
+            "5xx" in on
+            or "gateway-error" in on
+            or "reset" in on
+            or (connect_failed and "connect-failure" in on)
+            or (unprocessed and "refused-stream" in on)
+            or ((connect_failed or not request_sent) and "reset-before-request" in on)
+        )
+
+
+def retry_backoff(retry: int) -> float:
+    """Envoy's fully jittered exponential backoff: 25 ms base, capped at 250 ms."""
+    ceiling = min(0.025 * ((1 << max(retry, 1)) - 1), 0.25)
+    return random.random() * ceiling
+
 
 # Istio's policies when a route says nothing (istio/istio#50506 dropped 503 from the outbound
 # one: it replayed POSTs that had reached the app). gRPC codes: 1 cancelled, 14 unavailable.

@@ -6,8 +6,7 @@ import pytest
 
 from meshproxy.config.compile import retry_policy
 from meshproxy.config.resources import HTTPRetry
-from meshproxy.proxy.stream import retry_backoff
-from meshproxy.routing.table import NO_RETRY, OUTBOUND_DEFAULT_RETRY
+from meshproxy.routing.table import NO_RETRY, OUTBOUND_DEFAULT_RETRY, retry_backoff
 
 
 def test_absent_retries_are_istios_default() -> None:
