@@ -24,6 +24,7 @@ from meshproxy.proxy.tcp import TcpRelay
 from meshproxy.proxy.tls import PeerInfo
 from meshproxy.security.authz import AuthzRequest
 from meshproxy.security.identity import H2_ALPN, HTTP_ALPN
+from meshproxy.upstream.own_sources import OWN_SOURCES
 
 logger = logging.getLogger(__name__)
 
@@ -136,9 +137,21 @@ class CaptureEntry(asyncio.Protocol):
         self.transport = transport = cast(asyncio.Transport, transport)
         peer = transport.get_extra_info("peername")
         self._peer = str(peer[0]) if peer else ""
+        local = transport.get_extra_info("sockname")
+        if self._from_this_host(peer, local) and OWN_SOURCES.is_own(peer):
+            # Our own upstream connection, captured again: proxying it would loop.
+            self.ctx.metrics.downstream_rejected("proxy_loop")
+            if OWN_SOURCES.loop_seen():
+                logger.warning(
+                    "closed a connection from this proxy's own upstream socket %s: the pod's "
+                    "rules capture the proxy's traffic (is it running as the exempt uid?); "
+                    'counted in meshproxy_downstream_rq_rejected_total{reason="proxy_loop"}',
+                    peer,
+                )
+            transport.abort()
+            return
         sock = transport.get_extra_info("socket")
         dst = original_destination(sock) if sock is not None else None
-        local = transport.get_extra_info("sockname")
         if (
             dst is None
             or (local is not None and dst == (local[0], local[1]))
@@ -176,6 +189,15 @@ class CaptureEntry(asyncio.Protocol):
             self._not_http()
         else:
             self._start_detection_timer(snap.settings)
+
+    def _from_this_host(self, peer: object, local: object) -> bool:
+        """Outbound capture only sees the pod's own sockets; inbound ones come from this host
+        only when the peer is the address they reached (a hairpin) or loopback."""
+        if self.spec.kind is ListenerKind.OUTBOUND_CAPTURE:
+            return True
+        if not isinstance(peer, tuple) or not isinstance(local, tuple):
+            return False
+        return peer[0] == local[0] or peer[0] in ("127.0.0.1", "::1")
 
     def _start_detection_timer(self, settings: ProxySettings) -> None:
         """A port of unknown protocol: a client silent for the detection timeout is taken to

@@ -15,6 +15,7 @@ from meshproxy.codec.h1_limits import Limits
 from meshproxy.errors import FailureKind, UpstreamError
 from meshproxy.upstream.breaker import CircuitBreaker
 from meshproxy.upstream.connection import UpstreamHttp1Connection
+from meshproxy.upstream.own_sources import OWN_SOURCES
 from meshproxy.upstream.tls import UpstreamTls
 
 
@@ -36,23 +37,39 @@ async def open_connection(
     on failure; a TLS peer whose certificate is not the expected one is refused here. The
     verified peer's SPIFFE ID (ISTIO_MUTUAL), or "", is returned (destination_principal)."""
     loop = asyncio.get_running_loop()
-    local = (bind_source, 0) if bind_source else None
+    context = tls.context if tls is not None else None
+    hostname = tls.server_hostname if tls is not None else None
+    handshake_timeout = timeout if tls is not None else None
+    sock: socket.socket | None = None
     try:
-        async with asyncio.timeout(timeout):
-            if tls is None:
-                transport, _ = await loop.create_connection(
-                    lambda: protocol, address, port, local_addr=local
-                )
-            else:
-                transport, _ = await loop.create_connection(
-                    lambda: protocol,
-                    address,
-                    port,
-                    local_addr=local,
-                    ssl=tls.context,
-                    server_hostname=tls.server_hostname,
-                    ssl_handshake_timeout=timeout,
-                )
+        try:
+            async with asyncio.timeout(timeout):
+                # Bound and registered before the SYN: a pod that captures our own traffic
+                # sends this connection back to us, and the listener must know it (L05).
+                sock = OWN_SOURCES.bound_socket(address, bind_source)
+                if sock is not None:
+                    await loop.sock_connect(sock, (address, port))
+                    transport, _ = await loop.create_connection(
+                        lambda: protocol,
+                        sock=sock,
+                        ssl=context,
+                        server_hostname=hostname,
+                        ssl_handshake_timeout=handshake_timeout,
+                    )
+                else:  # a host name: resolved and connected by the loop
+                    transport, _ = await loop.create_connection(
+                        lambda: protocol,
+                        address,
+                        port,
+                        local_addr=(bind_source, 0) if bind_source else None,
+                        ssl=context,
+                        server_hostname=hostname,
+                        ssl_handshake_timeout=handshake_timeout,
+                    )
+        except BaseException:
+            if sock is not None:
+                sock.close()  # not handed to a transport, or its transport failed
+            raise
     except ssl.SSLError as exc:
         raise UpstreamError(
             FailureKind.TLS,
@@ -86,10 +103,10 @@ async def open_connection(
                 FailureKind.TLS, f"TLS error: {problem}", flag="UF", request_bytes_sent=False
             )
         peer = tls.peer_identity(peercert)
-    sock = transport.get_extra_info("socket")
-    if sock is not None:
+    raw = transport.get_extra_info("socket")
+    if raw is not None:
         try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except OSError:
             pass
     return peer

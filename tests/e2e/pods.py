@@ -1,10 +1,17 @@
-"""Pods for end-to-end tests: processes in network namespaces, and curl run inside them."""
+"""Pods for end-to-end tests: network namespaces (root only; under CI=true a missing capability
+fails the run), processes in them, and curl run inside them. Test modules outside tests/e2e
+import the fixtures from here."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
+
+import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -17,12 +24,13 @@ class Procs:
     def __init__(self) -> None:
         self.procs: list[subprocess.Popen[bytes]] = []
         self.cfg = Path()  # the proxy's config directory (certificates live there too)
+        self.proxy: subprocess.Popen[bytes] | None = None  # the sidecar, when there is one
 
     def start(
         self, cmd: list[str], ready: str | None = None, **kw: object
     ) -> subprocess.Popen[bytes]:
         env = dict(os.environ, PYTHONPATH=str(REPO))
-        p = subprocess.Popen(
+        p: subprocess.Popen[bytes] = subprocess.Popen(
             cmd,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -59,3 +67,63 @@ def curl(ns: str, *args: str) -> str:
     )
     assert out.returncode == 0, out.stderr
     return out.stdout
+
+
+def _skip_or_fail(reason: str) -> None:
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"e2e prerequisite missing in CI: {reason}")
+    pytest.skip(reason)
+
+
+def run(*cmd: str) -> None:
+    subprocess.run(cmd, check=True, timeout=30, capture_output=True)
+
+
+@pytest.fixture
+def netns() -> Iterator[str]:
+    """One empty network namespace (loopback up)."""
+    if os.geteuid() != 0:
+        _skip_or_fail("needs root for ip netns and iptables")
+    for tool in ("ip", "iptables-restore", "iptables-legacy-restore"):
+        if shutil.which(tool) is None:
+            _skip_or_fail(f"{tool} is not installed")
+    name = f"mp-ns-{uuid.uuid4().hex[:6]}"
+    try:
+        run("ip", "netns", "add", name)
+        run("ip", "-n", name, "link", "set", "lo", "up")
+        yield name
+    finally:
+        subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=30)
+
+
+@pytest.fixture
+def netns_pair() -> Iterator[tuple[str, str]]:
+    """Two namespaces joined by a veth pair: 'pod' 10.78.0.1 and 'remote' 10.78.0.2."""
+    if os.geteuid() != 0:
+        _skip_or_fail("needs root for ip netns and iptables")
+    for tool in ("ip", "iptables-restore", "setpriv"):
+        if shutil.which(tool) is None:
+            _skip_or_fail(f"{tool} is not installed")
+    tag = uuid.uuid4().hex[:6]
+    pod, remote = f"mp-pod-{tag}", f"mp-rem-{tag}"
+    veth_pod, veth_remote = f"mpp{tag}", f"mpr{tag}"
+    try:
+        run("ip", "netns", "add", pod)
+        run("ip", "netns", "add", remote)
+        run("ip", "link", "add", veth_pod, "type", "veth", "peer", "name", veth_remote)
+        run("ip", "link", "set", veth_pod, "netns", pod)
+        run("ip", "link", "set", veth_remote, "netns", remote)
+        run("ip", "-n", pod, "addr", "add", "10.78.0.1/24", "dev", veth_pod)
+        run("ip", "-n", remote, "addr", "add", "10.78.0.2/24", "dev", veth_remote)
+        # IPv6 too (nodad: usable at once), for ip6tables capture.
+        run("ip", "-n", pod, "addr", "add", "fd00:78::1/64", "dev", veth_pod, "nodad")
+        run("ip", "-n", remote, "addr", "add", "fd00:78::2/64", "dev", veth_remote, "nodad")
+        for ns, dev in ((pod, veth_pod), (remote, veth_remote)):
+            run("ip", "-n", ns, "link", "set", "lo", "up")
+            run("ip", "-n", ns, "link", "set", dev, "up")
+        # Service VIPs are routed out of the pod like in a cluster (kube-proxy's range).
+        run("ip", "-n", pod, "route", "add", "10.96.0.0/16", "via", "10.78.0.2")
+        yield pod, remote
+    finally:
+        subprocess.run(["ip", "netns", "del", pod], capture_output=True, timeout=30)
+        subprocess.run(["ip", "netns", "del", remote], capture_output=True, timeout=30)

@@ -27,8 +27,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.e2e.conftest import _skip_or_fail, run
-from tests.e2e.pods import REPO, Procs, ns_exec
+from tests.e2e.pods import REPO, Procs, _skip_or_fail, ns_exec, run
 
 pytestmark = pytest.mark.e2e
 
