@@ -187,7 +187,7 @@ class H11ServerCodec:
                 if len(headers) > self._limits.max_headers:
                     raise ProtocolError("too many request headers", _DOWN, 431)
                 check_field_syntax(headers, _DOWN)
-                chunked, length, host, expect = request_fields(headers)
+                chunked, length, host, expect, _ = request_fields(headers)
                 head = RequestHead(
                     method=ev.method,
                     target=ev.target,

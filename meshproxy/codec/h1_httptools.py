@@ -32,6 +32,17 @@ from meshproxy.errors import ProtocolError, ProtocolSide
 
 _DOWN: Final = ProtocolSide.DOWNSTREAM
 _UP: Final = ProtocolSide.UPSTREAM
+_HTTP11: Final = b"1.1"
+
+
+def _version(parser: httptools.HttpRequestParser) -> bytes:
+    """The request's HTTP version, asked of llhttp only when keep-alive cannot tell: without a
+    Connection header an HTTP/1.0 request is never keep-alive and an HTTP/1.1 one always is
+    (llhttp accepts no other 1.x version), which spares the str llhttp would format per request."""
+    version = parser.get_http_version()
+    return _HTTP11 if version == "1.1" else version.encode()
+
+
 _END: Final = EndOfMessage()
 
 
@@ -240,14 +251,14 @@ class HttptoolsServerCodec(_Side):
             size = len(self._url) + sum(len(k) + len(v) + 4 for k, v in headers)
             if size > limits.max_header_bytes:
                 raise ProtocolError("request headers too large", _DOWN, 431)
-        chunked, length, host, expect = request_fields(headers)
-        version = p.get_http_version()
+        chunked, length, host, expect, has_connection = request_fields(headers)
+        keep_alive = p.should_keep_alive()
         head = RequestHead(
             p.get_method(),
             self._url,
             headers,
-            b"1.1" if version == "1.1" else version.encode(),
-            p.should_keep_alive(),
+            _HTTP11 if keep_alive and not has_connection else _version(p),
+            keep_alive,
             chunked or bool(length),
             length,
             expect,
@@ -291,8 +302,11 @@ class HttptoolsServerCodec(_Side):
         bodyless = status < 200 or status == 204 or status == 304 or request_method == b"HEAD"
         chunked = head.has_body and head.content_length is None and not bodyless
         parts = [b"HTTP/1.1 %d %b\r\n" % (status, head.reason or reason_phrase(status))]
-        for k, v in head.headers:
-            parts += (k, b": ", v, b"\r\n")
+        for k, v in head.headers:  # four appends: compiled, cheaper than a tuple per line
+            parts.append(k)
+            parts.append(b": ")
+            parts.append(v)
+            parts.append(b"\r\n")
         if chunked:
             parts.append(b"transfer-encoding: chunked\r\n")
         if not keep_alive:
@@ -406,8 +420,11 @@ class HttptoolsClientCodec(_Side):
         self._request_method = head.method
         chunked = head.has_body and head.content_length is None
         parts = [head.method, b" ", head.target, b" HTTP/1.1\r\n"]
-        for k, v in head.headers:
-            parts += (k, b": ", v, b"\r\n")
+        for k, v in head.headers:  # four appends: compiled, cheaper than a tuple per line
+            parts.append(k)
+            parts.append(b": ")
+            parts.append(v)
+            parts.append(b"\r\n")
         if chunked:
             parts.append(b"transfer-encoding: chunked\r\n")
         parts.append(b"\r\n")

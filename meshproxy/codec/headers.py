@@ -144,11 +144,14 @@ def is_websocket_upgrade(headers: Headers) -> bool:
 
 _DOWN: Final = ProtocolSide.DOWNSTREAM  # a compiled constant (read per request)
 _ZERO: Final = ord("0")
-_REQUEST_SPECIAL: Final = frozenset({b"content-length", b"transfer-encoding", b"host", b"expect"})
+_REQUEST_SPECIAL: Final = frozenset(
+    {b"content-length", b"transfer-encoding", b"host", b"expect", b"connection"}
+)
 
 
-def request_fields(headers: Headers) -> tuple[bool, int | None, bytes, bool]:
-    """One pass over request headers: (chunked, content_length, host, expect_continue).
+def request_fields(headers: Headers) -> tuple[bool, int | None, bytes, bool, bool]:
+    """One pass over request headers: (chunked, content_length, host, expect_continue,
+    has_connection); the last says whether keep-alive alone tells the HTTP version.
 
     Framing is checked as `framing` does; exactly one Host is required.
     """
@@ -156,6 +159,7 @@ def request_fields(headers: Headers) -> tuple[bool, int | None, bytes, bool]:
     te: bytes | None = None
     host: bytes | None = None
     expect = False
+    connection = False
     side = _DOWN
     for k, v in headers:
         if k in _REQUEST_SPECIAL:
@@ -167,12 +171,14 @@ def request_fields(headers: Headers) -> tuple[bool, int | None, bytes, bool]:
                 cl = _single(cl, v, "Content-Length", side)
             elif k == b"transfer-encoding":
                 te = _single(te, v, "Transfer-Encoding", side)
+            elif k == b"connection":
+                connection = True
             elif v.lower() == b"100-continue":
                 expect = True
     if host is None:
         raise ProtocolError("exactly one Host header is required", side)
     if te is None and cl is None:
-        return False, None, host, expect
+        return False, None, host, expect, connection
     chunked, length = framing_values(cl, te, side)
     if length is not None and cl is not None and len(cl) > 1 and cl[0] == _ZERO:
         # `010` is ten (RFC 9110 digits are decimal): forwarded as `10`, never verbatim,
@@ -181,4 +187,4 @@ def request_fields(headers: Headers) -> tuple[bool, int | None, bytes, bool]:
         for i, (k, _) in enumerate(headers):
             if k == b"content-length":
                 headers[i] = (k, b"%d" % length)
-    return chunked, length, host, expect
+    return chunked, length, host, expect, connection

@@ -16,18 +16,39 @@ if TYPE_CHECKING:
     from meshproxy.proxy.stream import HttpStream
 
 
+class ConnectionFacts:
+    """A downstream connection as its streams read it, fixed once the connection is made.
+
+    A compiled class: a compiled stream reads each field at C speed, where the same reads
+    through the Downstream protocol were Python attribute lookups (about 45 per request)."""
+
+    def __init__(
+        self,
+        ctx: ProxyContext,
+        loop: asyncio.AbstractEventLoop,
+        inbound: bool,
+        local_port: int,
+        original_dst: tuple[str, int] | None,
+        peer_ip: str,
+        access_log: Callable[[StreamRecord], None] | None,
+        http2: bool,
+        peer: PeerInfo | None,
+    ) -> None:
+        self.ctx = ctx
+        self.loop = loop
+        self.inbound = inbound
+        self.local_port = local_port
+        self.original_dst = original_dst
+        self.peer_ip = peer_ip
+        self.access_log = access_log
+        self.http2 = http2
+        self.peer = peer  # the mTLS client, when the connection came over mesh TLS
+
+
 class Downstream(Protocol):
     """An HTTP/1.1 connection (one stream at a time) or one HTTP/2 stream's channel."""
 
-    ctx: ProxyContext
-    loop: asyncio.AbstractEventLoop
-    inbound: bool
-    local_port: int
-    original_dst: tuple[str, int] | None
-    peer_ip: str
-    access_log: Callable[[StreamRecord], None] | None
-    http2: bool
-    peer: PeerInfo | None  # the mTLS client, when the connection came over mesh TLS
+    facts: ConnectionFacts
 
     def current_binding(self, snapshot: Snapshot) -> PortBinding | None: ...
     def send_interim(self, status: int) -> None: ...

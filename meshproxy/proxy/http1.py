@@ -23,7 +23,7 @@ from meshproxy.errors import ProtocolError
 from meshproxy.observe.recorder import StreamRecord
 from meshproxy.proxy.context import ProxyContext
 from meshproxy.proxy.deadlines import stream_idle_check_interval
-from meshproxy.proxy.downstream import BindingLookup, transport_addresses
+from meshproxy.proxy.downstream import BindingLookup, ConnectionFacts, transport_addresses
 from meshproxy.proxy.stream import HttpStream
 from meshproxy.proxy.tls import PeerInfo
 
@@ -84,6 +84,17 @@ class DownstreamHttp1:
         transport.set_write_buffer_limits(high=HIGH_WATER)
         peer = transport.get_extra_info("peername")
         self.peer_ip = str(peer[0]) if peer else ""
+        self.facts = ConnectionFacts(
+            self.ctx,
+            self.loop,
+            self.inbound,
+            self.local_port,
+            self.original_dst,
+            self.peer_ip,
+            self.access_log,
+            False,
+            self.peer,
+        )
         ctx = self.ctx
         ctx.connections.add(self)
         ctx.metrics.downstream_cx_active += 1
@@ -93,7 +104,8 @@ class DownstreamHttp1:
     def data_received(self, data: bytes) -> None:
         if self._closing:
             return
-        self._stream_active = self.loop.time()
+        if self._stream_idle_timer is not None:  # the clock is read only when it is watched
+            self._stream_active = self.loop.time()
         if self._tunnel is not None:
             self._tunnel.request_data(data)
             return
@@ -164,6 +176,7 @@ class DownstreamHttp1:
                 stream.keep_alive = False
             self.stream = stream
             if self._stream_idle_timer is None:
+                self._stream_active = self.loop.time()  # not kept while no timer watches
                 self._arm_stream_idle()
             if ev.upgrade:
                 self._tunnel = stream
@@ -223,7 +236,8 @@ class DownstreamHttp1:
         if self._raw_out:
             if self.transport is not None and not self.transport.is_closing():
                 self.transport.write(data)
-                self._stream_active = self.loop.time()
+                if self._stream_idle_timer is not None:
+                    self._stream_active = self.loop.time()
             return
         self.codec.send_data(data)
         if not self._cork:
@@ -290,7 +304,8 @@ class DownstreamHttp1:
         transport = self.transport
         if data and transport is not None and not transport.is_closing():
             transport.write(data)
-            self._stream_active = self.loop.time()
+            if self._stream_idle_timer is not None:
+                self._stream_active = self.loop.time()
 
     def pause_reading(self) -> None:
         if not self._reading_paused and self.transport is not None:

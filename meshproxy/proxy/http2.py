@@ -41,7 +41,7 @@ from meshproxy.observe.lograte import RateLimitedLog
 from meshproxy.observe.recorder import StreamRecord
 from meshproxy.proxy.context import ProxyContext
 from meshproxy.proxy.deadlines import stream_idle_check_interval
-from meshproxy.proxy.downstream import BindingLookup, transport_addresses
+from meshproxy.proxy.downstream import BindingLookup, ConnectionFacts, transport_addresses
 from meshproxy.proxy.stream import HttpStream
 from meshproxy.proxy.tls import PeerInfo
 
@@ -71,6 +71,7 @@ class H2Channel:
         self.access_log = conn.access_log
         self.peer = conn.peer
         self.http2 = True
+        self.facts = conn.facts
         self.stream: HttpStream | None = None
         self.request_trailers: Headers = []
         self.out = OutboundData(STREAM_HIGH_WATER, STREAM_LOW_WATER)
@@ -305,6 +306,17 @@ class DownstreamHttp2(asyncio.Protocol):
         transport.set_write_buffer_limits(high=SOCKET_HIGH_WATER)
         peer = transport.get_extra_info("peername")
         self.peer_ip = str(peer[0]) if peer else ""
+        self.facts = ConnectionFacts(
+            self.ctx,
+            self.loop,
+            self.inbound,
+            self.local_port,
+            self.original_dst,
+            self.peer_ip,
+            self.access_log,
+            True,
+            self.peer,
+        )
         ctx = self.ctx
         ctx.connections.add(self)
         ctx.metrics.downstream_cx_active += 1

@@ -3,15 +3,53 @@
 from __future__ import annotations
 
 import binascii
-from random import getrandbits
+import os
 from typing import Final
+
+_POOL_BYTES: Final = 4096  # random bytes drawn at once: 128 ids per getrandom() call
+_VARIANT: Final = b"89ab"  # RFC 9562 variant 10xx, as a hex digit
+
+
+class _HexPool:
+    """Random bytes from the OS, hex-encoded in bulk: an id is a few slices of it."""
+
+    def __init__(self) -> None:
+        self.hex = b""
+        self.at = 0
+
+
+_POOL: Final = _HexPool()
+
+
+def _forget_pool() -> None:
+    _POOL.hex = b""  # a forked worker must never hand out its parent's ids
+    _POOL.at = 0
+
+
+os.register_at_fork(after_in_child=_forget_pool)
 
 
 def new_request_id() -> bytes:
-    """A random UUIDv4 as Envoy generates, without uuid.UUID's object overhead."""
-    h = binascii.hexlify(((getrandbits(128) & _UUID4_CLEAR) | _UUID4_SET).to_bytes(16, "big"))
-    return b"-".join((h[:8], h[8:12], h[12:16], h[16:20], h[20:]))
-
-
-_UUID4_CLEAR: Final = ~((0xF000 << 64) | (0xC000 << 48)) & ((1 << 128) - 1)
-_UUID4_SET: Final = (0x4000 << 64) | (0x8000 << 48)
+    """A random UUIDv4 (122 bits from the OS's CSPRNG), without uuid.UUID's overhead."""
+    pool = _POOL
+    at = pool.at
+    h = pool.hex
+    if at + 32 > len(h):
+        h = pool.hex = binascii.hexlify(os.urandom(_POOL_BYTES))
+        at = 0
+    pool.at = at + 32
+    variant = h[at + 16] & 3  # a random hex digit's low two bits (near even) pick 8, 9, a or b
+    return b"".join(
+        (
+            h[at : at + 8],
+            b"-",
+            h[at + 8 : at + 12],
+            b"-4",
+            h[at + 13 : at + 16],
+            b"-",
+            _VARIANT[variant : variant + 1],
+            h[at + 17 : at + 20],
+            b"-",
+            h[at + 20 : at + 32],
+        )
+    )

@@ -42,12 +42,12 @@ def report(
 ) -> None:
     """The stream's one report: metrics (unless Telemetry disabled them), a span when tracing,
     a log entry when logging."""
-    conn = stream.conn
-    ctx = conn.ctx
+    facts = stream.facts
+    ctx = facts.ctx
     service = stream.destination_service(match, cluster)
-    if conn.inbound:
+    if facts.inbound:
         reporter = "destination"
-        tls_peer = conn.peer
+        tls_peer = facts.peer
         spiffe = tls_peer.spiffe_id if tls_peer is not None else None
         principal = str(spiffe) if spiffe is not None else ""
     else:
@@ -59,7 +59,7 @@ def report(
     metadata = stream.peer_metadata
     peer = ctx.peers.get(metadata, principal) if metadata or principal else NO_PEER
     policy = ctx.snapshot.metrics
-    direction = policy.inbound if conn.inbound else policy.outbound
+    direction = policy.inbound if facts.inbound else policy.outbound
     entry: StreamRecord | None = None
     extra: Extra | None = None
     recorded = True
@@ -85,7 +85,7 @@ def report(
             peer,
             extra,
         )
-    log = conn.access_log
+    log = facts.access_log
     if log is not None:
         if entry is None:
             entry = _log_entry(stream, match, reporter, service, cluster, host, duration)
@@ -102,7 +102,7 @@ def _log_entry(
     duration: float,
 ) -> StreamRecord:
     """What the access log's command operators read."""
-    conn = stream.conn
+    facts = stream.facts
     head = stream.head
     rec = StreamRecord(
         reporter,
@@ -120,7 +120,7 @@ def _log_entry(
     rec.cluster = cluster
     rec.upstream_host = f"{host.address}:{host.port}" if host is not None else ""
     rec.start_time = time.time() - duration
-    rec.request_protocol = "HTTP/2" if conn.http2 else "HTTP/1.1"
+    rec.request_protocol = "HTTP/2" if facts.http2 else "HTTP/1.1"
     headers = head.headers
     if head.header(b"x-request-id") is None:
         # The id generated for the upstream; a request answered before it was forwarded gets
@@ -133,8 +133,8 @@ def _log_entry(
         rec.response_code_details = "via_upstream"
     else:
         rec.response_code_details = _DETAILS.get(flag.split(",")[0], "")
-    rec.downstream_remote_address, rec.downstream_local_address = conn.log_addresses()
-    tls_peer = conn.peer
+    rec.downstream_remote_address, rec.downstream_local_address = stream.conn.log_addresses()
+    tls_peer = facts.peer
     if tls_peer is not None:
         rec.requested_server_name = tls_peer.sni
         if tls_peer.spiffe_id is not None:
@@ -162,11 +162,11 @@ def _end_trace(
         # Answered before it was routed (404, 400): the request still gets its span.
         fields = {k: v for k, v in head.headers if k in TRACE_HEADERS}
         trace = stream.begin_trace(fields, match)
-    tracing = stream.conn.ctx.tracing
+    tracing = stream.facts.ctx.tracing
     if trace.span is None or tracing is None:
         return
-    conn = stream.conn
-    local = conn.ctx.metrics.local
+    facts = stream.facts
+    local = facts.ctx.metrics.local
     status = stream.status
     authority = (head.authority or head.header(b"host") or b"").decode("latin-1")
     request_id = head.header(b"x-request-id") or stream.request_id
@@ -176,7 +176,7 @@ def _end_trace(
         "server.address": authority.rpartition(":")[0] or authority
         if authority.count(":") == 1
         else authority,
-        "network.peer.address": conn.peer_ip,
+        "network.peer.address": facts.peer_ip,
         "user_agent.original": (head.header(b"user-agent") or b"").decode("latin-1"),
         "istio.canonical_service": local.canonical_service,
         "istio.canonical_revision": local.canonical_revision,
@@ -200,5 +200,5 @@ def _end_trace(
             attributes[tag.name] = value.decode("latin-1") if value else tag.default
         else:
             attributes[tag.name] = os.environ.get(tag.value, tag.default)
-    error = status == 0 or status >= 500 or (status >= 400 and not conn.inbound)
+    error = status == 0 or status >= 500 or (status >= 400 and not facts.inbound)
     finish(trace, attributes, error, time.time_ns())

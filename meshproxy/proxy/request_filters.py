@@ -19,7 +19,7 @@ from meshproxy.security.authz import AuthzRequest
 
 if TYPE_CHECKING:
     from meshproxy.observe.metrics import MeshMetrics
-    from meshproxy.proxy.downstream import Downstream
+    from meshproxy.proxy.downstream import ConnectionFacts
 
 _PATH_MODES: Final = {m.value: m for m in PathNormalization}
 _UNDERSCORE: Final = ord("_")
@@ -41,11 +41,11 @@ def screen_underscores(head: RequestHead, reject: bool, metrics: MeshMetrics) ->
     head.headers = kept
 
 
-def admit(conn: Downstream, head: RequestHead, snapshot: Snapshot) -> None:
+def admit(facts: ConnectionFacts, head: RequestHead, snapshot: Snapshot) -> None:
     """Screen header names with underscores, normalize the path (what policy matches is
     what the app gets), then apply the AuthorizationPolicies of this workload to inbound
     requests."""
-    metrics = conn.ctx.metrics
+    metrics = facts.ctx.metrics
     underscores = snapshot.settings.headers_with_underscores_action
     if underscores != "ALLOW":
         screen_underscores(head, underscores == "REJECT_REQUEST", metrics)
@@ -56,14 +56,14 @@ def admit(conn: Downstream, head: RequestHead, snapshot: Snapshot) -> None:
         metrics.downstream_rejected("path")
         raise LocalReply(400, str(exc), "DPE") from None
     authz = snapshot.authz
-    if authz is None or not conn.inbound:
+    if authz is None or not facts.inbound:
         return
-    peer = conn.peer
+    peer = facts.peer
     decision = authz.check(
         AuthzRequest(
             peer.principal if peer is not None else "",
-            conn.peer_ip,
-            conn.local_port,
+            facts.peer_ip,
+            facts.local_port,
             method=head.method.decode("latin-1"),
             host=(head.authority or b"").decode("latin-1"),
             path=head.target.partition(b"?")[0].decode("latin-1"),
@@ -102,17 +102,17 @@ def fault_delay(fault: Fault, grpc: bool) -> float | None:
     return None
 
 
-def take_rate_limit(conn: Downstream, snapshot: Snapshot, match: RouteMatch | None) -> None:
+def take_rate_limit(facts: ConnectionFacts, snapshot: Snapshot, match: RouteMatch | None) -> None:
     """The route's bucket, else its port's (Envoy: per-route config replaces the
     listener's); an empty bucket answers 429 with flag RL."""
     limit = match.route.rate_limit if match is not None else None
     if limit is None:
-        dst = conn.original_dst
-        port = dst[1] if dst is not None else conn.local_port
-        limit = snapshot.port_rate_limits.get((conn.inbound, port))
-    if limit is None or conn.ctx.rate_limiters.take(limit, conn.loop.time()):
+        dst = facts.original_dst
+        port = dst[1] if dst is not None else facts.local_port
+        limit = snapshot.port_rate_limits.get((facts.inbound, port))
+    if limit is None or facts.ctx.rate_limiters.take(limit, facts.loop.time()):
         return
-    conn.ctx.metrics.rate_limited(limit.name)
+    facts.ctx.metrics.rate_limited(limit.name)
     raise LocalReply(
         limit.status,
         "local_rate_limited",

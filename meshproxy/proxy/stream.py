@@ -76,6 +76,7 @@ BUFFER_HIGH_WATER: Final = 64 * 1024
 _HTTP2: Final = UpstreamProtocol.HTTP2
 _CLIENT_PROTOCOL: Final = UpstreamProtocol.CLIENT
 _DNS: Final = Resolution.DNS
+_monotonic: Final = time.monotonic  # a compiled constant: no module lookup per call
 
 
 def _h2_upstream(cluster: Cluster, downstream_http2: bool) -> bool:
@@ -101,6 +102,7 @@ class HttpStream:
 
     def __init__(self, conn: Downstream, head: RequestHead) -> None:
         self.conn = conn
+        self.facts = conn.facts  # read per request: a compiled object, not the protocol
         self.head = head
         self.request_done = not head.has_body and not head.upgrade
         self.request_trailers: Headers = []
@@ -129,7 +131,7 @@ class HttpStream:
         self._target_ops: HeaderOps = NO_HEADER_OPS
         self.task: asyncio.Task[None] | None = None
         self.keep_alive = head.keep_alive
-        self._start = time.monotonic()
+        self._start = _monotonic()
         self._sent_at = 0.0
         self._host: EndpointState | None = None
         self._reused = False
@@ -153,7 +155,7 @@ class HttpStream:
         self._finished = False
         self._h2_upstream = False
         # gRPC needs HTTP/2 end to end; only then is the content-type worth a look.
-        self.grpc = conn.http2 and is_grpc(head)
+        self.grpc = self.facts.http2 and is_grpc(head)
         self.grpc_status = "-"
         self.tunnel_open = False  # a WebSocket upgrade was accepted: bytes flow both ways
         self._timeout_cm: asyncio.Timeout | None = None
@@ -166,26 +168,26 @@ class HttpStream:
     # -- start -------------------------------------------------------------------------------
     def start(self) -> None:
         """Begin the exchange: synchronously when possible, else in a task."""
-        conn = self.conn
+        facts = self.facts
         try:
-            snapshot = conn.ctx.snapshot  # read once: this stream lives by this config
-            if conn.ctx.overloaded:
+            snapshot = facts.ctx.snapshot  # read once: this stream lives by this config
+            if facts.ctx.overloaded:
                 self._overloaded = True  # Envoy's stop_accepting_requests action
                 self.keep_alive = False  # and its connection is shed after the answer
                 raise LocalReply(503, "envoy overloaded", "OM")
-            admit(conn, self.head, snapshot)
+            admit(facts, self.head, snapshot)
             if self.head.expect_continue:
-                conn.send_interim(100)
+                self.conn.send_interim(100)
             self._match, self._cluster_name, self._outgoing = self._route(snapshot)
             if snapshot.port_rate_limits or (
                 self._match is not None and self._match.route.rate_limit is not None
             ):
-                take_rate_limit(conn, snapshot, self._match)
+                take_rate_limit(facts, snapshot, self._match)
             fault = self._match.route.fault if self._match is not None else None
             delay = fault_delay(fault, self.grpc) if fault is not None else None
             if delay is not None:
                 self.flag = "DI"
-            cluster = conn.ctx.clusters.get(self._cluster_name)
+            cluster = facts.ctx.clusters.get(self._cluster_name)
             if cluster is None:
                 raise LocalReply(503, "no healthy upstream", "NC")
         except LocalReply as reply:
@@ -200,7 +202,7 @@ class HttpStream:
             self._send_mirrors()
         if cluster.hashing is not None:
             self._hash_key, self._set_cookie = request_hash(
-                cluster.hashing, self.head, conn.peer_ip, f"{conn.peer_ip}|{id(conn)}"
+                cluster.hashing, self.head, facts.peer_ip, f"{facts.peer_ip}|{id(self.conn)}"
             )
         breaker = cluster.breaker
         if breaker.limited:
@@ -209,14 +211,14 @@ class HttpStream:
                 self._finish()
                 return
             self._admitted = True
-        if _h2_upstream(cluster, conn.http2) and not self.head.upgrade:
+        if _h2_upstream(cluster, facts.http2) and not self.head.upgrade:
             # WebSocket goes over HTTP/1.1 upstream (an h2 hop would need extended CONNECT
             # from the server: Istio #27078).
             self._h2_upstream = True
         match = self._match
         if match is not None:
             self._retry = match.route.retry
-        elif not conn.inbound:
+        elif not facts.inbound:
             self._retry = OUTBOUND_DEFAULT_RETRY
         if self.head.upgrade:
             self._retry = NO_RETRY  # a tunnel is never replayed
@@ -228,7 +230,7 @@ class HttpStream:
             timeout = grpc_deadline(self.head, timeout)
             out = self._outgoing
             out.headers = with_grpc_timeout(out.headers, timeout)
-        loop = conn.loop
+        loop = facts.loop
         if timeout is not None:
             self._deadline = loop.time() + timeout
         if delay is not None:
@@ -239,7 +241,7 @@ class HttpStream:
         first: EndpointState | None = None  # picked here: the slow path must not pick again
         if cluster.spec.resolution is not _DNS:
             try:
-                host = cluster.pick_now(conn.original_dst, (), self._hash_key)
+                host = cluster.pick_now(facts.original_dst, (), self._hash_key)
             except UpstreamError as err:
                 self._upstream_failed(err)
                 self._finish()
@@ -251,7 +253,7 @@ class HttpStream:
                     self._try_deadline = loop.time() + per_try
                 if timeout is not None or per_try is not None:
                     self._in_wheel = True
-                    conn.ctx.deadlines.add(self, loop)
+                    facts.ctx.deadlines.add(self, loop)
                 self._begin(host, up, reused=True)
                 return
             first = host  # no idle connection to it: connect in the slow path
@@ -264,7 +266,7 @@ class HttpStream:
         self._host = host
         self._reused = reused
         self.upstream = up
-        self._sent_at = time.monotonic()
+        self._sent_at = _monotonic()
         assert self._outgoing is not None
         up.start(self._outgoing, self, self.grpc)
         if self.head.upgrade:
@@ -478,7 +480,7 @@ class HttpStream:
     def _leave_wheel(self) -> None:
         if self._in_wheel:
             self._in_wheel = False
-            self.conn.ctx.deadlines.discard(self)
+            self.facts.ctx.deadlines.discard(self)
 
     def _per_try_expired(self) -> None:
         """The fast path's try took longer than perTryTimeout before any response header."""
@@ -547,7 +549,7 @@ class HttpStream:
     ) -> None:
         cluster = self._cluster
         assert cluster is not None
-        loop = self.conn.loop
+        loop = self.facts.loop
         per_try = self._retry.per_try_timeout
         while True:
             if backoff:
@@ -557,7 +559,7 @@ class HttpStream:
                 host, first = first, None
             else:
                 exclude = self._tried if self._retry.ignore_previous_hosts else ()
-                host = await cluster.pick(self.conn.original_dst, exclude, self._hash_key)
+                host = await cluster.pick(self.facts.original_dst, exclude, self._hash_key)
             pool: UpstreamPool = host.h2_pool() if self._h2_upstream else host.pool
             try:
                 if fresh:
@@ -663,10 +665,10 @@ class HttpStream:
         self._attempts += 1
         if host is not None and host not in self._tried:
             self._tried.append(host)
-        ctx = self.conn.ctx
+        ctx = self.facts.ctx
         ctx.metrics.upstream_retry(self._cluster_name)
         out = self._outgoing
-        if out is not None and not self.conn.inbound:
+        if out is not None and not self.facts.inbound:
             attempt = b"%d" % self._attempts
             out.headers = [
                 (k, attempt) if k == b"x-envoy-attempt-count" else (k, v) for k, v in out.headers
@@ -722,14 +724,14 @@ class HttpStream:
         up = self.upstream
         if up is not None and not (up.request_done or self.request_done):
             up.abort()  # the response ended before the request body: never reuse
-        report(self, self._match, self._cluster_name, host, time.monotonic() - self._start)
+        report(self, self._match, self._cluster_name, host, _monotonic() - self._start)
         self.conn.stream_finished(self)
 
     def _route(self, snapshot: Snapshot) -> tuple[RouteMatch | None, str, RequestHead]:
         """Pick route and cluster and build the upstream head; LocalReply if none fits."""
-        conn = self.conn
+        facts = self.facts
         head = self.head
-        binding = conn.current_binding(snapshot)
+        binding = self.conn.current_binding(snapshot)
         match = None
         if binding is not None and binding.route_table is not None:
             table = binding.route_table
@@ -739,13 +741,13 @@ class HttpStream:
                 if first is not None and not first.matchers:
                     match = RouteMatch(first, None, vh)  # no VirtualService: nothing to match
                 else:
-                    match = table.route_in(vh, request_view(head, conn.local_port, "http"))
+                    match = table.route_in(vh, request_view(head, facts.local_port, "http"))
         if match is None:
-            if conn.original_dst is not None and conn.inbound:
+            if facts.original_dst is not None and facts.inbound:
                 cluster = INBOUND_PASSTHROUGH  # a port no Sidecar declares: the local app
-            elif conn.original_dst is not None and not snapshot.registry_only:
+            elif facts.original_dst is not None and not snapshot.registry_only:
                 cluster = PASSTHROUGH
-            elif conn.original_dst is not None:
+            elif facts.original_dst is not None:
                 raise LocalReply(502, "", "NR")  # REGISTRY_ONLY: Istio's BlackHoleCluster
             else:
                 raise LocalReply(404, "", "NR")
@@ -756,7 +758,7 @@ class HttpStream:
             self._cors_headers = cors_headers(cors, head)
         direct = match.route.direct
         if direct is not None:
-            raise direct_reply(direct, head, conn.peer is not None)
+            raise direct_reply(direct, head, facts.peer is not None)
         target = match.route.pick()
         if target is None:
             raise LocalReply(503, "no healthy upstream", "UH")
@@ -764,22 +766,22 @@ class HttpStream:
         self._target_ops = target.response_headers
         if match.route.mirrors and not head.upgrade:
             self._mirrors = match.route.mirrors
-        self.mesh_upstream = not conn.inbound and snapshot.is_mesh_cluster(target.cluster)
+        self.mesh_upstream = not facts.inbound and snapshot.is_mesh_cluster(target.cluster)
         outgoing = build_upstream_head(self, head, match, target.request_headers)
         return match, target.cluster, outgoing
 
     def _send_mirrors(self) -> None:
         mirrors, self._mirrors = self._mirrors, ()
-        conn, outgoing = self.conn, self._outgoing
+        facts, outgoing = self.facts, self._outgoing
         assert outgoing is not None and self._match is not None
         body = list(self._replay) if self._replay is not None else None
         for m in mirrors:
             if m.percent < 100 and random() * 100 >= m.percent:
                 continue
-            cluster = conn.ctx.clusters.get(m.cluster)
+            cluster = facts.ctx.clusters.get(m.cluster)
             if cluster is None:
                 continue
-            h2 = _h2_upstream(cluster, conn.http2)
+            h2 = _h2_upstream(cluster, facts.http2)
             mirror(
                 cluster,
                 outgoing,
@@ -788,7 +790,7 @@ class HttpStream:
                 self._match.route.timeout,
                 h2 or self.grpc,
                 self.grpc,
-                conn.ctx.metrics,
+                facts.ctx.metrics,
             )
 
     def _replayable(self) -> bool:
@@ -802,11 +804,11 @@ class HttpStream:
         headers, metadata = strip_hop_by_hop(head.headers)
         if metadata is not None and self.mesh_upstream:
             self.peer_metadata = metadata  # a mesh upstream's facts, over mTLS
-        elif self.peer_metadata is not None and self.conn.inbound:
-            ctx = self.conn.ctx  # a mesh client sent its own: it gets ours
+        elif self.peer_metadata is not None and self.facts.inbound:
+            ctx = self.facts.ctx  # a mesh client sent its own: it gets ours
             headers.append((PEER_METADATA_ID, ctx.peer_metadata_id))
             headers.append((PEER_METADATA, ctx.peer_metadata))
-        elapsed = int((time.monotonic() - self._sent_at) * 1000)
+        elapsed = int((_monotonic() - self._sent_at) * 1000)
         headers.append((b"x-envoy-upstream-service-time", b"%d" % elapsed))
         if self._set_cookie is not None:
             headers.append((b"set-cookie", self._set_cookie))
@@ -819,7 +821,7 @@ class HttpStream:
         if self._target_ops is not NO_HEADER_OPS:
             headers = self._target_ops.apply(headers)
         head.headers = headers
-        if self.conn.access_log is not None:
+        if self.facts.access_log is not None:
             self.logged_response_headers = headers
         self.response_head_sent = True
         self.conn.send_response_head(head, self)
@@ -831,25 +833,25 @@ class HttpStream:
         trace = self.trace
         if trace is not None:
             return trace  # a retry or a second upstream head: one span per request
-        tracing = self.conn.ctx.tracing
+        tracing = self.facts.ctx.tracing
         assert tracing is not None
-        conn = self.conn
+        facts = self.facts
         incoming = parse_incoming(fields, fields.get(b"tracestate", b"")) if fields else None
         trace = tracing.decide(incoming)
         if trace is None:  # sampled: an SDK span from the request's start
-            name = f"{self.destination_service(match, self._cluster_name)}:{conn.local_port}/*"
-            start_ns = time.time_ns() - int((time.monotonic() - self._start) * 1e9)
-            trace = tracing.begin(incoming, name, SERVER if conn.inbound else CLIENT, start_ns)
+            name = f"{self.destination_service(match, self._cluster_name)}:{facts.local_port}/*"
+            start_ns = time.time_ns() - int((_monotonic() - self._start) * 1e9)
+            trace = tracing.begin(incoming, name, SERVER if facts.inbound else CLIENT, start_ns)
         self.trace = trace
         return trace
 
     def destination_service(self, match: RouteMatch | None, cluster: str) -> str:
         """Istio's destination_service: the route's service outbound, the Host's inbound."""
-        conn = self.conn
-        if conn.inbound:
+        facts = self.facts
+        if facts.inbound:
             head = self.head
             authority = head.authority or head.header(b"host") or b""
-            return conn.ctx.snapshot.inbound_service(authority.decode("latin-1"))
+            return facts.ctx.snapshot.inbound_service(authority.decode("latin-1"))
         return match.virtual_host.service if match is not None else cluster
 
     def _abort_upstream(self) -> None:

@@ -41,23 +41,23 @@ def build_upstream_head(
 ) -> RequestHead:
     """Also records on `stream` what the headers told: the mesh peer's metadata, the app's
     retry overrides (outbound), the request id generated and the trace begun."""
-    conn = stream.conn
-    inbound = conn.inbound
+    facts = stream.facts
+    inbound = facts.inbound
     has_proto = has_id = False
     xff: bytes | None = None
-    tracing = conn.ctx.tracing
+    tracing = facts.ctx.tracing
     trace_fields: dict[bytes, bytes] | None = None
     out: Headers = []
     append = out.append
     headers, metadata = strip_hop_by_hop(head.headers)
-    if metadata is not None and inbound and conn.peer is not None:
+    if metadata is not None and inbound and facts.peer is not None:
         stream.peer_metadata = metadata  # a mesh peer's, proven by its certificate
     for item in headers:
         k = item[0]
         if k not in _WATCHED_REQUEST_HEADERS and not (inbound and k[:8] == b"x-envoy-"):
             append(item)
         elif k == b"x-forwarded-proto":
-            if not inbound or conn.peer is not None:  # ours, or a mesh peer's
+            if not inbound or facts.peer is not None:  # ours, or a mesh peer's
                 has_proto = True
                 append(item)
             # else a plaintext client's claim (catalog F01): replaced by "http" below
@@ -91,15 +91,15 @@ def build_upstream_head(
     if not inbound:
         append((b"x-envoy-attempt-count", b"1"))  # Istio turns this on for outbound
         if stream.mesh_upstream:
-            ctx = conn.ctx
+            ctx = facts.ctx
             append((PEER_METADATA_ID, ctx.peer_metadata_id))
             append((PEER_METADATA, ctx.peer_metadata))
     if inbound:
         # The edge of the mesh appends the peer, as Envoy does with use_remote_address.
-        peer_ip = conn.peer_ip.encode()
+        peer_ip = facts.peer_ip.encode()
         append((b"x-forwarded-for", xff + b"," + peer_ip if xff else peer_ip))
-        if conn.peer is not None:
-            append((b"x-forwarded-client-cert", xfcc(conn.ctx.identity, conn.peer)))
+        if facts.peer is not None:
+            append((b"x-forwarded-client-cert", xfcc(facts.ctx.identity, facts.peer)))
     target = head.target
     if match is not None:
         route = match.route
@@ -115,7 +115,7 @@ def build_upstream_head(
     if target_ops is not NO_HEADER_OPS:
         out = target_ops.apply(out)
     if head.upgrade:
-        return upgrade_head(head, target, out, conn.http2)
+        return upgrade_head(head, target, out, facts.http2)
     return RequestHead(head.method, target, out, b"1.1", True, head.has_body, head.content_length)
 
 

@@ -1,0 +1,124 @@
+"""Where the compiled proxy spends its CPU under load: perf samples of one `meshproxy run`
+(the load harness's mesh, compiled hot path) while wrk drives it, top symbols printed.
+
+    python -m benchmarks.profile [--seconds 10] [--connections 50] [--top 40]
+
+mypyc compiles each function to a C symbol named after it (CPyDef_<module>___<function>),
+so the report reads like a Python profile of the compiled modules; time in the interpreter
+(_PyEval_EvalFrameDefault and friends) is what is still interpreted. Needs perf, wrk, nginx
+and taskset; every process started here is stopped by its PID.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+from benchmarks.load import MESH, Processes, compiled_copy, meshproxy_cmd, run_wrk, wait_port
+from meshproxy.bench import processes
+from meshproxy.bench.processes import NGINX_UPSTREAM, free_port
+
+PERF_RECORD = ["perf", "record", "--call-graph", "dwarf,16384"]  # Python has no frame pointers
+_FRAME = re.compile(r"\s*[0-9a-f]+ (\S+?)(?:\+0x[0-9a-f]+)? \((.*)\)")
+# Where a sample's time is charged: the innermost function of ours (mypyc's C function for a
+# compiled one) or of uvloop/httptools, so that time in CPython's C API (allocation, attribute
+# and method lookups) counts against the code that asked for it.
+_OWNERS = ("CPyDef_", "CPyPy_", "__pyx_", "llhttp")
+
+
+def parse_samples(script: str) -> list[list[tuple[str, str]]]:
+    """`perf script` output as one (symbol, object) list per sample, innermost first."""
+    samples = []
+    for block in script.split("\n\n"):
+        frames = [m.groups() for m in map(_FRAME.match, block.splitlines()[1:]) if m]
+        if frames:
+            samples.append(frames)
+    return samples
+
+
+def summarize(samples: list[list[tuple[str, str]]], top: int) -> str:
+    total = len(samples) or 1
+    in_kernel = sum(1 for s in samples if "kernel" in s[0][1])
+    own: Counter[str] = Counter()
+    inclusive: Counter[str] = Counter()
+    for frames in samples:
+        if "kernel" in frames[0][1]:
+            continue
+        owner = next((sym for sym, _ in frames if sym.startswith(_OWNERS)), "?" + frames[0][0])
+        own[owner] += 1
+        for sym in {sym for sym, _ in frames if sym.startswith("CPyDef_")}:
+            inclusive[sym] += 1
+    lines = [
+        f"{len(samples)} samples: {100 * in_kernel / total:.1f}% in the kernel (sockets, "
+        f"syscalls), {100 * (total - in_kernel) / total:.1f}% in user space",
+        "",
+        "user-space time charged to the innermost function of ours, uvloop or httptools:",
+    ]
+    lines += [f"  {100 * n / total:5.1f}%  {sym}" for sym, n in own.most_common(top)]
+    lines += ["", "user-space time inclusive of callees, compiled functions:"]
+    lines += [f"  {100 * n / total:5.1f}%  {sym}" for sym, n in inclusive.most_common(top)]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--seconds", type=int, default=10)
+    ap.add_argument("--connections", type=int, default=50)
+    ap.add_argument("--top", type=int, default=40)
+    ap.add_argument("--frequency", type=int, default=499, help="samples per second")
+    args = ap.parse_args(argv)
+    for tool in ("perf", "wrk", "nginx", "taskset"):
+        if shutil.which(tool) is None:
+            print(f"{tool} is required", file=sys.stderr)
+            return 2
+    tmp = Path(tempfile.mkdtemp(prefix="meshproxy-profile-"))
+    procs = Processes()
+    try:
+        up_port = free_port()
+        (tmp / "up.conf").write_text(NGINX_UPSTREAM.format(dir=tmp, port=up_port))
+        processes.write_body_files(tmp)
+        procs.start(["taskset", "-c", "0", "nginx", "-c", str(tmp / "up.conf"), "-p", str(tmp)])
+        wait_port(up_port)
+        cwd = compiled_copy(tmp / "compiled")
+        if cwd is None:
+            return 2
+        port, admin = free_port(), free_port()
+        cfg = tmp / "mesh"
+        cfg.mkdir()
+        text = MESH.format(admin=admin, codec="httptools", port=port, upstream=up_port, workers=1)
+        (cfg / "mesh.yaml").write_text(text)
+        proxy = procs.start(meshproxy_cmd(cfg), cwd)
+        wait_port(port)
+        run_wrk(port, 2, args.connections, "0")  # warm-up
+        data = tmp / "perf.data"
+        perf = subprocess.Popen(
+            [*PERF_RECORD, "-F", str(args.frequency), "-o", str(data), "-p", str(proxy.pid)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        rps = run_wrk(port, args.seconds, args.connections, "0")[0]
+        perf.send_signal(2)
+        perf.wait(timeout=60)
+        script = subprocess.run(
+            ["perf", "script", "-i", str(data)],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            check=True,
+        ).stdout
+        print(f"{rps:,.0f} req/s through the compiled proxy")
+        print(summarize(parse_samples(script), args.top))
+        print(f"\nreproduce: python -m benchmarks.profile --seconds {args.seconds}")
+    finally:
+        procs.stop_all()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
