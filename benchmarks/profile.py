@@ -17,10 +17,13 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 from collections import Counter
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 
 from benchmarks.load import MESH, Processes, compiled_copy, meshproxy_cmd, run_wrk, wait_port
+from benchmarks.telemetry import OtlpSink, telemetry_mesh
 from meshproxy.bench import processes
 from meshproxy.bench.processes import NGINX_UPSTREAM, free_port
 
@@ -36,7 +39,7 @@ def parse_samples(script: str) -> list[list[tuple[str, str]]]:
     """`perf script` output as one (symbol, object) list per sample, innermost first."""
     samples = []
     for block in script.split("\n\n"):
-        frames = [m.groups() for m in map(_FRAME.match, block.splitlines()[1:]) if m]
+        frames = [(m[1], m[2]) for m in map(_FRAME.match, block.splitlines()[1:]) if m]
         if frames:
             samples.append(frames)
     return samples
@@ -72,6 +75,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--connections", type=int, default=50)
     ap.add_argument("--top", type=int, default=40)
     ap.add_argument("--frequency", type=int, default=499, help="samples per second")
+    ap.add_argument(
+        "--telemetry",
+        action="store_true",
+        help="profile the telemetry benchmark's middle case: 1%% tracing + a JSON access log",
+    )
     args = ap.parse_args(argv)
     for tool in ("perf", "wrk", "nginx", "taskset"):
         if shutil.which(tool) is None:
@@ -92,6 +100,10 @@ def main(argv: list[str] | None = None) -> int:
         cfg = tmp / "mesh"
         cfg.mkdir()
         text = MESH.format(admin=admin, codec="httptools", port=port, upstream=up_port, workers=1)
+        if args.telemetry:
+            collector = ThreadingHTTPServer(("127.0.0.1", 0), OtlpSink)
+            threading.Thread(target=collector.serve_forever, daemon=True).start()
+            text = telemetry_mesh(admin, port, up_port, collector.server_address[1], tmp)
         (cfg / "mesh.yaml").write_text(text)
         proxy = procs.start(meshproxy_cmd(cfg), cwd)
         wait_port(port)

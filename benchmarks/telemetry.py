@@ -74,7 +74,7 @@ spec:
 """
 
 
-class _Sink(BaseHTTPRequestHandler):
+class OtlpSink(BaseHTTPRequestHandler):
     def do_POST(self) -> None:  # an OTLP/HTTP collector that drops what it gets
         self.rfile.read(int(self.headers.get("content-length", "0")))
         self.send_response(200)
@@ -85,6 +85,34 @@ class _Sink(BaseHTTPRequestHandler):
         pass
 
 
+def telemetry_mesh(
+    admin: int,
+    port: int,
+    upstream: int,
+    collector: int,
+    tmp: Path,
+    percent: float | None = 1,
+    json_log: bool = True,
+    resources: str = "",
+) -> str:
+    """The benchmark's mesh with one variant's telemetry (default: the middle case)."""
+    spec = ""
+    if percent is not None or json_log:
+        spec = telemetry_spec(collector, tmp / "access.log", percent, json_log)
+    text = BUILTIN_MESH.format(
+        admin=admin,
+        host="bench.local",
+        port=port,
+        resolution="STATIC",
+        upstream_host="127.0.0.1",
+        upstream_port=upstream,
+        access_log="",
+    )
+    # The provider lines belong in the ProxyConfig spec (the first document).
+    head, sep, rest = text.partition("\n---\n")
+    return head + "\n" + spec + sep + rest + resources
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--duration", type=int, default=5)
@@ -92,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tree", default=str(Path(__file__).resolve().parents[1]))
     args = ap.parse_args(argv)
     tmp = Path(tempfile.mkdtemp(prefix="meshproxy-telemetry-"))
-    collector = ThreadingHTTPServer(("127.0.0.1", 0), _Sink)
+    collector = ThreadingHTTPServer(("127.0.0.1", 0), OtlpSink)
     threading.Thread(target=collector.serve_forever, daemon=True).start()
     procs = Processes(tmp)
     up = free_port()
@@ -112,25 +140,17 @@ def main(argv: list[str] | None = None) -> int:
         for run in range(args.runs):
             for name, extra in variants.items():
                 port = free_port()
-                spec = ""
+                log_dir = tmp / f"logs-{run}-{abs(hash(name))}"
+                log_dir.mkdir()
                 if isinstance(extra, tuple):
-                    log = tmp / f"access-{run}.log"
-                    spec = telemetry_spec(collector.server_address[1], log, *extra)
-                text = BUILTIN_MESH.format(
-                    admin=free_port(),
-                    host="bench.local",
-                    port=port,
-                    resolution="STATIC",
-                    upstream_host="127.0.0.1",
-                    upstream_port=up,
-                    access_log="",
-                )
-                # The provider lines belong in the ProxyConfig spec (the first document).
-                head, sep, rest = text.partition("\n---\n")
+                    text = telemetry_mesh(
+                        free_port(), port, up, collector.server_address[1], log_dir, *extra
+                    )
+                else:
+                    text = telemetry_mesh(free_port(), port, up, 0, log_dir, None, False, extra)
                 cfg = tmp / f"v{run}-{len(cpu[name])}-{abs(hash(name))}"
                 cfg.mkdir()
-                resources = extra if isinstance(extra, str) else ""
-                (cfg / "mesh.yaml").write_text(head + "\n" + spec + sep + rest + resources)
+                (cfg / "mesh.yaml").write_text(text)
                 proc = subprocess.Popen(
                     [sys.executable, "-m", "meshproxy", "--log-level", "error", "run", "-c",
                      str(cfg)],
