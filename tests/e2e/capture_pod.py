@@ -19,7 +19,7 @@ import pytest
 
 from meshproxy.intercept.apply import apply
 from meshproxy.intercept.capture_config import resolve
-from tests.e2e.pods import REPO, Procs, ns_exec
+from tests.e2e.pods import REPO, Procs, curl_status, ns_exec
 
 CONFIG = """
 apiVersion: meshproxy.io/v1alpha1
@@ -114,23 +114,7 @@ def pod(
         procs.proxy = proxy
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:
-            probe = subprocess.run(
-                ns_exec(
-                    pod_ns,
-                    "curl",
-                    "-s",
-                    "-o",
-                    "/dev/null",
-                    "-w",
-                    "%{http_code}",
-                    "http://127.0.0.1:15000/ready",
-                ),
-                capture_output=True,
-                text=True,
-                timeout=10,
-                check=False,
-            )
-            if probe.stdout == "200":
+            if curl_status(pod_ns, "http://127.0.0.1:15000/ready") == "200":
                 break
             assert proxy.poll() is None, proxy.stdout.read().decode() if proxy.stdout else ""
             time.sleep(0.1)

@@ -57,6 +57,19 @@ class Procs:
                     p.wait(timeout=5)
 
 
+def curl_status(ns: str, url: str, max_time: float = 5) -> str:
+    """The HTTP status curl got inside `ns` ("000": no response at all)."""
+    out = subprocess.run(
+        ns_exec(ns, "curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "--max-time",
+                str(max_time), url),
+        capture_output=True,
+        text=True,
+        timeout=max_time + 10,
+        check=False,
+    )  # fmt: skip
+    return out.stdout
+
+
 def curl(ns: str, *args: str) -> str:
     out = subprocess.run(
         ns_exec(ns, "curl", "-sS", "--max-time", "5", *args),

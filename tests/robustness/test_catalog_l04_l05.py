@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from tests.e2e.capture_pod import pod
-from tests.e2e.pods import Procs, curl, netns_pair, ns_exec
+from tests.e2e.pods import Procs, curl, curl_status, netns_pair, ns_exec
 from tests.support.metrics import series, value
 
 pytestmark = pytest.mark.e2e
@@ -125,24 +125,7 @@ def test_L05_a_proxy_whose_own_traffic_is_captured_fails_once_without_looping(
     before = _open_fds(procs)
     # HTTP: the proxy's upstream connection is redirected back to it; that connection is
     # closed, so the request fails once (503, the upstream went away before its headers).
-    status = subprocess.run(
-        ns_exec(
-            pod_ns,
-            "curl",
-            "-s",
-            "-o",
-            "/dev/null",
-            "-w",
-            "%{http_code}",
-            "--max-time",
-            "10",
-            "http://10.78.0.2:8080/loop",
-        ),
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    ).stdout
+    status = curl_status(pod_ns, "http://10.78.0.2:8080/loop", max_time=10)
     assert status == "503"
     # TCP to an unknown destination: relayed, captured again, closed; the client sees EOF.
     script = (
