@@ -192,7 +192,7 @@ class Snapshot:
     def requires_mesh_mtls(self) -> bool:
         """Whether some traffic cannot flow without the workload certificate: a STRICT port,
         or ISTIO_MUTUAL origination (explicit or auto). Readiness waits for it then."""
-        if "STRICT" in (self.mtls.default, *self.mtls.ports.values()):
+        if self.mtls.default == "STRICT" or "STRICT" in self.mtls.ports.values():
             return True
         return any(
             c.tls is not None and c.tls.mode == "ISTIO_MUTUAL" for c in self.clusters.values()
