@@ -5,14 +5,18 @@ to itself: a pod whose rules do not exempt the proxy's uid (catalog L05, Istio #
 Proxying it again would open another connection that loops the same way, without end; the
 capture listener closes it instead, and the request that caused it fails once.
 
-The port must be known before the SYN leaves: the looped connection is accepted, often
-before the connect that caused it returns. So upstream sockets are bound first (port 0,
-SO_REUSEADDR so ports in TIME_WAIT stay usable) and registered, then connected.
+The port must be known before this proxy's event loop can accept the looped connection.
+So upstream sockets are connected here without waiting: the kernel picks the port inside
+connect(), as for any client socket (the same port reuse rules), and the port is registered
+before the loop runs again; only then does the caller wait for the connection to complete.
 """
 
 from __future__ import annotations
 
+import asyncio
+import errno
 import ipaddress
+import os
 import socket
 from typing import Final
 
@@ -29,26 +33,29 @@ class OwnSources:
         self._first_sweep = self._sweep_at = first_sweep
         self.loops = 0
 
-    def bound_socket(self, address: str, bind_source: str | None) -> socket.socket | None:
-        """A non-blocking TCP socket bound for connecting to `address` (an IP literal) and
+    def connecting_socket(
+        self, address: str, port: int, bind_source: str | None
+    ) -> socket.socket | None:
+        """A non-blocking TCP socket whose connect to `address` (an IP literal) has begun,
         registered; None for a host name (then the caller connects as usual)."""
         try:
-            family = (
-                socket.AF_INET6 if ipaddress.ip_address(address).version == 6 else socket.AF_INET
-            )
+            version = ipaddress.ip_address(address).version
         except ValueError:
             return None
-        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock = socket.socket(socket.AF_INET6 if version == 6 else socket.AF_INET)
         try:
             sock.setblocking(False)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind((bind_source or ("::" if family == socket.AF_INET6 else "0.0.0.0"), 0))
+            if bind_source:
+                sock.bind((bind_source, 0))
+            err = sock.connect_ex((address, port))
+            if err not in (0, errno.EINPROGRESS):
+                raise OSError(err, os.strerror(err))
+            self._live[sock.getsockname()[1]] = sock
         except OSError:
             sock.close()
             raise
-        self._live[sock.getsockname()[1]] = sock
         if len(self._live) >= self._sweep_at:
-            self._live = {port: s for port, s in self._live.items() if s.fileno() != -1}
+            self._live = {p: s for p, s in self._live.items() if s.fileno() != -1}
             self._sweep_at = max(self._first_sweep, 2 * len(self._live))
         return sock
 
@@ -66,6 +73,26 @@ class OwnSources:
 
     def __len__(self) -> int:
         return len(self._live)
+
+
+async def connected(sock: socket.socket) -> None:
+    """Wait until a connect begun by connecting_socket() completes (OSError if it failed)."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[None] = loop.create_future()
+    fd = sock.fileno()
+
+    def writable() -> None:
+        if not done.done():
+            done.set_result(None)
+
+    loop.add_writer(fd, writable)
+    try:
+        await done
+    finally:
+        loop.remove_writer(fd)
+    err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+    if err:
+        raise OSError(err, os.strerror(err))
 
 
 OWN_SOURCES: Final = OwnSources()  # one per process: each worker has its own connections

@@ -15,7 +15,7 @@ from meshproxy.codec.h1_limits import Limits
 from meshproxy.errors import FailureKind, UpstreamError
 from meshproxy.upstream.breaker import CircuitBreaker
 from meshproxy.upstream.connection import UpstreamHttp1Connection
-from meshproxy.upstream.own_sources import OWN_SOURCES
+from meshproxy.upstream.own_sources import OWN_SOURCES, connected
 from meshproxy.upstream.tls import UpstreamTls
 
 
@@ -44,11 +44,11 @@ async def open_connection(
     try:
         try:
             async with asyncio.timeout(timeout):
-                # Bound and registered before the SYN: a pod that captures our own traffic
+                # Registered before the loop runs again: a pod that captures our own traffic
                 # sends this connection back to us, and the listener must know it (L05).
-                sock = OWN_SOURCES.bound_socket(address, bind_source)
+                sock = OWN_SOURCES.connecting_socket(address, port, bind_source)
                 if sock is not None:
-                    await loop.sock_connect(sock, (address, port))
+                    await connected(sock)
                     transport, _ = await loop.create_connection(
                         lambda: protocol,
                         sock=sock,
