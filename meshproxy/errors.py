@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from typing import Final
 
 
 class MeshproxyError(Exception):
@@ -74,6 +75,12 @@ class FailureKind(enum.Enum):
     OVERFLOW = "overflow"
     TLS = "tls error"
     NO_HEALTHY = "no healthy upstream"
+
+
+# The failures before a connection existed: Envoy's connect-failure (retries, local replies).
+CONNECT_FAILURES: Final = frozenset(
+    {FailureKind.CONNECT_REFUSED, FailureKind.CONNECT_TIMEOUT, FailureKind.TLS}
+)
 
 
 class UpstreamError(MeshproxyError):

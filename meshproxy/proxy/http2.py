@@ -62,16 +62,8 @@ class H2Channel:
     def __init__(self, conn: DownstreamHttp2, stream_id: int) -> None:
         self.conn = conn
         self.stream_id = stream_id
-        self.ctx = conn.ctx
         self.loop = conn.loop
-        self.inbound = conn.inbound
-        self.local_port = conn.local_port
-        self.original_dst = conn.original_dst
-        self.peer_ip = conn.peer_ip
-        self.access_log = conn.access_log
-        self.peer = conn.peer
-        self.http2 = True
-        self.facts = conn.facts
+        self.facts = conn.facts  # what its HttpStream reads of the connection
         self.stream: HttpStream | None = None
         self.request_trailers: Headers = []
         self.out = OutboundData(STREAM_HIGH_WATER, STREAM_LOW_WATER)

@@ -6,12 +6,9 @@ from __future__ import annotations
 from typing import Final
 
 from meshproxy.codec.events import Headers, RequestHead
-from meshproxy.errors import FailureKind, UpstreamError
+from meshproxy.errors import CONNECT_FAILURES, FailureKind, UpstreamError
 from meshproxy.routing.table import DirectReply
 
-CONNECT_FAILURES: Final = frozenset(
-    {FailureKind.CONNECT_REFUSED, FailureKind.CONNECT_TIMEOUT, FailureKind.TLS}
-)
 _BEFORE_HEADERS: Final = "upstream connect error or disconnect/reset before headers. "
 OVERFLOW_BODY: Final = _BEFORE_HEADERS + "reset reason: overflow"
 

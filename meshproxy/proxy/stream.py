@@ -27,7 +27,7 @@ from meshproxy.codec.headers import (
 )
 from meshproxy.config.compile import INBOUND_PASSTHROUGH, PASSTHROUGH
 from meshproxy.config.snapshot import Resolution, Snapshot, UpstreamProtocol
-from meshproxy.errors import FailureKind, UpstreamError
+from meshproxy.errors import CONNECT_FAILURES, FailureKind, UpstreamError
 from meshproxy.observe.tracing import (
     CLIENT,
     SERVER,
@@ -38,7 +38,6 @@ from meshproxy.observe.tracing import (
 )
 from meshproxy.proxy.hash_key import request_hash
 from meshproxy.proxy.local_reply import (
-    CONNECT_FAILURES,
     OVERFLOW_BODY,
     LocalReply,
     direct_reply,
