@@ -35,14 +35,36 @@ _FRAME = re.compile(r"\s*[0-9a-f]+ (\S+?)(?:\+0x[0-9a-f]+)? \((.*)\)")
 _OWNERS = ("CPyDef_", "CPyPy_", "__pyx_", "llhttp")
 
 
-def parse_samples(script: str) -> list[list[tuple[str, str]]]:
-    """`perf script` output as one (symbol, object) list per sample, innermost first."""
+_HEADER = re.compile(r"\s*\S+\s+(?:\d+/)?(\d+)\s")  # "python 4711/4713 ..." or "python 4713 ..."
+
+
+def parse_thread_samples(script: str) -> list[tuple[int, list[tuple[str, str]]]]:
+    """Each sample's thread id and its (symbol, object) frames, innermost first."""
     samples = []
     for block in script.split("\n\n"):
-        frames = [(m[1], m[2]) for m in map(_FRAME.match, block.splitlines()[1:]) if m]
-        if frames:
-            samples.append(frames)
+        lines = block.strip("\n").splitlines()
+        if not lines:
+            continue
+        header = _HEADER.match(lines[0])
+        frames = [(m[1], m[2]) for m in map(_FRAME.match, lines[1:]) if m]
+        if frames and header is not None:
+            samples.append((int(header[1]), frames))
     return samples
+
+
+def by_thread(samples: list[tuple[int, list[tuple[str, str]]]], main_tid: int) -> str:
+    """Each thread's share of the samples: the event loop against the threads beside it
+    (access-log writers, span exporters), which the loop's own profile does not show."""
+    total = len(samples) or 1
+    counts = Counter(tid for tid, _ in samples)
+    lines = ["samples by thread:"]
+    for tid, n in counts.most_common():
+        name = "event loop" if tid == main_tid else f"thread {tid}"
+        kernel = sum(1 for t, f in samples if t == tid and "kernel" in f[0][1])
+        lines.append(
+            f"  {100 * n / total:5.1f}%  {name} ({100 * kernel / n:.0f}% of it in the kernel)"
+        )
+    return "\n".join(lines)
 
 
 def summarize(samples: list[list[tuple[str, str]]], top: int) -> str:
@@ -124,8 +146,11 @@ def main(argv: list[str] | None = None) -> int:
             timeout=600,
             check=True,
         ).stdout
+        samples = parse_thread_samples(script)
         print(f"{rps:,.0f} req/s through the compiled proxy")
-        print(summarize(parse_samples(script), args.top))
+        print(by_thread(samples, proxy.pid))
+        print()
+        print(summarize([frames for _, frames in samples], args.top))
         print(f"\nreproduce: python -m benchmarks.profile --seconds {args.seconds}")
     finally:
         procs.stop_all()

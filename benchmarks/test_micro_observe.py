@@ -15,9 +15,11 @@ import meshproxy.observe.tracing as tracing_module
 from meshproxy.codec.headers import strip_hop_by_hop
 from meshproxy.config.logformat import ISTIO_TEXT_FORMAT, compile_labels, compile_text
 from meshproxy.config.telemetry import OtelProvider, TracingConfig
+from meshproxy.observe.logrender import render
 from meshproxy.observe.metrics import MeshMetrics
 from meshproxy.observe.recorder import StreamRecord
-from meshproxy.observe.tracing import SERVER, Tracing, finish, parse_incoming
+from meshproxy.observe.trace_context import Sampling, decide, parse_incoming, upstream_headers
+from meshproxy.observe.tracing import SERVER, Tracing, finish
 from meshproxy.routing.table import HeaderOps
 
 HEADERS = [
@@ -74,7 +76,7 @@ def _record() -> StreamRecord:
 def test_access_log_istio_text(benchmark) -> None:  # type: ignore[no-untyped-def]
     fmt = compile_text(ISTIO_TEXT_FORMAT)
     rec = _record()
-    line = benchmark(fmt.render, rec)
+    line = benchmark(render, fmt, rec)
     assert '"GET /api/v1/items?id=42 HTTP/1.1" 200' in line
 
 
@@ -92,7 +94,7 @@ def test_access_log_json(benchmark) -> None:  # type: ignore[no-untyped-def]
         )
     )
     rec = _record()
-    line = benchmark(fmt.render, rec)
+    line = benchmark(render, fmt, rec)
     assert '"code":200' in line
 
 
@@ -120,8 +122,8 @@ def test_span_start_and_end(benchmark, monkeypatch) -> None:  # type: ignore[no-
     }
 
     def span() -> None:
-        incoming = parse_incoming(fields, b"")
-        assert tracing.decide(incoming) is None  # sampled: a real span
+        incoming = parse_incoming(fields)
+        assert decide(incoming, tracing.sampling) is None  # sampled: a real span
         trace = tracing.begin(incoming, "reviews:9080/*", SERVER, time.time_ns())
         finish(trace, attributes, False, time.time_ns())
 
@@ -130,3 +132,17 @@ def test_span_start_and_end(benchmark, monkeypatch) -> None:  # type: ignore[no-
     finally:
         tracing.shutdown()
     assert tracing.processor.counts.queued > 0
+
+
+def test_unsampled_trace_context(benchmark) -> None:  # type: ignore[no-untyped-def]
+    """What every unsampled request of a tracing sidecar pays: the decision, a new trace and
+    span id, and the traceparent sent upstream (no SDK objects)."""
+    sampling = Sampling(0.0, True)
+
+    def unsampled() -> list[tuple[bytes, bytes]]:
+        trace = decide(None, sampling)
+        assert trace is not None
+        return upstream_headers(trace)
+
+    headers = benchmark(unsampled)
+    assert headers[0][1].endswith(b"-00") and len(headers[0][1]) == 55

@@ -53,6 +53,7 @@ class Entry(Protocol):
     cluster: str
     request_headers: list[tuple[bytes, bytes]]
     response_headers: list[tuple[bytes, bytes]]
+    request_id: bytes  # the x-request-id the proxy gave a request that came without one
 
 
 def _headers(pairs: list[tuple[bytes, bytes]]) -> dict[str, str]:
@@ -72,6 +73,8 @@ def _address(text: str) -> tuple[str, int]:
 def attributes(e: Entry) -> dict[str, Any]:
     """Istio's (Envoy's) attribute vocabulary for one stream."""
     headers = _headers(e.request_headers)
+    if e.request_id and "x-request-id" not in headers:
+        headers["x-request-id"] = e.request_id.decode("latin-1")  # as Envoy adds it
     source, source_port = _address(e.downstream_remote_address)
     destination, destination_port = _address(e.downstream_local_address)
     return {

@@ -1,50 +1,17 @@
-"""Envoy's access-log command operators: a format compiled with the config, rendered per stream.
+"""Envoy's access-log command operators, compiled with the config (observe/logrender.py
+renders them per stream).
 
 `%START_TIME%`, `%REQ(X?Y):N%`, `%RESP(X)%`, `%RESPONSE_CODE%`, ... as Envoy spells them; a
 text format renders to one line, a labels (JSON) format to one object whose single-operator
 values keep their type (numbers stay numbers, an absent value is null). What an operator
-cannot know renders as `-`, as in Envoy. Values are escaped so one stream is one line.
+cannot know renders as `-`, as in Envoy. A mistake is a FormatError naming the operator.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
-import time
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any, Final, Protocol
-
-
-class LogEntry(Protocol):
-    """What a format reads (observe.recorder.StreamRecord provides it)."""
-
-    start_time: float
-    request_protocol: str
-    response_code: int
-    response_flags: str
-    response_code_details: str
-    connection_termination_details: str
-    upstream_transport_failure_reason: str
-    request_bytes: int
-    response_bytes: int
-    duration_ms: float
-    upstream_host: str
-    cluster: str
-    upstream_local_address: str
-    downstream_local_address: str
-    downstream_remote_address: str
-    downstream_peer_uri_san: str
-    requested_server_name: str
-    route_name: str
-    trace_id: str
-    method: str
-    path: str
-    authority: str
-    request_headers: list[tuple[bytes, bytes]]
-    response_headers: list[tuple[bytes, bytes]]
-
+from typing import Final
 
 # Istio's default (meshConfig.accessLogEncoding TEXT without a format).
 ISTIO_TEXT_FORMAT: Final = (
@@ -58,66 +25,99 @@ ISTIO_TEXT_FORMAT: Final = (
 )
 
 _OPERATOR: Final = re.compile(r"%([A-Z_]+)(?:\(([^)]*)\))?(?::(\d+))?%")
-Getter = Callable[[LogEntry], Any]
 
 
 class FormatError(ValueError):
     """A format naming an operator this proxy does not know, or misusing one."""
 
 
-_HOSTNAME: Final = os.uname().nodename
+# What a record carries only when some log reads it (report.py fills these on demand):
+NEEDS_REQUEST_LINE: Final = 1  # method, path, authority, decoded from the request head
+NEEDS_ADDRESSES: Final = 2  # the downstream connection's addresses
+NEEDS_TRACE_ID: Final = 4  # the trace id in hex
+NEEDS_ALL: Final = 7
 
+# Operator codes: value() is one branch per code, reading the record's fields directly.
+OP_START_TIME: Final = 0
+OP_PROTOCOL: Final = 1
+OP_RESPONSE_CODE: Final = 2
+OP_RESPONSE_FLAGS: Final = 3
+OP_RESPONSE_CODE_DETAILS: Final = 4
+OP_CONNECTION_TERMINATION_DETAILS: Final = 5
+OP_UPSTREAM_TRANSPORT_FAILURE_REASON: Final = 6
+OP_BYTES_RECEIVED: Final = 7
+OP_BYTES_SENT: Final = 8
+OP_DURATION: Final = 9
+OP_UPSTREAM_HOST: Final = 10
+OP_UPSTREAM_CLUSTER: Final = 11
+OP_UPSTREAM_LOCAL_ADDRESS: Final = 12
+OP_DOWNSTREAM_LOCAL_ADDRESS: Final = 13
+OP_DOWNSTREAM_REMOTE_ADDRESS: Final = 14
+OP_DOWNSTREAM_PEER_URI_SAN: Final = 15
+OP_REQUESTED_SERVER_NAME: Final = 16
+OP_ROUTE_NAME: Final = 17
+OP_TRACE_ID: Final = 18
+OP_HOSTNAME: Final = 19
+OP_METHOD: Final = 20
+OP_PATH: Final = 21
+OP_AUTHORITY: Final = 22
+OP_REQUEST_HEADER: Final = 23
+OP_RESPONSE_HEADER: Final = 24
+OP_REQUEST_ID: Final = 25  # REQ(X-REQUEST-ID): the header, else the id the proxy gave
+OP_TEMPLATE: Final = 26  # a JSON label's text template with literals (always a string)
 
-# START_TIME's date and time, formatted once per second rather than per line.
-_CLOCK_SECOND: Final[list[int]] = [-1]
-_CLOCK_PREFIX: Final[list[str]] = [""]
-_MILLIS: Final = tuple(f"{ms:03d}Z" for ms in range(1000))
-
-
-def _start_time(e: LogEntry) -> str:
-    t = e.start_time
-    second = int(t)
-    if second != _CLOCK_SECOND[0]:
-        _CLOCK_PREFIX[0] = time.strftime("%Y-%m-%dT%H:%M:%S.", time.gmtime(second))
-        _CLOCK_SECOND[0] = second
-    return _CLOCK_PREFIX[0] + _MILLIS[min(int((t - second) * 1000), 999)]
-
-
-def _protocol(e: LogEntry) -> str | None:
-    return e.request_protocol or None
-
-
-def _simple(name: str) -> Getter:
-    return lambda e: getattr(e, name) or None
-
-
-SIMPLE: Final[dict[str, Getter]] = {
-    "START_TIME": _start_time,
-    "PROTOCOL": _protocol,
-    "RESPONSE_CODE": lambda e: e.response_code,
-    "RESPONSE_FLAGS": lambda e: e.response_flags if e.response_flags != "-" else None,
-    "RESPONSE_CODE_DETAILS": _simple("response_code_details"),
-    "CONNECTION_TERMINATION_DETAILS": _simple("connection_termination_details"),
-    "UPSTREAM_TRANSPORT_FAILURE_REASON": _simple("upstream_transport_failure_reason"),
-    "BYTES_RECEIVED": lambda e: e.request_bytes,
-    "BYTES_SENT": lambda e: e.response_bytes,
-    "DURATION": lambda e: int(e.duration_ms),
-    "UPSTREAM_HOST": _simple("upstream_host"),
-    "UPSTREAM_CLUSTER": _simple("cluster"),
-    "UPSTREAM_CLUSTER_RAW": _simple("cluster"),
-    "UPSTREAM_LOCAL_ADDRESS": _simple("upstream_local_address"),
-    "DOWNSTREAM_LOCAL_ADDRESS": _simple("downstream_local_address"),
-    "DOWNSTREAM_REMOTE_ADDRESS": _simple("downstream_remote_address"),
-    "DOWNSTREAM_PEER_URI_SAN": _simple("downstream_peer_uri_san"),
-    "REQUESTED_SERVER_NAME": _simple("requested_server_name"),
-    "ROUTE_NAME": _simple("route_name"),
-    "TRACE_ID": _simple("trace_id"),
-    "HOSTNAME": lambda e: _HOSTNAME,
+# Operators without an argument: (code, what the record must carry, safe). A safe value is
+# one the proxy writes itself (numbers, flags, kernel addresses, hex): never escaped.
+SIMPLE: Final[dict[str, tuple[int, int, bool]]] = {
+    "START_TIME": (OP_START_TIME, 0, True),
+    "PROTOCOL": (OP_PROTOCOL, 0, True),
+    "RESPONSE_CODE": (OP_RESPONSE_CODE, 0, True),
+    "RESPONSE_FLAGS": (OP_RESPONSE_FLAGS, 0, True),
+    "RESPONSE_CODE_DETAILS": (OP_RESPONSE_CODE_DETAILS, 0, True),
+    "CONNECTION_TERMINATION_DETAILS": (OP_CONNECTION_TERMINATION_DETAILS, 0, False),
+    "UPSTREAM_TRANSPORT_FAILURE_REASON": (OP_UPSTREAM_TRANSPORT_FAILURE_REASON, 0, False),
+    "BYTES_RECEIVED": (OP_BYTES_RECEIVED, 0, True),
+    "BYTES_SENT": (OP_BYTES_SENT, 0, True),
+    "DURATION": (OP_DURATION, 0, True),
+    "UPSTREAM_HOST": (OP_UPSTREAM_HOST, 0, False),
+    "UPSTREAM_CLUSTER": (OP_UPSTREAM_CLUSTER, 0, False),
+    "UPSTREAM_CLUSTER_RAW": (OP_UPSTREAM_CLUSTER, 0, False),
+    "UPSTREAM_LOCAL_ADDRESS": (OP_UPSTREAM_LOCAL_ADDRESS, 0, True),
+    "DOWNSTREAM_LOCAL_ADDRESS": (OP_DOWNSTREAM_LOCAL_ADDRESS, NEEDS_ADDRESSES, True),
+    "DOWNSTREAM_REMOTE_ADDRESS": (OP_DOWNSTREAM_REMOTE_ADDRESS, NEEDS_ADDRESSES, True),
+    "DOWNSTREAM_PEER_URI_SAN": (OP_DOWNSTREAM_PEER_URI_SAN, 0, False),
+    "REQUESTED_SERVER_NAME": (OP_REQUESTED_SERVER_NAME, 0, False),
+    "ROUTE_NAME": (OP_ROUTE_NAME, 0, False),
+    "TRACE_ID": (OP_TRACE_ID, NEEDS_TRACE_ID, True),
+    "HOSTNAME": (OP_HOSTNAME, 0, False),
 }
-NUMERIC: Final = frozenset({"RESPONSE_CODE", "BYTES_RECEIVED", "BYTES_SENT", "DURATION"})
+_PSEUDO: Final = {":method": OP_METHOD, ":path": OP_PATH, ":authority": OP_AUTHORITY}
 
 
-def _header_getter(which: str, arg: str) -> Getter:
+class Operator:
+    """One command operator, compiled: what it reads (a code, and a header name for REQ and
+    RESP), its `?` fallback, its `:N` length limit, and whether its text can need escaping."""
+
+    def __init__(
+        self,
+        code: int,
+        needs: int = 0,
+        safe: bool = False,
+        header: bytes = b"",
+        fallback: Operator | None = None,
+        limit: int = 0,
+        template: TextFormat | None = None,
+    ) -> None:
+        self.code = code
+        self.needs: int = needs | (fallback.needs if fallback is not None else 0)
+        self.safe = safe
+        self.header = header
+        self.fallback = fallback
+        self.limit = limit
+        self.template = template
+
+
+def _header_operator(which: str, arg: str, limit: int) -> Operator:
     """REQ(X?Y) / RESP(X): a header (first match), with `?` naming a fallback."""
     names = [n.strip().lower() for n in arg.split("?")]
     if not 1 <= len(names) <= 2 or not all(names):
@@ -125,102 +125,58 @@ def _header_getter(which: str, arg: str) -> Getter:
     for name in names:
         if not re.fullmatch(r":?[!#$%&'*+\-.^_`|~0-9a-z]+", name):
             raise FormatError(f"%{which}({arg})%: {name!r} is no header name")
-        if name.startswith(":") and name not in _PSEUDO_GETTERS:
+        if name.startswith(":") and name not in _PSEUDO:
             raise FormatError(f"%{which}({arg})%: unknown pseudo-header {name!r}")
-    response = which == "RESP"
-    steps = [
-        _PSEUDO_GETTERS[name]
-        if not response and name in _PSEUDO_GETTERS
-        else _header_value(name.encode("latin-1"), response)
-        for name in names
-    ]
-    if len(steps) == 1:
-        return steps[0]
-    first, fallback = steps
-    return lambda e: first(e) or fallback(e)
+    operator: Operator | None = None
+    for name in reversed(names):  # the fallback is built first: the first name holds it
+        if which == "RESP":
+            code, needs = OP_RESPONSE_HEADER, 0
+        elif name in _PSEUDO:
+            code, needs = _PSEUDO[name], NEEDS_REQUEST_LINE
+        elif name == "x-request-id":
+            code, needs = OP_REQUEST_ID, 0
+        else:
+            code, needs = OP_REQUEST_HEADER, 0
+        operator = Operator(code, needs, False, name.encode("latin-1"), operator, limit)
+    assert operator is not None
+    return operator
 
 
-_PSEUDO_GETTERS: Final[dict[str, Getter]] = {
-    ":method": lambda e: e.method or None,
-    ":path": lambda e: e.path or None,
-    ":authority": lambda e: e.authority or None,
-}
-
-
-def _header_value(name: bytes, response: bool) -> Getter:
-    """A request or response header's first value, decoded (None when absent or empty)."""
-    if response:
-        return lambda e: _decoded(_find(e.response_headers, name))
-    return lambda e: _decoded(_find(e.request_headers, name))
-
-
-def _decoded(value: bytes | None) -> str | None:
-    return value.decode("latin-1") if value else None
-
-
-def _find(headers: list[tuple[bytes, bytes]], name: bytes) -> bytes | None:
-    for k, v in headers:
-        if k == name:
-            return v
-    return None
-
-
-def _operator(match: re.Match[str]) -> tuple[str, Getter, int | None]:
-    name, arg, limit = match.group(1), match.group(2), match.group(3)
+def _operator(match: re.Match[str]) -> tuple[str, Operator]:
+    name, arg, limit_text = match.group(1), match.group(2), match.group(3)
+    limit = int(limit_text) if limit_text else 0
     if name in ("REQ", "RESP"):
         if arg is None:
             raise FormatError(f"%{name}%: needs a header, as %{name}(X-HEADER)%")
-        getter = _header_getter(name, arg)
-    elif name in SIMPLE:
+        return name, _header_operator(name, arg, limit)
+    if name in SIMPLE:
         if arg is not None:
             raise FormatError(f"%{name}%: takes no argument")
-        getter = SIMPLE[name]
-    else:
-        known = ", ".join(sorted([*SIMPLE, "REQ(X)", "RESP(X)"]))
-        raise FormatError(f"unknown command operator %{name}% (known: {known})")
-    return name, getter, int(limit) if limit else None
+        code, needs, safe = SIMPLE[name]
+        return name, Operator(code, needs, safe, limit=limit)
+    known = ", ".join(sorted([*SIMPLE, "REQ(X)", "RESP(X)"]))
+    raise FormatError(f"unknown command operator %{name}% (known: {known})")
 
 
-def _text(value: Any) -> str:
-    """An operator's value as log text: `-` when empty; control bytes and quotes escaped so
-    one request is always one line (CVE-2024-45808 class)."""
-    if value is None or value == "":
-        return "-"
-    text = value if type(value) is str else str(value)
-    if text.isprintable() and '"' not in text:
-        return text
-    return text.encode("unicode_escape").decode("ascii").replace('"', '\\"')
-
-
-@dataclass(frozen=True, slots=True)
 class TextFormat:
     """The literals and operators as one %-template: a line is one `template % values`."""
 
-    template: str
-    getters: tuple[Getter, ...]
-    limits: tuple[int | None, ...]
-
-    def render(self, entry: LogEntry) -> str:
-        if not any(self.limits):
-            return self.template % tuple([_text(g(entry)) for g in self.getters])
-        values = []
-        for getter, limit in zip(self.getters, self.limits, strict=True):
-            text = _text(getter(entry))
-            values.append(text[:limit] if limit else text)
-        return self.template % tuple(values)
+    def __init__(self, template: str, operators: tuple[Operator, ...]) -> None:
+        self.template = template
+        self.operators = operators
+        self.needs = 0
+        for op in operators:
+            self.needs |= op.needs
 
 
 def compile_text(fmt: str) -> TextFormat:
     pieces: list[str] = []
-    getters: list[Getter] = []
-    limits: list[int | None] = []
+    operators: list[Operator] = []
     pos = 0
     for m in _OPERATOR.finditer(fmt):
         pieces.append(fmt[pos : m.start()].replace("%", "%%"))
-        _, getter, limit = _operator(m)
+        operators.append(_operator(m)[1])
         pieces.append("%s")
-        getters.append(getter)
-        limits.append(limit)
         pos = m.end()
     rest = fmt[pos:]
     if "%" in rest.replace("%%", ""):
@@ -229,63 +185,34 @@ def compile_text(fmt: str) -> TextFormat:
     template = "".join(pieces)
     if not template.endswith("\n"):
         template += "\n"
-    return TextFormat(template, tuple(getters), tuple(limits))
+    return TextFormat(template, tuple(operators))
 
 
-def _json_string(text: str) -> str:
-    """`text` as a JSON string, as json.dumps(ensure_ascii=True) writes it; plain printable
-    ASCII (nearly every value) without a call into the json module."""
-    if text.isascii() and text.isprintable() and '"' not in text and "\\" not in text:
-        return '"' + text + '"'
-    return json.dumps(text)
-
-
-def _json_value(value: Any) -> str:
-    if value is None:
-        return "null"
-    if type(value) is int:
-        return str(value)
-    return _json_string(value if type(value) is str else str(value))
-
-
-@dataclass(frozen=True, slots=True)
 class JsonFormat:
     """Envoy's json_format: each label's value a template; one operator alone keeps its type.
     The object is written as a %-template of its encoded keys (what json.dumps with compact
     separators writes), so a line costs its values' encoding, not a dict and an encoder."""
 
-    template: str  # '{"key":%s,...}\n'
-    values: tuple[tuple[bool, TextFormat | Getter], ...]  # (a text template?, what renders)
-
-    def render(self, entry: LogEntry) -> str:
-        parts: list[str] = []
-        for is_text, value in self.values:
-            if is_text:
-                parts.append(_json_string(value.render(entry)[:-1]))  # type: ignore[union-attr]
-            else:
-                parts.append(_json_value(value(entry)))  # type: ignore[operator]
-        return self.template % tuple(parts)
+    def __init__(self, template: str, operators: tuple[Operator, ...]) -> None:
+        self.template = template  # '{"key":%s,...}\n'
+        self.operators = operators
+        self.needs = 0
+        for op in operators:
+            self.needs |= op.needs
 
 
 def compile_labels(labels: tuple[tuple[str, str], ...]) -> JsonFormat:
     keys: list[str] = []
-    values: list[tuple[bool, TextFormat | Getter]] = []
+    operators: list[Operator] = []
     for key, template in labels:
         keys.append(json.dumps(key).replace("%", "%%") + ":%s")
         whole = _OPERATOR.fullmatch(template)
-        if whole is not None:
-            name, getter, limit = _operator(whole)
-            if limit is None:
-                values.append((False, _typed(name, getter)))
-                continue
-        values.append((True, compile_text(template)))
-    return JsonFormat("{" + ",".join(keys) + "}\n", tuple(values))
-
-
-def _typed(name: str, getter: Getter) -> Getter:
-    if name in NUMERIC:
-        return getter
-    return lambda e: None if (v := getter(e)) in (None, "") else str(v)
+        if whole is not None and not whole.group(3):  # one operator, no length limit
+            operators.append(_operator(whole)[1])
+            continue
+        text = compile_text(template)
+        operators.append(Operator(OP_TEMPLATE, text.needs, template=text))
+    return JsonFormat("{" + ",".join(keys) + "}\n", tuple(operators))
 
 
 LogFormat = TextFormat | JsonFormat

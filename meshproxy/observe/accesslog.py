@@ -1,4 +1,4 @@
-"""Access logs: each configured log a format (observe/logformat.py) and a writer thread.
+"""Access logs: each configured log a format (config/logformat.py) and a writer thread.
 
 The event loop only renders a line and hands it to a bounded queue; a thread of the log's
 own writes it. A file or a terminal that cannot keep up costs the requests nothing: lines it
@@ -19,6 +19,7 @@ from typing import TextIO
 from meshproxy.config.cel import compile_filter
 from meshproxy.config.logformat import (
     ISTIO_TEXT_FORMAT,
+    NEEDS_ALL,
     FormatError,
     LogFormat,
     compile_labels,
@@ -26,6 +27,7 @@ from meshproxy.config.logformat import (
 )
 from meshproxy.config.telemetry import AccessLogSpec
 from meshproxy.errors import MeshproxyError
+from meshproxy.observe.logrender import render
 from meshproxy.observe.recorder import StreamRecord
 
 logger = logging.getLogger(__name__)
@@ -72,8 +74,8 @@ class LogWriter:
         self._lines: deque[str] = deque()
         self._wake = threading.Event()
         self._closing = False
-        self._thread = threading.Thread(target=self._run, name="access-log", daemon=True)
-        self._thread.start()
+        self._writer = threading.Thread(target=self._run, name="access-log", daemon=True)
+        self._writer.start()
 
     def write(self, line: str) -> bool:
         """Queue a line; False when QUEUE_LINES are already waiting (the line is dropped)."""
@@ -112,7 +114,7 @@ class LogWriter:
 
     def wait_closed(self, timeout: float) -> None:
         """Block until close() has written everything (the process may exit after this)."""
-        self._thread.join(timeout)
+        self._writer.join(timeout)
 
 
 @dataclass(frozen=True)
@@ -130,6 +132,10 @@ class AccessLogs:
     def __init__(self, sinks: Sequence[LogSink], counts: LogCounts) -> None:
         self.sinks = tuple(sinks)
         self.counts = counts
+        # What a record must carry for these logs (a filter's CEL attributes read it all).
+        self.needs = 0
+        for sink in self.sinks:
+            self.needs |= NEEDS_ALL if sink.filter is not None else sink.format.needs
 
     def __call__(self, rec: StreamRecord) -> None:
         for sink in self.sinks:
@@ -138,7 +144,7 @@ class AccessLogs:
             check = sink.filter
             if check is not None and not check(rec):
                 continue
-            if sink.writer.write(sink.format.render(rec)):
+            if sink.writer.write(render(sink.format, rec)):
                 self.counts.written += 1
             else:
                 self.counts.dropped += 1

@@ -1,18 +1,16 @@
-"""Distributed tracing: W3C and B3 context propagation, sampling, and OpenTelemetry spans.
+"""Distributed tracing: OpenTelemetry spans for the sampled requests.
 
-Every request through a tracing sidecar continues (or starts) a trace: upstream it carries a
-`traceparent` naming this proxy's span as parent, plus B3 headers in the form they came in.
-Sampling is parent-based, else `randomSamplingPercentage`. Only a sampled request builds an
-OpenTelemetry SDK span (CLIENT outbound, SERVER inbound), ended with its attributes when the
-stream ends (a retried one also gets a numbered child span per attempt), and exported by the
-SDK's batch processor in its own thread over OTLP (HTTP or gRPC). An unsampled request costs
-a header parse and a random number: no SDK objects.
+Every request through a tracing sidecar continues (or starts) a trace (observe/
+trace_context.py: propagation and the sampling decision, parent-based, else
+`randomSamplingPercentage`). Only a sampled request builds an OpenTelemetry SDK span (CLIENT
+outbound, SERVER inbound), ended with its attributes when the stream ends (a retried one
+also gets a numbered child span per attempt), and exported by the SDK's batch processor in
+its own thread over OTLP (HTTP or gRPC). An unsampled request builds no SDK objects.
 """
 
 from __future__ import annotations
 
 import logging
-import random
 import threading
 import time
 from dataclasses import dataclass
@@ -25,121 +23,9 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
 from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, TraceFlags, TraceState
 
 from meshproxy.config.telemetry import OtelProvider, TracingConfig
+from meshproxy.observe.trace_context import Incoming, RequestTrace, Sampling
 
 logger = logging.getLogger(__name__)
-
-TRACE_HEADERS: Final = frozenset(
-    {
-        b"traceparent",
-        b"tracestate",  # bounded, and kept only beside a valid traceparent
-        b"b3",
-        b"x-b3-traceid",
-        b"x-b3-spanid",
-        b"x-b3-parentspanid",
-        b"x-b3-sampled",
-        b"x-b3-flags",
-    }
-)
-_HEX: Final = frozenset(b"0123456789abcdef")
-_MAX_TRACE_ID: Final = (1 << 128) - 1
-
-
-@dataclass(frozen=True, slots=True)
-class Incoming:
-    """The trace context a request arrived with."""
-
-    trace_id: int
-    span_id: int
-    sampled: bool | None  # None: the caller left the decision to us
-    form: str  # "w3c", "b3" (multi), "b3-single"
-    tracestate: str = ""
-
-
-def _hex_id(value: bytes, lengths: tuple[int, ...]) -> int | None:
-    if len(value) not in lengths or not set(value) <= _HEX:
-        return None
-    n = int(value, 16)
-    return n or None  # all zeros is invalid in both formats
-
-
-def parse_traceparent(value: bytes) -> Incoming | None:
-    """W3C traceparent (version 00 layout; later versions read the same prefix)."""
-    value = value.strip().lower()
-    parts = value.split(b"-")
-    if len(parts) < 4 or len(parts[0]) != 2 or parts[0] == b"ff" or not set(parts[0]) <= _HEX:
-        return None
-    if parts[0] == b"00" and len(parts) != 4:
-        return None
-    trace_id = _hex_id(parts[1], (32,))
-    span_id = _hex_id(parts[2], (16,))
-    if trace_id is None or span_id is None or len(parts[3]) != 2 or not set(parts[3]) <= _HEX:
-        return None
-    return Incoming(trace_id, span_id, bool(int(parts[3], 16) & 1), "w3c")
-
-
-def parse_b3_single(value: bytes) -> Incoming | None:
-    """`b3: {traceid}-{spanid}[-{sampled}[-{parentspanid}]]` (a bare decision is no parent)."""
-    parts = value.strip().lower().split(b"-")
-    if len(parts) < 2:
-        return None
-    trace_id = _hex_id(parts[0], (16, 32))
-    span_id = _hex_id(parts[1], (16,))
-    if trace_id is None or span_id is None:
-        return None
-    sampled = _b3_sampled(parts[2]) if len(parts) > 2 else None
-    return Incoming(trace_id, span_id, sampled, "b3-single")
-
-
-def _b3_sampled(value: bytes) -> bool | None:
-    value = value.strip().lower()
-    if value in (b"1", b"true", b"d"):
-        return True
-    if value in (b"0", b"false"):
-        return False
-    return None
-
-
-def parse_b3_multi(fields: dict[bytes, bytes]) -> Incoming | None:
-    trace_id = _hex_id(fields.get(b"x-b3-traceid", b"").strip().lower(), (16, 32))
-    span_id = _hex_id(fields.get(b"x-b3-spanid", b"").strip().lower(), (16,))
-    if trace_id is None or span_id is None:
-        return None
-    sampled = _b3_sampled(fields.get(b"x-b3-sampled", b""))
-    if fields.get(b"x-b3-flags", b"").strip() == b"1":
-        sampled = True  # debug
-    return Incoming(trace_id, span_id, sampled, "b3")
-
-
-def parse_incoming(fields: dict[bytes, bytes], tracestate: bytes) -> Incoming | None:
-    """The context from a request's trace headers: W3C first, then B3 single, then multi."""
-    found = None
-    if b"traceparent" in fields:
-        found = parse_traceparent(fields[b"traceparent"])
-    if found is None and b"b3" in fields:
-        found = parse_b3_single(fields[b"b3"])
-    if found is None and b"x-b3-traceid" in fields:
-        found = parse_b3_multi(fields)
-    if found is not None and tracestate and found.form == "w3c":
-        state = bounded_tracestate(tracestate.decode("latin-1"))
-        found = Incoming(found.trace_id, found.span_id, found.sampled, found.form, state)
-    return found
-
-
-MAX_TRACESTATE_MEMBERS: Final = 32
-MAX_TRACESTATE_CHARS: Final = 512
-
-
-def bounded_tracestate(value: str) -> str:
-    """At most 32 whole list members in at most 512 characters (W3C Trace Context §3.3.1.1):
-    past that, members over 128 characters go first, then members from the end; a member
-    is never cut, which would forward a corrupt one."""
-    members = [m.strip(" \t") for m in value.split(",")]
-    members = [m for m in members if m][:MAX_TRACESTATE_MEMBERS]
-    if len(",".join(members)) > MAX_TRACESTATE_CHARS:
-        members = [m for m in members if len(m) <= 128]
-        while len(",".join(members)) > MAX_TRACESTATE_CHARS:
-            members.pop()
-    return ",".join(members)
 
 
 @dataclass
@@ -211,18 +97,6 @@ def make_exporter(provider: OtelProvider) -> SpanExporter:
     return GrpcExporter(endpoint=provider.endpoint, insecure=True)
 
 
-@dataclass(slots=True)
-class RequestTrace:
-    """One request's place in its trace."""
-
-    trace_id: int
-    span_id: int  # this proxy's span: the upstream's parent
-    sampled: bool
-    incoming: Incoming | None
-    span: otel.Span | None = None  # the SDK span, for sampled requests only
-    attempt: otel.Span | None = None  # a retried request's current attempt (a child span)
-
-
 class Tracing:
     """A TracingConfig at work: the SDK pipeline to its provider, and per-request spans."""
 
@@ -235,7 +109,7 @@ class Tracing:
     ) -> None:
         self.config = config
         self.service_name = service_name
-        self._threshold = config.sampling_percent / 100.0
+        self.sampling = Sampling(config.sampling_percent, not config.disable_span_reporting)
         resource = Resource.create({"service.name": service_name, "service.namespace": namespace})
         self.provider = TracerProvider(resource=resource)
         # The SDK's own settings apply (OTEL_BSP_MAX_QUEUE_SIZE, default 2,048 spans, ...).
@@ -244,7 +118,6 @@ class Tracing:
         )
         self.provider.add_span_processor(self.processor)
         self.tracer = self.provider.get_tracer("meshproxy")
-        self._random = random.Random()
 
     def same_as(self, config: TracingConfig, service_name: str) -> bool:
         return self.config.provider == config.provider and self.service_name == service_name
@@ -252,30 +125,18 @@ class Tracing:
     def with_config(self, config: TracingConfig) -> None:
         """Sampling, tags and reporting change in place; a new provider needs a new pipeline."""
         self.config = config
-        self._threshold = config.sampling_percent / 100.0
-
-    def decide(self, incoming: Incoming | None) -> RequestTrace | None:
-        """The trace of an unsampled request (or one whose spans are not reported), else
-        None: a sampled one gets its span from begin(), with the name that costs building."""
-        sampled = incoming.sampled if incoming is not None else None
-        if sampled is None:
-            sampled = self._random.random() < self._threshold
-        if sampled and not self.config.disable_span_reporting:
-            return None
-        trace_id = incoming.trace_id if incoming is not None else self._new_trace_id()
-        span_id = self._random.getrandbits(64) or 1
-        return RequestTrace(trace_id, span_id, sampled, incoming)
+        self.sampling = Sampling(config.sampling_percent, not config.disable_span_reporting)
 
     def begin(
         self, incoming: Incoming | None, name: str, kind: SpanKind, start_ns: int
     ) -> RequestTrace:
-        """A sampled request's SDK span (decide() said it is one)."""
+        """A sampled request's SDK span (trace_context.decide() said it is one)."""
         parent = None
         if incoming is not None:
             state = TraceState.from_header([incoming.tracestate]) if incoming.tracestate else None
             remote = SpanContext(
-                incoming.trace_id,
-                incoming.span_id,
+                int(incoming.trace_id, 16),
+                int(incoming.span_id, 16),
                 is_remote=True,
                 trace_flags=TraceFlags(TraceFlags.SAMPLED),
                 trace_state=state,
@@ -283,7 +144,7 @@ class Tracing:
             parent = otel.set_span_in_context(NonRecordingSpan(remote))
         span = self.tracer.start_span(name, context=parent, kind=kind, start_time=start_ns)
         sc = span.get_span_context()
-        return RequestTrace(sc.trace_id, sc.span_id, True, incoming, span)
+        return RequestTrace(b"%032x" % sc.trace_id, b"%016x" % sc.span_id, True, incoming, span)
 
     def next_attempt(
         self, trace: RequestTrace, number: int, failed_upstream: str, outcome: str
@@ -311,10 +172,8 @@ class Tracing:
         )
         child.set_attributes({"attempt": number, "http.request.resend_count": number - 1})
         trace.attempt = child
-        return RequestTrace(trace.trace_id, child.get_span_context().span_id, True, trace.incoming)
-
-    def _new_trace_id(self) -> int:
-        return self._random.getrandbits(128) or 1
+        span_id = b"%016x" % child.get_span_context().span_id
+        return RequestTrace(trace.trace_id, span_id, True, trace.incoming)
 
     def shutdown(self) -> None:
         """Flush and stop the export thread (blocking: call it off the event loop)."""
@@ -349,29 +208,3 @@ def finish(
             attempt.set_status(_ERROR)
         attempt.end(end_time=end_ns)
     span.end(end_time=end_ns)
-
-
-def upstream_headers(trace: RequestTrace) -> list[tuple[bytes, bytes]]:
-    """The trace headers for the upstream: traceparent always, B3 as it came in."""
-    flag = b"01" if trace.sampled else b"00"
-    out = [(b"traceparent", b"00-%032x-%016x-%b" % (trace.trace_id, trace.span_id, flag))]
-    incoming = trace.incoming
-    if incoming is None or incoming.form == "w3c":
-        if incoming is not None and incoming.tracestate:
-            out.append((b"tracestate", incoming.tracestate.encode("latin-1")))
-        return out
-    wide = trace.trace_id > 0xFFFFFFFFFFFFFFFF
-    trace_id = b"%032x" % trace.trace_id if wide else b"%016x" % trace.trace_id
-    span_id = b"%016x" % trace.span_id
-    parent = b"%016x" % incoming.span_id
-    sampled = b"1" if trace.sampled else b"0"
-    if incoming.form == "b3-single":
-        out.append((b"b3", b"-".join((trace_id, span_id, sampled, parent))))
-    else:
-        out += [
-            (b"x-b3-traceid", trace_id),
-            (b"x-b3-spanid", span_id),
-            (b"x-b3-parentspanid", parent),
-            (b"x-b3-sampled", sampled),
-        ]
-    return out

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
 from meshproxy.codec.events import Headers, ResponseHead
 from meshproxy.config.snapshot import ListenerKind, PortBinding, Snapshot
-from meshproxy.observe.recorder import StreamRecord
+from meshproxy.observe.accesslog import AccessLogs
 from meshproxy.proxy.context import ProxyContext
 from meshproxy.proxy.tls import PeerInfo
 
@@ -30,7 +29,7 @@ class ConnectionFacts:
         local_port: int,
         original_dst: tuple[str, int] | None,
         peer_ip: str,
-        access_log: Callable[[StreamRecord], None] | None,
+        access_log: AccessLogs | None,
         http2: bool,
         peer: PeerInfo | None,
     ) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from collections.abc import Callable
 from typing import Final, cast
 
 from meshproxy.codec.events import (
@@ -20,7 +19,7 @@ from meshproxy.codec.events import (
 from meshproxy.codec.h1 import server_codec
 from meshproxy.config.snapshot import ListenerKind, PortBinding, Snapshot
 from meshproxy.errors import ProtocolError
-from meshproxy.observe.recorder import StreamRecord
+from meshproxy.observe.accesslog import AccessLogs
 from meshproxy.proxy.context import ProxyContext
 from meshproxy.proxy.deadlines import stream_idle_check_interval
 from meshproxy.proxy.downstream import BindingLookup, ConnectionFacts, transport_addresses
@@ -43,7 +42,7 @@ class DownstreamHttp1:
         listener_key: tuple[str, int],
         local_port: int,
         original_dst: tuple[str, int] | None = None,
-        access_log: Callable[[StreamRecord], None] | None = None,
+        access_log: AccessLogs | None = None,
         *,
         peer: PeerInfo | None = None,
     ) -> None:

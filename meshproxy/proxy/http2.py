@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
 from typing import cast
 
 import h2.errors
@@ -37,8 +36,8 @@ from meshproxy.codec.h2 import (
 )
 from meshproxy.config.snapshot import ListenerKind, PortBinding, Snapshot
 from meshproxy.errors import ProtocolError
+from meshproxy.observe.accesslog import AccessLogs
 from meshproxy.observe.lograte import RateLimitedLog
-from meshproxy.observe.recorder import StreamRecord
 from meshproxy.proxy.context import ProxyContext
 from meshproxy.proxy.deadlines import stream_idle_check_interval
 from meshproxy.proxy.downstream import BindingLookup, ConnectionFacts, transport_addresses
@@ -257,7 +256,7 @@ class DownstreamHttp2(asyncio.Protocol):
         listener_key: tuple[str, int],
         local_port: int,
         original_dst: tuple[str, int] | None = None,
-        access_log: Callable[[StreamRecord], None] | None = None,
+        access_log: AccessLogs | None = None,
         *,
         peer: PeerInfo | None = None,
     ) -> None:

@@ -1,4 +1,5 @@
-"""Request ids as Envoy makes them (x-request-id): random UUIDv4s."""
+"""Random ids from one pool of OS randomness: request ids as Envoy makes them (x-request-id,
+UUIDv4s), and trace and span ids."""
 
 from __future__ import annotations
 
@@ -29,15 +30,30 @@ def _forget_pool() -> None:
 os.register_at_fork(after_in_child=_forget_pool)
 
 
-def new_request_id() -> bytes:
-    """A random UUIDv4 (122 bits from the OS's CSPRNG), without uuid.UUID's overhead."""
+def _draw(chars: int) -> tuple[bytes, int]:
+    """The pool's hex and where `chars` unused digits start in it (refilled when short)."""
     pool = _POOL
     at = pool.at
     h = pool.hex
-    if at + 32 > len(h):
+    if at + chars > len(h):
         h = pool.hex = binascii.hexlify(os.urandom(_POOL_BYTES))
         at = 0
-    pool.at = at + 32
+    pool.at = at + chars
+    return h, at
+
+
+def random_hex(chars: int) -> bytes:
+    """`chars` random lowercase hex digits (never all zeros: trace and span ids forbid it)."""
+    h, at = _draw(chars)
+    out = h[at : at + chars]
+    if not out.strip(b"0"):
+        return b"0" * (chars - 1) + b"1"
+    return out
+
+
+def new_request_id() -> bytes:
+    """A random UUIDv4 (122 bits from the OS's CSPRNG), without uuid.UUID's overhead."""
+    h, at = _draw(32)
     variant = h[at + 16] & 3  # a random hex digit's low two bits (near even) pick 8, 9, a or b
     return b"".join(
         (

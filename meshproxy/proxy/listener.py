@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-from collections.abc import Callable
 from typing import cast
 
 from meshproxy._native import as_protocol
@@ -13,7 +12,8 @@ from meshproxy.codec.h2 import PREFACE
 from meshproxy.config.compile import INBOUND_PASSTHROUGH, PASSTHROUGH
 from meshproxy.config.resources import ProxySettings
 from meshproxy.config.snapshot import L7, ListenerKind, ListenerSpec, PortBinding
-from meshproxy.observe.recorder import ConnRecord, StreamRecord
+from meshproxy.observe.accesslog import AccessLogs
+from meshproxy.observe.recorder import ConnRecord
 from meshproxy.proxy.context import ProxyContext
 from meshproxy.proxy.http1 import DownstreamHttp1
 from meshproxy.proxy.http2 import DownstreamHttp2
@@ -78,7 +78,7 @@ def _tcp(
     peer: str,
     identity: PeerInfo | None = None,
     port: int = 0,
-    access_log: Callable[[StreamRecord], None] | None = None,
+    access_log: AccessLogs | None = None,
 ) -> asyncio.Protocol:
     principal = identity.principal if identity is not None else ""
     authz = ctx.snapshot.authz
@@ -113,7 +113,7 @@ class CaptureEntry(asyncio.Protocol):
         self,
         ctx: ProxyContext,
         spec: ListenerSpec,
-        access_log: Callable[[StreamRecord], None] | None,
+        access_log: AccessLogs | None,
         own_ports: frozenset[int],
         peer: PeerInfo | None = None,
         gated: bool = False,
@@ -314,7 +314,7 @@ class Listener:
         self,
         ctx: ProxyContext,
         spec: ListenerSpec,
-        access_log: Callable[[StreamRecord], None] | None,
+        access_log: AccessLogs | None,
     ) -> None:
         self.ctx = ctx
         self.spec = spec
@@ -396,7 +396,7 @@ class _HttpAuto(asyncio.Protocol):
         ctx: ProxyContext,
         spec: ListenerSpec,
         binding: PortBinding,
-        access_log: Callable[[StreamRecord], None] | None,
+        access_log: AccessLogs | None,
         peer: PeerInfo | None = None,
     ) -> None:
         self.ctx, self.spec, self.binding, self.access_log = ctx, spec, binding, access_log
@@ -473,7 +473,7 @@ class _LazyTcp(asyncio.Protocol):
         spec: ListenerSpec,
         binding: PortBinding,
         peer: PeerInfo | None = None,
-        access_log: Callable[[StreamRecord], None] | None = None,
+        access_log: AccessLogs | None = None,
     ) -> None:
         self.ctx, self.spec, self.binding, self.peer = ctx, spec, binding, peer
         self.access_log = access_log

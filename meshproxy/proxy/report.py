@@ -6,9 +6,16 @@ import os
 import time
 from typing import TYPE_CHECKING, Final
 
+from meshproxy.config.logformat import (
+    NEEDS_ADDRESSES,
+    NEEDS_ALL,
+    NEEDS_REQUEST_LINE,
+    NEEDS_TRACE_ID,
+)
 from meshproxy.observe.metric_shape import Extra, tag_values
 from meshproxy.observe.recorder import StreamRecord
-from meshproxy.observe.tracing import TRACE_HEADERS, finish
+from meshproxy.observe.trace_context import TRACE_HEADERS
+from meshproxy.observe.tracing import finish
 from meshproxy.observe.workload import NO_PEER
 from meshproxy.proxy.ids import new_request_id
 
@@ -66,7 +73,7 @@ def report(
     if direction is not None:
         recorded = not direction.http_off
         if recorded and direction.expressions:
-            entry = _log_entry(stream, match, reporter, service, cluster, host, duration)
+            entry = _log_entry(stream, match, reporter, service, cluster, host, duration, NEEDS_ALL)
             extra = (direction, tag_values(direction, entry))
         else:
             extra = (direction, ())
@@ -88,7 +95,7 @@ def report(
     log = facts.access_log
     if log is not None:
         if entry is None:
-            entry = _log_entry(stream, match, reporter, service, cluster, host, duration)
+            entry = _log_entry(stream, match, reporter, service, cluster, host, duration, log.needs)
         log(entry)
 
 
@@ -100,8 +107,10 @@ def _log_entry(
     cluster: str,
     host: EndpointState | None,
     duration: float,
+    needs: int,
 ) -> StreamRecord:
-    """What the access log's command operators read."""
+    """What the access log's command operators read (`needs`: the fields that cost more
+    than a reference, filled only when some operator or filter reads them)."""
     facts = stream.facts
     head = stream.head
     rec = StreamRecord(
@@ -113,27 +122,31 @@ def _log_entry(
         stream.request_bytes,
         stream.response_bytes,
     )
-    rec.method = head.method.decode("latin-1")
-    rec.path = head.target.decode("latin-1")
-    rec.authority = (head.header(b"host") or b"").decode("latin-1")
+    if needs & NEEDS_REQUEST_LINE:
+        rec.method = head.method.decode("latin-1")
+        rec.path = head.target.decode("latin-1")
+        rec.authority = (head.header(b"host") or b"").decode("latin-1")
     rec.route_name = match.route.name if match is not None else ""
     rec.cluster = cluster
-    rec.upstream_host = f"{host.address}:{host.port}" if host is not None else ""
+    if host is not None:
+        rec.upstream_host = host.host_port
     rec.start_time = time.time() - duration
     rec.request_protocol = "HTTP/2" if facts.http2 else "HTTP/1.1"
-    headers = head.headers
-    if head.header(b"x-request-id") is None:
-        # The id generated for the upstream; a request answered before it was forwarded gets
-        # one here, as Envoy gives every request one.
-        headers = [*headers, (b"x-request-id", stream.request_id or new_request_id())]
-    rec.request_headers = headers
+    rec.request_headers = head.headers
+    # The id generated for the upstream; a request answered before it was forwarded gets
+    # one here, as Envoy gives every request one.
+    request_id = stream.request_id
+    if not request_id and head.header(b"x-request-id") is None:
+        request_id = new_request_id()
+    rec.request_id = request_id
     rec.response_headers = stream.logged_response_headers
     flag = stream.flag
     if stream.upstream is not None and stream.response_head_sent and flag in ("-", "URX"):
         rec.response_code_details = "via_upstream"
     else:
         rec.response_code_details = _DETAILS.get(flag.split(",")[0], "")
-    rec.downstream_remote_address, rec.downstream_local_address = stream.conn.log_addresses()
+    if needs & NEEDS_ADDRESSES:
+        rec.downstream_remote_address, rec.downstream_local_address = stream.conn.log_addresses()
     tls_peer = facts.peer
     if tls_peer is not None:
         rec.requested_server_name = tls_peer.sni
@@ -143,8 +156,8 @@ def _log_entry(
     if up is not None:
         rec.upstream_local_address = up.local_address
     trace = stream.trace
-    if trace is not None:
-        rec.trace_id = f"{trace.trace_id:032x}"
+    if trace is not None and needs & NEEDS_TRACE_ID:
+        rec.trace_id = trace.trace_id.decode("ascii")
     return rec
 
 
@@ -183,7 +196,7 @@ def _end_trace(
         "istio.namespace": local.namespace,
         "istio.destination_service": service,
         "upstream_cluster": cluster,
-        "upstream_address": f"{host.address}:{host.port}" if host is not None else "",
+        "upstream_address": host.host_port if host is not None else "",
         "response_flags": stream.flag,
         "guid:x-request-id": request_id.decode("latin-1"),
         "component": "proxy",

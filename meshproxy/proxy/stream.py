@@ -28,14 +28,14 @@ from meshproxy.codec.headers import (
 from meshproxy.config.compile import INBOUND_PASSTHROUGH, PASSTHROUGH
 from meshproxy.config.snapshot import Resolution, Snapshot, UpstreamProtocol
 from meshproxy.errors import CONNECT_FAILURES, FailureKind, UpstreamError
-from meshproxy.observe.tracing import (
-    CLIENT,
-    SERVER,
+from meshproxy.observe.trace_context import (
     TRACE_HEADERS,
     RequestTrace,
+    decide,
     parse_incoming,
     upstream_headers,
 )
+from meshproxy.observe.tracing import CLIENT, SERVER
 from meshproxy.proxy.hash_key import request_hash
 from meshproxy.proxy.local_reply import (
     OVERFLOW_BODY,
@@ -676,7 +676,7 @@ class HttpStream:
         if trace is not None and trace.span is not None and ctx.tracing is not None:
             # A sampled request's attempts become child spans; this one is the parent the
             # upstream sees.
-            failed = f"{host.address}:{host.port}" if host is not None else ""
+            failed = host.host_port if host is not None else ""
             child = ctx.tracing.next_attempt(trace, self._attempts, failed, outcome)
             if out is not None:
                 kept = [item for item in out.headers if item[0] not in TRACE_HEADERS]
@@ -835,8 +835,8 @@ class HttpStream:
         tracing = self.facts.ctx.tracing
         assert tracing is not None
         facts = self.facts
-        incoming = parse_incoming(fields, fields.get(b"tracestate", b"")) if fields else None
-        trace = tracing.decide(incoming)
+        incoming = parse_incoming(fields) if fields else None
+        trace = decide(incoming, tracing.sampling)
         if trace is None:  # sampled: an SDK span from the request's start
             name = f"{self.destination_service(match, self._cluster_name)}:{facts.local_port}/*"
             start_ns = time.time_ns() - int((_monotonic() - self._start) * 1e9)

@@ -5,10 +5,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
 from typing import cast
 
 from meshproxy.errors import UpstreamError
+from meshproxy.observe.accesslog import AccessLogs
 from meshproxy.observe.lograte import RateLimitedLog
 from meshproxy.observe.metric_shape import Extra, tag_values
 from meshproxy.observe.metrics import TcpSeries
@@ -83,7 +83,7 @@ class TcpRelay(asyncio.Protocol):
         cluster: Cluster | None,
         record: ConnRecord,
         original_dst: tuple[str, int] | None,
-        access_log: Callable[[StreamRecord], None] | None = None,
+        access_log: AccessLogs | None = None,
         peer_exchange: bool = False,
     ) -> None:
         """`peer_exchange`: the downstream negotiated Istio's TCP metadata exchange."""
@@ -144,7 +144,7 @@ class TcpRelay(asyncio.Protocol):
                 cluster.spec.connect_timeout,
                 cluster.tls_for_tcp(host.address),
             )
-            self.record.upstream_host = f"{host.address}:{host.port}"
+            self.record.upstream_host = host.host_port
             if side.transport is not None:
                 self.record.upstream_local_address = local_address_of(side.transport)
                 if _alpn(side.transport) == PEER_EXCHANGE_ALPN:

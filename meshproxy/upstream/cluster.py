@@ -67,6 +67,7 @@ class EndpointState:
         "ejected",
         "ejections",
         "errors",
+        "host_port",
         "joined_at",
         "pool",
         "port",
@@ -84,6 +85,8 @@ class EndpointState:
     ) -> None:
         self.address = address
         self.port = port
+        # ip:port as Envoy writes an upstream host (IPv6 in brackets): logs, spans, admin.
+        self.host_port = f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
         self.weight = weight
         self.pool = pool
         self._h2: Http2Pool | None = None
@@ -121,7 +124,7 @@ class EndpointState:
     def as_dict(self) -> dict[str, object]:
         h2 = self._h2
         return {
-            "address": f"{self.address}:{self.port}",
+            "address": self.host_port,
             "weight": self.weight,
             "health": "ejected" if self.ejected else "healthy",
             "ejections": self.ejections,
