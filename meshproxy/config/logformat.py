@@ -159,10 +159,12 @@ def _operator(match: re.Match[str]) -> tuple[str, Operator]:
 
 
 class TextFormat:
-    """The literals and operators as one %-template: a line is one `template % values`."""
+    """Literal text around operators: a line is literals[0], then each operator's value
+    followed by the next literal (the last ends the line)."""
 
-    def __init__(self, template: str, operators: tuple[Operator, ...]) -> None:
-        self.template = template
+    def __init__(self, literals: tuple[str, ...], operators: tuple[Operator, ...]) -> None:
+        assert len(literals) == len(operators) + 1
+        self.literals = literals
         self.operators = operators
         self.needs = 0
         for op in operators:
@@ -170,31 +172,30 @@ class TextFormat:
 
 
 def compile_text(fmt: str) -> TextFormat:
-    pieces: list[str] = []
+    literals: list[str] = []
     operators: list[Operator] = []
     pos = 0
     for m in _OPERATOR.finditer(fmt):
-        pieces.append(fmt[pos : m.start()].replace("%", "%%"))
+        literals.append(fmt[pos : m.start()])
         operators.append(_operator(m)[1])
-        pieces.append("%s")
         pos = m.end()
     rest = fmt[pos:]
     if "%" in rest.replace("%%", ""):
         raise FormatError(f"unterminated or malformed command operator near {rest[:40]!r}")
-    pieces.append(rest.replace("%", "%%"))
-    template = "".join(pieces)
-    if not template.endswith("\n"):
-        template += "\n"
-    return TextFormat(template, tuple(operators))
+    if not rest.endswith("\n"):
+        rest += "\n"
+    literals.append(rest)
+    return TextFormat(tuple(literals), tuple(operators))
 
 
 class JsonFormat:
     """Envoy's json_format: each label's value a template; one operator alone keeps its type.
-    The object is written as a %-template of its encoded keys (what json.dumps with compact
-    separators writes), so a line costs its values' encoding, not a dict and an encoder."""
+    The object is written as its encoded keys (what json.dumps with compact separators writes)
+    joined with the values, so a line costs its values' encoding, not a dict and an encoder."""
 
-    def __init__(self, template: str, operators: tuple[Operator, ...]) -> None:
-        self.template = template  # '{"key":%s,...}\n'
+    def __init__(self, literals: tuple[str, ...], operators: tuple[Operator, ...]) -> None:
+        assert len(literals) == len(operators) + 1
+        self.literals = literals  # '{"key":', ',"key":', ..., '}\n'
         self.operators = operators
         self.needs = 0
         for op in operators:
@@ -202,17 +203,18 @@ class JsonFormat:
 
 
 def compile_labels(labels: tuple[tuple[str, str], ...]) -> JsonFormat:
-    keys: list[str] = []
+    literals: list[str] = []
     operators: list[Operator] = []
     for key, template in labels:
-        keys.append(json.dumps(key).replace("%", "%%") + ":%s")
+        literals.append(("," if literals else "{") + json.dumps(key) + ":")
         whole = _OPERATOR.fullmatch(template)
         if whole is not None and not whole.group(3):  # one operator, no length limit
             operators.append(_operator(whole)[1])
             continue
         text = compile_text(template)
         operators.append(Operator(OP_TEMPLATE, text.needs, template=text))
-    return JsonFormat("{" + ",".join(keys) + "}\n", tuple(operators))
+    literals.append("}\n" if literals else "{}\n")
+    return JsonFormat(tuple(literals), tuple(operators))
 
 
 LogFormat = TextFormat | JsonFormat

@@ -185,17 +185,25 @@ def render(fmt: LogFormat, e: StreamRecord) -> str:
 
 
 def render_text(fmt: TextFormat, e: StreamRecord) -> str:
-    values = []
+    literals = fmt.literals
+    parts = [literals[0]]
+    i = 1
     for op in fmt.operators:
-        values.append(operator_text(op, e))
-    return fmt.template % tuple(values)
+        parts.append(operator_text(op, e))
+        parts.append(literals[i])
+        i += 1
+    return "".join(parts)
 
 
 def render_json(fmt: JsonFormat, e: StreamRecord) -> str:
-    values = []
+    literals = fmt.literals
+    parts = [literals[0]]
+    i = 1
     for op in fmt.operators:
-        values.append(operator_json(op, e))
-    return fmt.template % tuple(values)
+        parts.append(operator_json(op, e))
+        parts.append(literals[i])
+        i += 1
+    return "".join(parts)
 
 
 def _json_string(text: str) -> str:
