@@ -185,22 +185,21 @@ def render(fmt: LogFormat, e: StreamRecord) -> str:
 
 
 def render_text(fmt: TextFormat, e: StreamRecord) -> str:
-    literals = fmt.literals
-    parts = [literals[0]]
-    i = 1
-    for op in fmt.operators:
-        parts.append(operator_text(op, e))
-        parts.append(literals[i])
-        i += 1
-    return "".join(parts)
+    return _joined(fmt.literals, fmt.operators, e, False)
 
 
 def render_json(fmt: JsonFormat, e: StreamRecord) -> str:
-    literals = fmt.literals
+    return _joined(fmt.literals, fmt.operators, e, True)
+
+
+def _joined(
+    literals: tuple[str, ...], operators: tuple[Operator, ...], e: StreamRecord, as_json: bool
+) -> str:
+    """The literals with each operator's value between them (joined: no format parsing)."""
     parts = [literals[0]]
     i = 1
-    for op in fmt.operators:
-        parts.append(operator_json(op, e))
+    for op in operators:
+        parts.append(operator_json(op, e) if as_json else operator_text(op, e))
         parts.append(literals[i])
         i += 1
     return "".join(parts)
