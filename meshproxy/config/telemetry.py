@@ -3,8 +3,8 @@ defaultProviders (here in ProxyConfig), and the Telemetry kind (telemetry.istio.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Final
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Final
 
 if TYPE_CHECKING:  # resources.py imports this module
     from meshproxy.config.resources import Origin
@@ -171,6 +171,19 @@ class DirectionMetrics:
 
     views: tuple[MetricView, ...]  # by METRICS index (HTTP, then TCP)
     expressions: tuple[str, ...] = ()  # the CEL sources the upserts read, each once
+    # Computed once: every request's metric key hashes this, and the generated __hash__
+    # walked every view (about 1 µs a request with overrides configured).
+    _hash: int = field(init=False, repr=False, compare=False, default=0)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_hash", hash((self.views, self.expressions)))
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Rebuilt through __init__ in the receiving process, whose string hashes may differ.
+        return (DirectionMetrics, (self.views, self.expressions))
 
     @property
     def http_off(self) -> bool:
