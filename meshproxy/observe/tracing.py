@@ -107,9 +107,8 @@ class Tracing:
         namespace: str,
         counts: SpanCounts | None = None,
     ) -> None:
-        self.config = config
         self.service_name = service_name
-        self.sampling = Sampling(config.sampling_percent, not config.disable_span_reporting)
+        self.with_config(config)
         resource = Resource.create({"service.name": service_name, "service.namespace": namespace})
         self.provider = TracerProvider(resource=resource)
         # The SDK's own settings apply (OTEL_BSP_MAX_QUEUE_SIZE, default 2,048 spans, ...).
