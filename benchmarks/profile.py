@@ -23,7 +23,7 @@ from http.server import ThreadingHTTPServer
 from pathlib import Path
 
 from benchmarks.load import MESH, Processes, compiled_copy, meshproxy_cmd, run_wrk, wait_port
-from benchmarks.telemetry import OtlpSink, telemetry_mesh
+from benchmarks.telemetry import METRICS_OFF, OtlpSink, telemetry_mesh
 from meshproxy.bench import processes
 from meshproxy.bench.processes import NGINX_UPSTREAM, free_port
 
@@ -67,8 +67,16 @@ def by_thread(samples: list[tuple[int, list[tuple[str, str]]]], main_tid: int) -
     return "\n".join(lines)
 
 
-def summarize(samples: list[list[tuple[str, str]]], top: int) -> str:
+def summarize(samples: list[list[tuple[str, str]]], top: int, us_per_sample: float = 0.0) -> str:
+    """The top symbols by share of samples; with `us_per_sample` (a sample's CPU time over
+    the requests served) also each one's CPU microseconds per request, which compare across
+    runs of different configurations where shares do not."""
     total = len(samples) or 1
+
+    def line(n: int, sym: str) -> str:
+        cost = f"  {n * us_per_sample:6.2f} us/req" if us_per_sample else ""
+        return f"  {100 * n / total:5.1f}%{cost}  {sym}"
+
     in_kernel = sum(1 for s in samples if "kernel" in s[0][1])
     own: Counter[str] = Counter()
     inclusive: Counter[str] = Counter()
@@ -81,13 +89,14 @@ def summarize(samples: list[list[tuple[str, str]]], top: int) -> str:
             inclusive[sym] += 1
     lines = [
         f"{len(samples)} samples: {100 * in_kernel / total:.1f}% in the kernel (sockets, "
-        f"syscalls), {100 * (total - in_kernel) / total:.1f}% in user space",
+        f"syscalls), {100 * (total - in_kernel) / total:.1f}% in user space"
+        + (f"; {total * us_per_sample:.1f} us of CPU per request" if us_per_sample else ""),
         "",
         "user-space time charged to the innermost function of ours, uvloop or httptools:",
     ]
-    lines += [f"  {100 * n / total:5.1f}%  {sym}" for sym, n in own.most_common(top)]
+    lines += [line(n, sym) for sym, n in own.most_common(top)]
     lines += ["", "user-space time inclusive of callees, compiled functions:"]
-    lines += [f"  {100 * n / total:5.1f}%  {sym}" for sym, n in inclusive.most_common(top)]
+    lines += [line(n, sym) for sym, n in inclusive.most_common(top)]
     return "\n".join(lines)
 
 
@@ -99,8 +108,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--frequency", type=int, default=499, help="samples per second")
     ap.add_argument(
         "--telemetry",
-        action="store_true",
-        help="profile the telemetry benchmark's middle case: 1%% tracing + a JSON access log",
+        nargs="?",
+        const="middle",
+        choices=("middle", "off"),
+        help="profile the telemetry benchmark's middle case (1%% tracing + a JSON access "
+        "log), or with `off` its baseline (every metric disabled): compare the two",
     )
     args = ap.parse_args(argv)
     for tool in ("perf", "wrk", "nginx", "taskset"):
@@ -122,10 +134,12 @@ def main(argv: list[str] | None = None) -> int:
         cfg = tmp / "mesh"
         cfg.mkdir()
         text = MESH.format(admin=admin, codec="httptools", port=port, upstream=up_port, workers=1)
-        if args.telemetry:
+        if args.telemetry == "middle":
             collector = ThreadingHTTPServer(("127.0.0.1", 0), OtlpSink)
             threading.Thread(target=collector.serve_forever, daemon=True).start()
             text = telemetry_mesh(admin, port, up_port, collector.server_address[1], tmp)
+        elif args.telemetry == "off":
+            text = telemetry_mesh(admin, port, up_port, 0, tmp, None, False, METRICS_OFF)
         (cfg / "mesh.yaml").write_text(text)
         proxy = procs.start(meshproxy_cmd(cfg), cwd)
         wait_port(port)
@@ -137,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
             stderr=subprocess.DEVNULL,
         )
         rps = run_wrk(port, args.seconds, args.connections, "0")[0]
+        us_per_sample = 1e6 / args.frequency / max(rps * args.seconds, 1.0)
         perf.send_signal(2)
         perf.wait(timeout=60)
         script = subprocess.run(
@@ -150,10 +165,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{rps:,.0f} req/s through the compiled proxy")
         print(by_thread(samples, proxy.pid))
         print()
-        print(summarize([frames for _, frames in samples], args.top))
-        print(f"\nreproduce: python -m benchmarks.profile --seconds {args.seconds}")
+        print(summarize([frames for _, frames in samples], args.top, us_per_sample))
+        variant = f" --telemetry {args.telemetry}" if args.telemetry else ""
+        print(f"\nreproduce: python -m benchmarks.profile --seconds {args.seconds}{variant}")
     finally:
         procs.stop_all()
+        shutil.rmtree(tmp, ignore_errors=True)  # perf.data runs to hundreds of megabytes
     return 0
 
 

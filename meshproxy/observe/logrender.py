@@ -6,7 +6,7 @@ branch on its code reading the record's fields, not a call through a getter.
 
 from __future__ import annotations
 
-import json
+import json.encoder
 import os
 import time
 from typing import Final
@@ -47,6 +47,8 @@ from meshproxy.config.logformat import (
 from meshproxy.observe.recorder import StreamRecord
 
 _HOSTNAME_VALUE: Final = os.uname().nodename
+# What json.dumps(str) calls (ensure_ascii): C code that escapes and quotes in one pass.
+_json_string: Final = json.encoder.encode_basestring_ascii
 
 # START_TIME's date and time, formatted once per second rather than per line.
 _CLOCK_SECOND: Final[list[int]] = [-1]
@@ -166,8 +168,6 @@ def operator_json(op: Operator, e: StreamRecord) -> str:
         return "null"
     if isinstance(value, int):
         return str(value)
-    if op.safe:
-        return '"' + value + '"'
     return _json_string(value)
 
 
@@ -203,11 +203,3 @@ def _joined(
         parts.append(literals[i])
         i += 1
     return "".join(parts)
-
-
-def _json_string(text: str) -> str:
-    """`text` as a JSON string, as json.dumps(ensure_ascii=True) writes it; plain printable
-    ASCII (nearly every value) without a call into the json module."""
-    if text.isascii() and text.isprintable() and '"' not in text and "\\" not in text:
-        return '"' + text + '"'
-    return json.dumps(text)
