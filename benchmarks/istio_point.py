@@ -108,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         rss = {pid: rss_mib(pid) for pid in before}
     finally:
         procs.stop_all()
+        shutil.rmtree(tmp, ignore_errors=True)
     build = "compiled (mypyc)" if cwd else "interpreted"
     print(
         f"\nIstio's point: {args.rps:.0f} req/s fixed, {args.connections} connections, "

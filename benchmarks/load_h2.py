@@ -225,6 +225,7 @@ def main(argv: list[str] | None = None) -> int:
             results.append(run)
     finally:
         procs.stop_all()
+        shutil.rmtree(tmp, ignore_errors=True)
     report(results, args)
     return 0
 

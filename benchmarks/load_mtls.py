@@ -252,6 +252,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     finally:
         procs.stop_all()
+        shutil.rmtree(tmp, ignore_errors=True)
 
     ratios = [m[0] / p[0] for p, m in zip(rows["plaintext"], rows["mTLS"], strict=True)]
     print(

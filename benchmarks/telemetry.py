@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -172,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         procs.stop_all()
         collector.shutdown()
+        shutil.rmtree(tmp, ignore_errors=True)  # the access logs run to hundreds of MB
     base = median(cpu["telemetry off"])
     print(f"\nCPU per request, median of {args.runs} round(s), wrk -c50 {args.duration} s:")
     for name, values in cpu.items():

@@ -8,6 +8,7 @@ needs mTLS), UNEXEMPT (the proxy runs as root, so the rules capture its own traf
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -80,6 +81,7 @@ def pod(
     policy = getattr(request, "param", "ALLOW_ANY")
     procs = Procs()
     serve = [sys.executable, "-m", "tests.support.serve"]
+    cfg: Path | None = None
     try:
         procs.start(ns_exec(pod_ns, *serve, "hello", "127.0.0.1", "18090"), ready="ready")
         procs.start(ns_exec(pod_ns, *serve, "other", "127.0.0.1", "18092"), ready="ready")
@@ -123,6 +125,8 @@ def pod(
         yield pod_ns, remote_ns, procs
     finally:
         procs.stop()
+        if cfg is not None:
+            shutil.rmtree(cfg, ignore_errors=True)
 
 
 def _with_strict_mtls(cfg: Path) -> str:

@@ -55,7 +55,8 @@ def _serve(kind: str, host: str, port: int) -> None:
     context: ssl.SSLContext | None = None
     if kind == "tls":
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        context.load_cert_chain(*_self_signed(Path(tempfile.mkdtemp())))
+        with tempfile.TemporaryDirectory() as directory:  # loaded: the files can go
+            context.load_cert_chain(*_self_signed(Path(directory)))
         context.set_alpn_protocols(["app-proto", "http/1.1"])
         seen: dict[str, str] = {}
 
