@@ -174,12 +174,15 @@ def main(argv: list[str] | None = None) -> int:
         procs.stop_all()
         collector.shutdown()
         shutil.rmtree(tmp, ignore_errors=True)  # the access logs run to hundreds of MB
-    base = median(cpu["telemetry off"])
-    print(f"\nCPU per request, median of {args.runs} round(s), wrk -c50 {args.duration} s:")
+    base = cpu["telemetry off"]
+    print(f"\nCPU per request, {args.runs} round(s), wrk -c50 {args.duration} s; x: the median")
+    print("of each round's ratio to that round's baseline (a shared machine drifts between")
+    print("rounds, less within one); min x: the ratio of the variants' least CPU per request")
     for name, values in cpu.items():
-        m = median(values)
+        ratios = [v / b for v, b in zip(values, base, strict=True)]
         runs = ", ".join(f"{v:.1f}" for v in values)
-        print(f"  {name:<26} {m:6.1f} us  x{m / base:.3f}  ({runs})")
+        print(f"  {name:<26} {median(values):6.1f} us  x{median(ratios):.3f}  "
+              f"min x{min(values) / min(base):.3f}  ({runs})")  # fmt: skip
     print(f"\nreproduce: python -m benchmarks.telemetry --duration {args.duration} "
           f"--runs {args.runs} --tree {args.tree}")  # fmt: skip
     return 0

@@ -14,7 +14,7 @@ import threading
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TextIO
+from typing import Final, TextIO
 
 from meshproxy.config.cel import compile_filter
 from meshproxy.config.logformat import (
@@ -36,9 +36,11 @@ logger = logging.getLogger(__name__)
 # could not be imported then, and the log line would be lost with the request (catalog H04).
 codecs.lookup("unicode_escape")
 
-QUEUE_LINES = 10_000  # lines a writer holds before it drops
-BATCH_LINES = 256  # lines that wake the writer before its interval
-FLUSH_SECONDS = 0.1  # how long a line may wait to be written
+QUEUE_LINES: Final = 10_000  # lines a writer holds before it drops
+# Lines that wake the writer before its interval: each wake is a GIL handoff, on the
+# proxy's one CPU a context switch, so a busy proxy should wake it a few times a second.
+BATCH_LINES: Final = 2_048
+FLUSH_SECONDS: Final = 0.1  # how long a line may wait to be written
 
 
 class AccessLogError(MeshproxyError):
