@@ -4,10 +4,14 @@
 
 Variants, each a `meshproxy run` of the tree given (default: this checkout; give a copy from
 scripts/compiled-copy.sh for the compiled build): telemetry off (the baseline: a Telemetry
-resource disables every metric); metrics only; metrics + 1 % tracing (OTLP/HTTP to a local
-collector that answers at once) + a JSON access log to a file; metrics + 100 % tracing. Each
-is loaded with wrk (-c50, small GETs) against an nginx upstream; proxies on CPU 1, load on
-CPU 0. Prints CPU per request and its ratio to the baseline measured in the same round.
+resource disables every metric); metrics only; + a JSON access log to a file; + 1 % tracing
+(OTLP/HTTP to a local collector that answers at once); + both (the middle case); + 100 %
+tracing. All run at once, proxies on CPU 1, and are loaded in turn by wrk (-c50, small GETs
+to an nginx upstream; load on CPU 0) in short bursts, round after round: a shared machine
+drifts over minutes, so each round's ratio to its own baseline is what is compared. Each
+variant's CPU (all its threads, from the scheduler's nanosecond counts) is counted from one
+burst's start to its next, so that its background threads' work is in, less its own idle
+rate (measured first, all idle) for the time it waited. Prints CPU per request and ratios.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -27,7 +32,6 @@ from meshproxy.bench.loadgen import Target, run_load
 from meshproxy.bench.processes import (
     NGINX_UPSTREAM,
     Processes,
-    cpu_seconds,
     free_port,
     nginx_cmd,
     pinning,
@@ -114,6 +118,31 @@ def telemetry_mesh(
     return head + "\n" + spec + sep + rest + resources
 
 
+IDLE_SECONDS = 5.0
+
+
+def thread_cpu(pid: int) -> float:
+    """Seconds on a CPU of all of a process's threads, from the scheduler's nanosecond
+    counts (utime and stime tick at 10 ms, too coarse for a few seconds of an idle proxy)."""
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            total += int((task / "schedstat").read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            pass  # a thread that ended
+    return total / 1e9
+
+
+def _per_request(
+    mark: tuple[float, float, int, float], cpu: float, now: float, idle_rate: float
+) -> float:
+    """CPU microseconds per request of one cycle (a burst and the wait for the next), less
+    what the process spends idle for the part of the cycle it was not loaded."""
+    start_cpu, start, requests, loaded = mark
+    unloaded = max(0.0, now - start - loaded)
+    return (cpu - start_cpu - idle_rate * unloaded) / max(requests, 1) * 1e6
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--duration", type=int, default=5)
@@ -135,50 +164,75 @@ def main(argv: list[str] | None = None) -> int:
         "+ 1% tracing + JSON log": (1, True),
         "+ 100% tracing": (100, False),
     }
-    cpu: dict[str, list[float]] = {name: [] for name in variants}
     load_cpu = pinning(0)
+    running: dict[str, tuple[subprocess.Popen[bytes], Target]] = {}
+    # cycle[name]: CPU microseconds per request from the start of one of the variant's
+    # bursts to the start of its next (its background work, the log writer's and the span
+    # exporter's, is counted in its own process whenever it runs).
+    cycle: dict[str, list[float]] = {name: [] for name in variants}
     try:
-        for run in range(args.runs):
-            for name, extra in variants.items():
-                port = free_port()
-                log_dir = tmp / f"logs-{run}-{abs(hash(name))}"
-                log_dir.mkdir()
-                if isinstance(extra, tuple):
-                    text = telemetry_mesh(
-                        free_port(), port, up, collector.server_address[1], log_dir, *extra
-                    )
-                else:
-                    text = telemetry_mesh(free_port(), port, up, 0, log_dir, None, False, extra)
-                cfg = tmp / f"v{run}-{len(cpu[name])}-{abs(hash(name))}"
-                cfg.mkdir()
-                (cfg / "mesh.yaml").write_text(text)
-                proc = subprocess.Popen(
-                    [sys.executable, "-m", "meshproxy", "--log-level", "error", "run", "-c",
-                     str(cfg)],
-                    cwd=args.tree,
-                    env={**os.environ, "PYTHONPATH": args.tree},
-                    stdout=subprocess.DEVNULL,
-                    preexec_fn=pinning(1),
-                )  # fmt: skip
-                try:
-                    wait_port("127.0.0.1", port)
-                    target = Target("127.0.0.1", port, f"bench.local:{port}")
-                    run_load("wrk", target, 50, 2, load_cpu)
-                    before = cpu_seconds(proc.pid)
-                    result = run_load("wrk", target, 50, args.duration, load_cpu)
-                    cpu[name].append((cpu_seconds(proc.pid) - before) / result.requests * 1e6)
-                finally:
-                    proc.terminate()
-                    proc.wait(timeout=15)
+        for name, extra in variants.items():
+            port = free_port()
+            log_dir = tmp / f"logs-{len(running)}"
+            log_dir.mkdir()
+            if isinstance(extra, tuple):
+                text = telemetry_mesh(
+                    free_port(), port, up, collector.server_address[1], log_dir, *extra
+                )
+            else:
+                text = telemetry_mesh(free_port(), port, up, 0, log_dir, None, False, extra)
+            cfg = tmp / f"mesh-{len(running)}"
+            cfg.mkdir()
+            (cfg / "mesh.yaml").write_text(text)
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "meshproxy", "--log-level", "error", "run", "-c", str(cfg)],
+                cwd=args.tree,
+                env={**os.environ, "PYTHONPATH": args.tree},
+                stdout=subprocess.DEVNULL,
+                preexec_fn=pinning(1),
+            )  # fmt: skip
+            running[name] = (proc, Target("127.0.0.1", port, f"bench.local:{port}"))
+        for _, target in running.values():
+            wait_port("127.0.0.1", target.port)
+            run_load("wrk", target, 50, 2, load_cpu)  # warm-up
+        # What each costs idle (timers, a thread's wake-ups) is taken out of its cycles, which
+        # are mostly other variants' bursts: the figure is the cost of load, per request.
+        time.sleep(1.0)
+        before = {name: thread_cpu(proc.pid) for name, (proc, _) in running.items()}
+        time.sleep(IDLE_SECONDS)
+        idle = {name: (thread_cpu(p.pid) - before[name]) / IDLE_SECONDS for name, (p, _) in
+                running.items()}  # fmt: skip
+        # At each burst's start: the CPU, the clock, the previous burst's requests and time.
+        mark: dict[str, tuple[float, float, int, float]] = {}
+        for _ in range(args.runs):
+            for name, (proc, target) in running.items():
+                cpu, now = thread_cpu(proc.pid), time.monotonic()
+                if name in mark:
+                    cycle[name].append(_per_request(mark[name], cpu, now, idle[name]))
+                result = run_load("wrk", target, 50, args.duration, load_cpu)
+                mark[name] = (cpu, now, result.requests, time.monotonic() - now)
+        time.sleep(1.0)  # the last bursts' log lines; spans wait for the exporter's timer
+        for name, (proc, _) in running.items():
+            now = time.monotonic()
+            cycle[name].append(_per_request(mark[name], thread_cpu(proc.pid), now, idle[name]))
+        print("idle CPU, ms a second: " + ", ".join(f"{n} {v * 1e3:.2f}" for n, v in idle.items()))
     finally:
+        for proc, _ in running.values():
+            proc.terminate()
+            proc.wait(timeout=15)
         procs.stop_all()
         collector.shutdown()
         shutil.rmtree(tmp, ignore_errors=True)  # the access logs run to hundreds of MB
-    base = cpu["telemetry off"]
-    print(f"\nCPU per request, {args.runs} round(s), wrk -c50 {args.duration} s; x: the median")
-    print("of each round's ratio to that round's baseline (a shared machine drifts between")
-    print("rounds, less within one); min x: the ratio of the variants' least CPU per request")
-    for name, values in cpu.items():
+    base = cycle["telemetry off"]
+    print(
+        f"\nCPU per request, {args.runs} round(s) of wrk -c50 {args.duration} s bursts, the "
+        "variants interleaved;"
+    )
+    print(
+        "x: the median of each round's ratio to that round's baseline; min x: the ratio of "
+        "the least"
+    )
+    for name, values in cycle.items():
         ratios = [v / b for v, b in zip(values, base, strict=True)]
         runs = ", ".join(f"{v:.1f}" for v in values)
         print(f"  {name:<26} {median(values):6.1f} us  x{median(ratios):.3f}  "
