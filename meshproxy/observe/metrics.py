@@ -122,22 +122,12 @@ class _Hist:
     total: float = 0.0
 
 
-def _duration_bucket(value: float) -> int:
+def _bucket(bounds: tuple[float, ...], value: float) -> int:
     """The index of the first bucket whose bound is >= value (Prometheus `le`). A scan from
-    the smallest: requests take milliseconds, so it stops within a few native compares,
-    where bisect.bisect_left costs a call and a boxed compare per step."""
+    the smallest: requests take milliseconds and bodies are small, so it stops within a few
+    native compares, where bisect.bisect_left costs a call and a boxed compare per step."""
     i = 0
-    for bound in DURATION_BUCKETS:
-        if value <= bound:
-            return i
-        i += 1
-    return i
-
-
-def _bytes_bucket(value: int) -> int:
-    """As _duration_bucket, for the byte-size buckets."""
-    i = 0
-    for bound in BYTES_BUCKETS:
+    for bound in bounds:
         if value <= bound:
             return i
         i += 1
@@ -356,15 +346,15 @@ class MeshMetrics(Collector):
                 self._series_by_key[key] = series
         series.requests += 1
         h = series.duration
-        h.buckets[_duration_bucket(duration_ms)] += 1
+        h.buckets[_bucket(DURATION_BUCKETS, duration_ms)] += 1
         h.count += 1
         h.total += duration_ms
         h = series.request_bytes
-        h.buckets[_bytes_bucket(request_bytes)] += 1
+        h.buckets[_bucket(BYTES_BUCKETS, request_bytes)] += 1
         h.count += 1
         h.total += request_bytes
         h = series.response_bytes
-        h.buckets[_bytes_bucket(response_bytes)] += 1
+        h.buckets[_bucket(BYTES_BUCKETS, response_bytes)] += 1
         h.count += 1
         h.total += response_bytes
 
