@@ -12,6 +12,7 @@ import http.client
 import resource
 import selectors
 import socket
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -67,16 +68,28 @@ def _connect(port: int, i: int) -> socket.socket:
     return s
 
 
-def _open(port: int, sockets: list[socket.socket], total: int, pid: int, base_fds: int) -> None:
+def _open(
+    port: int, sockets: list[socket.socket], total: int, proxy: ProxyProcess, base_fds: int
+) -> None:
     """Open connections up to `total`, and wait until the proxy has accepted them all."""
     while len(sockets) < total:
         sockets.append(_connect(port, len(sockets)))
-    _await_accepted(pid, base_fds + total)
+    _await_accepted(proxy, port, base_fds + total)
 
 
-def _await_accepted(pid: int, fds: int) -> None:
-    """Until the proxy holds `fds` descriptors, and what the accepts allocated has settled."""
-    assert wait_for(lambda: _fds(pid) >= fds, 30), (_fds(pid), fds)
+def _await_accepted(proxy: ProxyProcess, port: int, fds: int) -> None:
+    """Until the proxy holds `fds` descriptors, and what the accepts allocated has settled.
+    On a timeout the message says who listens on the port and how the proxy's log ends (one
+    CI run saw a proxy accept nothing for 30 s; this is what a recurrence must show)."""
+    pid = proxy.proc.pid
+    if not wait_for(lambda: _fds(pid) >= fds, 30):
+        listeners = subprocess.run(
+            ["ss", "-ltnp", f"sport = :{port}"], capture_output=True, text=True, check=False
+        ).stdout
+        raise AssertionError(
+            f"the proxy holds {_fds(pid)} descriptors, not {fds}; alive: "
+            f"{proxy.proc.poll() is None}\n{listeners}\nlog tail:\n{proxy.log()[-3000:]}"
+        )
     time.sleep(0.3)
 
 
@@ -201,12 +214,12 @@ def test_H03_silent_connections_cost_little_and_close_at_the_headers_timeout(
     sockets: list[socket.socket] = []
     try:
         opened = time.monotonic()
-        pid, base_fds = proxy.proc.pid, _fds(proxy.proc.pid)
+        base_fds = _fds(proxy.proc.pid)
         slope = _per_connection(
             port,
             proxy,
             count,
-            lambda step: _open(port, sockets, step, pid, base_fds),
+            lambda step: _open(port, sockets, step, proxy, base_fds),
             "silent",
         )
         assert slope <= RSS_PER_CONNECTION_BAR, f"{slope / 1024:.1f} KiB per silent connection"
@@ -234,7 +247,7 @@ def test_H03_keep_alive_connections_cost_little_and_close_at_the_idle_timeout(
                 batch = [_connect(port, len(sockets) + i) for i in range(size)]
                 _one_request_each(batch)
                 sockets.extend(batch)
-            _await_accepted(pid, base_fds + step)
+            _await_accepted(proxy, port, base_fds + step)
 
         first_answered = time.monotonic()
         slope = _per_connection(port, proxy, count, answered_up_to, "keep-alive")
