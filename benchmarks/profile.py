@@ -110,9 +110,10 @@ def main(argv: list[str] | None = None) -> int:
         "--telemetry",
         nargs="?",
         const="middle",
-        choices=("middle", "off"),
+        choices=("middle", "log", "off"),
         help="profile the telemetry benchmark's middle case (1%% tracing + a JSON access "
-        "log), or with `off` its baseline (every metric disabled): compare the two",
+        "log), `log` (metrics + the JSON access log, no tracing), or with `off` its "
+        "baseline (every metric disabled): compare them",
     )
     args = ap.parse_args(argv)
     for tool in ("perf", "wrk", "nginx", "taskset"):
@@ -138,6 +139,8 @@ def main(argv: list[str] | None = None) -> int:
             collector = ThreadingHTTPServer(("127.0.0.1", 0), OtlpSink)
             threading.Thread(target=collector.serve_forever, daemon=True).start()
             text = telemetry_mesh(admin, port, up_port, collector.server_address[1], tmp)
+        elif args.telemetry == "log":
+            text = telemetry_mesh(admin, port, up_port, 4318, tmp, None, True)  # no tracing
         elif args.telemetry == "off":
             text = telemetry_mesh(admin, port, up_port, 0, tmp, None, False, METRICS_OFF)
         (cfg / "mesh.yaml").write_text(text)

@@ -118,6 +118,16 @@ def telemetry_mesh(
     return head + "\n" + spec + sep + rest + resources
 
 
+# The variants: a key for --variants, the label printed, and the Telemetry resources (a
+# string) or (tracing percentage or None, JSON access log) for telemetry_mesh().
+VARIANTS: dict[str, tuple[str, str | tuple[float | None, bool]]] = {
+    "off": ("telemetry off", METRICS_OFF),
+    "metrics": ("metrics only", ""),
+    "log": ("+ JSON log", (None, True)),
+    "tracing": ("+ 1% tracing", (1, False)),
+    "middle": ("+ 1% tracing + JSON log", (1, True)),
+    "full": ("+ 100% tracing", (100, False)),
+}
 IDLE_SECONDS = 5.0
 
 
@@ -148,7 +158,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--duration", type=int, default=5)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--tree", default=str(Path(__file__).resolve().parents[1]))
+    ap.add_argument(
+        "--variants",
+        default=",".join(VARIANTS),
+        help=f"which to run, comma-separated, from {', '.join(VARIANTS)} (off always runs)",
+    )
+    ap.add_argument(
+        "--compare",
+        metavar="TREE",
+        help="also run the chosen variants from this tree (another build), in the same "
+        "interleaved rounds: their lines are marked [B]",
+    )
     args = ap.parse_args(argv)
+    chosen = {"off", *(v.strip() for v in args.variants.split(",") if v.strip())}
+    unknown = chosen - set(VARIANTS)
+    if unknown:
+        ap.error(f"unknown variant(s): {', '.join(sorted(unknown))}")
     tmp = Path(tempfile.mkdtemp(prefix="meshproxy-telemetry-"))
     collector = ThreadingHTTPServer(("127.0.0.1", 0), OtlpSink)
     threading.Thread(target=collector.serve_forever, daemon=True).start()
@@ -156,14 +181,14 @@ def main(argv: list[str] | None = None) -> int:
     up = free_port()
     procs.start("up", nginx_cmd(tmp, "up", NGINX_UPSTREAM.format(dir=tmp, port=up)), 0)
     wait_port("127.0.0.1", up)
-    variants: dict[str, str | tuple[float | None, bool]] = {
-        "telemetry off": METRICS_OFF,
-        "metrics only": "",
-        "+ JSON log": (None, True),
-        "+ 1% tracing": (1, False),
-        "+ 1% tracing + JSON log": (1, True),
-        "+ 100% tracing": (100, False),
-    }
+    variants: dict[str, tuple[str, str | tuple[float | None, bool]]] = {}
+    for key, (label, extra) in VARIANTS.items():
+        if key in chosen:
+            variants[label] = (args.tree, extra)
+    if args.compare:
+        for key, (label, extra) in VARIANTS.items():
+            if key in chosen:
+                variants[f"[B] {label}"] = (args.compare, extra)
     load_cpu = pinning(0)
     running: dict[str, tuple[subprocess.Popen[bytes], Target]] = {}
     # cycle[name]: CPU microseconds per request from the start of one of the variant's
@@ -171,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     # exporter's, is counted in its own process whenever it runs).
     cycle: dict[str, list[float]] = {name: [] for name in variants}
     try:
-        for name, extra in variants.items():
+        for name, (tree, extra) in variants.items():
             port = free_port()
             log_dir = tmp / f"logs-{len(running)}"
             log_dir.mkdir()
@@ -186,8 +211,8 @@ def main(argv: list[str] | None = None) -> int:
             (cfg / "mesh.yaml").write_text(text)
             proc = subprocess.Popen(
                 [sys.executable, "-m", "meshproxy", "--log-level", "error", "run", "-c", str(cfg)],
-                cwd=args.tree,
-                env={**os.environ, "PYTHONPATH": args.tree},
+                cwd=tree,
+                env={**os.environ, "PYTHONPATH": tree},
                 stdout=subprocess.DEVNULL,
                 preexec_fn=pinning(1),
             )  # fmt: skip
@@ -237,8 +262,10 @@ def main(argv: list[str] | None = None) -> int:
         runs = ", ".join(f"{v:.1f}" for v in values)
         print(f"  {name:<26} {median(values):6.1f} us  x{median(ratios):.3f}  "
               f"min x{min(values) / min(base):.3f}  ({runs})")  # fmt: skip
+    compare = f" --compare {args.compare}" if args.compare else ""
     print(f"\nreproduce: python -m benchmarks.telemetry --duration {args.duration} "
-          f"--runs {args.runs} --tree {args.tree}")  # fmt: skip
+          f"--runs {args.runs} --tree {args.tree} --variants {','.join(sorted(chosen))}"
+          f"{compare}")  # fmt: skip
     return 0
 
 
