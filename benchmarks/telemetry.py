@@ -1,17 +1,20 @@
 """What telemetry costs per request: the same mesh with more of it switched on, same run.
 
-    python -m benchmarks.telemetry [--duration 5] [--runs 3] [--tree DIR]
+    python -m benchmarks.telemetry [--duration 5] [--runs 3] [--tree DIR] [--variants K,..]
+                                   [--compare TREE]
 
 Variants, each a `meshproxy run` of the tree given (default: this checkout; give a copy from
 scripts/compiled-copy.sh for the compiled build): telemetry off (the baseline: a Telemetry
 resource disables every metric); metrics only; + a JSON access log to a file; + 1 % tracing
 (OTLP/HTTP to a local collector that answers at once); + both (the middle case); + 100 %
-tracing. All run at once, proxies on CPU 1, and are loaded in turn by wrk (-c50, small GETs
-to an nginx upstream; load on CPU 0) in short bursts, round after round: a shared machine
+tracing; and, when asked for, `unsampled` (tracing at 0 %: trace context only). All run
+at once, proxies on CPU 1, and are loaded in turn by wrk (-c50, small GETs to an nginx
+upstream; load on CPU 0) in short bursts, round after round: a shared machine
 drifts over minutes, so each round's ratio to its own baseline is what is compared. Each
 variant's CPU (all its threads, from the scheduler's nanosecond counts) is counted from one
 burst's start to its next, so that its background threads' work is in, less its own idle
 rate (measured first, all idle) for the time it waited. Prints CPU per request and ratios.
+`--compare TREE` runs the same variants from a second build in the same rounds.
 """
 
 from __future__ import annotations
@@ -124,6 +127,7 @@ VARIANTS: dict[str, tuple[str, str | tuple[float | None, bool]]] = {
     "off": ("telemetry off", METRICS_OFF),
     "metrics": ("metrics only", ""),
     "log": ("+ JSON log", (None, True)),
+    "unsampled": ("+ 0% tracing (context only)", (0, False)),
     "tracing": ("+ 1% tracing", (1, False)),
     "middle": ("+ 1% tracing + JSON log", (1, True)),
     "full": ("+ 100% tracing", (100, False)),
@@ -160,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tree", default=str(Path(__file__).resolve().parents[1]))
     ap.add_argument(
         "--variants",
-        default=",".join(VARIANTS),
+        default="off,metrics,log,tracing,middle,full",
         help=f"which to run, comma-separated, from {', '.join(VARIANTS)} (off always runs)",
     )
     ap.add_argument(
