@@ -110,9 +110,10 @@ def main(argv: list[str] | None = None) -> int:
         "--telemetry",
         nargs="?",
         const="middle",
-        choices=("middle", "log", "off"),
+        choices=("middle", "log", "unsampled", "off"),
         help="profile the telemetry benchmark's middle case (1%% tracing + a JSON access "
-        "log), `log` (metrics + the JSON access log, no tracing), or with `off` its "
+        "log), `log` (metrics + the JSON access log, no tracing), `unsampled` (metrics + "
+        "tracing at 0 %%: trace context only), or with `off` its "
         "baseline (every metric disabled): compare them",
     )
     args = ap.parse_args(argv)
@@ -141,6 +142,8 @@ def main(argv: list[str] | None = None) -> int:
             text = telemetry_mesh(admin, port, up_port, collector.server_address[1], tmp)
         elif args.telemetry == "log":
             text = telemetry_mesh(admin, port, up_port, 4318, tmp, None, True)  # no tracing
+        elif args.telemetry == "unsampled":
+            text = telemetry_mesh(admin, port, up_port, 4318, tmp, 0, False)
         elif args.telemetry == "off":
             text = telemetry_mesh(admin, port, up_port, 0, tmp, None, False, METRICS_OFF)
         (cfg / "mesh.yaml").write_text(text)

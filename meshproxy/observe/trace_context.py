@@ -11,7 +11,7 @@ from __future__ import annotations
 import random
 from typing import TYPE_CHECKING, Final
 
-from meshproxy.proxy.ids import random_hex
+from meshproxy.observe.ids import random_hex
 
 if TYPE_CHECKING:
     from opentelemetry.trace import Span

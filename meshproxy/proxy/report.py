@@ -12,12 +12,12 @@ from meshproxy.config.logformat import (
     NEEDS_REQUEST_LINE,
     NEEDS_TRACE_ID,
 )
+from meshproxy.observe.ids import new_request_id
 from meshproxy.observe.metric_shape import Extra, tag_values
 from meshproxy.observe.recorder import StreamRecord
 from meshproxy.observe.trace_context import TRACE_HEADERS
 from meshproxy.observe.tracing import finish
 from meshproxy.observe.workload import NO_PEER
-from meshproxy.proxy.ids import new_request_id
 
 if TYPE_CHECKING:
     from meshproxy.proxy.stream import HttpStream

@@ -11,8 +11,8 @@ from typing import TYPE_CHECKING, Final
 
 from meshproxy.codec.events import Headers, RequestHead
 from meshproxy.codec.headers import PEER_METADATA, PEER_METADATA_ID, strip_hop_by_hop
+from meshproxy.observe.ids import new_request_id
 from meshproxy.observe.trace_context import TRACE_HEADERS, upstream_headers
-from meshproxy.proxy.ids import new_request_id
 from meshproxy.proxy.retry_headers import OVERRIDE_HEADERS
 from meshproxy.routing.table import NO_HEADER_OPS, HeaderOps, RouteMatch
 

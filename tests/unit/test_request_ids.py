@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import uuid
 
-from meshproxy.proxy.ids import new_request_id
+from meshproxy.observe.ids import new_request_id
 
 
 def test_ids_are_version_4_uuids_and_unique_across_pool_refills() -> None:
