@@ -35,7 +35,8 @@ class FormatError(ValueError):
 NEEDS_REQUEST_LINE: Final = 1  # method, path, authority, decoded from the request head
 NEEDS_ADDRESSES: Final = 2  # the downstream connection's addresses
 NEEDS_TRACE_ID: Final = 4  # the trace id in hex
-NEEDS_ALL: Final = 7
+NEEDS_REQUEST_ID: Final = 8  # x-request-id, drawn for a request answered before it had one
+NEEDS_ALL: Final = 15
 
 # Operator codes: value() is one branch per code, reading the record's fields directly.
 OP_START_TIME: Final = 0
@@ -134,7 +135,7 @@ def _header_operator(which: str, arg: str, limit: int) -> Operator:
         elif name in _PSEUDO:
             code, needs = _PSEUDO[name], NEEDS_REQUEST_LINE
         elif name == "x-request-id":
-            code, needs = OP_REQUEST_ID, 0
+            code, needs = OP_REQUEST_ID, NEEDS_REQUEST_ID
         else:
             code, needs = OP_REQUEST_HEADER, 0
         operator = Operator(code, needs, False, name.encode("latin-1"), operator, limit)

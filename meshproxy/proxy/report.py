@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Final
 from meshproxy.config.logformat import (
     NEEDS_ADDRESSES,
     NEEDS_ALL,
+    NEEDS_REQUEST_ID,
     NEEDS_REQUEST_LINE,
     NEEDS_TRACE_ID,
 )
@@ -135,10 +136,11 @@ def _log_entry(
     rec.request_headers = head.headers
     # The id generated for the upstream; a request answered before it was forwarded gets
     # one here, as Envoy gives every request one.
-    request_id = stream.request_id
-    if not request_id and head.header(b"x-request-id") is None:
-        request_id = new_request_id()
-    rec.request_id = request_id
+    if needs & NEEDS_REQUEST_ID:
+        request_id = stream.request_id
+        if not request_id and head.header(b"x-request-id") is None:
+            request_id = new_request_id()
+        rec.request_id = request_id
     rec.response_headers = stream.logged_response_headers
     flag = stream.flag
     if stream.upstream is not None and stream.response_head_sent and flag in ("-", "URX"):

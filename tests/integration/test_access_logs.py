@@ -8,6 +8,7 @@ import json
 import socket
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 from tests.integration.conftest import MeshFactory
@@ -71,6 +72,30 @@ def test_text_and_json_formats_from_providers(make_mesh: MeshFactory, tmp_path: 
     assert obj["path"] == "/a?b=1" and obj["nothing"] is None
     assert obj["cluster"].startswith(f"outbound|{mesh.http_port}|")
     assert obj["summary"] == f"GET to 127.0.0.1:{mesh.v1.port}"
+
+
+def test_a_request_answered_here_is_logged_with_an_id_of_its_own(
+    make_mesh: MeshFactory, tmp_path: Path
+) -> None:
+    """A 404 is answered before the request is forwarded, so before it got an x-request-id:
+    a format that logs the id gets a fresh UUIDv4 for it (as Envoy gives every request one),
+    and a client's own id is kept."""
+    log = tmp_path / "ids.log"
+    spec = f"""  extensionProviders:
+  - name: ids
+    envoyFileAccessLog:
+      path: {log}
+      logFormat: {{text: "%RESPONSE_CODE% %REQ(X-REQUEST-ID)%\\n"}}
+  defaultProviders: {{accessLogging: [ids]}}
+"""
+    mesh = make_mesh(extra_spec=spec)
+    conn = http.client.HTTPConnection("127.0.0.1", mesh.http_port, timeout=5)
+    for headers in ({"Host": "nowhere.test"}, {"Host": "nowhere.test", "X-Request-Id": "mine"}):
+        conn.request("GET", "/", headers=headers)
+        conn.getresponse().read()
+    first, second = (line.split(" ") for line in lines(log, 2))
+    assert first[0] == "404" and uuid.UUID(first[1]).version == 4
+    assert second == ["404", "mine"]
 
 
 def test_tcp_connections_are_logged(make_mesh: MeshFactory, tmp_path: Path) -> None:

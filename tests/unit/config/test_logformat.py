@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from meshproxy.config.logformat import (
     NEEDS_ADDRESSES,
+    NEEDS_REQUEST_ID,
     NEEDS_REQUEST_LINE,
     NEEDS_TRACE_ID,
     compile_labels,
@@ -97,3 +98,7 @@ def test_a_format_names_the_costly_fields_it_reads() -> None:
         (("a", "%REQ(:METHOD)%"), ("b", "%TRACE_ID% %DOWNSTREAM_LOCAL_ADDRESS%"))
     )
     assert labels.needs == NEEDS_REQUEST_LINE | NEEDS_TRACE_ID | NEEDS_ADDRESSES
+    # x-request-id, by name or as a fallback: a request answered before it was forwarded
+    # has none yet, and one is drawn only for a format that logs it
+    assert compile_text("%REQ(X-REQUEST-ID)%").needs == NEEDS_REQUEST_ID
+    assert compile_text("%REQ(X-B3-TRACEID?X-REQUEST-ID)%").needs == NEEDS_REQUEST_ID
