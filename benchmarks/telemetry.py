@@ -185,14 +185,13 @@ def main(argv: list[str] | None = None) -> int:
     up = free_port()
     procs.start("up", nginx_cmd(tmp, "up", NGINX_UPSTREAM.format(dir=tmp, port=up)), 0)
     wait_port("127.0.0.1", up)
-    variants: dict[str, tuple[str, str | tuple[float | None, bool]]] = {}
-    for key, (label, extra) in VARIANTS.items():
-        if key in chosen:
-            variants[label] = (args.tree, extra)
-    if args.compare:
-        for key, (label, extra) in VARIANTS.items():
-            if key in chosen:
-                variants[f"[B] {label}"] = (args.compare, extra)
+    builds = [("", args.tree)] + ([("[B] ", args.compare)] if args.compare else [])
+    variants: dict[str, tuple[str, str | tuple[float | None, bool]]] = {
+        tag + label: (tree, extra)
+        for tag, tree in builds
+        for key, (label, extra) in VARIANTS.items()
+        if key in chosen
+    }
     load_cpu = pinning(0)
     running: dict[str, tuple[subprocess.Popen[bytes], Target]] = {}
     # cycle[name]: CPU microseconds per request from the start of one of the variant's
