@@ -38,6 +38,7 @@ from meshproxy.bench.processes import (
     free_port,
     nginx_cmd,
     pinning,
+    thread_cpu,
     wait_port,
 )
 
@@ -133,18 +134,6 @@ VARIANTS: dict[str, tuple[str, str | tuple[float | None, bool]]] = {
     "full": ("+ 100% tracing", (100, False)),
 }
 IDLE_SECONDS = 5.0
-
-
-def thread_cpu(pid: int) -> float:
-    """Seconds on a CPU of all of a process's threads, from the scheduler's nanosecond
-    counts (utime and stime tick at 10 ms, too coarse for a few seconds of an idle proxy)."""
-    total = 0
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        try:
-            total += int((task / "schedstat").read_text().split()[0])
-        except (OSError, ValueError, IndexError):
-            pass  # a thread that ended
-    return total / 1e9
 
 
 def _per_request(

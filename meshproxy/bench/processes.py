@@ -62,6 +62,19 @@ def cpu_seconds(pid: int) -> float:
     return total / CLK_TCK
 
 
+def thread_cpu(pid: int) -> float:
+    """Seconds on a CPU of all of one process's threads, from the scheduler's nanosecond
+    counts: cpu_seconds' utime and stime tick at 10 ms, too coarse for a few seconds of an
+    idle proxy (benchmarks.telemetry subtracts that idle rate)."""
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            total += int((task / "schedstat").read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            pass  # a thread that ended
+    return total / 1e9
+
+
 class Processes:
     """What the harness started, to stop each by its id however the run ends. Each one's
     output goes to a file in `workdir` (a pipe nobody reads would fill and stall it)."""
