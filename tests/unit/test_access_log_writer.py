@@ -8,15 +8,12 @@ import time
 from pathlib import Path
 
 from meshproxy.observe.accesslog import QUEUE_LINES, LogWriter
+from tests.support.proxy import wait_for
 
 
 def _wait_for_lines(path: Path, n: int, timeout: float = 5.0) -> list[str]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        lines = path.read_text().splitlines()
-        if len(lines) >= n:
-            return lines
-        time.sleep(0.01)
+    """The file's lines once it has `n` of them, or after `timeout` seconds."""
+    wait_for(lambda: len(path.read_text().splitlines()) >= n, timeout)
     return path.read_text().splitlines()
 
 
