@@ -110,10 +110,11 @@ def main(argv: list[str] | None = None) -> int:
         "--telemetry",
         nargs="?",
         const="middle",
-        choices=("middle", "log", "unsampled", "off"),
+        choices=("middle", "log", "tracing", "unsampled", "off"),
         help="profile the telemetry benchmark's middle case (1%% tracing + a JSON access "
-        "log), `log` (metrics + the JSON access log, no tracing), `unsampled` (metrics + "
-        "tracing at 0 %%: trace context only), or with `off` its "
+        "log), `log` (metrics + the JSON access log, no tracing), `tracing` (metrics + 1 %% "
+        "tracing, no log), `unsampled` (metrics + tracing at 0 %%: trace context only), or "
+        "with `off` its "
         "baseline (every metric disabled): compare them",
     )
     args = ap.parse_args(argv)
@@ -136,10 +137,12 @@ def main(argv: list[str] | None = None) -> int:
         cfg = tmp / "mesh"
         cfg.mkdir()
         text = MESH.format(admin=admin, codec="httptools", port=port, upstream=up_port, workers=1)
-        if args.telemetry == "middle":
+        if args.telemetry in ("middle", "tracing"):
             collector = ThreadingHTTPServer(("127.0.0.1", 0), OtlpSink)
             threading.Thread(target=collector.serve_forever, daemon=True).start()
-            text = telemetry_mesh(admin, port, up_port, collector.server_address[1], tmp)
+            text = telemetry_mesh(
+                admin, port, up_port, collector.server_address[1], tmp, 1, args.telemetry == "middle"
+            )
         elif args.telemetry == "log":
             text = telemetry_mesh(admin, port, up_port, 4318, tmp, None, True)  # no tracing
         elif args.telemetry == "unsampled":

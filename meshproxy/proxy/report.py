@@ -17,7 +17,6 @@ from meshproxy.observe.ids import new_request_id
 from meshproxy.observe.metric_shape import Extra, tag_values
 from meshproxy.observe.recorder import StreamRecord
 from meshproxy.observe.trace_context import TRACE_HEADERS
-from meshproxy.observe.tracing import finish
 from meshproxy.observe.workload import NO_PEER
 
 if TYPE_CHECKING:
@@ -216,4 +215,4 @@ def _end_trace(
         else:
             attributes[tag.name] = os.environ.get(tag.value, tag.default)
     error = status == 0 or status >= 500 or (status >= 400 and not facts.inbound)
-    finish(trace, attributes, error, time.time_ns())
+    tracing.finish(trace, attributes, error, time.time_ns())
