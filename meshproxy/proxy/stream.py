@@ -27,7 +27,7 @@ from meshproxy.codec.headers import (
 )
 from meshproxy.config.compile import INBOUND_PASSTHROUGH, PASSTHROUGH
 from meshproxy.config.snapshot import Resolution, Snapshot, UpstreamProtocol
-from meshproxy.errors import CONNECT_FAILURES, FailureKind, UpstreamError
+from meshproxy.errors import FailureKind, UpstreamError
 from meshproxy.observe.trace_context import (
     TRACE_HEADERS,
     RequestTrace,
@@ -47,6 +47,7 @@ from meshproxy.proxy.mirror import mirror
 from meshproxy.proxy.report import report
 from meshproxy.proxy.request_filters import admit, cors_headers, fault_delay, take_rate_limit
 from meshproxy.proxy.request_view import request_view
+from meshproxy.proxy.retries import RetryState
 from meshproxy.proxy.retry_headers import apply_overrides
 from meshproxy.proxy.upstream_head import build_upstream_head
 from meshproxy.routing.table import (
@@ -55,10 +56,10 @@ from meshproxy.routing.table import (
     OUTBOUND_DEFAULT_RETRY,
     HeaderOps,
     Mirror,
-    RetryPolicy,
     RouteMatch,
     retry_backoff,
 )
+from meshproxy.upstream.breaker import CircuitBreaker
 from meshproxy.upstream.cluster import Cluster, EndpointState, UpstreamPool
 from meshproxy.upstream.connection import UpstreamExchange
 
@@ -135,13 +136,8 @@ class HttpStream:
         self._host: EndpointState | None = None
         self._reused = False
         self._retried = False  # the keep-alive race retry (once)
-        self._retry: RetryPolicy = NO_RETRY
-        self._retries_left = 0
-        self._attempts = 1
-        self._tried: list[EndpointState] = []  # hosts that failed, avoided by retries
-        self._retry_exhausted = False
+        self._retries = RetryState()
         self._admitted = False  # counted in the cluster's circuit breaker (requests)
-        self._retry_admitted = False  # ... and in its retry budget
         self._overloaded = False
         self._cancel_flag = "DC"  # why the exchange's task was cancelled: DC, OM or SI
         self._try_deadline: float | None = None  # fast path: per-try, until response headers
@@ -215,16 +211,17 @@ class HttpStream:
             # from the server: Istio #27078).
             self._h2_upstream = True
         match = self._match
+        policy = NO_RETRY
         if match is not None:
-            self._retry = match.route.retry
+            policy = match.route.retry
         elif not facts.inbound:
-            self._retry = OUTBOUND_DEFAULT_RETRY
+            policy = OUTBOUND_DEFAULT_RETRY
         if self.head.upgrade:
-            self._retry = NO_RETRY  # a tunnel is never replayed
+            policy = NO_RETRY  # a tunnel is never replayed
         timeout = match.route.timeout if match is not None else None
         if self.overrides is not None and not self.head.upgrade:
-            self._retry, timeout = apply_overrides(self._retry, timeout, self.overrides)
-        self._retries_left = self._retry.attempts
+            policy, timeout = apply_overrides(policy, timeout, self.overrides)
+        self._retries.use(policy)
         if self.grpc:
             timeout = grpc_deadline(self.head, timeout)
             out = self._outgoing
@@ -247,7 +244,7 @@ class HttpStream:
                 return
             up = host.h2_pool().take_idle() if self._h2_upstream else host.pool.take_idle()
             if up is not None:
-                per_try = self._retry.per_try_timeout
+                per_try = policy.per_try_timeout
                 if per_try is not None:
                     self._try_deadline = loop.time() + per_try
                 if timeout is not None or per_try is not None:
@@ -319,7 +316,7 @@ class HttpStream:
         if outlier is not None and self._host is not None:
             outlier.report(self._host, head.status)
         if (
-            head.status >= 400 or self.grpc or self._retry.retriable_headers
+            head.status >= 400 or self.grpc or self._retries.policy.retriable_headers
         ) and self._retry_response(head):
             return
         if self.grpc:
@@ -391,14 +388,9 @@ class HttpStream:
     def _retry_response(self, head: ResponseHead) -> bool:
         """A response the route's retryOn retries (5xx, 503, gRPC unavailable, ...): drop it
         (the client never sees it) and try again, on another endpoint when there is one."""
-        policy = self._retry
-        if self._retries_left <= 0 or self._replay is None or self.response_head_sent:
+        if self._replay is None or self.response_head_sent:
             return False
-        retry = policy.retries_response(head.status, head.headers)
-        if not retry and self.grpc and policy.grpc_codes:
-            code = grpc_status_of(head.headers, "")  # a trailers-only answer carries it here
-            retry = code.isdigit() and int(code) in policy.grpc_codes
-        if not retry or not self._admit_retry():
+        if not self._retries.retries_response(head, self.grpc, self._breaker()):
             return False
         host = self._host
         up = self.upstream
@@ -549,15 +541,16 @@ class HttpStream:
         cluster = self._cluster
         assert cluster is not None
         loop = self.facts.loop
-        per_try = self._retry.per_try_timeout
+        retries = self._retries
+        per_try = retries.policy.per_try_timeout
         while True:
             if backoff:
-                await asyncio.sleep(retry_backoff(self._attempts - 1))
+                await asyncio.sleep(retry_backoff(retries.attempts - 1))
                 backoff = False
             if first is not None:  # the fast path's pick (a balancer is asked once per try)
                 host, first = first, None
             else:
-                exclude = self._tried if self._retry.ignore_previous_hosts else ()
+                exclude = retries.tried if retries.policy.ignore_previous_hosts else ()
                 host = await cluster.pick(self.facts.original_dst, exclude, self._hash_key)
             pool: UpstreamPool = host.h2_pool() if self._h2_upstream else host.pool
             try:
@@ -623,35 +616,14 @@ class HttpStream:
             outlier.report(host, None)
 
     def _policy_retries(self, err: UpstreamError, host: EndpointState | None) -> bool:
-        """Whether the route's retry policy retries this failure (Envoy's conditions)."""
-        on = self._retry.on
-        if not on or err.response_started or self._replay is None:
-            return False
-        kind = err.kind
-        if kind is FailureKind.NO_HEALTHY or kind is FailureKind.OVERFLOW:
-            return False
-        connect = kind in CONNECT_FAILURES
-        if not self._retry.retries_failure(connect, err.unprocessed, err.request_bytes_sent):
-            return False
-        if self._retries_left <= 0:
-            self._retry_exhausted = True
-            return False
-        if not self._admit_retry():
+        """Whether the route's retry policy retries this failure; if so, count the retry."""
+        if not self._retries.retries_failure(err, self._replay is not None, self._breaker()):
             return False
         self._count_retry(host, err.flag)
         return True
 
-    def _admit_retry(self) -> bool:
-        """The cluster's maxRetries: retries in flight at once (one slot per stream)."""
-        if self._retry_admitted or self._cluster is None:
-            return True
-        breaker = self._cluster.breaker
-        if not breaker.limited:
-            return True
-        if breaker.admit_retry():
-            self._retry_admitted = True
-            return True
-        return False
+    def _breaker(self) -> CircuitBreaker | None:
+        return self._cluster.breaker if self._cluster is not None else None
 
     def _overflow(self) -> None:
         """A circuit breaker is open: fail fast, as Envoy does (503 UO, x-envoy-overloaded)."""
@@ -660,15 +632,13 @@ class HttpStream:
 
     def _count_retry(self, host: EndpointState | None, outcome: str) -> None:
         """A retry decided; `outcome`: what the failed attempt got (a status or flags)."""
-        self._retries_left -= 1
-        self._attempts += 1
-        if host is not None and host not in self._tried:
-            self._tried.append(host)
+        retries = self._retries
+        retries.count(host)
         ctx = self.facts.ctx
         ctx.metrics.upstream_retry(self._cluster_name)
         out = self._outgoing
         if out is not None and not self.facts.inbound:
-            attempt = b"%d" % self._attempts
+            attempt = b"%d" % retries.attempts
             out.headers = [
                 (k, attempt) if k == b"x-envoy-attempt-count" else (k, v) for k, v in out.headers
             ]
@@ -677,7 +647,7 @@ class HttpStream:
             # A sampled request's attempts become child spans; this one is the parent the
             # upstream sees.
             failed = host.host_port if host is not None else ""
-            child = ctx.tracing.next_attempt(trace, self._attempts, failed, outcome)
+            child = ctx.tracing.next_attempt(trace, retries.attempts, failed, outcome)
             if out is not None:
                 kept = [item for item in out.headers if item[0] not in TRACE_HEADERS]
                 out.headers = kept + upstream_headers(child)
@@ -699,9 +669,9 @@ class HttpStream:
         if err.kind is FailureKind.OVERFLOW:
             self._overflow()
             return
-        if self._retry_exhausted:
+        if self._retries.exhausted:
             err.flag += ",URX"  # Envoy: the retry limit was reached
-        status, body = upstream_failure_reply(err, self._attempts > 1)
+        status, body = upstream_failure_reply(err, self._retries.attempts > 1)
         self._fail(status, body, err.flag)
 
     def _finish(self) -> None:
@@ -710,11 +680,12 @@ class HttpStream:
         self._finished = True
         if self._in_wheel:
             self._leave_wheel()
-        if self._admitted or self._retry_admitted:
+        retry_admitted = self._retries.admitted
+        if self._admitted or retry_admitted:
             breaker = self._cluster.breaker  # type: ignore[union-attr]
             if self._admitted:
                 breaker.requests -= 1
-            if self._retry_admitted:
+            if retry_admitted:
                 breaker.retries -= 1
         host = self._host
         if host is not None:
