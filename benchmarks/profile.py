@@ -141,7 +141,13 @@ def main(argv: list[str] | None = None) -> int:
             collector = ThreadingHTTPServer(("127.0.0.1", 0), OtlpSink)
             threading.Thread(target=collector.serve_forever, daemon=True).start()
             text = telemetry_mesh(
-                admin, port, up_port, collector.server_address[1], tmp, 1, args.telemetry == "middle"
+                admin,
+                port,
+                up_port,
+                collector.server_address[1],
+                tmp,
+                1,
+                args.telemetry == "middle",
             )
         elif args.telemetry == "log":
             text = telemetry_mesh(admin, port, up_port, 4318, tmp, None, True)  # no tracing

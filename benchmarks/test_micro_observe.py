@@ -19,7 +19,7 @@ from meshproxy.observe.logrender import render
 from meshproxy.observe.metrics import MeshMetrics
 from meshproxy.observe.recorder import StreamRecord
 from meshproxy.observe.trace_context import Sampling, decide, parse_incoming, upstream_headers
-from meshproxy.observe.tracing import SERVER, Tracing, finish
+from meshproxy.observe.tracing import SERVER, Tracing
 from meshproxy.routing.table import HeaderOps
 
 HEADERS = [
@@ -125,7 +125,7 @@ def test_span_start_and_end(benchmark, monkeypatch) -> None:  # type: ignore[no-
         incoming = parse_incoming(fields)
         assert decide(incoming, tracing.sampling) is None  # sampled: a real span
         trace = tracing.begin(incoming, "reviews:9080/*", SERVER, time.time_ns())
-        finish(trace, attributes, False, time.time_ns())
+        tracing.finish(trace, attributes, False, time.time_ns())
 
     try:
         benchmark(span)
