@@ -61,7 +61,10 @@ def report(
         reporter = "source"
         up = stream.upstream
         principal = up.peer_principal if up is not None else ""
-    if ctx.tracing is not None:
+    trace = stream.trace
+    if ctx.tracing is not None and (trace is None or trace.span is not None):
+        # A sampled span to end, or a request answered before it was forwarded (404, 400)
+        # that still gets its trace: an unsampled one has nothing to do here.
         _end_trace(stream, match, service, cluster, host)
     metadata = stream.peer_metadata
     peer = ctx.peers.get(metadata, principal) if metadata or principal else NO_PEER
