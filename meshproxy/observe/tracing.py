@@ -87,6 +87,7 @@ for _name in (
     "opentelemetry.exporter",
     "opentelemetry.sdk._shared_internal",
     "opentelemetry.attributes",  # a value cut to OTEL_SPAN_ATTRIBUTE_VALUE_LENGTH_LIMIT
+    "opentelemetry.trace.span",  # a caller's malformed tracestate, once per sampled request
 ):
     logging.getLogger(_name).addFilter(_FILTER)
 

@@ -4,6 +4,7 @@ retry attempt), with the SDK's attribute limits applied the same way."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 
 import pytest
@@ -176,3 +177,16 @@ def test_the_sdks_attribute_limits_apply(monkeypatch: pytest.MonkeyPatch) -> Non
         assert wire([span]) == wire(list(sdk.exported.get_finished_spans()))
     finally:
         tracing.shutdown()
+
+
+def test_a_callers_malformed_tracestate_is_logged_once_not_per_request(
+    tracing: Tracing, caplog: pytest.LogCaptureFixture
+) -> None:
+    incoming = Incoming(PARENT_TRACE, PARENT_SPAN, True, "w3c", "a=1,bad member=2")
+    with caplog.at_level(logging.WARNING):
+        for _ in range(50):  # 50 sampled requests from a client that sends it
+            trace = tracing.begin(incoming, "inbound|8080||", SERVER, START)
+            (span,) = ours(tracing, trace)
+            assert span.context is not None and len(span.context.trace_state) == 0  # as the SDK
+    warned = [r for r in caplog.records if r.name == "opentelemetry.trace.span"]
+    assert len(warned) == 1
