@@ -211,9 +211,10 @@ class Tracing:
             parent = SpanContext(trace_id, int(span.parent_id, 16), span.remote_parent, _SAMPLED)
         limits = self.limits
         attributes: dict[str, str | int] | BoundedAttributes = span.attributes
-        if limits.max_span_attribute_length is not None or len(attributes) > (
-            limits.max_span_attributes or len(attributes)
-        ):
+        most = limits.max_span_attributes  # None: no limit
+        if limits.max_span_attribute_length is not None or (
+            most is not None and len(attributes) > most
+        ):  # what the SDK's span would cut
             attributes = BoundedAttributes(
                 limits.max_span_attributes,
                 attributes,

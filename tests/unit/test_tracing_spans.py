@@ -190,3 +190,14 @@ def test_a_callers_malformed_tracestate_is_logged_once_not_per_request(
             assert span.context is not None and len(span.context.trace_state) == 0  # as the SDK
     warned = [r for r in caplog.records if r.name == "opentelemetry.trace.span"]
     assert len(warned) == 1
+
+
+def test_an_attribute_count_limit_of_zero_keeps_none(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OTEL_SPAN_ATTRIBUTE_COUNT_LIMIT", "0")
+    config = TracingConfig("otel", OtelProvider("127.0.0.1", 9, "/v1/traces"), 100.0)
+    tracing = Tracing(config, "frontend.shop", "shop")
+    try:
+        (span,) = ours(tracing, tracing.begin(None, "cart:80/*", CLIENT, START))
+        assert dict(span.attributes or {}) == {} and span.dropped_attributes == len(ATTRIBUTES)
+    finally:
+        tracing.shutdown()
