@@ -147,15 +147,12 @@ class Tracing:
         """A sampled request's span (trace_context.decide() said it is one)."""
         span_id = random_hex(16)
         client = kind is SpanKind.CLIENT
-        if incoming is None:
-            trace_id = random_hex(32)
-            span = PendingSpan(name, client, trace_id, span_id, b"", False, "", start_ns)
+        if incoming is None:  # a root span
+            trace_id, parent_id, state = random_hex(32), b"", ""
         else:
-            trace_id = incoming.trace_id
-            span = PendingSpan(
-                name, client, trace_id, span_id, incoming.span_id, True, incoming.tracestate,
-                start_ns,
-            )  # fmt: skip
+            trace_id, parent_id, state = incoming.trace_id, incoming.span_id, incoming.tracestate
+        remote = incoming is not None
+        span = PendingSpan(name, client, trace_id, span_id, parent_id, remote, state, start_ns)
         return RequestTrace(trace_id, span_id, True, incoming, span)
 
     def next_attempt(
