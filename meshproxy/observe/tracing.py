@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from opentelemetry.attributes import BoundedAttributes
-from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.resources import Attributes, Resource
 from opentelemetry.sdk.trace import ReadableSpan, SpanLimits
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
@@ -111,6 +111,19 @@ def make_exporter(provider: OtelProvider) -> SpanExporter:
     return GrpcExporter(endpoint=provider.endpoint, insecure=True)
 
 
+class HashedResource(Resource):
+    """A Resource that hashes once. The OTLP encoder groups every span of a batch by its
+    resource, and the SDK's Resource hashes by serializing its attributes to JSON each time:
+    that cost the exporter's thread about 10 µs a span, a sixth of its encoding."""
+
+    def __init__(self, attributes: Attributes, schema_url: str | None = None) -> None:
+        super().__init__(attributes, schema_url)
+        self._hash = super().__hash__()
+
+    def __hash__(self) -> int:
+        return self._hash
+
+
 class Tracing:
     """A TracingConfig at work: the SDK's export pipeline to its provider, and the spans of
     sampled requests."""
@@ -124,9 +137,8 @@ class Tracing:
     ) -> None:
         self.service_name = service_name
         self.with_config(config)
-        self.resource = Resource.create(
-            {"service.name": service_name, "service.namespace": namespace}
-        )
+        created = Resource.create({"service.name": service_name, "service.namespace": namespace})
+        self.resource = HashedResource(created.attributes, created.schema_url)
         self.limits = SpanLimits()  # the SDK's defaults and OTEL_SPAN_* overrides
         # The SDK's own settings apply (OTEL_BSP_MAX_QUEUE_SIZE, default 2,048 spans, ...).
         self.processor = CountingBatchSpanProcessor(

@@ -7,9 +7,11 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 
+import opentelemetry.sdk.resources
 import pytest
 from opentelemetry import trace as otel
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -53,7 +55,10 @@ class Sdk:
     def __init__(self, tracing: Tracing) -> None:
         self.ids = FixedIds()
         self.exported = InMemorySpanExporter()
-        self.provider = TracerProvider(resource=tracing.resource, id_generator=self.ids)
+        # A plain Resource with the proxy's attributes: the bytes compared show the proxy's
+        # HashedResource encodes as the SDK's own.
+        resource = Resource(dict(tracing.resource.attributes), tracing.resource.schema_url)
+        self.provider = TracerProvider(resource=resource, id_generator=self.ids)
         self.provider.add_span_processor(SimpleSpanProcessor(self.exported))
         self.tracer = self.provider.get_tracer("meshproxy")
 
@@ -201,3 +206,20 @@ def test_an_attribute_count_limit_of_zero_keeps_none(monkeypatch: pytest.MonkeyP
         assert dict(span.attributes or {}) == {} and span.dropped_attributes == len(ATTRIBUTES)
     finally:
         tracing.shutdown()
+
+
+def test_the_resource_hashes_as_the_sdks_but_only_once(
+    tracing: Tracing, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The encoder hashes a span's resource to group the batch: the SDK's Resource
+    serializes its attributes to JSON for each hash, the proxy's did so once."""
+    plain = Resource(dict(tracing.resource.attributes), tracing.resource.schema_url)
+    assert tracing.resource == plain and hash(tracing.resource) == hash(plain)
+
+    def no_json(*args: object, **kwargs: object) -> str:
+        raise AssertionError("serialized again")
+
+    monkeypatch.setattr(opentelemetry.sdk.resources, "dumps", no_json)
+    with pytest.raises(AssertionError):
+        hash(plain)
+    assert hash(tracing.resource) == hash(tracing.resource)
