@@ -110,10 +110,10 @@ def main(argv: list[str] | None = None) -> int:
         "--telemetry",
         nargs="?",
         const="middle",
-        choices=("middle", "log", "tracing", "unsampled", "off"),
+        choices=("middle", "log", "tracing", "full", "unsampled", "off"),
         help="profile the telemetry benchmark's middle case (1%% tracing + a JSON access "
         "log), `log` (metrics + the JSON access log, no tracing), `tracing` (metrics + 1 %% "
-        "tracing, no log), `unsampled` (metrics + tracing at 0 %%: trace context only), or "
+        "tracing, no log), `full` (100 %% tracing), `unsampled` (metrics + tracing at 0 %%: trace context only), or "
         "with `off` its "
         "baseline (every metric disabled): compare them",
     )
@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = tmp / "mesh"
         cfg.mkdir()
         text = MESH.format(admin=admin, codec="httptools", port=port, upstream=up_port, workers=1)
-        if args.telemetry in ("middle", "tracing"):
+        if args.telemetry in ("middle", "tracing", "full"):
             collector = ThreadingHTTPServer(("127.0.0.1", 0), OtlpSink)
             threading.Thread(target=collector.serve_forever, daemon=True).start()
             text = telemetry_mesh(
@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
                 up_port,
                 collector.server_address[1],
                 tmp,
-                1,
+                100 if args.telemetry == "full" else 1,
                 args.telemetry == "middle",
             )
         elif args.telemetry == "log":
