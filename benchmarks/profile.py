@@ -113,9 +113,8 @@ def main(argv: list[str] | None = None) -> int:
         choices=("middle", "log", "tracing", "full", "unsampled", "off"),
         help="profile the telemetry benchmark's middle case (1%% tracing + a JSON access "
         "log), `log` (metrics + the JSON access log, no tracing), `tracing` (metrics + 1 %% "
-        "tracing, no log), `full` (100 %% tracing), `unsampled` (metrics + tracing at 0 %%: trace context only), or "
-        "with `off` its "
-        "baseline (every metric disabled): compare them",
+        "tracing, no log), `full` (100 %% tracing), `unsampled` (metrics + tracing at 0 %%: "
+        "trace context only), or with `off` its baseline (every metric disabled): compare them",
     )
     args = ap.parse_args(argv)
     for tool in ("perf", "wrk", "nginx", "taskset"):
