@@ -75,13 +75,13 @@ def test_wrk_and_nginx_table() -> None:
     require("nginx")
     out = bench("--duration", "1")
     assert out.returncode == 0, out.stderr
-    assert "load: wrk, 50 connections" in out.stdout
+    assert "load: wrk, 50 connections" in out.stdout, out.stdout
     lines = out.stdout.splitlines()
     header = next(i for i, line in enumerate(lines) if line.startswith("contender"))
     names = [line.split("  ")[0].strip() for line in lines[header + 1 : header + 5]]
-    assert names == ["direct", "nginx", "bare relay", "meshproxy"]
+    assert names == ["direct", "nginx", "bare relay", "meshproxy"], out.stdout
     nginx_row = lines[header + 2].split()
-    assert nginx_row[3] == "1.00"  # nginx is its own x-nginx baseline
+    assert nginx_row[3] == "1.00", out.stdout  # nginx is its own x-nginx baseline
 
 
 @pytest.mark.timeout(300)
