@@ -18,9 +18,11 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import httptools
 
@@ -60,9 +62,14 @@ def run_load(
     connections: int,
     seconds: int,
     preexec: Callable[[], None] | None = None,
+    pause_ms: int = 0,
 ) -> LoadResult:
+    """`pause_ms` (wrk only): each connection waits that long before each request, so the
+    target runs below its capacity (50 connections pausing 5 ms: about 8,000 req/s)."""
     if generator == "wrk":
-        return _run_wrk(target, connections, seconds, preexec)
+        return _run_wrk(target, connections, seconds, preexec, pause_ms)
+    if pause_ms:
+        raise ValueError("pausing between requests needs wrk")
     cmd = [
         sys.executable,
         "-m",
@@ -81,14 +88,28 @@ def run_load(
 
 
 def _run_wrk(
-    target: Target, connections: int, seconds: int, preexec: Callable[[], None] | None
+    target: Target,
+    connections: int,
+    seconds: int,
+    preexec: Callable[[], None] | None,
+    pause_ms: int = 0,
 ) -> LoadResult:
     url = f"http://{target.host}:{target.port}{target.path}"
     cmd = ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency"]
     cmd += ["-H", f"Host: {target.host_header}", url]
-    out = subprocess.run(
-        cmd, capture_output=True, text=True, timeout=seconds + 60, check=True, preexec_fn=preexec
-    ).stdout
+    with tempfile.TemporaryDirectory(prefix="meshproxy-wrk-") as tmp:
+        if pause_ms:
+            script = Path(tmp) / "pause.lua"
+            script.write_text(f"function delay()\n  return {int(pause_ms)}\nend\n")
+            cmd[1:1] = ["-s", str(script)]  # wrk's delay(): milliseconds before each request
+        out = subprocess.run(
+            cmd,
+            capture_output=True,
+            text=True,
+            timeout=seconds + 60,
+            check=True,
+            preexec_fn=preexec,
+        ).stdout
     return parse_wrk(out, seconds)
 
 

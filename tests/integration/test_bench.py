@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from meshproxy.bench.loadgen import parse_wrk
+from meshproxy.bench.loadgen import Target, parse_wrk, run_load
 from tests.support.proxy import free_port
 from tests.support.upstream import UpstreamServer
 
@@ -160,3 +160,21 @@ def test_parse_wrk() -> None:
     assert (result.p50_ms, result.p99_ms) == (1.48, 2.26)
     with pytest.raises(ValueError, match="unexpected wrk output"):
         parse_wrk("wrk: connection refused", 6)
+
+
+def test_wrk_pausing_between_requests_runs_below_capacity() -> None:
+    """--pause-ms of benchmarks.telemetry: each of wrk's connections waits before each
+    request, so two connections pausing 100 ms send about 20 requests a second, where
+    unpaced they send thousands."""
+    require("wrk")
+    upstream = UpstreamServer("app").start()
+    try:
+        target = Target("127.0.0.1", upstream.port, f"127.0.0.1:{upstream.port}")
+        paced = run_load("wrk", target, 2, 1, pause_ms=100)
+        unpaced = run_load("wrk", target, 2, 1)
+    finally:
+        upstream.stop()
+    assert 4 <= paced.requests <= 30 and paced.errors == 0, paced
+    assert unpaced.requests > 200, unpaced
+    with pytest.raises(ValueError, match="needs wrk"):
+        run_load("builtin", target, 2, 1, pause_ms=100)
