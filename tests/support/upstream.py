@@ -249,6 +249,12 @@ class UpstreamServer:
     def stop(self) -> None:
         async def _stop() -> None:
             self._server.close()
+            # Answers still pending (/slow, /big) end here, not as "Task was destroyed"
+            # warnings when the loop is collected.
+            pending = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
 
         asyncio.run_coroutine_threadsafe(_stop(), self._loop).result(timeout=5)
         self._loop.call_soon_threadsafe(self._loop.stop)
