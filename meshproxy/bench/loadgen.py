@@ -81,10 +81,7 @@ def run_load(
         str(connections),
         str(seconds),
     ]
-    out = subprocess.run(
-        cmd, capture_output=True, text=True, timeout=seconds + 60, check=True, preexec_fn=preexec
-    ).stdout
-    return LoadResult(**json.loads(out))
+    return LoadResult(**json.loads(_output(cmd, seconds, preexec)))
 
 
 def _run_wrk(
@@ -97,20 +94,20 @@ def _run_wrk(
     url = f"http://{target.host}:{target.port}{target.path}"
     cmd = ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency"]
     cmd += ["-H", f"Host: {target.host_header}", url]
+    if not pause_ms:
+        return parse_wrk(_output(cmd, seconds, preexec), seconds)
     with tempfile.TemporaryDirectory(prefix="meshproxy-wrk-") as tmp:
-        if pause_ms:
-            script = Path(tmp) / "pause.lua"
-            script.write_text(f"function delay()\n  return {int(pause_ms)}\nend\n")
-            cmd[1:1] = ["-s", str(script)]  # wrk's delay(): milliseconds before each request
-        out = subprocess.run(
-            cmd,
-            capture_output=True,
-            text=True,
-            timeout=seconds + 60,
-            check=True,
-            preexec_fn=preexec,
-        ).stdout
-    return parse_wrk(out, seconds)
+        script = Path(tmp) / "pause.lua"
+        script.write_text(f"function delay()\n  return {int(pause_ms)}\nend\n")
+        cmd[1:1] = ["-s", str(script)]  # wrk's delay(): milliseconds before each request
+        return parse_wrk(_output(cmd, seconds, preexec), seconds)
+
+
+def _output(cmd: list[str], seconds: int, preexec: Callable[[], None] | None) -> str:
+    """A generator's report (its standard output); CalledProcessError when it failed."""
+    return subprocess.run(
+        cmd, capture_output=True, text=True, timeout=seconds + 60, check=True, preexec_fn=preexec
+    ).stdout
 
 
 def parse_wrk(out: str, seconds: float) -> LoadResult:
